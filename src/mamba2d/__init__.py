@@ -1,0 +1,10 @@
+"""mamba2d: 2DMamba as software: the 2D selective scan, 2DVMamba backbones, Lightning tasks and tools."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import models  # noqa: F401  (registers the backbones with timm)
+
+try:
+    __version__ = version("mamba2d")
+except PackageNotFoundError:  # running from a source tree without installation
+    __version__ = "0.0.0+local"

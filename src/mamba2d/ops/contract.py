@@ -1,0 +1,107 @@
+"""The 2D selective scan contract (DESIGN.md §2): direction names and input checks shared by every backend."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+CORNERS = ("tl", "tr", "bl", "br")
+ORDERS = ("hv", "vh")
+DIRECTIONS = tuple(f"{corner}_{order}" for corner in CORNERS for order in ORDERS)
+
+FLOAT_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+PARAM_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class ScanShape:
+    batch: int
+    dim: int
+    height: int
+    width: int
+    groups: int
+    d_state: int
+
+
+def direction_transform(direction: str) -> tuple[bool, bool, bool]:
+    """Return (flip_rows, flip_cols, transpose) that turn `direction` into `tl_hv`.
+
+    The flips are applied first, then the transpose; undo in the opposite order.
+    """
+    corner, order = direction.split("_")
+    return corner[0] == "b", corner[1] == "r", order == "vh"
+
+
+def parse_directions(direction: str | Sequence[str], groups: int) -> tuple[str, ...]:
+    names = (direction,) * groups if isinstance(direction, str) else tuple(direction)
+    if len(names) != groups:
+        raise ValueError(
+            f"selective_scan_2d: direction has {len(names)} entries but B/C have G={groups} groups; "
+            "give one direction name or exactly one per group"
+        )
+    for name in names:
+        if name not in DIRECTIONS:
+            raise ValueError(f"selective_scan_2d: unknown direction {name!r}; expected one of {', '.join(DIRECTIONS)}")
+    return names
+
+
+def _expect_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
+    if tuple(tensor.shape) != expected:
+        raise ValueError(f"selective_scan_2d: {name} must have shape {meaning} = {expected}, got {tuple(tensor.shape)}")
+
+
+def check_scan_inputs(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    out_dtype: torch.dtype | None,
+) -> ScanShape:
+    """Validate shapes, dtypes and devices; raise errors that name the argument, expected and actual."""
+    named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
+    for name, tensor in named.items():
+        if tensor is not None and not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"selective_scan_2d: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if u.dim() != 4:
+        raise ValueError(f"selective_scan_2d: u must be 4-D (batch, dim, H, W), got {u.dim()}-D shape {tuple(u.shape)}")
+    if u.dtype not in FLOAT_INPUT_DTYPES:
+        raise TypeError(f"selective_scan_2d: u has unsupported dtype {u.dtype}; expected float32, float16 or bfloat16")
+    batch, dim, height, width = u.shape
+    if B.dim() != 5:
+        raise ValueError(f"selective_scan_2d: B must be 5-D (batch, G, N, H, W), got shape {tuple(B.shape)}")
+    groups, d_state = B.shape[1], B.shape[2]
+    if A.dim() != 2:
+        raise ValueError(f"selective_scan_2d: A must be 2-D (dim, N), got shape {tuple(A.shape)}")
+    if groups < 1 or dim % groups != 0:
+        raise ValueError(f"selective_scan_2d: dim={dim} (u.shape[1]) must be divisible by G={groups} (B.shape[1])")
+    if min(batch, dim, height, width, d_state) < 1:
+        raise ValueError(f"selective_scan_2d: empty input: u {tuple(u.shape)}, B {tuple(B.shape)}")
+    _expect_shape("delta", delta, tuple(u.shape), "(batch, dim, H, W) like u")
+    _expect_shape("A", A, (dim, d_state), "(dim, N)")
+    _expect_shape("B", B, (batch, groups, d_state, height, width), "(batch, G, N, H, W)")
+    _expect_shape("C", C, (batch, groups, d_state, height, width), "(batch, G, N, H, W) like B")
+    if z is not None:
+        _expect_shape("z", z, tuple(u.shape), "(batch, dim, H, W) like u")
+    for name in ("D", "delta_bias"):
+        if named[name] is not None:
+            _expect_shape(name, named[name], (dim,), "(dim,)")
+    for name in ("delta", "B", "C", "z"):
+        tensor = named[name]
+        if tensor is not None and tensor.dtype != u.dtype:
+            raise TypeError(f"selective_scan_2d: {name} has dtype {tensor.dtype} but u has {u.dtype}; they must match")
+    for name in ("A", "D", "delta_bias"):
+        tensor = named[name]
+        if tensor is not None and tensor.dtype not in PARAM_DTYPES:
+            raise TypeError(f"selective_scan_2d: {name} must be float32 (or float64), got {tensor.dtype}")
+    if out_dtype is not None and out_dtype not in (torch.float32, u.dtype):
+        raise TypeError(f"selective_scan_2d: out_dtype must be None, torch.float32 or u.dtype ({u.dtype}), got {out_dtype}")
+    for name, tensor in named.items():
+        if tensor is not None and tensor.device != u.device:
+            raise ValueError(f"selective_scan_2d: {name} is on {tensor.device} but u is on {u.device}; move them together")
+    return ScanShape(batch, dim, height, width, groups, d_state)
