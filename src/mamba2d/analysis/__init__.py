@@ -1,1 +1,1 @@
-"""analysis"""
+"""Analysis tools: effective receptive fields, FLOPs, throughput."""

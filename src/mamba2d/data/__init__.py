@@ -1,1 +1,1 @@
-"""data"""
+"""LightningDataModules and datasets."""

@@ -1,0 +1,439 @@
+"""2DVMamba and VMamba backbones (VMamba "v2" design) with the 2D or the cross 1D selective scan.
+
+`scan="2d"` runs the 2D selective scan in four directions (tl_hv, tl_vh, br_hv, br_vh): 2DVMamba.
+`scan="cross1d"` runs VMamba's cross-scan: 1D scans over the row-major and column-major flattenings, both ways.
+Both modes have exactly VMamba's parameters and parameter names, so one checkpoint layout serves both.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerNorm2d, trunc_normal_
+from timm.models import build_model_with_cfg, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
+from timm.models._registry import generate_default_cfgs
+
+from ..ops import selective_scan_2d
+
+__all__ = ["VSSM", "SS2D", "VSSBlock", "SCAN_DIRECTIONS"]
+
+SCAN_DIRECTIONS = {
+    "2d": ("tl_hv", "tl_vh", "br_hv", "br_vh"),
+    "cross1d": ("tl_hv", "tl_hv", "tr_hv", "tr_hv"),
+}
+
+
+def _cfg(**kwargs):
+    return {
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "patch_embed.0",
+        "classifier": "classifier.head",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        f"{arch}_{size}": _cfg(input_size=(3, 32, 32), pool_size=(1, 1)) if size == "nano" else _cfg()
+        for arch in ("vmamba2d", "vmamba")
+        for size in ("nano", "tiny", "small", "base")
+    }
+)
+
+
+class Linear2d(nn.Linear):
+    """A 1x1 convolution on NCHW maps that keeps nn.Linear's (out, in) weight, as VMamba's checkpoints store it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = Linear2d(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = Linear2d(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class SS2D(nn.Module):
+    """VMamba's SS2D (v05_noz: no z gate, depthwise conv before the scan), channel-first, with four scan routes."""
+
+    n_routes = 4
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 1,
+        ssm_ratio: float = 1.0,
+        dt_rank: int | str = "auto",
+        d_conv: int = 3,
+        conv_bias: bool = False,
+        dropout: float = 0.0,
+        scan: str = "2d",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        scan_backend: str = "auto",
+    ):
+        super().__init__()
+        if scan not in SCAN_DIRECTIONS:
+            raise ValueError(f"SS2D: scan must be one of {sorted(SCAN_DIRECTIONS)}, got {scan!r}")
+        d_inner = int(ssm_ratio * d_model)
+        self.d_inner, self.d_state, self.scan, self.scan_backend = d_inner, d_state, scan, scan_backend
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        k = self.n_routes
+
+        self.in_proj = Linear2d(d_model, d_inner, bias=False)
+        self.act = nn.SiLU()
+        self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=conv_bias)
+        self.x_proj_weight = nn.Parameter(torch.empty(k, self.dt_rank + 2 * d_state, d_inner))
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, d_inner, self.dt_rank))
+        self.dt_projs_bias = nn.Parameter(torch.empty(k, d_inner))
+        self.A_logs = nn.Parameter(torch.empty(k * d_inner, d_state))
+        self.Ds = nn.Parameter(torch.empty(k * d_inner))
+        self.out_norm = LayerNorm2d(d_inner)
+        self.out_proj = Linear2d(d_inner, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._dt_init = (dt_min, dt_max, dt_init_floor)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """Mamba's initialisation: dt log-uniform in [dt_min, dt_max], A = -(1..N), D = 1."""
+        if self.A_logs.is_meta:
+            return
+        dt_min, dt_max, floor = self._dt_init
+        nn.init.uniform_(self.x_proj_weight, -self.d_inner**-0.5, self.d_inner**-0.5)
+        nn.init.uniform_(self.dt_projs_weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
+        dt = torch.exp(torch.rand_like(self.dt_projs_bias) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=floor)
+        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        states = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+        self.A_logs.copy_(torch.log(states).expand_as(self.A_logs))
+        self.Ds.fill_(1.0)
+
+    def _scan(self, x: torch.Tensor) -> torch.Tensor:
+        b, d, h, w = x.shape
+        k, n, r = self.n_routes, self.d_state, self.dt_rank
+        x_dbl = torch.einsum("bdhw,kcd->bkchw", x, self.x_proj_weight)
+        dts, B, C = torch.split(x_dbl, [r, n, n], dim=2)
+        dts = torch.einsum("bkrhw,kdr->bkdhw", dts, self.dt_projs_weight)
+        u = x.unsqueeze(1).expand(b, k, d, h, w)
+        if self.scan == "cross1d":
+            u, dts, B, C = (_flatten_routes(t) for t in (u, dts, B, C))
+        dtype = x.dtype
+        y = selective_scan_2d(
+            u.reshape(b, k * d, *u.shape[-2:]),
+            dts.reshape(b, k * d, *u.shape[-2:]).to(dtype),
+            -torch.exp(self.A_logs.float()),
+            B.contiguous().to(dtype),
+            C.contiguous().to(dtype),
+            D=self.Ds.float(),
+            delta_bias=self.dt_projs_bias.reshape(-1).float(),
+            delta_softplus=True,
+            direction=SCAN_DIRECTIONS[self.scan],
+            backend=self.scan_backend,
+        ).reshape(b, k, d, *u.shape[-2:])
+        if self.scan == "cross1d":
+            y = _unflatten_routes(y, h, w)
+        return y.sum(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.conv2d(self.in_proj(x)))
+        y = self.out_norm(self._scan(x))
+        return self.dropout(self.out_proj(y))
+
+
+def _flatten_routes(t: torch.Tensor) -> torch.Tensor:
+    """(b, 4, c, H, W) -> (b, 4, c, 1, H*W): routes 0 and 2 row-major, routes 1 and 3 column-major (VMamba's cross-scan)."""
+    rows = t[:, 0::2].flatten(-2)
+    cols = t[:, 1::2].transpose(-1, -2).flatten(-2)
+    return torch.stack((rows, cols), dim=2).flatten(1, 2).unsqueeze(-2)
+
+
+def _unflatten_routes(y: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of `_flatten_routes`: every route's output back on the H x W map."""
+    y = y.squeeze(-2)
+    rows = y[:, 0::2].unflatten(-1, (height, width))
+    cols = y[:, 1::2].unflatten(-1, (width, height)).transpose(-1, -2)
+    return torch.stack((rows, cols), dim=2).flatten(1, 2)
+
+
+class VSSBlock(nn.Module):
+    def __init__(self, dim: int, drop_path: float = 0.0, mlp_ratio: float = 4.0, **ssm_kwargs):
+        super().__init__()
+        self.norm = LayerNorm2d(dim)
+        self.op = SS2D(dim, **ssm_kwargs)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = LayerNorm2d(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.op(self.norm(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class VSSM(nn.Module):
+    """Hierarchical VMamba v2 backbone. Stage i outputs dims[i] channels at stride 4 * 2**i."""
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        dims: Sequence[int] | int = 96,
+        depths: Sequence[int] = (2, 2, 9, 2),
+        d_state: int = 1,
+        ssm_ratio: float = 1.0,
+        dt_rank: int | str = "auto",
+        d_conv: int = 3,
+        conv_bias: bool = False,
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        scan: str = "2d",
+        scan_backend: str = "auto",
+        global_pool: str = "avg",
+        feature_norms: bool = False,
+    ):
+        super().__init__()
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"VSSM: global_pool must be 'avg' or '', got {global_pool!r}")
+        depths = tuple(depths)
+        dims = tuple(int(dims) * 2**i for i in range(len(depths))) if isinstance(dims, int) else tuple(dims)
+        if len(dims) != len(depths):
+            raise ValueError(f"VSSM: dims {dims} and depths {depths} must have the same length")
+        self.in_chans, self.num_classes, self.dims, self.scan = in_chans, num_classes, dims, scan
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+
+        # Index layout (conv, -, norm, -, act, conv, -, norm) mirrors VMamba's channel-last variant so that
+        # checkpoint keys (patch_embed.0/2/5/7) match without renaming.
+        self.patch_embed = nn.Sequential(
+            nn.Conv2d(in_chans, dims[0] // 2, 3, 2, 1), nn.Identity(), LayerNorm2d(dims[0] // 2), nn.Identity(),
+            nn.GELU(), nn.Conv2d(dims[0] // 2, dims[0], 3, 2, 1), nn.Identity(), LayerNorm2d(dims[0]),
+        )
+        ssm_kwargs = dict(
+            d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank, d_conv=d_conv, conv_bias=conv_bias, scan=scan,
+            scan_backend=scan_backend,
+        )
+        total = sum(depths)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        self.layers = nn.ModuleList()
+        self.feature_info = []
+        for i, depth in enumerate(depths):
+            first = sum(depths[:i])
+            blocks = nn.Sequential(
+                *(VSSBlock(dims[i], rates[first + j], mlp_ratio, **ssm_kwargs) for j in range(depth))
+            )
+            downsample = (
+                nn.Sequential(nn.Identity(), nn.Conv2d(dims[i], dims[i + 1], 3, 2, 1), nn.Identity(),
+                              LayerNorm2d(dims[i + 1]))
+                if i < len(depths) - 1
+                else nn.Identity()
+            )
+            self.layers.append(nn.Sequential(OrderedDict(blocks=blocks, downsample=downsample)))
+            self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"layers.{i}.blocks"))
+        if feature_norms:  # the per-stage norms of VMamba's dense-prediction backbone
+            for i, dim in enumerate(dims):
+                self.add_module(f"outnorm{i}", LayerNorm2d(dim))
+        self.classifier = nn.Sequential(OrderedDict(
+            norm=LayerNorm2d(self.num_features), permute=nn.Identity(),
+            avgpool=nn.AdaptiveAvgPool2d(1) if global_pool else nn.Identity(),
+            flatten=nn.Flatten(1) if global_pool else nn.Identity(),
+            head=nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity(),
+        ))
+        self.global_pool = global_pool
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear) and not m.weight.is_meta:
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.ndim <= 1 or name.endswith(("A_logs", "Ds"))}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^patch_embed", blocks=r"^layers\.(\d+)" if coarse else r"^layers\.(\d+)\.blocks\.(\d+)")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.classifier.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"reset_classifier: global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+            self.classifier.avgpool = nn.AdaptiveAvgPool2d(1) if global_pool else nn.Identity()
+            self.classifier.flatten = nn.Flatten(1) if global_pool else nn.Identity()
+        self.classifier.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"{type(self).__name__}: expected an image batch of shape (batch, {self.in_chans}, H, W), "
+                f"got {tuple(x.shape)}"
+            )
+
+    def _run_blocks(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        for block in blocks:
+            x = checkpoint(block, x) if self.grad_checkpointing and not torch.jit.is_scripting() else block(x)
+        return x
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Stage outputs (before downsampling) at strides 4, 8, 16, 32; with `norm`, through the per-stage norms."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"forward_intermediates: only output_fmt='NCHW' is supported, got {output_fmt!r}")
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        intermediates = []
+        x = self.patch_embed(x)
+        layers = self.layers[: max_index + 1] if stop_early else self.layers
+        for i, layer in enumerate(layers):
+            stage_out = self._run_blocks(layer.blocks, x)
+            if i in take_indices:
+                stage_norm = getattr(self, f"outnorm{i}", None)
+                intermediates.append(stage_norm(stage_out) if norm and stage_norm is not None else stage_out)
+            x = layer.downsample(stage_out)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True):
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[: max_index + 1]
+        self.layers[-1].downsample = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        if prune_norm:
+            self.classifier.norm = nn.Identity()
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x = self.patch_embed(x)
+        for layer in self.layers:
+            x = layer.downsample(self._run_blocks(layer.blocks, x))
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        c = self.classifier
+        x = c.flatten(c.avgpool(c.norm(x)))
+        x = F.dropout(x, p=self.drop_rate, training=self.training) if self.drop_rate else x
+        return x if pre_logits else c.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: dict, model: VSSM) -> dict:
+    """Accept VMamba checkpoints: unwrap {'model': ...} / {'state_dict': ...} and drop a dense 'backbone.' prefix."""
+    for key in ("model", "state_dict"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+    if any(k.startswith("backbone.") for k in state_dict):
+        state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+    return state_dict
+
+
+def _create_vssm(variant: str, pretrained: bool = False, **kwargs) -> VSSM:
+    feature_cfg = dict(out_indices=(0, 1, 2, 3), feature_cls="getter")
+    if kwargs.get("features_only"):
+        kwargs.setdefault("feature_norms", True)
+        feature_cfg["norm"] = kwargs["feature_norms"]
+    return build_model_with_cfg(
+        VSSM, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=feature_cfg, **kwargs
+    )
+
+
+# Published VMamba sizes (s1l8 tiny, s2l15 small/base) and a nano size for CPU demos.
+MODEL_SIZES = {
+    "nano": dict(dims=32, depths=(1, 1, 2, 1), d_state=1, ssm_ratio=1.0, drop_path_rate=0.05),
+    "tiny": dict(dims=96, depths=(2, 2, 8, 2), d_state=1, ssm_ratio=1.0, drop_path_rate=0.2),
+    "small": dict(dims=96, depths=(2, 2, 15, 2), d_state=1, ssm_ratio=2.0, drop_path_rate=0.3),
+    "base": dict(dims=128, depths=(2, 2, 15, 2), d_state=1, ssm_ratio=2.0, drop_path_rate=0.6),
+}
+
+
+def _build(arch: str, size: str, pretrained: bool, **kwargs) -> VSSM:
+    scan = "2d" if arch == "vmamba2d" else "cross1d"
+    return _create_vssm(f"{arch}_{size}", pretrained, **{**MODEL_SIZES[size], "scan": scan, **kwargs})
+
+
+@register_model
+def vmamba2d_nano(pretrained: bool = False, **kwargs) -> VSSM:
+    return _build("vmamba2d", "nano", pretrained, **kwargs)
+
+
+@register_model
+def vmamba2d_tiny(pretrained: bool = False, **kwargs) -> VSSM:
+    return _build("vmamba2d", "tiny", pretrained, **kwargs)
+
+
+@register_model
+def vmamba2d_small(pretrained: bool = False, **kwargs) -> VSSM:
+    return _build("vmamba2d", "small", pretrained, **kwargs)
+
+
+@register_model
+def vmamba2d_base(pretrained: bool = False, **kwargs) -> VSSM:
+    return _build("vmamba2d", "base", pretrained, **kwargs)
+
+
+@register_model
+def vmamba_nano(pretrained: bool = False, **kwargs) -> VSSM:
+    return _build("vmamba", "nano", pretrained, **kwargs)
+
+
+@register_model
+def vmamba_tiny(pretrained: bool = False, **kwargs) -> VSSM:
+    return _build("vmamba", "tiny", pretrained, **kwargs)
+
+
+@register_model
+def vmamba_small(pretrained: bool = False, **kwargs) -> VSSM:
+    return _build("vmamba", "small", pretrained, **kwargs)
+
+
+@register_model
+def vmamba_base(pretrained: bool = False, **kwargs) -> VSSM:
+    return _build("vmamba", "base", pretrained, **kwargs)

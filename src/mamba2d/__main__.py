@@ -1,0 +1,4 @@
+from mamba2d.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""`mamba2d` command line: LightningCLI over every task (model) and DataModule (data), configured by YAML.
+
+Configs name classes by full import path (e.g. `mamba2d.tasks.classification.ImageClassifier`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+from jsonargparse import lazy_instance
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+import mamba2d  # noqa: F401  (registers the backbones with timm)
+
+RUN_ROOT = "runs"
+
+
+def default_loggers(name: str = "mamba2d") -> list:
+    """A CSV log always, TensorBoard as well when it is installed; both in runs/<name>/version_<n>."""
+    loggers = [lazy_instance(CSVLogger, save_dir=RUN_ROOT, name=name)]
+    if importlib.util.find_spec("tensorboard") is not None:
+        loggers.append(lazy_instance(TensorBoardLogger, save_dir=RUN_ROOT, name=name))
+    return loggers
+
+
+def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    """Entry point of `mamba2d` and `python -m mamba2d`. Tests call `main([...])` in-process."""
+    return LightningCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf", "prog": "mamba2d"},
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "default_root_dir": RUN_ROOT,
+            "logger": default_loggers(),
+            "callbacks": [lazy_instance(RichProgressBar)],
+        },
+        args=args if args is not None else sys.argv[1:],
+        run=run,
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
