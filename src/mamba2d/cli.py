@@ -27,8 +27,8 @@ def default_loggers(name: str = "mamba2d") -> list:
     return loggers
 
 
-def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    """Entry point of `mamba2d` and `python -m mamba2d`. Tests call `main([...])` in-process."""
+def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    """Parse `args` (default: the command line) and, with `run`, execute the subcommand; returns the CLI object."""
     return LightningCLI(
         LightningModule,
         LightningDataModule,
@@ -45,6 +45,11 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         run=run,
         auto_configure_optimizers=False,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of `mamba2d` and `python -m mamba2d`. Tests call `main([...])` in-process."""
+    build_cli(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,6 +17,8 @@ from .contract import check_scan_inputs, direction_transform, parse_directions
 def linear_recurrence(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Inclusive scan h[j] = a[j] * h[j-1] + x[j] along the last dimension, h[-1] = 0."""
     length = x.shape[-1]
+    if length == 1:  # h = a * h[-1] + x with h[-1] = 0, written out so `a` gets a zero gradient rather than none
+        return torch.addcmul(x, a, torch.zeros_like(x))
     step = 1
     while step < length:
         x = torch.cat((x[..., :step], torch.addcmul(x[..., step:], a[..., step:], x[..., :-step])), dim=-1)
@@ -82,18 +84,21 @@ def selective_scan_2d_ref(
     A_c = A.to(compute).reshape(groups, per_group, -1)
     B_c, C_c = B.to(compute), C.to(compute)
 
-    pieces = {}
+    outputs = []
     for name in dict.fromkeys(directions):
         idx = [g for g, d in enumerate(directions) if d == name]
-        sel = torch.tensor(idx, device=u.device)
+        # a contiguous run of groups is a view; otherwise gather the groups that share this direction
+        sel = slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[-1] + 1)) else torch.tensor(idx, device=u.device)
         out = _scan_tl_hv(
             _orient(dt[:, sel], name), A_c[sel], _orient(B_c[:, sel], name), _orient(C_c[:, sel], name),
             _orient(u_c[:, sel], name),
         )
-        pieces[name] = (sel, _unorient(out, name))
-    y = torch.zeros(batch, groups, per_group, height, width, dtype=compute, device=u.device)
-    for sel, out in pieces.values():
-        y = y.index_copy(1, sel, out)
+        outputs.append((idx, _unorient(out, name)))
+    if len(outputs) == 1:
+        y = outputs[0][1]
+    else:
+        order = torch.tensor([g for idx, _ in outputs for g in idx], device=u.device)
+        y = torch.cat([out for _, out in outputs], dim=1)[:, torch.argsort(order)]
     y = y.reshape(batch, dim, height, width)
     if D is not None:
         y = y + D.to(compute).reshape(1, dim, 1, 1) * u_c.reshape(batch, dim, height, width)

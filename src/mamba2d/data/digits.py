@@ -1,0 +1,80 @@
+"""scikit-learn's bundled handwritten digits (1,797 real 8x8 scans, 10 classes) as a CPU-sized image task."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningDataModule
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, TensorDataset
+
+DIGITS_MAX = 16.0  # pixel values of load_digits() run 0..16
+
+
+def digit_images(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """All digits as (n, 3, size, size) float images normalised to [-1, 1], and their labels."""
+    data = load_digits()
+    images = torch.from_numpy(data.images).float().div(DIGITS_MAX).unsqueeze(1)
+    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return images.sub(0.5).div(0.5).expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(data.target).long()
+
+
+class DigitsDataModule(LightningDataModule):
+    """Fixed stratified train/val/test split (70/15/15 by default) of the digits, upsampled to `image_size`.
+
+    The split depends only on `split_seed`, so every run and every model sees the same held-out images.
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        image_size: int = 32,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        split_seed: int = 0,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
+            raise ValueError(
+                f"DigitsDataModule: val_fraction={val_fraction} and test_fraction={test_fraction} must be in (0, 1) "
+                "and sum to less than 1"
+            )
+        self.save_hyperparameters()
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        images, labels = digit_images(hp.image_size)
+        index = torch.arange(len(labels)).numpy()
+        train_val, test = train_test_split(
+            index, test_size=hp.test_fraction, stratify=labels.numpy(), random_state=hp.split_seed
+        )
+        train, val = train_test_split(
+            train_val, test_size=hp.val_fraction / (1 - hp.test_fraction), stratify=labels.numpy()[train_val],
+            random_state=hp.split_seed,
+        )
+        self.splits = {
+            name: TensorDataset(images[torch.from_numpy(idx)], labels[torch.from_numpy(idx)])
+            for name, idx in (("train", train), ("val", val), ("test", test))
+        }
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle, drop_last=shuffle,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,181 @@
+"""The pure-PyTorch reference scan against an independent loop oracle, closed forms and symmetries."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from mamba2d.ops import DIRECTIONS, selective_scan_2d, selective_scan_2d_ref
+from scan_oracle import loop_scan
+
+SHAPES = [(1, 6), (5, 1), (5, 7), (13, 4)]
+
+
+def make_inputs(batch=2, dim=4, height=5, width=7, d_state=3, groups=2, dtype=torch.float64, seed=0, grad=True):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    tensors = dict(
+        u=rand(batch, dim, height, width),
+        delta=rand(batch, dim, height, width) * 0.5,
+        A=-torch.rand(dim, d_state, generator=g, dtype=torch.float64) * 2 - 0.1,
+        B=rand(batch, groups, d_state, height, width),
+        C=rand(batch, groups, d_state, height, width),
+        D=rand(dim),
+        z=rand(batch, dim, height, width),
+        delta_bias=rand(dim) * 0.3,
+    )
+    for name in ("u", "delta", "B", "C", "z"):
+        tensors[name] = tensors[name].to(dtype)
+    if grad:
+        for t in tensors.values():
+            t.requires_grad_(True)
+    return tensors
+
+
+def grads(out: torch.Tensor, inputs: dict, seed: int = 1) -> dict:
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    names = list(inputs)
+    values = torch.autograd.grad((out * weight).sum(), [inputs[n] for n in names])
+    return dict(zip(names, values))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_forward_and_all_gradients_match_loop_oracle(shape, groups, direction):
+    inputs = make_inputs(height=shape[0], width=shape[1], groups=groups, seed=hash((shape, groups, direction)) % 1000)
+    ours = selective_scan_2d_ref(**inputs, direction=direction)
+    oracle = loop_scan(**inputs, direction=direction)
+    torch.testing.assert_close(ours, oracle, rtol=1e-10, atol=1e-10)
+    got, want = grads(ours, inputs), grads(oracle, inputs)
+    for name in inputs:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-9, msg=f"d{name} differs")
+
+
+def test_one_direction_per_group_and_options_off():
+    inputs = make_inputs(dim=8, groups=4, height=4, width=6)
+    directions = ("tl_hv", "tl_vh", "br_hv", "br_vh")
+    for drop in ("D", "z", "delta_bias"):
+        kwargs = {**inputs, drop: None}
+        torch.testing.assert_close(
+            selective_scan_2d_ref(**kwargs, direction=directions, delta_softplus=False),
+            loop_scan(**kwargs, direction=directions, delta_softplus=False),
+        )
+
+
+def test_closed_form_for_constant_abar():
+    height, width, dt_value, a_value = 6, 5, 0.7, -0.4
+    inputs = make_inputs(batch=1, dim=1, height=height, width=width, d_state=1, groups=1, grad=False)
+    u = inputs["u"]
+    delta = torch.full_like(u, dt_value)
+    A = torch.full((1, 1), a_value, dtype=torch.float64)
+    ones = torch.ones(1, 1, 1, height, width, dtype=torch.float64)
+    y = selective_scan_2d_ref(u, delta, A, ones, ones, delta_softplus=False)
+    abar = torch.exp(torch.tensor(dt_value * a_value, dtype=torch.float64))
+    expected = torch.zeros(height, width, dtype=torch.float64)
+    for i, j in itertools.product(range(height), range(width)):
+        for i2, j2 in itertools.product(range(i + 1), range(j + 1)):
+            expected[i, j] += abar ** ((i - i2) + (j - j2)) * dt_value * u[0, 0, i2, j2]
+    torch.testing.assert_close(y[0, 0], expected)
+
+
+def _map_all(inputs: dict, fn) -> dict:
+    return {k: fn(v) if k in ("u", "delta", "B", "C", "z") else v for k, v in inputs.items()}
+
+
+def test_bottom_right_is_top_left_on_the_flipped_map():
+    inputs = make_inputs(height=6, width=9, grad=False)
+    flip = lambda t: t.flip(-1, -2)  # noqa: E731
+    for order in ("hv", "vh"):
+        y_br = selective_scan_2d_ref(**_map_all(inputs, flip), direction=f"br_{order}")
+        y_tl = selective_scan_2d_ref(**inputs, direction=f"tl_{order}")
+        torch.testing.assert_close(y_br, flip(y_tl))
+
+
+def test_columns_first_is_rows_first_on_the_transposed_map():
+    inputs = make_inputs(height=6, width=9, grad=False)
+    transpose = lambda t: t.transpose(-1, -2)  # noqa: E731
+    y_vh = selective_scan_2d_ref(**inputs, direction="tl_vh")
+    y_hv = selective_scan_2d_ref(**_map_all(inputs, transpose), direction="tl_hv")
+    torch.testing.assert_close(y_vh, transpose(y_hv))
+
+
+def test_h1_is_the_1d_selective_scan():
+    inputs = make_inputs(height=1, width=11, grad=False, groups=1)
+    y = selective_scan_2d_ref(**inputs, direction="tl_vh")  # vertical pass is the identity when H = 1
+    dt = torch.nn.functional.softplus(inputs["delta"] + inputs["delta_bias"][None, :, None, None])[:, :, 0]
+    state = torch.zeros(2, 4, 3, dtype=torch.float64)
+    outs = []
+    for j in range(11):
+        state = torch.exp(dt[..., j, None] * inputs["A"]) * state + (dt[..., j] * inputs["u"][:, :, 0, j])[
+            ..., None
+        ] * inputs["B"][:, 0, :, 0, j][:, None]
+        outs.append((state * inputs["C"][:, 0, :, 0, j][:, None]).sum(-1))
+    expected = torch.stack(outs, -1) + inputs["D"][None, :, None] * inputs["u"][:, :, 0]
+    expected = expected * torch.nn.functional.silu(inputs["z"][:, :, 0])
+    torch.testing.assert_close(y[:, :, 0], expected)
+
+
+def test_gradcheck_float64():
+    inputs = make_inputs(batch=1, dim=2, height=3, width=4, d_state=2, groups=1)
+    names = list(inputs)
+
+    def fn(*values):
+        return selective_scan_2d_ref(**dict(zip(names, values)), direction="br_vh")
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs[n] for n in names))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_inputs_accumulate_in_float32(dtype):
+    inputs = make_inputs(height=9, width=11, grad=False, dtype=dtype)
+    y = selective_scan_2d_ref(**inputs, direction="tl_hv")
+    assert y.dtype == dtype
+    y32 = selective_scan_2d_ref(**inputs, direction="tl_hv", out_dtype=torch.float32)
+    assert y32.dtype == torch.float32
+    rounded = {k: v.double() for k, v in inputs.items()}
+    exact = loop_scan(**rounded, direction="tl_hv")
+    rel = (y32.double() - exact).norm() / exact.norm()
+    assert rel < 1e-5
+    assert (y.double() - exact).norm() / exact.norm() < 1e-2
+
+
+def test_long_row_has_no_python_loop_per_pixel():
+    inputs = make_inputs(batch=1, dim=2, height=1, width=100_000, d_state=2, groups=1, grad=False, dtype=torch.float32)
+    inputs["A"] = inputs["A"].float()
+    for name in ("D", "delta_bias"):
+        inputs[name] = inputs[name].float()
+    y = selective_scan_2d(**inputs)
+    assert y.shape == (1, 2, 1, 100_000) and torch.isfinite(y).all()
+
+
+BAD_INPUTS = [
+    ("u must be 4-D", lambda t: {**t, "u": t["u"][0]}),
+    ("delta must have shape", lambda t: {**t, "delta": t["delta"][:, :, :-1]}),
+    ("A must have shape", lambda t: {**t, "A": t["A"][:, :-1]}),
+    ("C must have shape", lambda t: {**t, "C": t["C"][..., :-1]}),
+    ("divisible by G", lambda t: {**t, "B": t["B"].repeat(1, 3, 1, 1, 1)[:, :3], "C": t["C"].repeat(1, 3, 1, 1, 1)[:, :3]}),
+    ("z must have shape", lambda t: {**t, "z": t["z"][:1]}),
+    ("D must have shape", lambda t: {**t, "D": t["D"][:-1]}),
+    ("delta has dtype", lambda t: {**t, "delta": t["delta"].float()}),
+    ("A must be float32", lambda t: {**t, "A": t["A"].half()}),
+]
+
+
+@pytest.mark.parametrize("message,mutate", BAD_INPUTS, ids=[m for m, _ in BAD_INPUTS])
+def test_bad_inputs_name_the_argument(message, mutate):
+    inputs = make_inputs(grad=False)
+    with pytest.raises((ValueError, TypeError), match=message):
+        selective_scan_2d(**mutate(inputs))
+
+
+def test_bad_direction_and_backend_are_named():
+    inputs = make_inputs(grad=False)
+    with pytest.raises(ValueError, match="unknown direction 'tl_xy'"):
+        selective_scan_2d(**inputs, direction="tl_xy")
+    with pytest.raises(ValueError, match="direction has 3 entries but B/C have G=2"):
+        selective_scan_2d(**inputs, direction=("tl_hv",) * 3)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        selective_scan_2d(**inputs, backend="triton")
