@@ -1,0 +1,1 @@
+"""Model-zoo manifest and small checkpoints (shipped as package data)."""
