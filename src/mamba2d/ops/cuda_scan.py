@@ -1,11 +1,282 @@
-"""CUDA backend of the 2D selective scan (CuPy + NVRTC). Placeholder until the CUDA issue lands."""
+"""CUDA backend of the 2D selective scan: NVRTC-compiled kernels (cuda_ops/scan2d.cu) launched through CuPy.
+
+CuPy is imported lazily, on the first CUDA call (never at import or model construction). Kernels compile once per
+(device arch, input dtype, output dtype) and are cached on disk by CuPy (`CUPY_CACHE_DIR`); sizes and strides are
+kernel arguments. Launches go to PyTorch's current stream of the tensors' device; every output and scratch buffer
+is allocated by PyTorch. The autograd-aware entry point is `selective_scan_2d_cuda`, which goes through the
+`torch.library` custom ops of `mamba2d.ops.library` (so `torch.compile` sees no graph break).
+"""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
 
+import torch
+
+from . import cuda_build, library  # noqa: F401  (library registers the custom ops; it needs no CuPy)
+from .contract import check_scan_inputs, parse_directions
+
+MAX_D_STATE = 64
+SUPPORTED_DTYPES = tuple(cuda_build.DTYPE_TAGS)
+INSTALL_HINT = "pip install 'mamba2d[cuda12]' (CUDA 12) or 'mamba2d[cuda13]' (CUDA 13)"
+
+#: Testing hook: fill every output and scratch buffer with NaN before each launch (catches unwritten elements).
+POISON_OUTPUTS = False
+
+_cupy = None
+_cupy_error: BaseException | None = None
+_lock = threading.Lock()
+_kernels: dict[tuple[int, str, str], tuple[object, object]] = {}
+_dirs_cache: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+
+
+def _import_cupy():
+    global _cupy, _cupy_error
+    if _cupy is None and _cupy_error is None:
+        try:
+            import cupy
+
+            _cupy = cupy
+        except Exception as exc:  # ImportError, or CuPy failing to find its CUDA libraries
+            _cupy_error = exc
+    return _cupy
+
+
+@torch.compiler.assume_constant_result
+def cupy_importable() -> bool:
+    return _import_cupy() is not None
+
+
+@torch.compiler.assume_constant_result
 def is_available() -> bool:
-    return False
+    """True when CuPy imports and a CUDA device is visible."""
+    return torch.cuda.is_available() and _import_cupy() is not None
 
 
-def selective_scan_2d_cuda(*args, **kwargs):
-    raise RuntimeError("selective_scan_2d: the CUDA backend is not built yet; use backend='reference'")
+def require_cupy():
+    cupy = _import_cupy()
+    if cupy is None:
+        raise RuntimeError(
+            "selective_scan_2d(backend='cuda') needs CuPy, which could not be imported "
+            f"({type(_cupy_error).__name__}: {_cupy_error}). Install the extra for your CUDA version: {INSTALL_HINT}"
+        )
+    return cupy
+
+
+def supports(u: torch.Tensor, B: torch.Tensor) -> bool:
+    """Whether the kernels handle these inputs (used by backend='auto' to fall back to the reference)."""
+    return u.dtype in SUPPORTED_DTYPES and B.dim() == 5 and 1 <= B.shape[2] <= MAX_D_STATE
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compilation and launch
+
+
+def _get_kernels(device_index: int, in_tag: str, out_tag: str):
+    key = (device_index, in_tag, out_tag)
+    fns = _kernels.get(key)
+    if fns is None:
+        cupy = require_cupy()
+        with _lock:
+            fns = _kernels.get(key)
+            if fns is None:
+                names = cuda_build.kernel_names(in_tag, out_tag)
+                with cupy.cuda.Device(device_index):
+                    module = cupy.RawModule(
+                        code=cuda_build.kernel_source(),
+                        options=cuda_build.COMPILE_OPTIONS,
+                        name_expressions=list(names),
+                    )
+                    fns = tuple(module.get_function(name) for name in names)
+                _kernels[key] = fns
+    return fns
+
+
+def _launch(fn, device: torch.device, blocks: int, threads: int, smem: int, args: tuple) -> None:
+    import numpy as np  # noqa: F401  (CuPy depends on NumPy; imported here to keep module import light)
+
+    cupy = require_cupy()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with cupy.cuda.Device(index):
+        if smem > 48 * 1024 and getattr(fn, "_m2d_smem", 0) < smem:
+            fn.max_dynamic_shared_size_bytes = smem
+            fn._m2d_smem = smem
+        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
+        with stream:
+            fn((blocks,), (threads,), args, shared_mem=smem)
+
+
+def _ptr(t: torch.Tensor | None):
+    import numpy as np
+
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def _strides(t: torch.Tensor | None, ndim: int):
+    import numpy as np
+
+    if t is None:
+        return tuple(np.int64(0) for _ in range(ndim))
+    return tuple(np.int64(s) for s in t.stride())
+
+
+def _dirs_tensor(codes: Sequence[int], device: torch.device) -> torch.Tensor:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, tuple(int(c) for c in codes))
+    t = _dirs_cache.get(key)
+    if t is None:
+        t = torch.tensor(key[1], dtype=torch.int32, device=device)
+        _dirs_cache[key] = t
+    return t
+
+
+def _poison(*tensors) -> None:
+    if POISON_OUTPUTS:
+        for t in tensors:
+            if t is not None and t.numel():
+                t.fill_(float("nan"))
+
+
+def _ints(*values):
+    import numpy as np
+
+    return tuple(np.int32(v) for v in values)
+
+
+def _geometry(u: torch.Tensor, B: torch.Tensor):
+    batch, dim, height, width = u.shape
+    groups, d_state = B.shape[1], B.shape[2]
+    return cuda_build.launch_config(batch, dim, height, width, groups, d_state)
+
+
+def saves_checkpoint(d_state: int) -> bool:
+    """The forward keeps its band checkpoints for backward only while they are no larger than u in float32."""
+    return d_state <= cuda_build.ROWS_PER_BAND
+
+
+def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt, y_needed=True):
+    """Launch the forward kernel. Returns (y, ckv, ckh); ckv is empty unless checkpoints are kept for backward."""
+    batch, dim, height, width = u.shape
+    groups, d_state = B.shape[1], B.shape[2]
+    cfg = _geometry(u, B)
+    device = u.device
+    ckv_n, ckh_n = cuda_build.checkpoint_sizes(batch, dim, height, width, groups, d_state)
+    out_dtype = torch.float32 if out_fp32 else u.dtype
+    y = torch.empty((batch, dim, height, width), dtype=out_dtype, device=device) if y_needed else None
+    keep = save_ckpt and (saves_checkpoint(d_state) or not y_needed)
+    ckv = torch.empty((ckv_n if keep else 0,), dtype=torch.float32, device=device)
+    ckh = torch.empty((ckh_n,), dtype=torch.float32, device=device)
+    _poison(y, ckv, ckh)
+    fwd_fn, _ = _get_kernels(device.index if device.index is not None else torch.cuda.current_device(),
+                             *cuda_build.variant_tags(u.dtype, out_fp32))
+    args = (
+        _ptr(u), _ptr(delta), _ptr(z), _ptr(B), _ptr(C), _ptr(A), _ptr(D), _ptr(delta_bias),
+        _ptr(_dirs_tensor(directions, device)), _ptr(y), _ptr(ckv if keep else None), _ptr(ckh if ckh_n else None),
+        *_ints(dim, height, width, groups, d_state, int(bool(delta_softplus))),
+        *_strides(u, 4), *_strides(delta, 4), *_strides(z, 4), *_strides(B, 5), *_strides(C, 5),
+        *_ints(cfg.S, cfg.WPM, cfg.CH, cfg.ntiles, cfg.nbands),
+    )
+    _launch(fwd_fn, device, cfg.blocks, cfg.threads, cfg.smem_fwd, args)
+    return y, ckv, ckh
+
+
+def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus, directions):
+    """Launch the backward kernel (recomputing the checkpoints first when the forward did not keep them)."""
+    batch, dim, height, width = u.shape
+    groups, d_state = B.shape[1], B.shape[2]
+    cfg = _geometry(u, B)
+    device = u.device
+    out_fp32 = dout.dtype == torch.float32
+    if dout.dtype not in (torch.float32, u.dtype):
+        raise TypeError(f"selective_scan_2d backward: gradient dtype {dout.dtype} is neither float32 nor {u.dtype}")
+    if ckv.numel() == 0:
+        _, ckv, ckh = fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, True,
+                               y_needed=False)
+    shape = (batch, dim, height, width)
+    du = torch.empty(shape, dtype=u.dtype, device=device)
+    ddelta = torch.empty(shape, dtype=u.dtype, device=device)
+    dz = torch.empty(shape if z is not None else (0,), dtype=u.dtype, device=device)
+    dBp = torch.empty((batch, groups, cfg.cpg, d_state, height, width), dtype=torch.float32, device=device)
+    dCp = torch.empty_like(dBp)
+    dAp = torch.empty((batch, dim, d_state), dtype=torch.float32, device=device)
+    dDp = torch.empty((batch, dim), dtype=torch.float32, device=device)
+    dbp = torch.empty((batch, dim), dtype=torch.float32, device=device)
+    dck = torch.empty((batch * dim * d_state * height if cfg.ntiles > 1 else 0,), dtype=torch.float32, device=device)
+    _poison(du, ddelta, dz, dBp, dCp, dAp, dDp, dbp, dck)
+    _, bwd_fn = _get_kernels(device.index if device.index is not None else torch.cuda.current_device(),
+                             *cuda_build.variant_tags(u.dtype, out_fp32))
+    args = (
+        _ptr(u), _ptr(delta), _ptr(z), _ptr(dout), _ptr(B), _ptr(C), _ptr(A), _ptr(D), _ptr(delta_bias),
+        _ptr(_dirs_tensor(directions, device)), _ptr(ckv), _ptr(ckh if ckh.numel() else None),
+        _ptr(dck if dck.numel() else None), _ptr(du), _ptr(ddelta), _ptr(dz if z is not None else None),
+        _ptr(dBp), _ptr(dCp), _ptr(dAp), _ptr(dDp), _ptr(dbp),
+        *_ints(dim, height, width, groups, d_state, int(bool(delta_softplus))),
+        *_strides(u, 4), *_strides(delta, 4), *_strides(z, 4), *_strides(dout, 4), *_strides(B, 5),
+        *_strides(C, 5), *_ints(cfg.S, cfg.WPM, cfg.CH, cfg.ntiles, cfg.nbands),
+    )
+    _launch(bwd_fn, device, cfg.blocks, cfg.threads, cfg.smem_bwd, args)
+    # Fixed-order reductions of the per-block partial sums (no atomics: bitwise reproducible).
+    dB = (dBp.sum(dim=2) if cfg.cpg > 1 else dBp[:, :, 0]).to(B.dtype)
+    dC = (dCp.sum(dim=2) if cfg.cpg > 1 else dCp[:, :, 0]).to(C.dtype)
+    return du, ddelta, dAp.sum(dim=0), dB, dC, dDp.sum(dim=0), dz, dbp.sum(dim=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public entry point
+
+
+def selective_scan_2d_cuda(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = True,
+    direction: str | Sequence[str] = "tl_hv",
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The 2D selective scan of DESIGN.md §2 on the CUDA kernels (same signature and errors as the reference).
+
+    Under CUDA autocast, u, delta, B, C and z are cast to the autocast dtype (A, D, delta_bias stay float32) and the
+    output has that dtype unless `out_dtype` says otherwise.
+    """
+    if not cupy_importable():
+        require_cupy()
+    if u.device.type != "cuda":
+        raise ValueError(
+            f"selective_scan_2d(backend='cuda'): u is on {u.device}, expected a CUDA tensor; "
+            "move the inputs to a GPU or use backend='reference'"
+        )
+    if torch.is_autocast_enabled("cuda"):
+        low = torch.get_autocast_dtype("cuda")
+
+        def cast(t):
+            return t if t is None or t.dtype == low or not t.is_floating_point() else t.to(low)
+
+        u, delta, B, C, z = (cast(t) for t in (u, delta, B, C, z))
+    shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, out_dtype)
+    if u.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"selective_scan_2d(backend='cuda'): u has dtype {u.dtype}; the CUDA kernels take float32, float16 or "
+            "bfloat16 (use backend='reference' for float64)"
+        )
+    if shape.d_state > MAX_D_STATE:
+        raise ValueError(
+            f"selective_scan_2d(backend='cuda'): B/C have N={shape.d_state} states (B.shape[2]); "
+            f"the CUDA kernels support N <= {MAX_D_STATE}"
+        )
+    codes = [cuda_build.direction_code(name) for name in parse_directions(direction, shape.groups)]
+    out_fp32 = (out_dtype or u.dtype) == torch.float32
+    params = [t if t is None else t.to(torch.float32).contiguous() for t in (A, D, delta_bias)]
+    A32, D32, bias32 = params
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)
+    )
+    y, _, _ = torch.ops.mamba2d.scan2d_fwd(
+        u, delta, A32, B, C, D32, z, bias32, bool(delta_softplus), codes, out_fp32, needs_grad
+    )
+    return y

@@ -6,17 +6,18 @@ from collections.abc import Sequence
 
 import torch
 
+from . import cuda_scan
 from .reference import selective_scan_2d_ref
 
 BACKENDS = ("auto", "cuda", "reference")
 
 
-def cuda_backend_available(u: torch.Tensor) -> bool:
-    """True when `u` lives on a GPU and the CuPy kernels can run (CuPy importable)."""
+def cuda_backend_available(u: torch.Tensor, B: torch.Tensor | None = None) -> bool:
+    """True when `u` lives on a GPU and the CuPy kernels can run (CuPy importable, dtype and N supported)."""
     if u.device.type != "cuda":
         return False
-    from . import cuda_scan
-
+    if B is not None and not cuda_scan.supports(u, B):
+        return False
     return cuda_scan.is_available()
 
 
@@ -43,9 +44,7 @@ def selective_scan_2d(
     """
     if backend not in BACKENDS:
         raise ValueError(f"selective_scan_2d: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "cuda" or (backend == "auto" and cuda_backend_available(u)):
-        from . import cuda_scan
-
+    if backend == "cuda" or (backend == "auto" and cuda_backend_available(u, B)):
         return cuda_scan.selective_scan_2d_cuda(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, out_dtype
         )

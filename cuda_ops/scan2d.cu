@@ -1,0 +1,385 @@
+// 2D selective scan (DESIGN.md §2): forward and backward kernels.
+//
+// Work split: one block = CH channels ("slots") of one (batch, group); one thread = one column of a slot's tile;
+// each thread keeps a band of M2D_R rows in registers. Per band: load u/delta once, then loop over the N states
+// (B/C read once per state): horizontal pass = lane/warp scan along the row, vertical pass = sequential recurrence
+// down the thread's column with the carry kept in shared memory per state. Directions are index arithmetic:
+// scan-frame (p, q) -> memory (i, j) = (fr ? H-1-p : p, fc ? W-1-q : q); "vh" swaps the order of the two passes.
+//
+// Backward recomputes the forward states band by band from checkpoints (the vertical state at each band start and
+// the horizontal state at each tile start: O(H*W*N/8) per map, never per pixel and state), walks bands bottom-up and
+// tiles right-to-left, and reduces dB/dC over the channels of a block in shared memory in a fixed order into
+// per-block partial sums (summed in fixed order by the launcher); dA/dD/d(delta_bias) are reduced per block the same
+// way. No atomics anywhere: results are bitwise reproducible.
+#include "scan2d_common.cuh"
+
+// Address of scan-frame row p0 (+ r * step) of the thread's column in a (.., H, W) tensor with strides (sh, sw).
+#define M2D_ROW0(base, sh, sw) ((base) + (m2d_i64)i0 * (sh) + (m2d_i64)j * (sw))
+#define M2D_STEP(sh) (fr ? -(sh) : (sh))
+
+template <typename T, typename TO>
+__global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_FWD_MIN_BLOCKS)
+    mamba2d_scan2d_fwd(const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z,
+                       const T* __restrict__ Bm, const T* __restrict__ Cm, const float* __restrict__ A,
+                       const float* __restrict__ Dv, const float* __restrict__ dbias, const int* __restrict__ dirs,
+                       TO* __restrict__ y, float* __restrict__ ckv, float* __restrict__ ckh, int dim, int H, int W,
+                       int G, int N, int softplus, m2d_i64 su_b, m2d_i64 su_d, m2d_i64 su_h, m2d_i64 su_w,
+                       m2d_i64 sd_b, m2d_i64 sd_d, m2d_i64 sd_h, m2d_i64 sd_w, m2d_i64 sz_b, m2d_i64 sz_d,
+                       m2d_i64 sz_h, m2d_i64 sz_w, m2d_i64 sB_b, m2d_i64 sB_g, m2d_i64 sB_n, m2d_i64 sB_h,
+                       m2d_i64 sB_w, m2d_i64 sC_b, m2d_i64 sC_g, m2d_i64 sC_n, m2d_i64 sC_h, m2d_i64 sC_w, int S,
+                       int WPM, int CH, int ntiles, int nbands) {
+    extern __shared__ float m2d_smem[];
+    const M2DCtx c = m2d_make_ctx(dim, H, W, G, N, S, WPM, CH, ntiles, nbands);
+    float* carry = m2d_smem;                    // [N][nthr] vertical state per thread and state
+    float* aggM = carry + (m2d_i64)N * c.nthr;  // [CH][WPM][R]
+    float* aggV = aggM + CH * WPM * M2D_R;
+    float* cinb = aggV + CH * WPM * M2D_R;
+
+    const int d = c.g * c.dg + (c.slot_ok ? c.chunk * CH + c.slot : 0);
+    const int code = dirs[c.g];
+    const bool fr = code & 1, fc = (code >> 1) & 1, vh = (code >> 2) & 1;
+    const m2d_i64 map = (m2d_i64)c.b * dim + d;
+    const float Dd = (Dv != nullptr && c.slot_ok) ? Dv[d] : 0.f;
+    const float bias = (dbias != nullptr && c.slot_ok) ? dbias[d] : 0.f;
+    const m2d_i64 ub = c.b * su_b + d * su_d, db = c.b * sd_b + d * sd_d, zb = c.b * sz_b + d * sz_d;
+    const m2d_i64 Bb = c.b * sB_b + c.g * sB_g, Cb = c.b * sC_b + c.g * sC_g;
+
+    for (int tile = 0; tile < ntiles; ++tile) {
+        const int q = tile * c.TWs + c.col;
+        const bool col_ok = c.slot_ok && q < W;
+        const int j = fc ? (W - 1 - q) : q;
+        for (int n = 0; n < N; ++n) carry[n * c.nthr + c.tid] = 0.f;
+        for (int band = 0; band < nbands; ++band) {
+            const int p0 = band * M2D_R;
+            const int nrow = col_ok ? min(M2D_R, H - p0) : 0;
+            const int i0 = fr ? (H - 1 - p0) : p0;
+            float dt[M2D_R], dtu[M2D_R], yacc[M2D_R];
+            {
+                const T* pu = u + M2D_ROW0(ub, su_h, su_w);
+                const T* pd = delta + M2D_ROW0(db, sd_h, sd_w);
+                const m2d_i64 stu = M2D_STEP(su_h), std_ = M2D_STEP(sd_h);
+#pragma unroll
+                for (int r = 0; r < M2D_R; ++r) {
+                    float uu = 0.f, dl = 0.f;
+                    if (r < nrow) {
+                        uu = m2d_to_f(*pu);
+                        dl = m2d_to_f(*pd);
+                    }
+                    pu += stu;
+                    pd += std_;
+                    const float v = dl + bias;
+                    const float t = r < nrow ? (softplus ? m2d_softplus(v) : v) : 0.f;
+                    dt[r] = t;
+                    dtu[r] = t * uu;
+                    yacc[r] = Dd * uu;
+                }
+            }
+            for (int n = 0; n < N; ++n) {
+                const float An = c.slot_ok ? A[(m2d_i64)d * N + n] : 0.f;
+                float a[M2D_R], v[M2D_R];
+                {
+                    const T* pb = Bm + M2D_ROW0(Bb + n * sB_n, sB_h, sB_w);
+                    const m2d_i64 stb = M2D_STEP(sB_h);
+#pragma unroll
+                    for (int r = 0; r < M2D_R; ++r) {
+                        a[r] = expf(dt[r] * An);
+                        const float bv = r < nrow ? m2d_to_f(*pb) : 0.f;
+                        pb += stb;
+                        v[r] = dtu[r] * bv;
+                    }
+                }
+                float cv = carry[n * c.nthr + c.tid];
+                if (ckv != nullptr && col_ok) ckv[((map * nbands + band) * N + n) * W + q] = cv;
+                if (!vh) {
+                    m2d_rowscan_fwd(c, a, v, aggM, aggV, cinb, ckh, true, tile, n, p0);
+#pragma unroll
+                    for (int r = 0; r < M2D_R; ++r) {
+                        cv = fmaf(a[r], cv, v[r]);
+                        v[r] = cv;
+                    }
+                } else {
+#pragma unroll
+                    for (int r = 0; r < M2D_R; ++r) {
+                        cv = fmaf(a[r], cv, v[r]);
+                        v[r] = cv;
+                    }
+                    m2d_rowscan_fwd(c, a, v, aggM, aggV, cinb, ckh, true, tile, n, p0);
+                }
+                carry[n * c.nthr + c.tid] = cv;
+                if (y != nullptr) {  // v now holds h
+                    const T* pc = Cm + M2D_ROW0(Cb + n * sC_n, sC_h, sC_w);
+                    const m2d_i64 stc = M2D_STEP(sC_h);
+#pragma unroll
+                    for (int r = 0; r < M2D_R; ++r) {
+                        const float cc = r < nrow ? m2d_to_f(*pc) : 0.f;
+                        pc += stc;
+                        yacc[r] = fmaf(cc, v[r], yacc[r]);
+                    }
+                }
+            }
+            if (y != nullptr) {
+                TO* py = y + map * ((m2d_i64)H * W) + (m2d_i64)i0 * W + j;
+                const T* pz = z != nullptr ? z + M2D_ROW0(zb, sz_h, sz_w) : nullptr;
+                const m2d_i64 sty = fr ? -(m2d_i64)W : (m2d_i64)W, stz = M2D_STEP(sz_h);
+#pragma unroll
+                for (int r = 0; r < M2D_R; ++r) {
+                    if (r < nrow) {
+                        float out = yacc[r];
+                        if (pz != nullptr) {
+                            const float zz = m2d_to_f(pz[r * stz]);
+                            out *= zz * m2d_sigmoid(zz);
+                        }
+                        py[r * sty] = m2d_from_f<TO>(out);
+                    }
+                }
+            }
+        }
+    }
+}
+
+template <typename T, typename TO>
+__global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_scan2d_bwd(
+    const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z, const TO* __restrict__ dout,
+    const T* __restrict__ Bm, const T* __restrict__ Cm, const float* __restrict__ A, const float* __restrict__ Dv,
+    const float* __restrict__ dbias, const int* __restrict__ dirs, const float* __restrict__ ckv,
+    float* __restrict__ ckh, float* __restrict__ dck, T* __restrict__ du, T* __restrict__ ddelta,
+    T* __restrict__ dz, float* __restrict__ dBp, float* __restrict__ dCp, float* __restrict__ dAp,
+    float* __restrict__ dDp, float* __restrict__ dbp, int dim, int H, int W, int G, int N, int softplus,
+    m2d_i64 su_b, m2d_i64 su_d, m2d_i64 su_h, m2d_i64 su_w, m2d_i64 sd_b, m2d_i64 sd_d, m2d_i64 sd_h, m2d_i64 sd_w,
+    m2d_i64 sz_b, m2d_i64 sz_d, m2d_i64 sz_h, m2d_i64 sz_w, m2d_i64 so_b, m2d_i64 so_d, m2d_i64 so_h, m2d_i64 so_w,
+    m2d_i64 sB_b, m2d_i64 sB_g, m2d_i64 sB_n, m2d_i64 sB_h, m2d_i64 sB_w, m2d_i64 sC_b, m2d_i64 sC_g, m2d_i64 sC_n,
+    m2d_i64 sC_h, m2d_i64 sC_w, int S, int WPM, int CH, int ntiles, int nbands) {
+    extern __shared__ float m2d_smem[];
+    const M2DCtx c = m2d_make_ctx(dim, H, W, G, N, S, WPM, CH, ntiles, nbands);
+    float* vcar = m2d_smem;                     // [N][nthr] adjoint vertical carry
+    float* dAacc = vcar + (m2d_i64)N * c.nthr;  // [N][nthr] per-thread dA partial sums
+    float* aggM = dAacc + (m2d_i64)N * c.nthr;  // [CH][WPM][R]
+    float* aggV = aggM + CH * WPM * M2D_R;
+    float* cinb = aggV + CH * WPM * M2D_R;
+    float* redB = cinb + CH * WPM * M2D_R;  // [CH][R][TWs] (only when CH > 1)
+    float* redC = redB + CH * M2D_R * c.TWs;
+
+    const int d = c.g * c.dg + (c.slot_ok ? c.chunk * CH + c.slot : 0);
+    const int code = dirs[c.g];
+    const bool fr = code & 1, fc = (code >> 1) & 1, vh = (code >> 2) & 1;
+    const m2d_i64 map = (m2d_i64)c.b * dim + d;
+    const float Dd = (Dv != nullptr && c.slot_ok) ? Dv[d] : 0.f;
+    const float bias = (dbias != nullptr && c.slot_ok) ? dbias[d] : 0.f;
+    const m2d_i64 ub = c.b * su_b + d * su_d, db = c.b * sd_b + d * sd_d, zb = c.b * sz_b + d * sz_d;
+    const m2d_i64 ob = c.b * so_b + d * so_d;
+    const m2d_i64 Bb = c.b * sB_b + c.g * sB_g, Cb = c.b * sC_b + c.g * sC_g;
+    const m2d_i64 HW = (m2d_i64)H * W;
+    const int cpg = (c.dg + CH - 1) / CH;
+    const m2d_i64 pbase = ((m2d_i64)c.b * G + c.g) * cpg + c.chunk;  // partial dB/dC slice of this block
+
+    for (int n = 0; n < N; ++n) dAacc[n * c.nthr + c.tid] = 0.f;
+    float dD_acc = 0.f, db_acc = 0.f;
+
+    for (int tile = ntiles - 1; tile >= 0; --tile) {
+        const int q = tile * c.TWs + c.col;
+        const bool col_ok = c.slot_ok && q < W;
+        const int j = fc ? (W - 1 - q) : q;
+        for (int n = 0; n < N; ++n) vcar[n * c.nthr + c.tid] = 0.f;
+        for (int band = nbands - 1; band >= 0; --band) {
+            const int p0 = band * M2D_R;
+            const int nrow = col_ok ? min(M2D_R, H - p0) : 0;
+            const int i0 = fr ? (H - 1 - p0) : p0;
+            float uu[M2D_R], dt[M2D_R], dy[M2D_R], ddt[M2D_R], dux[M2D_R], yrec[M2D_R];
+            {
+                const T* pu = u + M2D_ROW0(ub, su_h, su_w);
+                const T* pd = delta + M2D_ROW0(db, sd_h, sd_w);
+                const TO* po = dout + M2D_ROW0(ob, so_h, so_w);
+                const T* pz = z != nullptr ? z + M2D_ROW0(zb, sz_h, sz_w) : nullptr;
+                const m2d_i64 stu = M2D_STEP(su_h), std_ = M2D_STEP(sd_h), sto = M2D_STEP(so_h),
+                              stz = M2D_STEP(sz_h);
+#pragma unroll
+                for (int r = 0; r < M2D_R; ++r) {
+                    float x = 0.f, dl = 0.f, go = 0.f;
+                    if (r < nrow) {
+                        x = m2d_to_f(pu[r * stu]);
+                        dl = m2d_to_f(pd[r * std_]);
+                        go = m2d_to_f(po[r * sto]);
+                        if (pz != nullptr) {
+                            const float zz = m2d_to_f(pz[r * stz]);
+                            go *= zz * m2d_sigmoid(zz);
+                        }
+                    }
+                    const float v = dl + bias;
+                    uu[r] = x;
+                    dt[r] = r < nrow ? (softplus ? m2d_softplus(v) : v) : 0.f;
+                    dy[r] = go;
+                    ddt[r] = 0.f;
+                    dux[r] = Dd * go;
+                    yrec[r] = Dd * x;
+                }
+            }
+            for (int n = 0; n < N; ++n) {
+                const float An = c.slot_ok ? A[(m2d_i64)d * N + n] : 0.f;
+                float a[M2D_R], bv[M2D_R], g[M2D_R], h[M2D_R];
+                {
+                    const T* pb = Bm + M2D_ROW0(Bb + n * sB_n, sB_h, sB_w);
+                    const m2d_i64 stb = M2D_STEP(sB_h);
+#pragma unroll
+                    for (int r = 0; r < M2D_R; ++r) {
+                        a[r] = expf(dt[r] * An);
+                        bv[r] = r < nrow ? m2d_to_f(*pb) : 0.f;
+                        pb += stb;
+                    }
+                }
+                // Recompute the forward states of this band from the checkpoints.
+                float cv = col_ok ? ckv[((map * nbands + band) * N + n) * W + q] : 0.f;
+                if (!vh) {
+#pragma unroll
+                    for (int r = 0; r < M2D_R; ++r) g[r] = dt[r] * uu[r] * bv[r];
+                    m2d_rowscan_fwd(c, a, g, aggM, aggV, cinb, ckh, false, tile, n, p0);
+#pragma unroll
+                    for (int r = 0; r < M2D_R; ++r) {
+                        cv = fmaf(a[r], cv, g[r]);
+                        h[r] = cv;
+                    }
+                } else {
+#pragma unroll
+                    for (int r = 0; r < M2D_R; ++r) {
+                        cv = fmaf(a[r], cv, dt[r] * uu[r] * bv[r]);
+                        g[r] = cv;
+                        h[r] = cv;
+                    }
+                    m2d_rowscan_fwd(c, a, h, aggM, aggV, cinb, ckh, false, tile, n, p0);
+                }
+                float dh[M2D_R], dg[M2D_R];
+                {
+                    const T* pc = Cm + M2D_ROW0(Cb + n * sC_n, sC_h, sC_w);
+                    const m2d_i64 stc = M2D_STEP(sC_h);
+#pragma unroll
+                    for (int r = 0; r < M2D_R; ++r) {
+                        const float cc = r < nrow ? m2d_to_f(*pc) : 0.f;
+                        pc += stc;
+                        yrec[r] = fmaf(cc, h[r], yrec[r]);
+                        dh[r] = cc * dy[r];
+                    }
+                }
+                // Adjoint passes in reverse order.
+                float tc = vcar[n * c.nthr + c.tid];
+                if (!vh) {
+#pragma unroll
+                    for (int r = M2D_R - 1; r >= 0; --r) {
+                        dh[r] += tc;
+                        tc = a[r] * dh[r];
+                    }
+                    m2d_rowscan_rev(c, a, dh, dg, aggM, aggV, cinb, dck, tile, n, p0);
+                } else {
+                    m2d_rowscan_rev(c, a, dh, dg, aggM, aggV, cinb, dck, tile, n, p0);
+#pragma unroll
+                    for (int r = 0; r < M2D_R; ++r) dh[r] = dg[r];  // row adjoint is dh
+#pragma unroll
+                    for (int r = M2D_R - 1; r >= 0; --r) {
+                        dg[r] = dh[r] + tc;
+                        tc = a[r] * dg[r];
+                    }
+                }
+                vcar[n * c.nthr + c.tid] = tc;
+                float dAl = 0.f;
+#pragma unroll
+                for (int r = 0; r < M2D_R; ++r) {
+                    const float x = dt[r] * uu[r] * bv[r];
+                    const float daa = fmaf(dh[r], h[r] - g[r], dg[r] * (g[r] - x));  // d(Abar) * Abar
+                    const float gb = dg[r] * bv[r];
+                    ddt[r] = fmaf(daa, An, fmaf(gb, uu[r], ddt[r]));
+                    dux[r] = fmaf(gb, dt[r], dux[r]);
+                    dAl = fmaf(daa, dt[r], dAl);
+                    g[r] = dg[r] * dt[r] * uu[r];  // this channel's dB
+                    h[r] = dy[r] * h[r];           // this channel's dC
+                }
+                dAacc[n * c.nthr + c.tid] += dAl;
+                if (CH == 1) {
+                    float* pB = dBp + ((pbase * N + n) * H + i0) * W + j;
+                    float* pC = dCp + ((pbase * N + n) * H + i0) * W + j;
+                    const m2d_i64 st = fr ? -(m2d_i64)W : (m2d_i64)W;
+#pragma unroll
+                    for (int r = 0; r < M2D_R; ++r) {
+                        if (r < nrow) {
+                            pB[r * st] = g[r];
+                            pC[r * st] = h[r];
+                        }
+                    }
+                } else {
+#pragma unroll
+                    for (int r = 0; r < M2D_R; ++r) {
+                        redB[(c.slot * M2D_R + r) * c.TWs + c.col] = g[r];
+                        redC[(c.slot * M2D_R + r) * c.TWs + c.col] = h[r];
+                    }
+                    __syncthreads();
+                    for (int e = c.tid; e < M2D_R * c.TWs; e += c.nthr) {
+                        const int r = e / c.TWs, cc = e - r * c.TWs;
+                        const int p = p0 + r, qq = tile * c.TWs + cc;
+                        if (p < H && qq < W) {
+                            float sb = 0.f, sc = 0.f;
+                            for (int s = 0; s < CH; ++s) {
+                                sb += redB[(s * M2D_R + r) * c.TWs + cc];
+                                sc += redC[(s * M2D_R + r) * c.TWs + cc];
+                            }
+                            const int i = fr ? (H - 1 - p) : p, jj = fc ? (W - 1 - qq) : qq;
+                            const m2d_i64 k = ((pbase * N + n) * H + i) * W + jj;
+                            dBp[k] = sb;
+                            dCp[k] = sc;
+                        }
+                    }
+                    __syncthreads();
+                }
+            }
+            {
+                const T* pd = delta + M2D_ROW0(db, sd_h, sd_w);
+                const T* pz = z != nullptr ? z + M2D_ROW0(zb, sz_h, sz_w) : nullptr;
+                const TO* po = dout + M2D_ROW0(ob, so_h, so_w);
+                const m2d_i64 std_ = M2D_STEP(sd_h), stz = M2D_STEP(sz_h), sto = M2D_STEP(so_h);
+                const m2d_i64 k0 = map * HW + (m2d_i64)i0 * W + j, sty = fr ? -(m2d_i64)W : (m2d_i64)W;
+#pragma unroll
+                for (int r = 0; r < M2D_R; ++r) {
+                    if (r < nrow) {
+                        const m2d_i64 k = k0 + r * sty;
+                        const float v = m2d_to_f(pd[r * std_]) + bias;
+                        const float ddl = softplus ? ddt[r] * m2d_softplus_grad(v) : ddt[r];
+                        du[k] = m2d_from_f<T>(dux[r]);
+                        ddelta[k] = m2d_from_f<T>(ddl);
+                        if (pz != nullptr) {
+                            const float zz = m2d_to_f(pz[r * stz]);
+                            const float go = m2d_to_f(po[r * sto]);
+                            const float s = m2d_sigmoid(zz);
+                            dz[k] = m2d_from_f<T>(go * yrec[r] * s * (1.f + zz * (1.f - s)));
+                        }
+                        dD_acc = fmaf(dy[r], uu[r], dD_acc);
+                        db_acc += ddl;
+                    }
+                }
+            }
+        }
+    }
+    // Per-channel reductions over the slot's threads, in a fixed order.
+    __syncthreads();
+    for (int k = c.tid; k < CH * N; k += c.nthr) {
+        const int s = k / N, n = k - s * N;
+        const int chan = c.chunk * CH + s;
+        if (chan < c.dg) {
+            float acc = 0.f;
+            for (int cc = 0; cc < c.TWs; ++cc) acc += dAacc[n * c.nthr + s * c.TWs + cc];
+            dAp[((m2d_i64)c.b * dim + c.g * c.dg + chan) * N + n] = acc;
+        }
+    }
+    __syncthreads();
+    vcar[c.tid] = dD_acc;
+    dAacc[c.tid] = db_acc;
+    __syncthreads();
+    for (int s = c.tid; s < CH; s += c.nthr) {
+        const int chan = c.chunk * CH + s;
+        if (chan < c.dg) {
+            float a0 = 0.f, a1 = 0.f;
+            for (int cc = 0; cc < c.TWs; ++cc) {
+                a0 += vcar[s * c.TWs + cc];
+                a1 += dAacc[s * c.TWs + cc];
+            }
+            const m2d_i64 k = (m2d_i64)c.b * dim + c.g * c.dg + chan;
+            dDp[k] = a0;
+            dbp[k] = a1;
+        }
+    }
+}

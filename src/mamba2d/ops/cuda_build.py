@@ -1,0 +1,164 @@
+"""Build facts of the CUDA 2D scan kernels, shared by the NVRTC launcher and the nvcc CI check.
+
+Nothing here imports CuPy or touches a GPU: the compile options, the kernel source (with its local includes
+spliced in, so CuPy's on-disk cache key covers all of it), the instantiated kernel names and the launch geometry
+(a pure function of the shapes, also used by the fake/meta kernels) all live in this one place.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+#: Options given to NVRTC (through CuPy) and, with an -arch added, to nvcc in CI. No fast-math: the float32 path
+#: must stay within 1e-5 of a float64 reference.
+COMPILE_OPTIONS: tuple[str, ...] = ("--std=c++17",)
+
+#: Source files of the kernels (in cuda_ops/, shipped as mamba2d._cuda_ops).
+KERNEL_SOURCE = "scan2d.cu"
+
+#: Rows of a band kept in registers per thread; must equal M2D_R in scan2d_common.cuh.
+ROWS_PER_BAND = 8
+
+#: Largest block; must equal M2D_MAX_THREADS (the kernels' __launch_bounds__).
+MAX_THREADS = 256
+
+#: C++ storage type of each supported input dtype.
+DTYPE_TAGS: dict[torch.dtype, str] = {
+    torch.float32: "float",
+    torch.float16: "m2d_half",
+    torch.bfloat16: "m2d_bf16",
+}
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+
+
+def kernel_dir() -> Path:
+    """Folder holding the .cu/.cuh files: the installed mamba2d._cuda_ops package, else the repository's cuda_ops/."""
+    try:
+        from importlib.resources import files
+
+        path = Path(str(files("mamba2d._cuda_ops")))
+        if (path / KERNEL_SOURCE).is_file():
+            return path
+    except (ImportError, ModuleNotFoundError, TypeError):
+        pass
+    path = Path(__file__).resolve().parents[3] / "cuda_ops"
+    if (path / KERNEL_SOURCE).is_file():
+        return path
+    raise FileNotFoundError(f"mamba2d: CUDA kernel sources ({KERNEL_SOURCE}) not found in the package or at {path}")
+
+
+@lru_cache(maxsize=None)
+def kernel_source(name: str = KERNEL_SOURCE) -> str:
+    """The kernel source with its local `#include "x.cuh"` lines replaced by the files' text (each file once)."""
+    root = kernel_dir()
+    seen: set[str] = set()
+
+    def expand(fname: str) -> str:
+        if fname in seen:
+            return ""
+        seen.add(fname)
+        text = (root / fname).read_text()
+        text = text.replace("#pragma once", "")
+        return _INCLUDE.sub(lambda m: expand(m.group(1)), text)
+
+    return expand(name)
+
+
+def variant_tags(dtype: torch.dtype, out_fp32: bool) -> tuple[str, str]:
+    tag = DTYPE_TAGS[dtype]
+    return tag, ("float" if out_fp32 else tag)
+
+
+def kernel_names(in_tag: str, out_tag: str) -> tuple[str, str]:
+    """Name expressions (NVRTC) of the forward and backward kernels of one (input, output) dtype variant."""
+    return (f"mamba2d_scan2d_fwd<{in_tag}, {out_tag}>", f"mamba2d_scan2d_bwd<{in_tag}, {out_tag}>")
+
+
+def all_variants() -> list[tuple[str, str]]:
+    """Every (input, output) dtype pair the launcher may compile: output float32 or the input dtype."""
+    out = []
+    for tag in DTYPE_TAGS.values():
+        for out_tag in dict.fromkeys(("float", tag)):
+            out.append((tag, out_tag))
+    return out
+
+
+def nvcc_translation_unit() -> str:
+    """Source for an nvcc check: the kernels plus host code taking each instantiation's address (forces codegen)."""
+    names = [name for variant in all_variants() for name in kernel_names(*variant)]
+    refs = ",\n    ".join(f"(void*)&{name}" for name in names)
+    return kernel_source() + f"\n\nvoid* mamba2d_force_instantiation[] = {{\n    {refs}\n}};\n"
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Work split of one launch (see the comment at the top of scan2d.cu)."""
+
+    S: int  # lanes per slot segment (power of two <= 32)
+    WPM: int  # warps per slot (> 1 only when S == 32)
+    CH: int  # channel slots per block
+    ntiles: int  # column tiles walked by each block
+    nbands: int  # row bands of ROWS_PER_BAND rows
+    threads: int
+    blocks: int
+    cpg: int  # channel chunks (blocks) per (batch, group)
+    smem_fwd: int  # bytes of dynamic shared memory
+    smem_bwd: int
+
+    @property
+    def tile_width(self) -> int:
+        return self.S * self.WPM
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def launch_config(batch: int, dim: int, height: int, width: int, groups: int, d_state: int) -> LaunchConfig:
+    batch, dim, height, width, groups, d_state = (int(v) for v in (batch, dim, height, width, groups, d_state))
+    R = ROWS_PER_BAND
+    dg = dim // groups
+    # Shared memory per thread in the backward: two [N] float arrays (+ the dB/dC reduction buffer); keep a block
+    # under ~96 KB so that two blocks fit an SM. MAX_THREADS is the kernels' __launch_bounds__.
+    max_threads = max(64, min(MAX_THREADS, (98304 // (8 * d_state + 80)) // 32 * 32))
+    if width <= 16:
+        S = 1 << (width - 1).bit_length()
+        WPM = 1
+        per_warp = 32 // S
+        CH = max(per_warp, (max_threads // S) // per_warp * per_warp)
+        CH = min(CH, _ceil_div(dg, per_warp) * per_warp)
+        ntiles = 1
+    else:
+        S = 32
+        warps = _ceil_div(width, 32)
+        ntiles = _ceil_div(warps, max_threads // 32)
+        WPM = _ceil_div(warps, ntiles)  # balanced tiles
+        CH = max(1, min(max_threads // (32 * WPM), dg))
+    tws = S * WPM
+    threads = CH * tws
+    nbands = _ceil_div(height, R)
+    cpg = _ceil_div(dg, CH)
+    agg = 3 * CH * WPM * R
+    smem_fwd = 4 * (d_state * threads + agg)
+    smem_bwd = 4 * (2 * d_state * threads + agg + (2 * CH * R * tws if CH > 1 else 0))
+    return LaunchConfig(S, WPM, CH, ntiles, nbands, threads, batch * groups * cpg, cpg, smem_fwd, smem_bwd)
+
+
+def checkpoint_sizes(batch: int, dim: int, height: int, width: int, groups: int, d_state: int) -> tuple[int, int]:
+    """Float32 elements of the two backward checkpoints: vertical state per band start, row state per tile start."""
+    cfg = launch_config(batch, dim, height, width, groups, d_state)
+    ckv = batch * dim * cfg.nbands * d_state * width
+    ckh = batch * dim * cfg.ntiles * d_state * height if cfg.ntiles > 1 else 0
+    return ckv, ckh
+
+
+def direction_code(name: str) -> int:
+    """Bit 0: start at the bottom row, bit 1: start at the right column, bit 2: columns first ("vh")."""
+    corner, order = name.split("_")
+    return int(corner[0] == "b") | (int(corner[1] == "r") << 1) | (int(order == "vh") << 2)

@@ -1,0 +1,313 @@
+"""GPU tests of the CUDA 2D selective scan against the float64 reference (DESIGN.md §2, issue 3).
+
+Run with `pytest -m gpu`; skipped without a CUDA device or CuPy. Every launch has its outputs and scratch poisoned
+with NaN first, inputs are fresh random draws, and errors are ||out - ref|| / ||ref|| against the reference in
+float64 on the same (rounded) inputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from mamba2d.ops import DIRECTIONS, selective_scan_2d, selective_scan_2d_ref
+from mamba2d.ops import cuda_scan
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not cuda_scan.cupy_importable(), reason="needs CuPy (mamba2d[cuda12] or [cuda13])"),
+]
+
+BOUND = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+_seed = itertools.count(1234)
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    monkeypatch.setattr(cuda_scan, "POISON_OUTPUTS", True)
+    yield
+
+
+def make_inputs(batch, dim, H, W, G, N, dtype=torch.float32, z=True, D=True, bias=True, delta_scale=1.0,
+                A_scale=1.0, device="cuda"):
+    gen = torch.Generator(device="cpu").manual_seed(next(_seed))
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device)
+
+    inputs = {
+        "u": rnd(batch, dim, H, W).to(dtype),
+        "delta": (rnd(batch, dim, H, W, scale=delta_scale) - 1.0).to(dtype),
+        "A": -torch.exp(rnd(dim, N, scale=0.5)) * A_scale,
+        "B": rnd(batch, G, N, H, W).to(dtype),
+        "C": rnd(batch, G, N, H, W).to(dtype),
+        "D": rnd(dim) if D else None,
+        "z": rnd(batch, dim, H, W).to(dtype) if z else None,
+        "delta_bias": rnd(dim, scale=0.5) if bias else None,
+    }
+    return inputs
+
+
+def run(inputs, backend, dy=None, out_dtype=None, direction="tl_hv", softplus=True, grad=True, cast=None):
+    leaves = {}
+    for name, t in inputs.items():
+        if t is None:
+            leaves[name] = None
+            continue
+        t = t.detach()
+        if cast is not None:
+            t = t.to(cast)
+        leaves[name] = t.requires_grad_(grad)
+    y = selective_scan_2d(**leaves, delta_softplus=softplus, direction=direction, out_dtype=out_dtype, backend=backend)
+    grads = {}
+    if grad:
+        if dy is None:
+            dy = torch.randn(y.shape, generator=torch.Generator(device="cpu").manual_seed(next(_seed))).to(y.device)
+            dy = dy.to(y.dtype)  # the reference then sees the same rounded gradient
+        y.backward(dy.to(y.dtype))
+        grads = {n: leaves[n].grad for n in GRAD_NAMES if leaves[n] is not None}
+    return y, grads, dy
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "non-finite values (unwritten or overflowing outputs)"
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / max(denom, 1e-30)
+
+
+def check_against_reference(inputs, direction, out_dtype=None, softplus=True, bound=None):
+    dtype = inputs["u"].dtype
+    bound = bound or BOUND[dtype]
+    y, grads, dy = run(inputs, "cuda", out_dtype=out_dtype, direction=direction, softplus=softplus)
+    y_ref, grads_ref, _ = run(inputs, "reference", dy=dy, direction=direction, softplus=softplus, cast=torch.float64)
+    assert y.dtype == (out_dtype or dtype)
+    errors = {"y": rel_err(y, y_ref)}
+    for name, g in grads_ref.items():
+        assert grads[name] is not None, f"no gradient for {name}"
+        assert grads[name].dtype == inputs[name].dtype and grads[name].shape == inputs[name].shape
+        errors["d" + name] = rel_err(grads[name], g)
+    bad = {k: v for k, v in errors.items() if not v <= bound}
+    assert not bad, f"relative errors above {bound}: {bad} (all: {errors})"
+    return errors
+
+
+def group_directions(G, offset=0):
+    return [DIRECTIONS[(g + offset) % len(DIRECTIONS)] for g in range(G)]
+
+
+SHAPES = [(1, 1), (1, 4096), (4096, 1), (5, 7), (37, 70), (56, 56), (130, 33), (200, 300)]
+
+
+@pytest.mark.parametrize("H,W", SHAPES)
+def test_shapes_fp32_all_grads(H, W):
+    G = 4
+    inputs = make_inputs(2 if H * W < 10000 else 1, 8, H, W, G, 4, z=(H + W) % 2 == 0)
+    check_against_reference(inputs, group_directions(G, offset=H % 8))
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("H,W,N", [(5, 7, 1), (37, 70, 4), (20, 600, 2)])
+def test_every_direction(direction, H, W, N):
+    inputs = make_inputs(2, 4, H, W, 1, N, z=N != 2)
+    check_against_reference(inputs, direction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("out_fp32", [False, True])
+@pytest.mark.parametrize("z", [False, True])
+@pytest.mark.parametrize("H,W", [(56, 56), (130, 33), (14, 14)])
+def test_low_precision_dtypes(dtype, out_fp32, z, H, W):
+    inputs = make_inputs(2, 8, H, W, 4, 4, dtype=dtype, z=z)
+    check_against_reference(inputs, ["tl_hv", "tl_vh", "br_hv", "br_vh"], out_dtype=torch.float32 if out_fp32 else None)
+
+
+@pytest.mark.parametrize("N", [1, 4, 16])
+@pytest.mark.parametrize("H,W", [(14, 14), (37, 70)])
+def test_shared_group_256_channels(N, H, W):
+    """G = 1: all 256 channels share B/C, so dB/dC sum over channels (upstream's race)."""
+    inputs = make_inputs(1, 256, H, W, 1, N, z=True)
+    check_against_reference(inputs, "br_vh")
+
+
+@pytest.mark.parametrize("N", [32, 64])
+def test_large_state(N):
+    inputs = make_inputs(1, 4, 9, 40, 2, N)
+    check_against_reference(inputs, ["tr_hv", "bl_vh"])
+
+
+def test_no_softplus_no_optional_inputs():
+    inputs = make_inputs(2, 6, 11, 23, 3, 2, z=False, D=False, bias=False)
+    inputs["delta"] = inputs["delta"].abs() * 0.3
+    check_against_reference(inputs, ["tl_hv", "br_vh", "tr_vh"], softplus=False)
+
+
+def test_non_contiguous_inputs():
+    b, dim, H, W, G, N = 2, 8, 19, 45, 4, 3
+    base = make_inputs(b, dim, H, W, G, N)
+    inputs = dict(base)
+    # u channels-last, delta a strided slice, B/C with a stride-0 group dimension, z transposed storage.
+    inputs["u"] = base["u"].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    wide = torch.randn(b, dim, H, 2 * W, device="cuda")
+    wide[..., ::2] = base["delta"]
+    inputs["delta"] = wide[..., ::2]
+    inputs["B"] = base["B"][:, :1].expand(b, G, N, H, W)
+    inputs["C"] = base["C"][:, 1:2].expand(b, G, N, H, W)
+    inputs["z"] = base["z"].transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not inputs["u"].is_contiguous() and not inputs["delta"].is_contiguous()
+    assert inputs["B"].stride(1) == 0
+    check_against_reference(inputs, group_directions(G, 3))
+    # A stride-0 incoming gradient (from y.sum()) and stride-0 expanded u across channels.
+    inputs = make_inputs(1, 4, 6, 33, 1, 2)
+    inputs["u"] = inputs["u"][:, :1].expand(1, 4, 6, 33)
+    y, grads, _ = run(inputs, "cuda", dy=torch.ones(1, 4, 6, 33, device="cuda"), direction="tl_vh")
+    y_ref, grads_ref, _ = run(inputs, "reference", dy=torch.ones(1, 4, 6, 33, device="cuda"), direction="tl_vh",
+                              cast=torch.float64)
+    assert rel_err(y, y_ref) <= 1e-5
+    for name in grads_ref:
+        assert rel_err(grads[name], grads_ref[name]) <= 1e-5, name
+
+
+@pytest.mark.parametrize("H,W,G,dim,N", [(37, 70, 1, 256, 4), (3, 1000, 2, 8, 8), (14, 14, 4, 64, 1)])
+def test_deterministic_bitwise(H, W, G, dim, N):
+    inputs = make_inputs(2, dim, H, W, G, N)
+    dy = torch.randn(2, dim, H, W, device="cuda")
+    directions = group_directions(G)
+    first_y, first, _ = run(inputs, "cuda", dy=dy, direction=directions)
+    for _ in range(5):
+        y, grads, _ = run(inputs, "cuda", dy=dy, direction=directions)
+        assert torch.equal(y, first_y)
+        for name, g in grads.items():
+            assert torch.equal(g, first[name]), f"d{name} differs between runs"
+
+
+def test_extreme_values_finite():
+    inputs = make_inputs(1, 2, 64, 64, 1, 4, z=True)
+    inputs["delta"] = torch.linspace(-30, 30, 64 * 64, device="cuda").reshape(1, 1, 64, 64).expand(1, 2, 64, 64)
+    inputs["A"] = torch.tensor([[-1e4, -1.0, -1e-4, -30.0]], device="cuda").expand(2, 4).contiguous()
+    y, grads, _ = run(inputs, "cuda", direction="br_hv")
+    assert torch.isfinite(y).all()
+    for name, g in grads.items():
+        assert torch.isfinite(g).all(), name
+    y_ref, grads_ref, _ = run(inputs, "reference", direction="br_hv", cast=torch.float64)
+    assert rel_err(y, y_ref) <= 1e-5
+
+
+def test_big_map_2048():
+    inputs = make_inputs(1, 2, 2048, 2048, 2, 1, z=False, delta_scale=3.0)
+    inputs["delta"][0, 0, :8, :8] = 30.0
+    check_against_reference(inputs, ["tl_hv", "br_vh"])
+
+
+@pytest.mark.slow
+def test_long_1d_row():
+    """H = 1 with W = 4,000,000 (the 1D scan of a huge bag): runs and matches the reference."""
+    inputs = make_inputs(1, 2, 1, 4_000_000, 1, 2, z=False)
+    check_against_reference(inputs, "tl_hv", bound=1e-5)
+
+
+def test_mamba_1d_directions():
+    """The VMamba baseline calls the scan with H = 1 and directions tl_hv / tr_hv."""
+    inputs = make_inputs(2, 8, 1, 3136, 2, 1, z=False)
+    check_against_reference(inputs, ["tl_hv", "tr_hv"])
+
+
+def test_auto_backend_and_streams():
+    inputs = make_inputs(2, 8, 13, 40, 4, 2)
+    directions = group_directions(4)
+    y_cuda, _, _ = run(inputs, "cuda", direction=directions, grad=False)
+    y_auto, _, _ = run(inputs, "auto", direction=directions, grad=False)
+    assert torch.equal(y_cuda, y_auto)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        y_side, _, _ = run(inputs, "cuda", direction=directions, grad=False)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(y_cuda, y_side)
+    # float64 on the GPU falls back to the reference under "auto".
+    y64 = selective_scan_2d(**{k: (v.double() if v is not None and v.dtype == torch.float32 and k in
+                                   ("u", "delta", "B", "C", "z") else v) for k, v in inputs.items()},
+                            direction=directions)
+    assert y64.dtype == torch.float64
+
+
+def test_autocast_bf16():
+    inputs = make_inputs(2, 8, 24, 40, 4, 2)
+    directions = group_directions(4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, grads, dy = run(inputs, "cuda", direction=directions)
+    assert y.dtype == torch.bfloat16
+    assert grads["u"].dtype == torch.float32  # gradients flow back through the autocast cast
+    rounded = {k: (v.to(torch.bfloat16) if v is not None and k in ("u", "delta", "B", "C", "z") else v)
+               for k, v in inputs.items()}
+    y_ref, _, _ = run(rounded, "reference", dy=dy, direction=directions, cast=torch.float64)
+    assert rel_err(y, y_ref) <= 2e-2
+
+
+def test_bad_inputs():
+    inputs = make_inputs(1, 4, 5, 6, 2, 2)
+    with pytest.raises(ValueError, match="A is on cpu"):
+        selective_scan_2d(**{**inputs, "A": inputs["A"].cpu()}, backend="cuda")
+    with pytest.raises(ValueError, match="N=65"):
+        big = make_inputs(1, 4, 5, 6, 2, 65)
+        selective_scan_2d(**big, backend="cuda")
+    with pytest.raises(TypeError, match="float64"):
+        selective_scan_2d(**{k: (v.double() if v is not None and k in ("u", "delta", "B", "C", "z") else v)
+                             for k, v in inputs.items()}, backend="cuda")
+    with pytest.raises(ValueError, match="divisible"):
+        selective_scan_2d(**{**inputs, "B": inputs["B"][:, :1].repeat(1, 3, 1, 1, 1),
+                             "C": inputs["C"][:, :1].repeat(1, 3, 1, 1, 1)}, backend="cuda")
+    with pytest.raises(ValueError, match="delta must have shape"):
+        selective_scan_2d(**{**inputs, "delta": inputs["delta"][..., :5]}, backend="cuda")
+    with pytest.raises(TypeError, match="delta has dtype"):
+        selective_scan_2d(**{**inputs, "delta": inputs["delta"].half()}, backend="cuda")
+    with pytest.raises(ValueError, match="expected a CUDA tensor"):
+        selective_scan_2d(**{k: (v.cpu() if v is not None else v) for k, v in inputs.items()}, backend="cuda")
+
+
+def test_opcheck():
+    inputs = make_inputs(1, 4, 5, 20, 2, 2)
+    args = (inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"], inputs["z"],
+            inputs["delta_bias"], True, [0, 5], False, True)
+    leaves = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(torch.ops.mamba2d.scan2d_fwd.default, leaves)
+    y, ckv, ckh = torch.ops.mamba2d.scan2d_fwd(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    bargs = (torch.randn_like(y), *[a.detach() for a in args[:8]], ckv, ckh, True, [0, 5])
+    torch.library.opcheck(torch.ops.mamba2d.scan2d_bwd.default, bargs)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    dim, G, N, H, W = 16, 4, 2, 12, 12
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Conv2d(dim // G, dim, 1)
+            self.bc = torch.nn.Conv2d(dim // G, 2 * G * N, 1)
+            self.A_log = torch.nn.Parameter(torch.zeros(dim, N))
+            self.D = torch.nn.Parameter(torch.ones(dim))
+
+        def forward(self, x):
+            b = x.shape[0]
+            u = self.proj(x)
+            bc = self.bc(x).view(b, 2, G, N, H, W)
+            y = selective_scan_2d(u, u * 0.5, -torch.exp(self.A_log), bc[:, 0], bc[:, 1], self.D,
+                                  direction=["tl_hv", "tl_vh", "br_hv", "br_vh"], backend="cuda")
+            return y.view(b, G, dim // G, H, W).sum(1)
+
+    model = Block().cuda()
+    x = torch.randn(2, dim // G, H, W, device="cuda", requires_grad=True)
+    ref = model(x)
+    ref.square().sum().backward()
+    ref_grad = x.grad.clone()
+    x.grad = None
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    assert rel_err(out, ref) <= 1e-5
+    assert rel_err(x.grad, ref_grad) <= 1e-5

@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""Benchmark the CUDA 2D selective scan (issue 3): fwd and fwd+bwd times, effective bandwidth, memory-floor ratio.
+
+The memory floor is the bytes that must move once (inputs read + outputs written) over the device-to-device copy
+bandwidth measured in the same run (bytes read + written). Timing: CUDA events, warm-up, median of many runs.
+Shapes (batch x dim x H x W, N, G), the four 2DVMamba directions one per group where G = 4:
+  a) 128x384x56x56, N=1, G=4   b) 128x1536x14x14, N=1, G=4   c) 1x256x200x300, N=16, G=1   d) 16x384x128x128, N=1, G=4
+Upstream 2DMamba's kernel on an H100 (NVIDIA H100 80GB HBM3), fwd / fwd+bwd ms, fp32 inputs (fp16 inputs) is
+printed beside ours; the targets are fwd+bwd <= 1/2 of upstream at a, b, d and <= 1/5 at c (bf16 against its fp16),
+fwd <= 1.5x and fwd+bwd <= 2.5x the memory floor at a, b, d.
+
+    python tools/bench_scan.py [--shapes a,b,c,d] [--dtypes fp32,bf16] [--reps 20] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from mamba2d.ops import selective_scan_2d  # noqa: E402
+
+SHAPES = {
+    "a": (128, 384, 56, 56, 1, 4),
+    "b": (128, 1536, 14, 14, 1, 4),
+    "c": (1, 256, 200, 300, 16, 1),
+    "d": (16, 384, 128, 128, 1, 4),
+}
+# Upstream 2DMamba kernel on the same H100: (fwd ms, fwd+bwd ms) for fp32 and fp16 inputs (issue 3).
+UPSTREAM = {
+    "a": {"fp32": (1.580, 7.53), "bf16": (1.547, 6.75)},
+    "b": {"fp32": (0.405, 2.04), "bf16": (0.399, 1.89)},
+    "c": {"fp32": (3.04, 13.29), "bf16": (2.96, 13.27)},
+    "d": {"fp32": (0.855, 4.25), "bf16": (0.851, 4.14)},
+}
+TARGET_UPSTREAM = {"a": 0.5, "b": 0.5, "c": 0.2, "d": 0.5}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def time_ms(fn, reps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth(reps: int = 20) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    n = 1 << 28  # 1 GiB of float32
+    src = torch.randn(n, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), reps)
+    del src, dst
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+def make_inputs(shape, dtype):
+    batch, dim, H, W, N, G = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rnd(*s):
+        return torch.randn(*s, device="cuda", generator=g)
+
+    return {
+        "u": rnd(batch, dim, H, W).to(dtype),
+        "delta": (rnd(batch, dim, H, W) * 0.5 - 1).to(dtype),
+        "A": -torch.exp(rnd(dim, N) * 0.5),
+        "B": rnd(batch, G, N, H, W).to(dtype),
+        "C": rnd(batch, G, N, H, W).to(dtype),
+        "D": rnd(dim),
+        "delta_bias": rnd(dim) * 0.1,
+    }
+
+
+def floor_bytes(shape, dtype) -> tuple[int, int]:
+    batch, dim, H, W, N, G = shape
+    e = torch.finfo(dtype).bits // 8
+    x = batch * dim * H * W * e  # one (batch, dim, H, W) tensor
+    bc = batch * G * N * H * W * e  # one (batch, G, N, H, W) tensor
+    fwd = 2 * x + 2 * bc + x  # read u, delta, B, C; write y
+    bwd = 3 * x + 2 * bc + 2 * x + 2 * bc  # read u, delta, dy, B, C; write du, ddelta, dB, dC
+    return fwd, fwd + bwd
+
+
+def bench(name, dtype_name, reps, bandwidth):
+    shape = SHAPES[name]
+    dtype = DTYPES[dtype_name]
+    batch, dim, H, W, N, G = shape
+    directions = ["tl_hv", "tl_vh", "br_hv", "br_vh"] if G == 4 else "tl_hv"
+    inputs = make_inputs(shape, dtype)
+
+    def fwd():
+        with torch.no_grad():
+            return selective_scan_2d(**inputs, direction=directions, backend="cuda")
+
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
+    dy = torch.randn(batch, dim, H, W, device="cuda").to(dtype)
+
+    def fwd_bwd():
+        y = selective_scan_2d(**leaves, direction=directions, backend="cuda")
+        y.backward(dy)
+
+    fwd_ms = time_ms(fwd, reps)
+    for v in leaves.values():
+        v.grad = None
+    fb_ms = time_ms(fwd_bwd, reps)
+    fb, fbb = floor_bytes(shape, dtype)
+    floor_f = fb / (bandwidth * 1e9) * 1e3
+    floor_fb = fbb / (bandwidth * 1e9) * 1e3
+    up_f, up_fb = UPSTREAM[name]["bf16" if dtype != torch.float32 else "fp32"]
+    row = {
+        "shape": name,
+        "dims": "x".join(map(str, shape[:4])) + f" N={N} G={G}",
+        "dtype": dtype_name,
+        "fwd_ms": fwd_ms,
+        "fwdbwd_ms": fb_ms,
+        "fwd_GBps": fb / (fwd_ms * 1e-3) / 1e9,
+        "fwdbwd_GBps": fbb / (fb_ms * 1e-3) / 1e9,
+        "fwd_floor_ms": floor_f,
+        "fwdbwd_floor_ms": floor_fb,
+        "fwd_vs_floor": fwd_ms / floor_f,
+        "fwdbwd_vs_floor": fb_ms / floor_fb,
+        "upstream_fwd_ms": up_f,
+        "upstream_fwdbwd_ms": up_fb,
+        "fwdbwd_vs_upstream": fb_ms / up_fb,
+    }
+    target_up = TARGET_UPSTREAM[name]
+    row["target_upstream_ok"] = row["fwdbwd_vs_upstream"] <= target_up
+    row["target_floor_ok"] = None if name == "c" else (row["fwd_vs_floor"] <= 1.5 and row["fwdbwd_vs_floor"] <= 2.5)
+    del inputs, leaves, dy
+    torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="a,b,c,d")
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_scan: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    card = torch.cuda.get_device_name()
+    bandwidth = copy_bandwidth()
+    print(f"card: {card}; measured D2D copy bandwidth {bandwidth:.0f} GB/s (read + write)")
+    rows = []
+    for name in args.shapes.split(","):
+        for dtype_name in args.dtypes.split(","):
+            row = bench(name, dtype_name, args.reps, bandwidth)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    header = (f"{'shape':<6}{'dtype':<6}{'fwd ms':>9}{'fwd+bwd':>9}{'fwd GB/s':>10}{'fb GB/s':>9}{'fwd/flr':>9}"
+              f"{'fb/flr':>8}{'upstr fb':>9}{'fb/upstr':>9}  targets")
+    print(header)
+    for r in rows:
+        tgt_up = f"upstream {'ok' if r['target_upstream_ok'] else 'MISS'}"
+        tgt_fl = "" if r["target_floor_ok"] is None else f", floor {'ok' if r['target_floor_ok'] else 'MISS'}"
+        print(f"{r['shape']:<6}{r['dtype']:<6}{r['fwd_ms']:>9.3f}{r['fwdbwd_ms']:>9.3f}{r['fwd_GBps']:>10.0f}"
+              f"{r['fwdbwd_GBps']:>9.0f}{r['fwd_vs_floor']:>9.2f}{r['fwdbwd_vs_floor']:>8.2f}"
+              f"{r['upstream_fwdbwd_ms']:>9.2f}{r['fwdbwd_vs_upstream']:>9.2f}  {tgt_up}{tgt_fl}")
+    if args.json:
+        args.json.write_text(json.dumps({"card": card, "copy_GBps": bandwidth, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
