@@ -93,15 +93,17 @@ def _get_kernels(device_index: int, in_tag: str, out_tag: str):
     return fns
 
 
-def _launch(fn, device: torch.device, blocks: int, threads: int, smem: int, args: tuple) -> None:
-    import numpy as np  # noqa: F401  (CuPy depends on NumPy; imported here to keep module import light)
+_smem_limits: dict[tuple[int, int], int] = {}
 
+
+def _launch(fn, device: torch.device, blocks: int, threads: int, smem: int, args: tuple) -> None:
     cupy = require_cupy()
     index = device.index if device.index is not None else torch.cuda.current_device()
     with cupy.cuda.Device(index):
-        if smem > 48 * 1024 and getattr(fn, "_m2d_smem", 0) < smem:
+        key = (index, id(fn))
+        if smem > 48 * 1024 and _smem_limits.get(key, 0) < smem:
             fn.max_dynamic_shared_size_bytes = smem
-            fn._m2d_smem = smem
+            _smem_limits[key] = smem
         stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
         with stream:
             fn((blocks,), (threads,), args, shared_mem=smem)
@@ -217,8 +219,8 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
     )
     _launch(bwd_fn, device, cfg.blocks, cfg.threads, cfg.smem_bwd, args)
     # Fixed-order reductions of the per-block partial sums (no atomics: bitwise reproducible).
-    dB = (dBp.sum(dim=2) if cfg.cpg > 1 else dBp[:, :, 0]).to(B.dtype)
-    dC = (dCp.sum(dim=2) if cfg.cpg > 1 else dCp[:, :, 0]).to(C.dtype)
+    dB = dBp.sum(dim=2).to(B.dtype)
+    dC = dCp.sum(dim=2).to(C.dtype)
     return du, ddelta, dAp.sum(dim=0), dB, dC, dDp.sum(dim=0), dz, dbp.sum(dim=0)
 
 
