@@ -70,22 +70,24 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_FWD_MIN_BLOCKS)
                     const float v = dl + bias;
                     const float t = r < nrow ? (softplus ? m2d_softplus(v) : v) : 0.f;
                     dt[r] = t;
-                    dtu[r] = t * uu;
+                    dtu[r] = __fmul_rn(t, uu);
                     yacc[r] = Dd * uu;
                 }
             }
             for (int n = 0; n < N; ++n) {
-                const float An = c.slot_ok ? A[(m2d_i64)d * N + n] : 0.f;
-                float a[M2D_R], v[M2D_R];
+                const float An2 = c.slot_ok ? A[(m2d_i64)d * N + n] * M2D_LOG2E : 0.f;
+                float a[M2D_R], v[M2D_R], cc[M2D_R];
                 {
                     const T* pb = Bm + M2D_ROW0(Bb + n * sB_n, sB_h, sB_w);
-                    const m2d_i64 stb = M2D_STEP(sB_h);
+                    const T* pc = Cm + M2D_ROW0(Cb + n * sC_n, sC_h, sC_w);
+                    const m2d_i64 stb = M2D_STEP(sB_h), stc = M2D_STEP(sC_h);
+                    const int ncrow = y != nullptr ? nrow : 0;
 #pragma unroll
                     for (int r = 0; r < M2D_R; ++r) {
-                        a[r] = expf(dt[r] * An);
-                        const float bv = r < nrow ? m2d_to_f(*pb) : 0.f;
-                        pb += stb;
-                        v[r] = dtu[r] * bv;
+                        const float bv = r < nrow ? m2d_to_f(pb[r * stb]) : 0.f;
+                        cc[r] = r < ncrow ? m2d_to_f(pc[r * stc]) : 0.f;
+                        a[r] = m2d_exp2(dt[r] * An2);
+                        v[r] = __fmul_rn(dtu[r], bv);
                     }
                 }
                 float cv = carry[n * c.nthr + c.tid];
@@ -106,16 +108,8 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_FWD_MIN_BLOCKS)
                     m2d_rowscan_fwd(c, a, v, aggM, aggV, cinb, ckh, true, tile, n, p0);
                 }
                 carry[n * c.nthr + c.tid] = cv;
-                if (y != nullptr) {  // v now holds h
-                    const T* pc = Cm + M2D_ROW0(Cb + n * sC_n, sC_h, sC_w);
-                    const m2d_i64 stc = M2D_STEP(sC_h);
 #pragma unroll
-                    for (int r = 0; r < M2D_R; ++r) {
-                        const float cc = r < nrow ? m2d_to_f(*pc) : 0.f;
-                        pc += stc;
-                        yacc[r] = fmaf(cc, v[r], yacc[r]);
-                    }
-                }
+                for (int r = 0; r < M2D_R; ++r) yacc[r] = fmaf(cc[r], v[r], yacc[r]);  // v now holds h
             }
             if (y != nullptr) {
                 TO* py = y + map * ((m2d_i64)H * W) + (m2d_i64)i0 * W + j;
@@ -152,8 +146,8 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
     extern __shared__ float m2d_smem[];
     const M2DCtx c = m2d_make_ctx(dim, H, W, G, N, S, WPM, CH, ntiles, nbands);
     float* vcar = m2d_smem;                     // [N][nthr] adjoint vertical carry
-    float* dAacc = vcar + (m2d_i64)N * c.nthr;  // [N][nthr] per-thread dA partial sums
-    float* aggM = dAacc + (m2d_i64)N * c.nthr;  // [CH][WPM][R]
+    double* dAacc = reinterpret_cast<double*>(vcar + (m2d_i64)N * c.nthr);  // [N][nthr] per-thread dA sums
+    float* aggM = reinterpret_cast<float*>(dAacc + (m2d_i64)N * c.nthr);  // [CH][WPM][R]
     float* aggV = aggM + CH * WPM * M2D_R;
     float* cinb = aggV + CH * WPM * M2D_R;
     float* redB = cinb + CH * WPM * M2D_R;  // [CH][R][TWs] (only when CH > 1)
@@ -172,8 +166,8 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
     const int cpg = (c.dg + CH - 1) / CH;
     const m2d_i64 pbase = ((m2d_i64)c.b * G + c.g) * cpg + c.chunk;  // partial dB/dC slice of this block
 
-    for (int n = 0; n < N; ++n) dAacc[n * c.nthr + c.tid] = 0.f;
-    float dD_acc = 0.f, db_acc = 0.f;
+    for (int n = 0; n < N; ++n) dAacc[n * c.nthr + c.tid] = 0.0;
+    double dD_acc = 0.0, db_acc = 0.0;  // long sums with cancellation: accumulate in double
 
     for (int tile = ntiles - 1; tile >= 0; --tile) {
         const int q = tile * c.TWs + c.col;
@@ -215,22 +209,24 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
             }
             for (int n = 0; n < N; ++n) {
                 const float An = c.slot_ok ? A[(m2d_i64)d * N + n] : 0.f;
-                float a[M2D_R], bv[M2D_R], g[M2D_R], h[M2D_R];
+                const float An2 = An * M2D_LOG2E;
+                float a[M2D_R], bv[M2D_R], g[M2D_R], h[M2D_R], dh[M2D_R], dg[M2D_R];
                 {
                     const T* pb = Bm + M2D_ROW0(Bb + n * sB_n, sB_h, sB_w);
-                    const m2d_i64 stb = M2D_STEP(sB_h);
+                    const T* pc = Cm + M2D_ROW0(Cb + n * sC_n, sC_h, sC_w);
+                    const m2d_i64 stb = M2D_STEP(sB_h), stc = M2D_STEP(sC_h);
 #pragma unroll
                     for (int r = 0; r < M2D_R; ++r) {
-                        a[r] = expf(dt[r] * An);
-                        bv[r] = r < nrow ? m2d_to_f(*pb) : 0.f;
-                        pb += stb;
+                        bv[r] = r < nrow ? m2d_to_f(pb[r * stb]) : 0.f;
+                        dh[r] = r < nrow ? m2d_to_f(pc[r * stc]) : 0.f;  // C, for now
+                        a[r] = m2d_exp2(dt[r] * An2);
                     }
                 }
                 // Recompute the forward states of this band from the checkpoints.
                 float cv = col_ok ? ckv[((map * nbands + band) * N + n) * W + q] : 0.f;
                 if (!vh) {
 #pragma unroll
-                    for (int r = 0; r < M2D_R; ++r) g[r] = dt[r] * uu[r] * bv[r];
+                    for (int r = 0; r < M2D_R; ++r) g[r] = __fmul_rn(__fmul_rn(dt[r], uu[r]), bv[r]);
                     m2d_rowscan_fwd(c, a, g, aggM, aggV, cinb, ckh, false, tile, n, p0);
 #pragma unroll
                     for (int r = 0; r < M2D_R; ++r) {
@@ -240,23 +236,16 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                 } else {
 #pragma unroll
                     for (int r = 0; r < M2D_R; ++r) {
-                        cv = fmaf(a[r], cv, dt[r] * uu[r] * bv[r]);
+                        cv = fmaf(a[r], cv, __fmul_rn(__fmul_rn(dt[r], uu[r]), bv[r]));
                         g[r] = cv;
                         h[r] = cv;
                     }
                     m2d_rowscan_fwd(c, a, h, aggM, aggV, cinb, ckh, false, tile, n, p0);
                 }
-                float dh[M2D_R], dg[M2D_R];
-                {
-                    const T* pc = Cm + M2D_ROW0(Cb + n * sC_n, sC_h, sC_w);
-                    const m2d_i64 stc = M2D_STEP(sC_h);
 #pragma unroll
-                    for (int r = 0; r < M2D_R; ++r) {
-                        const float cc = r < nrow ? m2d_to_f(*pc) : 0.f;
-                        pc += stc;
-                        yrec[r] = fmaf(cc, h[r], yrec[r]);
-                        dh[r] = cc * dy[r];
-                    }
+                for (int r = 0; r < M2D_R; ++r) {
+                    yrec[r] = fmaf(dh[r], h[r], yrec[r]);
+                    dh[r] *= dy[r];  // C * dy
                 }
                 // Adjoint passes in reverse order.
                 float tc = vcar[n * c.nthr + c.tid];
@@ -281,7 +270,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                 float dAl = 0.f;
 #pragma unroll
                 for (int r = 0; r < M2D_R; ++r) {
-                    const float x = dt[r] * uu[r] * bv[r];
+                    const float x = __fmul_rn(__fmul_rn(dt[r], uu[r]), bv[r]);
                     const float daa = fmaf(dh[r], h[r] - g[r], dg[r] * (g[r] - x));  // d(Abar) * Abar
                     const float gb = dg[r] * bv[r];
                     ddt[r] = fmaf(daa, An, fmaf(gb, uu[r], ddt[r]));
@@ -290,7 +279,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                     g[r] = dg[r] * dt[r] * uu[r];  // this channel's dB
                     h[r] = dy[r] * h[r];           // this channel's dC
                 }
-                dAacc[n * c.nthr + c.tid] += dAl;
+                dAacc[n * c.nthr + c.tid] += (double)dAl;
                 if (CH == 1) {
                     float* pB = dBp + ((pbase * N + n) * H + i0) * W + j;
                     float* pC = dCp + ((pbase * N + n) * H + i0) * W + j;
@@ -347,8 +336,8 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                             const float s = m2d_sigmoid(zz);
                             dz[k] = m2d_from_f<T>(go * yrec[r] * s * (1.f + zz * (1.f - s)));
                         }
-                        dD_acc = fmaf(dy[r], uu[r], dD_acc);
-                        db_acc += ddl;
+                        dD_acc += (double)(dy[r] * uu[r]);
+                        db_acc += (double)ddl;
                     }
                 }
             }
@@ -360,26 +349,27 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
         const int s = k / N, n = k - s * N;
         const int chan = c.chunk * CH + s;
         if (chan < c.dg) {
-            float acc = 0.f;
+            double acc = 0.0;
             for (int cc = 0; cc < c.TWs; ++cc) acc += dAacc[n * c.nthr + s * c.TWs + cc];
-            dAp[((m2d_i64)c.b * dim + c.g * c.dg + chan) * N + n] = acc;
+            dAp[((m2d_i64)c.b * dim + c.g * c.dg + chan) * N + n] = (float)acc;
         }
     }
     __syncthreads();
-    vcar[c.tid] = dD_acc;
-    dAacc[c.tid] = db_acc;
+    double* red2 = reinterpret_cast<double*>(m2d_smem);  // reuse: [2][nthr] doubles fit in vcar + dAacc
+    red2[c.tid] = dD_acc;
+    red2[c.nthr + c.tid] = db_acc;
     __syncthreads();
     for (int s = c.tid; s < CH; s += c.nthr) {
         const int chan = c.chunk * CH + s;
         if (chan < c.dg) {
-            float a0 = 0.f, a1 = 0.f;
+            double a0 = 0.0, a1 = 0.0;
             for (int cc = 0; cc < c.TWs; ++cc) {
-                a0 += vcar[s * c.TWs + cc];
-                a1 += dAacc[s * c.TWs + cc];
+                a0 += red2[s * c.TWs + cc];
+                a1 += red2[c.nthr + s * c.TWs + cc];
             }
             const m2d_i64 k = (m2d_i64)c.b * dim + c.g * c.dg + chan;
-            dDp[k] = a0;
-            dbp[k] = a1;
+            dDp[k] = (float)a0;
+            dbp[k] = (float)a1;
         }
     }
 }

@@ -44,7 +44,9 @@ __device__ __forceinline__ m2d_bf16 m2d_from_f<m2d_bf16>(float v) {
 
 #define M2D_FULL 0xffffffffu
 // Rows of a band held in registers by each thread (must match ROWS_PER_BAND in cuda_build.py).
+#ifndef M2D_R
 #define M2D_R 8
+#endif
 // Largest block (must match MAX_THREADS in cuda_build.py) and occupancy targets that cap the registers.
 #define M2D_MAX_THREADS 256
 #ifndef M2D_FWD_MIN_BLOCKS
@@ -61,6 +63,9 @@ __device__ __forceinline__ float m2d_softplus_grad(float v) {
     const float e = expf(v);
     return e / (e + 1.f);
 }
+#define M2D_LOG2E 1.4426950408889634f
+// exp(x) as exp2(x * log2 e): the caller folds log2 e into A once per state (2 ulp + the product's rounding).
+__device__ __forceinline__ float m2d_exp2(float x) { return exp2f(x); }
 __device__ __forceinline__ float m2d_sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
 
 // Everything a thread needs to know about its place in the block (see cuda_build.launch_config).

@@ -24,6 +24,26 @@ KERNEL_SOURCE = "scan2d.cu"
 #: Rows of a band kept in registers per thread; must equal M2D_R in scan2d_common.cuh.
 ROWS_PER_BAND = 8
 
+
+def _tuning() -> tuple[int, tuple[str, ...]]:
+    """Benchmark-only override, e.g. MAMBA2D_SCAN_TUNE="R=4,FWD=3,BWD=2": rows per band and occupancy targets."""
+    import os
+
+    spec = os.environ.get("MAMBA2D_SCAN_TUNE", "")
+    if not spec:
+        return ROWS_PER_BAND, ()
+    vals = dict(item.split("=") for item in spec.split(",") if item)
+    rows = int(vals.get("R", ROWS_PER_BAND))
+    defines = [f"-DM2D_R={rows}"]
+    if "FWD" in vals:
+        defines.append(f"-DM2D_FWD_MIN_BLOCKS={int(vals['FWD'])}")
+    if "BWD" in vals:
+        defines.append(f"-DM2D_BWD_MIN_BLOCKS={int(vals['BWD'])}")
+    return rows, tuple(defines)
+
+
+ROWS_PER_BAND, TUNING_OPTIONS = _tuning()
+
 #: Largest block; must equal M2D_MAX_THREADS (the kernels' __launch_bounds__).
 MAX_THREADS = 256
 
@@ -124,9 +144,9 @@ def launch_config(batch: int, dim: int, height: int, width: int, groups: int, d_
     batch, dim, height, width, groups, d_state = (int(v) for v in (batch, dim, height, width, groups, d_state))
     R = ROWS_PER_BAND
     dg = dim // groups
-    # Shared memory per thread in the backward: two [N] float arrays (+ the dB/dC reduction buffer); keep a block
-    # under ~96 KB so that two blocks fit an SM. MAX_THREADS is the kernels' __launch_bounds__.
-    max_threads = max(64, min(MAX_THREADS, (98304 // (8 * d_state + 80)) // 32 * 32))
+    # Shared memory per thread in the backward: an [N] float and an [N] double array (+ the dB/dC reduction
+    # buffer); keep a block under ~96 KB so that two blocks fit an SM. MAX_THREADS is the kernels' __launch_bounds__.
+    max_threads = max(64, min(MAX_THREADS, (98304 // (12 * d_state + 80)) // 32 * 32))
     if width <= 16:
         S = 1 << (width - 1).bit_length()
         WPM = 1
@@ -146,7 +166,8 @@ def launch_config(batch: int, dim: int, height: int, width: int, groups: int, d_
     cpg = _ceil_div(dg, CH)
     agg = 3 * CH * WPM * R
     smem_fwd = 4 * (d_state * threads + agg)
-    smem_bwd = 4 * (2 * d_state * threads + agg + (2 * CH * R * tws if CH > 1 else 0))
+    smem_bwd = 4 * (3 * d_state * threads + agg + (2 * CH * R * tws if CH > 1 else 0))
+    smem_bwd = max(smem_bwd, 16 * threads)  # the final reduction reuses the start as [2][threads] doubles
     return LaunchConfig(S, WPM, CH, ntiles, nbands, threads, batch * groups * cpg, cpg, smem_fwd, smem_bwd)
 
 

@@ -85,7 +85,7 @@ def _get_kernels(device_index: int, in_tag: str, out_tag: str):
                 with cupy.cuda.Device(device_index):
                     module = cupy.RawModule(
                         code=cuda_build.kernel_source(),
-                        options=cuda_build.COMPILE_OPTIONS,
+                        options=cuda_build.COMPILE_OPTIONS + cuda_build.TUNING_OPTIONS,
                         name_expressions=list(names),
                     )
                     fns = tuple(module.get_function(name) for name in names)
