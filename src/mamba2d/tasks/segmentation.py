@@ -1,0 +1,207 @@
+"""Semantic segmentation: UperNet over any timm backbone, ADE20K recipe, mIoU and pixel accuracy; PNG predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from PIL import Image
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+import mamba2d  # noqa: F401  (registers the backbones with timm)
+
+from ..models.upernet import UperNet
+from .optim import adamw_no_decay_on_1d, warmup_then_decay
+
+__all__ = ["SemanticSegmenter", "SegmentationPredictionWriter", "class_palette"]
+
+IGNORE_INDEX = 255
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class SemanticSegmenter(LightningModule):
+    """UperNet segmenter. Batches are dicts with "image" float in [0, 1] (normalised here) and "mask" int64 labels
+    (255 = ignore): training batches are stacked tensors, evaluation batches are lists of differently sized images
+    whose logits are resized to their full-resolution masks before scoring.
+
+    `inference="whole"` segments each image in one pass; `"slide"` averages overlapping `slide_crop` windows
+    (stride `slide_stride`). Schedule: per-step linear warm-up over `warmup_steps`, then polynomial decay to 0 over
+    `total_steps` (default: the trainer's estimate from max_steps / max_epochs).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vmamba2d_tiny",
+        num_classes: int = 150,
+        pretrained: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
+        decoder_channels: int = 512,
+        pool_scales: tuple[int, ...] = (1, 2, 3, 6),
+        dropout: float = 0.1,
+        aux_weight: float = 0.4,
+        aux_channels: int = 256,
+        lr: float = 6e-5,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 1500,
+        warmup_start_ratio: float = 1e-6,
+        poly_power: float = 1.0,
+        total_steps: int | None = None,
+        inference: str = "whole",
+        slide_crop: int = 512,
+        slide_stride: int = 341,
+    ):
+        super().__init__()
+        if inference not in ("whole", "slide"):
+            raise ValueError(f"SemanticSegmenter: inference must be 'whole' or 'slide', got {inference!r}")
+        self.save_hyperparameters()
+        self.configure_models()
+        self.configure_metrics()
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        self.model = UperNet(
+            hp.backbone, hp.num_classes, hp.pretrained, hp.backbone_kwargs, hp.decoder_channels, hp.pool_scales,
+            hp.dropout, hp.aux_channels, aux_index=2 if hp.aux_weight > 0 else None,
+        )
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def configure_metrics(self) -> None:
+        n = self.hparams.num_classes
+        metrics = MetricCollection({
+            "mIoU": MulticlassJaccardIndex(n, average="macro", ignore_index=IGNORE_INDEX),
+            "pixel_acc": MulticlassAccuracy(n, average="micro", ignore_index=IGNORE_INDEX),
+        })
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        classes = getattr(getattr(datamodule, "hparams", None), "num_classes", None)
+        if classes is not None and classes != self.hparams.num_classes:
+            raise ValueError(
+                f"model.init_args.num_classes={self.hparams.num_classes} but the data "
+                f"({type(datamodule).__name__}) has num_classes={classes}"
+            )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes, H, W) for [0, 1] images (B, 3, H, W), by whole-image or sliding inference."""
+        images = (images - self.mean) / self.std
+        if self.hparams.inference == "slide":
+            return self._slide(images)
+        return self.model(images)["out"]
+
+    def _slide(self, images: torch.Tensor) -> torch.Tensor:
+        crop, stride = self.hparams.slide_crop, self.hparams.slide_stride
+        batch, _, height, width = images.shape
+        logits = images.new_zeros(batch, self.hparams.num_classes, height, width)
+        counts = images.new_zeros(1, 1, height, width)
+        rows = max(height - crop + stride - 1, 0) // stride + 1
+        cols = max(width - crop + stride - 1, 0) // stride + 1
+        for r in range(rows):
+            for c in range(cols):
+                bottom, right = min(r * stride + crop, height), min(c * stride + crop, width)
+                top, left = max(bottom - crop, 0), max(right - crop, 0)
+                logits[..., top:bottom, left:right] += self.model(images[..., top:bottom, left:right])["out"]
+                counts[..., top:bottom, left:right] += 1
+        return logits / counts
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images, masks = batch["image"], batch["mask"]
+        out = self.model((images - self.mean) / self.std)
+        loss = F.cross_entropy(out["out"], masks, ignore_index=IGNORE_INDEX)
+        if "aux" in out:
+            aux = F.cross_entropy(out["aux"], masks, ignore_index=IGNORE_INDEX)
+            self.log("train/aux_loss", aux, batch_size=images.shape[0])
+            loss = loss + self.hparams.aux_weight * aux
+        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=images.shape[0])
+        return loss
+
+    def predict_labels(self, images: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Per image: (H, W) int64 labels at `size` (logits resized bilinearly before the argmax)."""
+        labels = []
+        for image, size in zip(images, sizes):
+            logits = self(image.unsqueeze(0))
+            logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+            labels.append(logits.argmax(dim=1)[0])
+        return labels
+
+    def _evaluate(self, batch: dict, metrics: MetricCollection) -> None:
+        preds = self.predict_labels(batch["image"], [m.shape[-2:] for m in batch["mask"]])
+        for pred, mask in zip(preds, batch["mask"]):
+            metrics.update(pred.unsqueeze(0), mask.unsqueeze(0))
+        self.log_dict(metrics, prog_bar=True, batch_size=len(preds))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"labels": self.predict_labels(batch["image"], batch["orig_size"]), "path": batch["path"]}
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = adamw_no_decay_on_1d(self.model, hp.lr, hp.weight_decay, tuple(hp.betas))
+        total = hp.total_steps or self.trainer.estimated_stepping_batches
+        scheduler = warmup_then_decay(
+            optimizer, total, warmup_steps=hp.warmup_steps, decay="poly", poly_power=hp.poly_power,
+            warmup_start_ratio=hp.warmup_start_ratio,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_callbacks(self) -> list:
+        callbacks = [ModelCheckpoint(monitor="val/mIoU", mode="max", filename="best", save_last=True)]
+        # A writer the user configured (e.g. with its own output_dir) wins; Lightning would replace it by ours.
+        if not any(isinstance(cb, SegmentationPredictionWriter) for cb in self.trainer.callbacks):
+            callbacks.append(SegmentationPredictionWriter())
+        return callbacks
+
+
+def class_palette(num_classes: int) -> np.ndarray:
+    """(num_classes, 3) uint8 colours, distinct for neighbouring indices: the bits of (class + 1) are spread over
+    the high bits of R, G and B (the PASCAL VOC scheme); the +1 keeps black for no class."""
+    palette = np.zeros((num_classes, 3), dtype=np.uint8)
+    for index in range(num_classes):
+        value, colour = index + 1, [0, 0, 0]
+        for bit in range(8):
+            for channel in range(3):
+                colour[channel] |= ((value >> (3 * bit + channel)) & 1) << (7 - bit)
+        palette[index] = colour
+    return palette
+
+
+class SegmentationPredictionWriter(BasePredictionWriter):
+    """Writes one palette PNG per image during `predict`: pixel value = predicted class (0-based), colour from
+    `class_palette`, so the file is both a picture and an exact label map. Files go to `output_dir`
+    (default: `<log dir>/predictions`) under the image's file stem."""
+
+    def __init__(self, output_dir: str | None = None):
+        super().__init__(write_interval="batch")
+        self.output_dir = output_dir
+
+    def _folder(self, trainer: Trainer) -> Path:
+        folder = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        folder = self._folder(trainer)
+        num_classes = pl_module.hparams.num_classes
+        if num_classes > 256:
+            raise ValueError(f"SegmentationPredictionWriter: a palette PNG holds at most 256 classes, got {num_classes}")
+        palette = class_palette(num_classes).flatten().tolist()
+        for labels, path in zip(prediction["labels"], prediction["path"]):
+            png = Image.fromarray(labels.to(torch.uint8).cpu().numpy())
+            png.putpalette(palette)  # turns the one-channel image into a palette ("P") image
+            png.save(folder / f"{Path(path).stem}.png")
