@@ -1,0 +1,104 @@
+"""Pieces shared by the whole-slide MIL models: the output type, attention pooling and the per-slide patch grid.
+
+Every MIL model takes one bag: `features` (N, in_dim), `positions` (N, 2) = integer (row, col) of each patch on its
+slide's grid (cell = patch stride at level 0) and optionally `segments` (N,) = which slide of the bag each patch came
+from (a case with several slides). Positions of different segments live on different grids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class MILOutput:
+    """logits: (num_outputs,) for the bag; scores: (N,) per-patch attention/importance, in the input patch order."""
+
+    logits: torch.Tensor
+    scores: torch.Tensor
+
+
+class GatedAttentionPool(nn.Module):
+    """Gated attention pooling (Ilse et al. 2018): w_i = softmax_i(W (tanh(V h_i) * sigmoid(U h_i)))."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.value = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Dropout(dropout))
+        self.gate = nn.Sequential(nn.Linear(dim, hidden), nn.Sigmoid(), nn.Dropout(dropout))
+        self.score = nn.Linear(hidden, 1)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: (N, dim) of real patches only -> pooled (dim,), weights (N,) summing to 1."""
+        weights = torch.softmax(self.score(self.value(h) * self.gate(h)).squeeze(-1), dim=0)
+        return weights @ h, weights
+
+
+class RMSNorm2d(nn.Module):
+    """RMSNorm over the channel axis of (B, C, H, W) maps."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.rsqrt(x.float().pow(2).mean(dim=1, keepdim=True) + self.eps).to(x.dtype)
+        return x * scale * self.weight[:, None, None]
+
+
+def check_bag(features: torch.Tensor, positions: torch.Tensor | None, segments: torch.Tensor | None, in_dim: int,
+              model: str) -> None:
+    """Shape checks with messages that name the model and the tensor at fault."""
+    if features.dim() != 2 or features.shape[1] != in_dim:
+        raise ValueError(f"{model}: features must be (N, in_dim={in_dim}), got {tuple(features.shape)}")
+    if features.shape[0] == 0:
+        raise ValueError(f"{model}: empty bag (0 patches)")
+    n = features.shape[0]
+    if positions is not None and (positions.dim() != 2 or positions.shape != (n, 2)):
+        raise ValueError(f"{model}: positions must be (N={n}, 2) integer (row, col), got {tuple(positions.shape)}")
+    if positions is not None and positions.is_floating_point():
+        raise TypeError(f"{model}: positions must be an integer tensor of grid cells, got {positions.dtype}")
+    if segments is not None and segments.shape != (n,):
+        raise ValueError(f"{model}: segments must be (N={n},), got {tuple(segments.shape)}")
+
+
+def split_segments(n: int, segments: torch.Tensor | None, device: torch.device) -> list[torch.Tensor]:
+    """Indices of the patches of each slide of a bag (one index tensor per distinct segment id, in id order)."""
+    if segments is None:
+        return [torch.arange(n, device=device)]
+    return [torch.nonzero(segments == s).squeeze(1) for s in torch.unique(segments)]
+
+
+def grid_layout(positions: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(N, 2) (row, col) -> flat cell index of each patch and the (H, W) of the bounding box of the patches."""
+    rows = positions[:, 0] - positions[:, 0].min()
+    cols = positions[:, 1] - positions[:, 1].min()
+    height, width = int(rows.max()) + 1, int(cols.max()) + 1
+    flat = rows * width + cols
+    if torch.unique(flat).numel() != flat.numel():
+        raise ValueError("MIL grid: two patches of one slide share a grid cell (duplicate positions)")
+    return flat, height, width
+
+
+def scatter_to_grid(h: torch.Tensor, flat: torch.Tensor, height: int, width: int, pad: torch.Tensor) -> torch.Tensor:
+    """Real patch embeddings (n, C) onto an (1, C, H, W) grid whose empty cells hold the `pad` token (C,)."""
+    canvas = pad.to(h.dtype).expand(height * width, -1).index_copy(0, flat, h)
+    return canvas.t().reshape(1, -1, height, width)
+
+
+def gather_from_grid(grid: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """(1, C, H, W) grid -> (n, C) at the cells of the real patches."""
+    return grid.flatten(2)[0].index_select(1, flat).t()
+
+
+def instance_embedding(in_dim: int, dim: int, dropout: float, act: type[nn.Module] = nn.GELU) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, dim), act(), nn.Dropout(dropout))
+
+
+def linear_1x1(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """Apply an nn.Linear over the channel axis of an NCHW map."""
+    return F.conv2d(x, layer.weight[:, :, None, None], layer.bias)

@@ -1,0 +1,140 @@
+"""MIL models: outputs, pooling over real patches only, per-slide grids, layers, chunked reference scan."""
+
+import pytest
+import torch
+
+from mamba2d.models.mil import MIL_MODELS, MambaMIL1D, MambaMIL2D, create_mil_model
+from mamba2d.models.mil_layers import grid_layout, scatter_to_grid
+
+SMALL = {
+    "mamba_mil_2d": {"dim": 16},
+    "mamba_mil_1d": {"dim": 16},
+    "abmil": {"dim": 16, "attn_dim": 8},
+    "transmil": {"dim": 16, "heads": 2, "landmarks": 8},
+    "mean": {"dim": 16},
+    "max": {"dim": 16},
+}
+
+
+def bag(n=40, in_dim=12, side=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cells = torch.randperm(side * side, generator=g)[:n]
+    positions = torch.stack([cells // side, cells % side], dim=1)
+    return torch.randn(n, in_dim, generator=g), positions
+
+
+@pytest.mark.parametrize("name", list(MIL_MODELS))
+def test_every_model_gives_logits_and_per_patch_scores(name):
+    torch.manual_seed(0)
+    model = create_mil_model(name, in_dim=12, num_outputs=4, **SMALL[name])
+    features, positions = bag()
+    out = model(features, positions)
+    assert out.logits.shape == (4,)
+    assert out.scores.shape == (40,) and torch.isfinite(out.scores).all()
+    out.logits.sum().backward()
+    untrained = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not untrained
+
+
+@pytest.mark.parametrize("name", ["mamba_mil_2d", "mamba_mil_1d", "abmil", "transmil"])
+def test_attention_is_a_distribution_over_real_patches(name):
+    model = create_mil_model(name, in_dim=12, num_outputs=2, **SMALL[name]).eval()
+    features, positions = bag(n=25, side=11)  # 25 real patches in a 121-cell box: most cells are padding
+    scores = model(features, positions).scores
+    assert scores.shape == (25,)
+    assert torch.all(scores >= 0) and torch.isclose(scores.sum(), torch.tensor(1.0), atol=1e-5)
+
+
+def test_mamba2d_output_does_not_depend_on_the_empty_margin_or_patch_order():
+    torch.manual_seed(0)
+    model = MambaMIL2D(in_dim=12, num_outputs=3, dim=16, num_layers=2).eval()
+    features, positions = bag()
+    ref = model(features, positions)
+    shifted = model(features, positions + torch.tensor([7, 30]))  # same slide, other origin: same grid
+    perm = torch.randperm(40)
+    permuted = model(features[perm], positions[perm])
+    torch.testing.assert_close(shifted.logits, ref.logits)
+    torch.testing.assert_close(permuted.logits, ref.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(permuted.scores, ref.scores[perm], rtol=1e-5, atol=1e-6)
+
+
+def test_mamba2d_uses_the_2d_arrangement():
+    torch.manual_seed(0)
+    model = MambaMIL2D(in_dim=12, num_outputs=2, dim=16).eval()
+    features, positions = bag()
+    transposed = model(features, positions.flip(1)).logits  # same patches, other neighbourhoods
+    assert not torch.allclose(transposed, model(features, positions).logits, atol=1e-5)
+
+
+def test_pad_cells_hold_the_learnable_token():
+    features, positions = bag(n=10, side=5)
+    flat, height, width = grid_layout(positions)
+    pad = torch.arange(3.0)
+    grid = scatter_to_grid(torch.ones(10, 3) * 9, flat, height, width, pad)
+    cells = grid[0].flatten(1).t()
+    real = torch.zeros(height * width, dtype=torch.bool)
+    real[flat] = True
+    assert torch.all(cells[real] == 9) and torch.all(cells[~real] == pad)
+    assert grid.shape[-2:] == (int(positions[:, 0].max() - positions[:, 0].min()) + 1,
+                               int(positions[:, 1].max() - positions[:, 1].min()) + 1)
+
+
+@pytest.mark.parametrize("cls", [MambaMIL2D, MambaMIL1D])
+def test_any_number_of_layers_all_trained(cls):
+    torch.manual_seed(0)
+    model = cls(in_dim=12, num_outputs=2, dim=16, num_layers=3)
+    features, positions = bag()
+    model(features, positions).logits.sum().backward()
+    for layer in model.layers:
+        assert layer.mixer.in_proj.weight.grad.abs().sum() > 0
+        assert layer.mixer.A_log.grad.abs().sum() > 0
+
+
+def test_each_slide_of_a_case_is_scanned_on_its_own_grid():
+    torch.manual_seed(0)
+    model = MambaMIL2D(in_dim=12, num_outputs=2, dim=16).eval()
+    (fa, pa), (fb, pb) = bag(20, seed=1), bag(15, seed=2)
+    features, positions = torch.cat([fa, fb]), torch.cat([pa, pb + 100])
+    segments = torch.cat([torch.zeros(20), torch.ones(15)]).long()
+    ref = model(features, positions, segments)
+    moved = model(features, torch.cat([pa, pb + torch.tensor([3, 500])]), segments)
+    torch.testing.assert_close(moved.logits, ref.logits)  # slides never share a canvas
+    assert ref.scores.shape == (35,) and torch.isclose(ref.scores.sum(), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="share a grid cell"):
+        model(features, torch.cat([pa, pa[:15]]))  # one grid: duplicates are an error
+
+
+def test_mamba1d_follows_raster_order_not_input_order():
+    torch.manual_seed(0)
+    model = MambaMIL1D(in_dim=12, num_outputs=2, dim=16).eval()
+    features, positions = bag()
+    perm = torch.randperm(40)
+    torch.testing.assert_close(model(features[perm], positions[perm]).logits, model(features, positions).logits,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_reference_scan_matches_one_call_forward_and_backward():
+    torch.manual_seed(0)
+    model = MambaMIL2D(in_dim=12, num_outputs=2, dim=16, num_layers=2, directions=("tl_hv", "br_vh")).eval()
+    features, positions = bag()
+    features.requires_grad_(True)
+    ref = model(features, positions).logits.sum()
+    (ref_grad,) = torch.autograd.grad(ref, features)
+    for layer in model.layers:
+        assert layer.mixer._reference_chunk(torch.zeros(1, 1, 9, 9)) is None  # default budget: one call
+        layer.mixer.scan_memory_mb = 1e-3  # forces chunks of one channel
+        assert layer.mixer._reference_chunk(torch.zeros(1, 1, 9, 9)) == 1
+    out = model(features, positions).logits.sum()
+    (grad,) = torch.autograd.grad(out, features)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_bags_are_rejected_with_the_model_name():
+    model = MambaMIL2D(in_dim=12, dim=16)
+    with pytest.raises(ValueError, match="MambaMIL2D: features must be"):
+        model(torch.randn(5, 7), torch.zeros(5, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty bag"):
+        model(torch.randn(0, 12), torch.zeros(0, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="unknown MIL model"):
+        create_mil_model("clam", 12, 2)
