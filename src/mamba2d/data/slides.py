@@ -1,0 +1,212 @@
+"""`SlideBagDataModule`: whole-slide feature bags (CLAM / TRIDENT h5) with classification or survival labels.
+
+Files: `<features_dir>/<slide_id>.h5` (see `mamba2d.data.bags`) and one CSV.
+
+- classification CSV: `slide_id, label` (+ optional `case_id`, `split`). One bag = one slide. With a `case_id`
+  column, a case whose slides fall in different splits is an error (patient-level leakage).
+- survival CSV: `slide_id, survival_months, censorship` (+ optional `case_id`, `split`); censorship 1 = censored.
+  One bag = one case (patient): the patches of all its slides, each slide on its own grid (2DMambaMIL scans every
+  slide separately and pools attention over all real patches of the case). Without `case_id`, each slide is a case.
+  The time bins are the quantiles of the uncensored cases' times of the training split only.
+
+Splits: a `split` column (train/val/test) or `split_dir/splits_{fold}.csv` (CLAM columns train, val, test listing
+slide ids for classification, case ids for survival). Each split must have its bag files: all missing ones are
+listed in one error. One bag per step (batch size 1): bags differ in size and grid.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from .bags import read_bag
+from .splits import SPLITS, read_csv_rows, read_split_file, splits_from_column
+from .survival import assign_time_bins, fit_time_bins
+
+log = logging.getLogger(__name__)
+
+TASKS = ("classification", "survival")
+
+
+@dataclass
+class BagRecord:
+    bag_id: str  # slide id (classification) or case id (survival)
+    slide_ids: list[str]
+    label: int  # class index, or survival bin
+    time: float = float("nan")
+    censorship: int = 0
+
+
+class SlideBagDataset(Dataset):
+    """One item per bag: features (N, D), positions (N, 2) per-slide grid (row, col), segments (N,) slide index."""
+
+    def __init__(self, records: list[BagRecord], features_dir: str | Path, patch_stride: int | None = None):
+        self.records, self.features_dir, self.patch_stride = records, Path(features_dir), patch_stride
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        bags = [read_bag(self.features_dir / f"{sid}.h5", self.patch_stride) for sid in record.slide_ids]
+        dims = {bag.features.shape[1] for bag in bags}
+        if len(dims) > 1:
+            raise ValueError(f"bag {record.bag_id!r}: its slides have different feature sizes {sorted(dims)} "
+                             f"({[str(b.path) for b in bags]})")
+        return {
+            "bag_id": record.bag_id,
+            "features": torch.cat([bag.features for bag in bags]),
+            "positions": torch.cat([bag.positions for bag in bags]),
+            "segments": torch.cat([torch.full((len(bag.features),), i, dtype=torch.long) for i, bag in enumerate(bags)]),
+            "coords": torch.cat([bag.coords for bag in bags]),
+            "label": torch.tensor(record.label, dtype=torch.long),
+            "time": torch.tensor(record.time, dtype=torch.float32),
+            "censorship": torch.tensor(record.censorship, dtype=torch.long),
+        }
+
+
+def single_bag(batch: list[dict]) -> dict:
+    """Collate for batch_size 1: the bag itself (no padding of variable-size bags)."""
+    return batch[0]
+
+
+class SlideBagDataModule(LightningDataModule):
+    def __init__(
+        self,
+        features_dir: str,
+        csv_path: str,
+        task: str = "classification",
+        split_dir: str | None = None,
+        fold: int = 0,
+        label_column: str = "label",
+        class_names: list[str] | None = None,
+        num_bins: int = 4,
+        patch_stride: int | None = None,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"SlideBagDataModule: task must be one of {TASKS}, got {task!r}")
+        self.save_hyperparameters()
+        self.features_dir, self.csv_path, self.task = Path(features_dir), Path(csv_path), task
+        self.class_names = list(class_names) if class_names else None
+        self.time_bin_edges: np.ndarray | None = None
+        self.records: dict[str, list[BagRecord]] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names) if self.class_names else 0
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.records:
+            return
+        hp = self.hparams
+        required = ["slide_id", hp.label_column] if self.task == "classification" else \
+            ["slide_id", "survival_months", "censorship"]
+        rows = read_csv_rows(self.csv_path, required)
+        has_case = "case_id" in rows[0]
+        id_column = "case_id" if (self.task == "survival" and has_case) else "slide_id"
+        if hp.split_dir is not None:
+            splits = read_split_file(Path(hp.split_dir) / f"splits_{hp.fold}.csv")
+        elif "split" in rows[0]:
+            splits = splits_from_column(rows, id_column, self.csv_path)
+        else:
+            raise ValueError(f"{self.csv_path}: no 'split' column and no split_dir given; say which bags are "
+                             "train/val/test")
+        records = self._survival_records(rows, id_column) if self.task == "survival" else self._class_records(rows)
+        unknown = sorted({i for ids in splits.values() for i in ids} - set(records))
+        if unknown:
+            raise ValueError(f"split ids not in {self.csv_path}: {unknown}")
+        if self.task == "classification" and has_case:
+            self._check_case_leakage(rows, splits)
+        self.records = {name: [records[i] for i in ids] for name, ids in splits.items()}
+        missing = sorted({f"{self.features_dir / sid}.h5" for recs in self.records.values() for r in recs
+                          for sid in r.slide_ids if not (self.features_dir / f"{sid}.h5").is_file()})
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} bag file(s) listed in {self.csv_path} are missing: {missing}")
+        if self.task == "survival":
+            self._bin_survival_times()
+        log.info("bags: %s", {name: len(recs) for name, recs in self.records.items()})
+
+    def _class_records(self, rows: list[dict]) -> dict[str, BagRecord]:
+        column = self.hparams.label_column
+        labels = [row[column] for row in rows]
+        if self.class_names is None:
+            numeric = all(s.lstrip("-").isdigit() for s in labels)
+            self.class_names = sorted(set(labels), key=int if numeric else str)
+        index = {name: i for i, name in enumerate(self.class_names)}
+        unknown = sorted(set(labels) - set(index))
+        if unknown:
+            raise ValueError(f"{self.csv_path}: labels {unknown} are not in class_names {self.class_names}")
+        records = {}
+        for row in rows:
+            if row["slide_id"] in records:
+                raise ValueError(f"{self.csv_path}: slide_id {row['slide_id']!r} appears twice")
+            records[row["slide_id"]] = BagRecord(row["slide_id"], [row["slide_id"]], index[row[column]])
+        return records
+
+    def _survival_records(self, rows: list[dict], id_column: str) -> dict[str, BagRecord]:
+        records: dict[str, BagRecord] = {}
+        for line, row in enumerate(rows, start=2):
+            try:
+                time, censorship = float(row["survival_months"]), int(float(row["censorship"]))
+            except ValueError as err:
+                raise ValueError(f"{self.csv_path}: line {line}: bad survival_months/censorship ({err})") from err
+            if censorship not in (0, 1) or not np.isfinite(time) or time < 0:
+                raise ValueError(f"{self.csv_path}: line {line}: censorship must be 0/1 and survival_months >= 0")
+            case = row[id_column]
+            if case in records:
+                record = records[case]
+                if (record.time, record.censorship) != (time, censorship):
+                    raise ValueError(f"{self.csv_path}: case {case!r} has slides with different survival data")
+                record.slide_ids.append(row["slide_id"])
+            else:
+                records[case] = BagRecord(case, [row["slide_id"]], -1, time, censorship)
+        return records
+
+    def _check_case_leakage(self, rows: list[dict], splits: dict[str, list[str]]) -> None:
+        split_of = {sid: name for name, ids in splits.items() for sid in ids}
+        case_splits: dict[str, set[str]] = {}
+        for row in rows:
+            if row["slide_id"] in split_of:
+                case_splits.setdefault(row["case_id"], set()).add(split_of[row["slide_id"]])
+        leaking = sorted(case for case, names in case_splits.items() if len(names) > 1)
+        if leaking:
+            raise ValueError(f"{self.csv_path}: case(s) {leaking} have slides in more than one split (leakage)")
+
+    def _bin_survival_times(self) -> None:
+        train = self.records["train"]
+        if not train:
+            raise ValueError(f"{self.csv_path}: survival needs a non-empty train split to define the time bins")
+        self.time_bin_edges = fit_time_bins([r.time for r in train], [r.censorship for r in train],
+                                            self.hparams.num_bins)
+        log.info("survival time bins (months, from %d training cases): edges %s", len(train),
+                 np.round(self.time_bin_edges, 2).tolist())
+        for records in self.records.values():
+            for record, label in zip(records, assign_time_bins([r.time for r in records], self.time_bin_edges)):
+                record.label = int(label)
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        if not self.records.get(split):
+            raise ValueError(f"{self.csv_path}: the {split} split is empty")
+        dataset = SlideBagDataset(self.records[split], self.features_dir, self.hparams.patch_stride)
+        return DataLoader(dataset, batch_size=1, shuffle=shuffle, collate_fn=single_bag,
+                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
