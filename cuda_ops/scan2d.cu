@@ -7,7 +7,7 @@
 // scan-frame (p, q) -> memory (i, j) = (fr ? H-1-p : p, fc ? W-1-q : q); "vh" swaps the order of the two passes.
 //
 // Backward recomputes the forward states band by band from checkpoints (the vertical state at each band start and
-// the horizontal state at each tile start: O(H*W*N/8) per map, never per pixel and state), walks bands bottom-up and
+// the horizontal state at each tile start: O(H*W*N/M2D_R) per map, never per pixel and state), walks bands bottom-up and
 // tiles right-to-left, and reduces dB/dC over the channels of a block in shared memory in a fixed order into
 // per-block partial sums (summed in fixed order by the launcher); dA/dD/d(delta_bias) are reduced per block the same
 // way. No atomics anywhere: results are bitwise reproducible.

@@ -45,15 +45,15 @@ __device__ __forceinline__ m2d_bf16 m2d_from_f<m2d_bf16>(float v) {
 #define M2D_FULL 0xffffffffu
 // Rows of a band held in registers by each thread (must match ROWS_PER_BAND in cuda_build.py).
 #ifndef M2D_R
-#define M2D_R 8
+#define M2D_R 4
 #endif
 // Largest block (must match MAX_THREADS in cuda_build.py) and occupancy targets that cap the registers.
 #define M2D_MAX_THREADS 256
 #ifndef M2D_FWD_MIN_BLOCKS
-#define M2D_FWD_MIN_BLOCKS 2
+#define M2D_FWD_MIN_BLOCKS 3
 #endif
 #ifndef M2D_BWD_MIN_BLOCKS
-#define M2D_BWD_MIN_BLOCKS 1
+#define M2D_BWD_MIN_BLOCKS 2
 #endif
 
 // softplus with PyTorch's threshold (beta = 1, threshold = 20) and its derivative.

@@ -22,7 +22,7 @@ COMPILE_OPTIONS: tuple[str, ...] = ("--std=c++17",)
 KERNEL_SOURCE = "scan2d.cu"
 
 #: Rows of a band kept in registers per thread; must equal M2D_R in scan2d_common.cuh.
-ROWS_PER_BAND = 8
+ROWS_PER_BAND = 4
 
 
 def _tuning() -> tuple[int, tuple[str, ...]]:

@@ -1,0 +1,78 @@
+"""CPU-side checks of the CUDA scan backend: errors without CuPy/GPU, lazy import, launch geometry, op registration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mamba2d.ops import DIRECTIONS, cuda_build, cuda_scan, selective_scan_2d
+from mamba2d.ops.contract import direction_transform
+
+
+def _inputs(device="cpu", dtype=torch.float32):
+    u = torch.randn(1, 4, 3, 5, device=device, dtype=dtype)
+    B = torch.randn(1, 2, 2, 3, 5, device=device, dtype=dtype)
+    return dict(u=u, delta=u.clone(), A=-torch.rand(4, 2, device=device), B=B, C=B.clone())
+
+
+@pytest.mark.skipif(cuda_scan.cupy_importable(), reason="CuPy is installed here")
+def test_cuda_backend_without_cupy_names_the_extra():
+    with pytest.raises(RuntimeError, match=r"mamba2d\[cuda12\].*mamba2d\[cuda13\]"):
+        selective_scan_2d(**_inputs(), backend="cuda")
+
+
+@pytest.mark.skipif(not cuda_scan.cupy_importable(), reason="needs CuPy")
+def test_cuda_backend_with_cpu_tensors():
+    with pytest.raises(ValueError, match="expected a CUDA tensor"):
+        selective_scan_2d(**_inputs(), backend="cuda")
+
+
+def test_auto_backend_on_cpu_uses_reference():
+    inputs = _inputs()
+    from mamba2d.ops import selective_scan_2d_ref
+
+    assert torch.equal(selective_scan_2d(**inputs), selective_scan_2d_ref(**inputs))
+
+
+def test_import_does_not_import_cupy():
+    code = "import sys; import mamba2d.ops; import mamba2d.ops.library; assert 'cupy' not in sys.modules; print('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_custom_ops_registered():
+    assert hasattr(torch.ops.mamba2d, "scan2d_fwd") and hasattr(torch.ops.mamba2d, "scan2d_bwd")
+
+
+def test_direction_codes_match_contract():
+    for name in DIRECTIONS:
+        code = cuda_build.direction_code(name)
+        flip_rows, flip_cols, transpose = direction_transform(name)
+        assert code == int(flip_rows) | (int(flip_cols) << 1) | (int(transpose) << 2)
+    assert len({cuda_build.direction_code(n) for n in DIRECTIONS}) == 8
+
+
+@pytest.mark.parametrize("H", [1, 2, 5, 56, 200, 2048, 4096])
+@pytest.mark.parametrize("W", [1, 2, 3, 7, 14, 16, 17, 33, 56, 70, 128, 300, 600, 2048, 4_000_000])
+@pytest.mark.parametrize("N,dim,G", [(1, 384, 4), (16, 256, 1), (64, 8, 2), (4, 2, 2)])
+def test_launch_config_invariants(H, W, N, dim, G):
+    cfg = cuda_build.launch_config(2, dim, H, W, G, N)
+    dg = dim // G
+    assert cfg.threads % 32 == 0 and 32 <= cfg.threads <= cuda_build.MAX_THREADS
+    assert cfg.S & (cfg.S - 1) == 0 and 1 <= cfg.S <= 32
+    assert cfg.WPM == 1 or cfg.S == 32
+    assert cfg.tile_width * cfg.ntiles >= W > cfg.tile_width * (cfg.ntiles - 1)
+    assert cfg.nbands * cuda_build.ROWS_PER_BAND >= H
+    assert cfg.CH * cfg.cpg >= dg and cfg.blocks == 2 * G * cfg.cpg
+    assert cfg.threads == cfg.CH * cfg.tile_width
+    assert cfg.smem_bwd <= 160 * 1024 and cfg.smem_fwd <= 160 * 1024
+
+
+def test_supports_dtypes_and_states():
+    u = torch.zeros(1, 2, 3, 4)
+    assert cuda_scan.supports(u, torch.zeros(1, 1, 64, 3, 4))
+    assert not cuda_scan.supports(u, torch.zeros(1, 1, 65, 3, 4))
+    assert not cuda_scan.supports(u.double(), torch.zeros(1, 1, 4, 3, 4))
