@@ -376,6 +376,12 @@ def checkpoint_filter_fn(state_dict: dict, model: VSSM) -> dict:
 
 
 def _create_vssm(variant: str, pretrained: bool = False, **kwargs) -> VSSM:
+    if pretrained:  # weights from the mamba2d zoo: sha256-verified, converted, read without unpickling code
+        from ..zoo import timm_pretrained_cfg
+
+        kwargs["pretrained_cfg"] = timm_pretrained_cfg(
+            variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
+        )
     feature_cfg = dict(out_indices=(0, 1, 2, 3), feature_cls="getter")
     if kwargs.get("features_only"):
         kwargs.setdefault("feature_norms", True)

@@ -1,0 +1,153 @@
+"""Inference and training throughput (images/s) and peak memory, fp32 and AMP, following VMamba's protocol.
+
+Protocol: `warmup` untimed iterations (default 50), then `iters` timed iterations (default 30) on a random batch,
+with the device synchronised before and after the timed loop; throughput = iters * batch / seconds. Inference runs
+the forward pass under `torch.inference_mode`; training runs forward, cross-entropy and backward (no optimiser
+step, as VMamba's train throughput excludes the optimiser). AMP is float16 autocast on CUDA and bfloat16 on CPU.
+Peak memory is `torch.cuda.max_memory_allocated` on CUDA; on CPU it is the process's peak resident set size
+(`ru_maxrss`), a whole-process upper bound, and is labelled so.
+
+    mamba2d-throughput vmamba2d_tiny vmamba_tiny --batch 128 --size 224
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODES = ("inference", "training")
+PRECISIONS = ("fp32", "amp")
+
+
+@dataclass
+class Measurement:
+    model: str
+    mode: str
+    precision: str
+    batch: int
+    size: int
+    images_per_s: float
+    peak_memory_mb: float
+    memory_kind: str  # "cuda allocated" or "process peak RSS"
+
+    def row(self) -> str:
+        return (f"{self.model:<20}{self.mode:<11}{self.precision:<6}{self.batch:>6}{self.size:>6}"
+                f"{self.images_per_s:>12.1f}{self.peak_memory_mb:>12.0f}  {self.memory_kind}")
+
+
+HEADER = f"{'model':<20}{'mode':<11}{'prec':<6}{'batch':>6}{'size':>6}{'images/s':>12}{'peak MB':>12}  memory"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+
+
+def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda allocated"
+    # ru_maxrss is in KiB on Linux and bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, "process peak RSS"
+
+
+def measure(model: nn.Module, name: str, mode: str, precision: str, batch: int, size: int,
+            device: torch.device, warmup: int = 50, iters: int = 30, in_chans: int = 3) -> Measurement:
+    """Images/s and peak memory of `model` for one (mode, precision) setting."""
+    if mode not in MODES or precision not in PRECISIONS:
+        raise ValueError(f"measure: mode must be one of {MODES} and precision one of {PRECISIONS}, "
+                         f"got {mode!r}, {precision!r}")
+    model = model.to(device)
+    x = torch.randn(batch, in_chans, size, size, device=device)
+    num_classes = getattr(model, "num_classes", 0)
+    target = torch.randint(0, max(num_classes, 1), (batch,), device=device)
+
+    def step() -> None:
+        if mode == "inference":
+            with torch.inference_mode(), _autocast(device, precision):
+                model(x)
+            return
+        with _autocast(device, precision):
+            out = model(x)
+            loss = F.cross_entropy(out.float(), target) if num_classes else out.float().mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    model.train(mode == "training")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    memory, kind = _peak_memory_mb(device)
+    return Measurement(name, mode, precision, batch, size, iters * batch / seconds, memory, kind)
+
+
+def run(names: Sequence[str], batch: int, size: int, device: torch.device, modes: Sequence[str] = MODES,
+        precisions: Sequence[str] = PRECISIONS, warmup: int = 50, iters: int = 30) -> list[Measurement]:
+    """Measure every model (timm names, random weights: speed does not depend on them) in every setting."""
+    import timm
+
+    import mamba2d  # noqa: F401  (registers the backbones with timm)
+
+    results = []
+    for name in names:
+        model = timm.create_model(name)
+        for mode in modes:
+            for precision in precisions:
+                results.append(measure(model, name, mode, precision, batch, size, device, warmup, iters))
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mamba2d-throughput",
+        description="Inference and training (forward + backward) images/s and peak memory, fp32 and AMP, with "
+        "VMamba's protocol (50 warm-up, 30 timed iterations).",
+    )
+    parser.add_argument("models", nargs="+", help="timm model names, e.g. vmamba2d_tiny vmamba_tiny")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--iters", type=int, default=30)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device)
+    results = run(args.models, args.batch, args.size, device, args.modes, args.precisions, args.warmup, args.iters)
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device: {label}; warm-up {args.warmup}, timed {args.iters} iterations")
+    print(HEADER)
+    for r in results:
+        print(r.row())
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
