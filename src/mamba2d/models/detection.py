@@ -1,0 +1,80 @@
+"""Mask R-CNN over any timm backbone with `features_only`: torchvision's MaskRCNN and FeaturePyramidNetwork.
+
+`TimmFPNBackbone` turns the four stage maps (strides 4/8/16/32) into the five FPN levels torchvision's detection
+heads expect: keys "0".."3" at strides 4..32 and "pool" (stride 64, max-pooled from the last level), each with
+`out_channels` channels. `build_mask_rcnn` puts it under torchvision's `MaskRCNN`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import timm
+import torch
+import torch.nn as nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+__all__ = ["TimmFPNBackbone", "build_mask_rcnn"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class TimmFPNBackbone(nn.Module):
+    """A timm feature model (four stages) followed by an FPN with an extra max-pooled level: five maps."""
+
+    def __init__(
+        self,
+        backbone: str = "vmamba2d_tiny",
+        pretrained: bool = False,
+        backbone_kwargs: dict | None = None,
+        out_channels: int = 256,
+    ):
+        super().__init__()
+        self.body = timm.create_model(
+            backbone, pretrained=pretrained, features_only=True, out_indices=(0, 1, 2, 3), **(backbone_kwargs or {})
+        )
+        in_channels = self.body.feature_info.channels()
+        if len(in_channels) != 4:
+            raise ValueError(f"TimmFPNBackbone: backbone {backbone!r} must give 4 feature maps, got {len(in_channels)}")
+        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels  # read by torchvision's detection heads
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
+
+
+def build_mask_rcnn(
+    backbone: str = "vmamba2d_tiny",
+    num_classes: int = 80,
+    pretrained: bool = False,
+    backbone_kwargs: dict | None = None,
+    fpn_channels: int = 256,
+    min_size: int = 800,
+    max_size: int = 1333,
+    anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
+    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+    **maskrcnn_kwargs,
+) -> MaskRCNN:
+    """torchvision MaskRCNN on `TimmFPNBackbone`. `num_classes` counts object classes; background is added here.
+
+    Images are resized inside the model so that the shorter side is `min_size` (longer side at most `max_size`) and
+    normalised with ImageNet statistics; outputs are mapped back to the input image size.
+    """
+    if len(anchor_sizes) != 5:
+        raise ValueError(f"build_mask_rcnn: anchor_sizes needs one size per FPN level (5), got {list(anchor_sizes)}")
+    anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes))
+    return MaskRCNN(
+        TimmFPNBackbone(backbone, pretrained, backbone_kwargs, fpn_channels),
+        num_classes=num_classes + 1,
+        min_size=min_size,
+        max_size=max_size,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        rpn_anchor_generator=anchors,
+        **maskrcnn_kwargs,
+    )

@@ -1,0 +1,188 @@
+"""Detection and instance segmentation: torchvision Mask R-CNN over any timm backbone + FPN, COCO box/mask mAP;
+COCO-format result JSON from `mamba2d predict`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from torchmetrics.detection import MeanAveragePrecision
+
+import mamba2d  # noqa: F401  (registers the backbones with timm)
+
+from ..models.detection import build_mask_rcnn
+from .optim import adamw_no_decay_on_1d, warmup_then_decay
+
+__all__ = ["InstanceDetector", "COCOPredictionWriter"]
+
+# torchmetrics' result keys that are logged, as "<stage>/<iou type>_<key>" (e.g. val/bbox_map_50).
+LOGGED_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
+
+
+class InstanceDetector(LightningModule):
+    """Mask R-CNN (torchvision) on `backbone` + a 5-level FPN. Batches are (list of [0, 1] images, list of target
+    dicts) as `mamba2d.data.coco.COCODataModule` gives them; `num_classes` counts object classes (no background).
+    `maskrcnn_kwargs` go to torchvision's `MaskRCNN` (e.g. rpn_post_nms_top_n_train, box_batch_size_per_image).
+
+    Schedule (mmdetection's 1x): linear warm-up over `warmup_steps` iterations, then the lr is multiplied by `gamma`
+    at each epoch in `lr_milestones` (converted to steps from the trainer's epoch length).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vmamba2d_tiny",
+        num_classes: int = 80,
+        pretrained: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
+        fpn_channels: int = 256,
+        min_size: int = 800,
+        max_size: int = 1333,
+        anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512),
+        box_score_thresh: float = 0.05,
+        box_detections_per_img: int = 100,
+        mask_threshold: float = 0.5,
+        maskrcnn_kwargs: dict[str, Any] | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 500,
+        warmup_start_ratio: float = 1e-3,
+        lr_milestones: tuple[int, ...] = (8, 11),
+        gamma: float = 0.1,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.configure_models()
+        self.configure_metrics()
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        self.model = build_mask_rcnn(
+            hp.backbone, hp.num_classes, hp.pretrained, hp.backbone_kwargs, hp.fpn_channels, hp.min_size,
+            hp.max_size, hp.anchor_sizes, box_score_thresh=hp.box_score_thresh,
+            box_detections_per_img=hp.box_detections_per_img, **(hp.maskrcnn_kwargs or {}),
+        )
+
+    def configure_metrics(self) -> None:
+        self.val_metrics = MeanAveragePrecision(iou_type=("bbox", "segm"))
+        self.test_metrics = MeanAveragePrecision(iou_type=("bbox", "segm"))
+
+    def setup(self, stage: str) -> None:
+        classes = getattr(getattr(self.trainer, "datamodule", None), "num_classes", None)
+        if classes is not None and classes != self.hparams.num_classes:
+            raise ValueError(
+                f"model.init_args.num_classes={self.hparams.num_classes} but the data "
+                f"({type(self.trainer.datamodule).__name__}) has {classes} categories"
+            )
+
+    def forward(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Detections per image: boxes (XYXY, input pixels), labels (1..K), scores, masks (N, H, W) bool."""
+        detections = self.model(list(images))
+        threshold = self.hparams.mask_threshold
+        return [{**d, "masks": d["masks"][:, 0] > threshold} for d in detections]
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        targets = [{k: v for k, v in t.items() if k in ("boxes", "labels", "masks")} for t in targets]
+        losses = self.model(images, targets)
+        loss = sum(losses.values())
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(images))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(images))
+        return loss
+
+    def _evaluate(self, batch, metric: MeanAveragePrecision) -> None:
+        images, targets = batch
+        detections = self(images)
+        metric.update(
+            [{k: d[k] for k in ("boxes", "scores", "labels", "masks")} for d in detections],
+            [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"], "masks": t["masks"].bool(),
+              "iscrowd": t["iscrowd"]} for t in targets],
+        )
+
+    def _log_map(self, metric: MeanAveragePrecision, stage: str) -> None:
+        results = metric.compute()
+        for iou_type in ("bbox", "segm"):
+            for key in LOGGED_KEYS:
+                self.log(f"{stage}/{iou_type}_{key}", results[f"{iou_type}_{key}"].float(),
+                         prog_bar=key == "map" and iou_type == "bbox")
+        metric.reset()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_map(self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_map(self.test_metrics, "test")
+
+    def predict_step(self, batch, batch_idx: int) -> dict:
+        images, targets = batch
+        return {"detections": self(images), "image_ids": [int(t["image_id"]) for t in targets]}
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = adamw_no_decay_on_1d(self.model, hp.lr, hp.weight_decay, tuple(hp.betas))
+        total = self.trainer.estimated_stepping_batches  # also sets up the training data
+        steps_per_epoch = max(self.trainer.num_training_batches // self.trainer.accumulate_grad_batches, 1)
+        scheduler = warmup_then_decay(
+            optimizer, total, warmup_steps=hp.warmup_steps, decay="step", gamma=hp.gamma,
+            milestones=[int(epoch * steps_per_epoch) for epoch in hp.lr_milestones],
+            warmup_start_ratio=hp.warmup_start_ratio,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_callbacks(self) -> list:
+        callbacks = [ModelCheckpoint(monitor="val/bbox_map", mode="max", filename="best", save_last=True)]
+        # A writer the user configured (e.g. with its own output_file) wins; Lightning would replace it by ours.
+        if not any(isinstance(cb, COCOPredictionWriter) for cb in self.trainer.callbacks):
+            callbacks.append(COCOPredictionWriter())
+        return callbacks
+
+
+def _mask_to_rle(mask: torch.Tensor) -> dict:
+    from pycocotools import mask as mask_utils  # the `dense` extra; imported only when masks are written
+
+    rle = mask_utils.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+class COCOPredictionWriter(BasePredictionWriter):
+    """Collects `predict` detections and writes one COCO results JSON (the format of COCO's evaluation server and
+    of `pycocotools.COCO.loadRes`): a list of {image_id, category_id, bbox [x, y, w, h], score, segmentation RLE}.
+    Labels are mapped back to the COCO category ids of the DataModule. Default file: `<log dir>/predictions.json`.
+    """
+
+    def __init__(self, output_file: str | None = None):
+        super().__init__(write_interval="epoch")
+        self.output_file = output_file
+
+    def write_on_epoch_end(self, trainer: Trainer, pl_module, predictions, batch_indices) -> None:
+        category_ids = getattr(trainer.datamodule, "category_ids", None)
+        if category_ids is None:
+            raise ValueError("COCOPredictionWriter: the DataModule must provide `category_ids` (COCO id per label)")
+        results = []
+        for batch in predictions:
+            for image_id, det in zip(batch["image_ids"], batch["detections"]):
+                for box, score, label, mask in zip(det["boxes"].tolist(), det["scores"].tolist(),
+                                                   det["labels"].tolist(), det["masks"]):
+                    x1, y1, x2, y2 = box
+                    results.append({
+                        "image_id": image_id, "category_id": category_ids[label - 1],
+                        "bbox": [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)], "score": round(score, 4),
+                        "segmentation": _mask_to_rle(mask),
+                    })
+        path = Path(self.output_file or Path(trainer.log_dir or trainer.default_root_dir) / "predictions.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results))
