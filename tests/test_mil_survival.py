@@ -1,0 +1,68 @@
+"""Discrete-time survival loss, risk and the C-index Metric (checked against lifelines)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from lifelines.utils import concordance_index as lifelines_cindex
+
+from mamba2d.tasks.survival import ConcordanceIndex, concordance_index, discrete_time_nll, risk_score, survival_curve
+
+
+def test_nll_matches_the_likelihood_written_out():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 4)
+    bins = torch.tensor([0, 1, 3, 2, 0, 3])
+    censorship = torch.tensor([0, 1, 0, 1, 1, 0])
+    hazards = torch.sigmoid(logits)
+    expected = []
+    for h, y, c in zip(hazards, bins.tolist(), censorship.tolist()):
+        survive_before = math.prod(1 - h[j].item() for j in range(y))
+        if c == 0:  # died in bin y
+            expected.append(-math.log(survive_before * h[y].item()))
+        else:  # alive through bin y
+            expected.append(-math.log(survive_before * (1 - h[y].item())))
+    torch.testing.assert_close(discrete_time_nll(logits, bins, censorship), torch.tensor(np.mean(expected)).float())
+
+
+def test_nll_alpha_weights_the_uncensored_term_and_rejects_bad_bins():
+    logits, bins, cens = torch.randn(4, 4), torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 0, 1])
+    plain = discrete_time_nll(logits, bins, cens)
+    uncensored_only = discrete_time_nll(logits[[0, 2]], bins[[0, 2]], cens[[0, 2]]) * 2 / 4
+    torch.testing.assert_close(discrete_time_nll(logits, bins, cens, alpha=1.0), uncensored_only)
+    torch.testing.assert_close(discrete_time_nll(logits, bins, cens, alpha=0.0), plain)
+    with pytest.raises(ValueError, match="bins must lie in 0..3"):
+        discrete_time_nll(logits, torch.tensor([0, 1, 2, 4]), cens)
+
+
+def test_risk_is_minus_the_sum_of_the_survival_curve():
+    logits = torch.tensor([[-3.0, -3.0, -3.0, -3.0], [3.0, 3.0, 3.0, 3.0]])
+    s = survival_curve(logits)
+    assert torch.all(s[:, 1:] <= s[:, :-1])
+    torch.testing.assert_close(risk_score(logits), -s.sum(-1))
+    assert risk_score(logits)[1] > risk_score(logits)[0]  # high hazards = high risk
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cindex_metric_matches_lifelines_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    n = 150
+    time = rng.integers(1, 25, n).astype(float)  # many tied times
+    event = rng.integers(0, 2, n)
+    risk = np.round(rng.normal(size=n) - 0.05 * time, 1)  # some tied risks
+    metric = ConcordanceIndex()
+    for chunk in np.array_split(np.arange(n), 7):  # accumulated over batches
+        metric.update(torch.tensor(risk[chunk]), torch.tensor(time[chunk]), torch.tensor(event[chunk]))
+    expected = lifelines_cindex(time, -risk, event)  # lifelines scores are "higher = longer survival"
+    assert float(metric.compute()) == pytest.approx(expected, abs=1e-6)
+    assert float(concordance_index(torch.tensor(risk), torch.tensor(time), torch.tensor(event), chunk=13)) == \
+        pytest.approx(expected, abs=1e-12)
+
+
+def test_cindex_extremes():
+    time = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    event = torch.ones(4)
+    assert concordance_index(-time, time, event) == 1.0
+    assert concordance_index(time, time, event) == 0.0
+    assert math.isnan(concordance_index(time, time, torch.zeros(4)))  # no comparable pair

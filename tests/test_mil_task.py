@@ -1,0 +1,100 @@
+"""SlideMIL through the `mamba2d` CLI: every configs/wsi config, model selection on val, k-fold command."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mil_helpers import classification_folder, survival_folder
+
+from mamba2d.cli import build_cli as main
+from mamba2d.data.slides import SlideBagDataModule
+from mamba2d.tasks.mil import SlideMIL
+from mamba2d.wsi.cli import main as wsi_main
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "wsi").glob("*.yaml"))
+
+
+def data_args(folder: Path, csv: Path) -> list[str]:
+    return ["--data.init_args.features_dir", str(folder), "--data.init_args.csv_path", str(csv),
+            "--data.init_args.split_dir", "null", "--model.init_args.in_dim", "8"]
+
+
+def test_configs_cover_every_model_for_both_tasks():
+    names = {p.stem for p in CONFIGS}
+    for task in ("classification", "survival"):
+        for model in ("mamba_mil_2d", "mamba_mil_1d", "abmil", "transmil", "mean", "max"):
+            assert f"{task}_{model}" in names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_trains_validates_and_tests(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    survival = config.stem.startswith("survival")
+    folder = tmp_path / "bags"
+    folder.mkdir()
+    csv = survival_folder(folder) if survival else classification_folder(folder)
+    cli = main(["fit", "--config", str(config), *data_args(folder, csv), "--trainer.fast_dev_run", "1",
+                "--trainer.accelerator", "cpu"])
+    assert cli.model.model.head.out_features == (4 if survival else 2)  # survival: exactly 4 hazard logits
+    metrics = cli.trainer.callback_metrics
+    assert "train/loss" in metrics and np.isfinite(float(metrics["train/loss"]))
+    assert ("val/cindex" if survival else "val/auroc") in metrics
+
+
+def test_best_checkpoint_is_chosen_on_val_and_test_uses_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "bags"
+    folder.mkdir()
+    csv = classification_folder(folder, n=16)
+    config = Path(__file__).resolve().parents[1] / "configs" / "wsi" / "classification_abmil.yaml"
+    cli = main(["fit", "--config", str(config), *data_args(folder, csv), "--trainer.max_epochs", "3",
+                "--trainer.accelerator", "cpu", "--model.init_args.lr", "1e-2",
+                "--model.init_args.model_args", "{dim: 16, attn_dim: 8}"])
+    checkpoint = cli.trainer.checkpoint_callback
+    assert checkpoint.monitor == "val/auroc" and Path(checkpoint.best_model_path).name == "best.ckpt"
+    assert float(checkpoint.best_model_score) == max(float(s) for s in checkpoint.best_k_models.values())
+    (reported,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
+    # The same numbers by hand from the best checkpoint on the test split.
+    best = SlideMIL.load_from_checkpoint(checkpoint.best_model_path).eval()
+    data = SlideBagDataModule(str(folder), str(csv))
+    data.setup("test")
+    with torch.no_grad():
+        probs = torch.stack([best(bag).logits.softmax(-1) for bag in data.test_dataloader()])
+    labels = torch.tensor([r.label for r in data.records["test"]])
+    assert reported["test/acc"] == pytest.approx(float((probs.argmax(1) == labels).float().mean()), abs=1e-6)
+
+
+def test_task_and_output_mismatches_fail_early(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "bags"
+    folder.mkdir()
+    csv = classification_folder(folder)
+    config = Path(__file__).resolve().parents[1] / "configs" / "wsi" / "classification_mean.yaml"
+    with pytest.raises(ValueError, match="num_classes=3 but the data .* has 2"):
+        main(["fit", "--config", str(config), *data_args(folder, csv), "--trainer.fast_dev_run", "1",
+              "--model.init_args.num_classes", "3"])
+    with pytest.raises(ValueError, match="task='survival' but data.init_args.task='classification'"):
+        main(["fit", "--config", str(config), *data_args(folder, csv), "--trainer.fast_dev_run", "1",
+              "--model.init_args.task", "survival"])
+
+
+def test_kfold_command_prints_mean_and_std_over_folds(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "bags"
+    folder.mkdir()
+    csv = survival_folder(folder, cases=24)
+    assert wsi_main(["splits", "--csv", str(csv), "--task", "survival", "--folds", "3", "--out",
+                     str(tmp_path / "splits")]) == 0
+    config = Path(__file__).resolve().parents[1] / "configs" / "wsi" / "survival_mean.yaml"
+    code = wsi_main(["kfold", "--config", str(config), "--folds", "2", "--summary", str(tmp_path / "kfold.json"),
+                     "--", "--data.init_args.features_dir", str(folder), "--data.init_args.csv_path", str(csv),
+                     "--data.init_args.split_dir", str(tmp_path / "splits"), "--model.init_args.in_dim", "8",
+                     "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "fold 0: best checkpoint" in out and "fold 1: best checkpoint" in out
+    row = next(line for line in out.splitlines() if line.startswith("| test/cindex |"))
+    mean_std, per_fold = row.split("|")[2], row.split("|")[3]
+    assert "±" in mean_std and len(per_fold.split(",")) == 2
+    assert (tmp_path / "kfold.json").is_file()
