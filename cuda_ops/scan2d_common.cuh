@@ -50,7 +50,7 @@ __device__ __forceinline__ m2d_bf16 m2d_from_f<m2d_bf16>(float v) {
 // Largest block (must match MAX_THREADS in cuda_build.py) and occupancy targets that cap the registers.
 #define M2D_MAX_THREADS 256
 #ifndef M2D_FWD_MIN_BLOCKS
-#define M2D_FWD_MIN_BLOCKS 3
+#define M2D_FWD_MIN_BLOCKS 4
 #endif
 #ifndef M2D_BWD_MIN_BLOCKS
 #define M2D_BWD_MIN_BLOCKS 2
