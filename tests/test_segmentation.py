@@ -20,6 +20,7 @@ from mamba2d.tasks.segmentation import class_palette
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "segmentation"
 
+
 # Shrinks the ADE20K recipe to 3 classes, 64 px images and a small decoder so it runs on CPU in seconds.
 def small_args(root: Path, crop: int = 48) -> list[str]:
     return [
@@ -165,3 +166,10 @@ def test_overfits_simple_shapes_to_miou_090(in_tmp):
     assert acc >= 0.95
     losses = [float(r["train/loss"]) for r in read_metrics(in_tmp / "runs") if r.get("train/loss")]
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_model_and_data_class_counts_must_agree(in_tmp):
+    root = make_ade20k(in_tmp, n_train=2, n_val=1, size=64)
+    with pytest.raises(ValueError, match="num_classes=150 but the data .* has num_classes=3"):
+        build_cli(["fit", "--config", str(CONFIGS / "ade20k_upernet_vmamba2d_tiny.yaml"), *small_args(root),
+                   "--model.init_args.num_classes", "150", "--trainer.fast_dev_run", "1"])

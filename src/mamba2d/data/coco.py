@@ -30,37 +30,40 @@ from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
-__all__ = ["COCOInstances", "COCODataModule", "check_coco_annotations"]
+__all__ = ["COCOInstances", "COCODataModule", "check_coco_annotations", "load_coco_json"]
 
 TARGET_KEYS = ("image_id", "boxes", "labels", "masks", "iscrowd")
 
 
-def check_coco_annotations(annotation_file: str | Path) -> dict:
-    """Load a COCO instances JSON and check its references; returns the parsed JSON."""
+def load_coco_json(annotation_file: str | Path) -> dict:
     path = Path(annotation_file)
     if not path.is_file():
         raise FileNotFoundError(f"COCO annotation file not found: {path}")
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+def check_coco_annotations(data: dict, annotation_file: str | Path) -> None:
+    """Check that a parsed COCO instances file is complete and that its annotations name known images/categories."""
     for key in ("images", "categories"):
         if key not in data:
-            raise ValueError(f"{path}: missing the '{key}' list of a COCO instances file")
-    image_ids = {image["id"] for image in data["images"]}
-    category_ids = {category["id"] for category in data["categories"]}
-    if not category_ids:
-        raise ValueError(f"{path}: the 'categories' list is empty")
+            raise ValueError(f"{annotation_file}: missing the '{key}' list of a COCO instances file")
+    if not data["categories"]:
+        raise ValueError(f"{annotation_file}: the 'categories' list is empty")
     annotations = data.get("annotations", [])
-    unknown_images = sorted({a["image_id"] for a in annotations} - image_ids)
+    unknown_images = sorted({a["image_id"] for a in annotations} - {image["id"] for image in data["images"]})
     if unknown_images:
         raise ValueError(
-            f"{path}: {len(unknown_images)} annotated image id(s) are not in 'images': {unknown_images[:10]}"
+            f"{annotation_file}: {len(unknown_images)} annotated image id(s) are not in 'images': {unknown_images[:10]}"
         )
-    unknown_categories = sorted({a["category_id"] for a in annotations} - category_ids)
+    known_categories = {category["id"] for category in data["categories"]}
+    unknown_categories = sorted({a["category_id"] for a in annotations} - known_categories)
     if unknown_categories:
-        raise ValueError(f"{path}: annotations use category id(s) not in 'categories': {unknown_categories[:10]}")
-    return data
+        raise ValueError(
+            f"{annotation_file}: annotations use category id(s) not in 'categories': {unknown_categories[:10]}"
+        )
 
 
 class COCOInstances(Dataset):
@@ -72,11 +75,14 @@ class COCOInstances(Dataset):
 
     def __init__(self, images: str | Path, annotation_file: str | Path, train: bool = False, transform=None,
                  drop_empty: bool = True):
-        data = check_coco_annotations(annotation_file)
+        if not Path(annotation_file).is_file():
+            raise FileNotFoundError(f"COCO annotation file not found: {annotation_file}")
         if not Path(images).is_dir():
             raise FileNotFoundError(f"COCO image folder not found: {images}")
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
             coco = CocoDetection(str(images), str(annotation_file))
+        data = coco.coco.dataset  # parsed once, by pycocotools (COCO train is ~450 MB of JSON)
+        check_coco_annotations(data, annotation_file)
         self.coco = wrap_dataset_for_transforms_v2(coco, target_keys=TARGET_KEYS)
         self.category_ids = sorted(c["id"] for c in data["categories"])
         self.category_names = {c["id"]: c["name"] for c in data["categories"]}
@@ -171,9 +177,10 @@ class COCODataModule(LightningDataModule):
         self.save_hyperparameters()
         self.root = Path(root)
         # Read the categories now: the model's num_classes is checked against them and predictions need them.
-        source = val_annotations if predict_annotations is None else predict_annotations
-        categories = check_coco_annotations(self.root / source)["categories"]
-        self.category_ids = sorted(c["id"] for c in categories)
+        source = self.root / (val_annotations if predict_annotations is None else predict_annotations)
+        data = load_coco_json(source)
+        check_coco_annotations(data, source)
+        self.category_ids = sorted(c["id"] for c in data["categories"])
 
     @property
     def num_classes(self) -> int:
