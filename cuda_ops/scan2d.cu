@@ -14,7 +14,8 @@
 #include "scan2d_common.cuh"
 
 // Address of scan-frame row p0 (+ r * step) of the thread's column in a (.., H, W) tensor with strides (sh, sw).
-#define M2D_ROW0(base, sh, sw) ((base) + (m2d_i64)i0 * (sh) + (m2d_i64)j * (sw))
+// In-map offsets are 32-bit (the launcher guarantees they fit); batch/channel offsets are folded into base pointers.
+#define M2D_OFF(sh, sw) (i0 * (sh) + j * (sw))
 #define M2D_STEP(sh) (fr ? -(sh) : (sh))
 
 template <typename T, typename TO>
@@ -23,10 +24,10 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_FWD_MIN_BLOCKS)
                        const T* __restrict__ Bm, const T* __restrict__ Cm, const float* __restrict__ A,
                        const float* __restrict__ Dv, const float* __restrict__ dbias, const int* __restrict__ dirs,
                        TO* __restrict__ y, float* __restrict__ ckv, float* __restrict__ ckh, int dim, int H, int W,
-                       int G, int N, int softplus, m2d_i64 su_b, m2d_i64 su_d, m2d_i64 su_h, m2d_i64 su_w,
-                       m2d_i64 sd_b, m2d_i64 sd_d, m2d_i64 sd_h, m2d_i64 sd_w, m2d_i64 sz_b, m2d_i64 sz_d,
-                       m2d_i64 sz_h, m2d_i64 sz_w, m2d_i64 sB_b, m2d_i64 sB_g, m2d_i64 sB_n, m2d_i64 sB_h,
-                       m2d_i64 sB_w, m2d_i64 sC_b, m2d_i64 sC_g, m2d_i64 sC_n, m2d_i64 sC_h, m2d_i64 sC_w, int S,
+                       int G, int N, int softplus, m2d_i64 su_b, m2d_i64 su_d, int su_h, int su_w,
+                       m2d_i64 sd_b, m2d_i64 sd_d, int sd_h, int sd_w, m2d_i64 sz_b, m2d_i64 sz_d,
+                       int sz_h, int sz_w, m2d_i64 sB_b, m2d_i64 sB_g, int sB_n, int sB_h,
+                       int sB_w, m2d_i64 sC_b, m2d_i64 sC_g, int sC_n, int sC_h, int sC_w, int S,
                        int WPM, int CH, int ntiles, int nbands) {
     extern __shared__ float m2d_smem[];
     const M2DCtx c = m2d_make_ctx(dim, H, W, G, N, S, WPM, CH, ntiles, nbands);
@@ -41,8 +42,13 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_FWD_MIN_BLOCKS)
     const m2d_i64 map = (m2d_i64)c.b * dim + d;
     const float Dd = (Dv != nullptr && c.slot_ok) ? Dv[d] : 0.f;
     const float bias = (dbias != nullptr && c.slot_ok) ? dbias[d] : 0.f;
-    const m2d_i64 ub = c.b * su_b + d * su_d, db = c.b * sd_b + d * sd_d, zb = c.b * sz_b + d * sz_d;
-    const m2d_i64 Bb = c.b * sB_b + c.g * sB_g, Cb = c.b * sC_b + c.g * sC_g;
+    const T* ubp = u + (c.b * su_b + d * su_d);
+    const T* dbp_ = delta + (c.b * sd_b + d * sd_d);
+    const T* zbp = z != nullptr ? z + (c.b * sz_b + d * sz_d) : nullptr;
+    const T* Bbp = Bm + (c.b * sB_b + c.g * sB_g);
+    const T* Cbp = Cm + (c.b * sC_b + c.g * sC_g);
+    TO* ybp = y != nullptr ? y + map * ((m2d_i64)H * W) : nullptr;
+    float* ckvp = ckv != nullptr ? ckv + map * nbands * N * W : nullptr;
 
     for (int tile = 0; tile < ntiles; ++tile) {
         const int q = tile * c.TWs + c.col;
@@ -55,18 +61,15 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_FWD_MIN_BLOCKS)
             const int i0 = fr ? (H - 1 - p0) : p0;
             float dt[M2D_R], dtu[M2D_R], yacc[M2D_R];
             {
-                const T* pu = u + M2D_ROW0(ub, su_h, su_w);
-                const T* pd = delta + M2D_ROW0(db, sd_h, sd_w);
-                const m2d_i64 stu = M2D_STEP(su_h), std_ = M2D_STEP(sd_h);
+                const int ou = M2D_OFF(su_h, su_w), od = M2D_OFF(sd_h, sd_w);
+                const int stu = M2D_STEP(su_h), std_ = M2D_STEP(sd_h);
 #pragma unroll
                 for (int r = 0; r < M2D_R; ++r) {
                     float uu = 0.f, dl = 0.f;
                     if (r < nrow) {
-                        uu = m2d_to_f(*pu);
-                        dl = m2d_to_f(*pd);
+                        uu = m2d_to_f(ubp[ou + r * stu]);
+                        dl = m2d_to_f(dbp_[od + r * std_]);
                     }
-                    pu += stu;
-                    pd += std_;
                     const float v = dl + bias;
                     const float t = r < nrow ? (softplus ? m2d_softplus(v) : v) : 0.f;
                     dt[r] = t;
@@ -78,9 +81,9 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_FWD_MIN_BLOCKS)
                 const float An2 = c.slot_ok ? A[(m2d_i64)d * N + n] * M2D_LOG2E : 0.f;
                 float a[M2D_R], v[M2D_R], cc[M2D_R];
                 {
-                    const T* pb = Bm + M2D_ROW0(Bb + n * sB_n, sB_h, sB_w);
-                    const T* pc = Cm + M2D_ROW0(Cb + n * sC_n, sC_h, sC_w);
-                    const m2d_i64 stb = M2D_STEP(sB_h), stc = M2D_STEP(sC_h);
+                    const T* pb = Bbp + (n * sB_n + M2D_OFF(sB_h, sB_w));
+                    const T* pc = Cbp + (n * sC_n + M2D_OFF(sC_h, sC_w));
+                    const int stb = M2D_STEP(sB_h), stc = M2D_STEP(sC_h);
                     const int ncrow = y != nullptr ? nrow : 0;
 #pragma unroll
                     for (int r = 0; r < M2D_R; ++r) {
@@ -91,7 +94,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_FWD_MIN_BLOCKS)
                     }
                 }
                 float cv = carry[n * c.nthr + c.tid];
-                if (ckv != nullptr && col_ok) ckv[((map * nbands + band) * N + n) * W + q] = cv;
+                if (ckvp != nullptr && col_ok) ckvp[(band * N + n) * W + q] = cv;
                 if (!vh) {
                     m2d_rowscan_fwd(c, a, v, aggM, aggV, cinb, ckh, true, tile, n, p0);
 #pragma unroll
@@ -112,9 +115,9 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_FWD_MIN_BLOCKS)
                 for (int r = 0; r < M2D_R; ++r) yacc[r] = fmaf(cc[r], v[r], yacc[r]);  // v now holds h
             }
             if (y != nullptr) {
-                TO* py = y + map * ((m2d_i64)H * W) + (m2d_i64)i0 * W + j;
-                const T* pz = z != nullptr ? z + M2D_ROW0(zb, sz_h, sz_w) : nullptr;
-                const m2d_i64 sty = fr ? -(m2d_i64)W : (m2d_i64)W, stz = M2D_STEP(sz_h);
+                TO* py = ybp + (i0 * W + j);
+                const T* pz = zbp != nullptr ? zbp + M2D_OFF(sz_h, sz_w) : nullptr;
+                const int sty = fr ? -W : W, stz = M2D_STEP(sz_h);
 #pragma unroll
                 for (int r = 0; r < M2D_R; ++r) {
                     if (r < nrow) {
@@ -139,10 +142,10 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
     float* __restrict__ ckh, float* __restrict__ dck, T* __restrict__ du, T* __restrict__ ddelta,
     T* __restrict__ dz, float* __restrict__ dBp, float* __restrict__ dCp, float* __restrict__ dAp,
     float* __restrict__ dDp, float* __restrict__ dbp, int dim, int H, int W, int G, int N, int softplus,
-    m2d_i64 su_b, m2d_i64 su_d, m2d_i64 su_h, m2d_i64 su_w, m2d_i64 sd_b, m2d_i64 sd_d, m2d_i64 sd_h, m2d_i64 sd_w,
-    m2d_i64 sz_b, m2d_i64 sz_d, m2d_i64 sz_h, m2d_i64 sz_w, m2d_i64 so_b, m2d_i64 so_d, m2d_i64 so_h, m2d_i64 so_w,
-    m2d_i64 sB_b, m2d_i64 sB_g, m2d_i64 sB_n, m2d_i64 sB_h, m2d_i64 sB_w, m2d_i64 sC_b, m2d_i64 sC_g, m2d_i64 sC_n,
-    m2d_i64 sC_h, m2d_i64 sC_w, int S, int WPM, int CH, int ntiles, int nbands) {
+    m2d_i64 su_b, m2d_i64 su_d, int su_h, int su_w, m2d_i64 sd_b, m2d_i64 sd_d, int sd_h, int sd_w,
+    m2d_i64 sz_b, m2d_i64 sz_d, int sz_h, int sz_w, m2d_i64 so_b, m2d_i64 so_d, int so_h, int so_w,
+    m2d_i64 sB_b, m2d_i64 sB_g, int sB_n, int sB_h, int sB_w, m2d_i64 sC_b, m2d_i64 sC_g, int sC_n,
+    int sC_h, int sC_w, int S, int WPM, int CH, int ntiles, int nbands) {
     extern __shared__ float m2d_smem[];
     const M2DCtx c = m2d_make_ctx(dim, H, W, G, N, S, WPM, CH, ntiles, nbands);
     float* vcar = m2d_smem;                     // [N][nthr] adjoint vertical carry
@@ -159,12 +162,21 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
     const m2d_i64 map = (m2d_i64)c.b * dim + d;
     const float Dd = (Dv != nullptr && c.slot_ok) ? Dv[d] : 0.f;
     const float bias = (dbias != nullptr && c.slot_ok) ? dbias[d] : 0.f;
-    const m2d_i64 ub = c.b * su_b + d * su_d, db = c.b * sd_b + d * sd_d, zb = c.b * sz_b + d * sz_d;
-    const m2d_i64 ob = c.b * so_b + d * so_d;
-    const m2d_i64 Bb = c.b * sB_b + c.g * sB_g, Cb = c.b * sC_b + c.g * sC_g;
+    const T* ubp = u + (c.b * su_b + d * su_d);
+    const T* dbp_ = delta + (c.b * sd_b + d * sd_d);
+    const T* zbp = z != nullptr ? z + (c.b * sz_b + d * sz_d) : nullptr;
+    const TO* obp = dout + (c.b * so_b + d * so_d);
+    const T* Bbp = Bm + (c.b * sB_b + c.g * sB_g);
+    const T* Cbp = Cm + (c.b * sC_b + c.g * sC_g);
     const m2d_i64 HW = (m2d_i64)H * W;
     const int cpg = (c.dg + CH - 1) / CH;
     const m2d_i64 pbase = ((m2d_i64)c.b * G + c.g) * cpg + c.chunk;  // partial dB/dC slice of this block
+    float* dBpp = dBp + pbase * N * HW;
+    float* dCpp = dCp + pbase * N * HW;
+    const float* ckvp = ckv + map * nbands * N * W;
+    T* dup = du + map * HW;
+    T* ddp = ddelta + map * HW;
+    T* dzp = dz != nullptr ? dz + map * HW : nullptr;
 
     for (int n = 0; n < N; ++n) dAacc[n * c.nthr + c.tid] = 0.0;
     double dD_acc = 0.0, db_acc = 0.0;  // long sums with cancellation: accumulate in double
@@ -180,12 +192,11 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
             const int i0 = fr ? (H - 1 - p0) : p0;
             float uu[M2D_R], dt[M2D_R], dy[M2D_R], ddt[M2D_R], dux[M2D_R], yrec[M2D_R];
             {
-                const T* pu = u + M2D_ROW0(ub, su_h, su_w);
-                const T* pd = delta + M2D_ROW0(db, sd_h, sd_w);
-                const TO* po = dout + M2D_ROW0(ob, so_h, so_w);
-                const T* pz = z != nullptr ? z + M2D_ROW0(zb, sz_h, sz_w) : nullptr;
-                const m2d_i64 stu = M2D_STEP(su_h), std_ = M2D_STEP(sd_h), sto = M2D_STEP(so_h),
-                              stz = M2D_STEP(sz_h);
+                const T* pu = ubp + M2D_OFF(su_h, su_w);
+                const T* pd = dbp_ + M2D_OFF(sd_h, sd_w);
+                const TO* po = obp + M2D_OFF(so_h, so_w);
+                const T* pz = zbp != nullptr ? zbp + M2D_OFF(sz_h, sz_w) : nullptr;
+                const int stu = M2D_STEP(su_h), std_ = M2D_STEP(sd_h), sto = M2D_STEP(so_h), stz = M2D_STEP(sz_h);
 #pragma unroll
                 for (int r = 0; r < M2D_R; ++r) {
                     float x = 0.f, dl = 0.f, go = 0.f;
@@ -212,9 +223,9 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                 const float An2 = An * M2D_LOG2E;
                 float a[M2D_R], bv[M2D_R], g[M2D_R], h[M2D_R], dh[M2D_R], dg[M2D_R];
                 {
-                    const T* pb = Bm + M2D_ROW0(Bb + n * sB_n, sB_h, sB_w);
-                    const T* pc = Cm + M2D_ROW0(Cb + n * sC_n, sC_h, sC_w);
-                    const m2d_i64 stb = M2D_STEP(sB_h), stc = M2D_STEP(sC_h);
+                    const T* pb = Bbp + (n * sB_n + M2D_OFF(sB_h, sB_w));
+                    const T* pc = Cbp + (n * sC_n + M2D_OFF(sC_h, sC_w));
+                    const int stb = M2D_STEP(sB_h), stc = M2D_STEP(sC_h);
 #pragma unroll
                     for (int r = 0; r < M2D_R; ++r) {
                         bv[r] = r < nrow ? m2d_to_f(pb[r * stb]) : 0.f;
@@ -223,7 +234,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                     }
                 }
                 // Recompute the forward states of this band from the checkpoints.
-                float cv = col_ok ? ckv[((map * nbands + band) * N + n) * W + q] : 0.f;
+                float cv = col_ok ? ckvp[(band * N + n) * W + q] : 0.f;
                 if (!vh) {
 #pragma unroll
                     for (int r = 0; r < M2D_R; ++r) g[r] = __fmul_rn(__fmul_rn(dt[r], uu[r]), bv[r]);
@@ -281,9 +292,9 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                 }
                 dAacc[n * c.nthr + c.tid] += (double)dAl;
                 if (CH == 1) {
-                    float* pB = dBp + ((pbase * N + n) * H + i0) * W + j;
-                    float* pC = dCp + ((pbase * N + n) * H + i0) * W + j;
-                    const m2d_i64 st = fr ? -(m2d_i64)W : (m2d_i64)W;
+                    float* pB = dBpp + ((n * H + i0) * W + j);
+                    float* pC = dCpp + ((n * H + i0) * W + j);
+                    const int st = fr ? -W : W;
 #pragma unroll
                     for (int r = 0; r < M2D_R; ++r) {
                         if (r < nrow) {
@@ -308,33 +319,33 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                                 sc += redC[(s * M2D_R + r) * c.TWs + cc];
                             }
                             const int i = fr ? (H - 1 - p) : p, jj = fc ? (W - 1 - qq) : qq;
-                            const m2d_i64 k = ((pbase * N + n) * H + i) * W + jj;
-                            dBp[k] = sb;
-                            dCp[k] = sc;
+                            const int k = (n * H + i) * W + jj;
+                            dBpp[k] = sb;
+                            dCpp[k] = sc;
                         }
                     }
                     __syncthreads();
                 }
             }
             {
-                const T* pd = delta + M2D_ROW0(db, sd_h, sd_w);
-                const T* pz = z != nullptr ? z + M2D_ROW0(zb, sz_h, sz_w) : nullptr;
-                const TO* po = dout + M2D_ROW0(ob, so_h, so_w);
-                const m2d_i64 std_ = M2D_STEP(sd_h), stz = M2D_STEP(sz_h), sto = M2D_STEP(so_h);
-                const m2d_i64 k0 = map * HW + (m2d_i64)i0 * W + j, sty = fr ? -(m2d_i64)W : (m2d_i64)W;
+                const T* pd = dbp_ + M2D_OFF(sd_h, sd_w);
+                const T* pz = zbp != nullptr ? zbp + M2D_OFF(sz_h, sz_w) : nullptr;
+                const TO* po = obp + M2D_OFF(so_h, so_w);
+                const int std_ = M2D_STEP(sd_h), stz = M2D_STEP(sz_h), sto = M2D_STEP(so_h);
+                const int k0 = i0 * W + j, sty = fr ? -W : W;
 #pragma unroll
                 for (int r = 0; r < M2D_R; ++r) {
                     if (r < nrow) {
-                        const m2d_i64 k = k0 + r * sty;
+                        const int k = k0 + r * sty;
                         const float v = m2d_to_f(pd[r * std_]) + bias;
                         const float ddl = softplus ? ddt[r] * m2d_softplus_grad(v) : ddt[r];
-                        du[k] = m2d_from_f<T>(dux[r]);
-                        ddelta[k] = m2d_from_f<T>(ddl);
+                        dup[k] = m2d_from_f<T>(dux[r]);
+                        ddp[k] = m2d_from_f<T>(ddl);
                         if (pz != nullptr) {
                             const float zz = m2d_to_f(pz[r * stz]);
                             const float go = m2d_to_f(po[r * sto]);
                             const float s = m2d_sigmoid(zz);
-                            dz[k] = m2d_from_f<T>(go * yrec[r] * s * (1.f + zz * (1.f - s)));
+                            dzp[k] = m2d_from_f<T>(go * yrec[r] * s * (1.f + zz * (1.f - s)));
                         }
                         dD_acc += (double)(dy[r] * uu[r]);
                         db_acc += (double)ddl;

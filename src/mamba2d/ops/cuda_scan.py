@@ -115,12 +115,43 @@ def _ptr(t: torch.Tensor | None):
     return np.uint64(0 if t is None else t.data_ptr())
 
 
+_INT32_MAX = 2**31 - 1
+
+
 def _strides(t: torch.Tensor | None, ndim: int):
+    """Kernel stride arguments: the leading two (batch, channel/group) as int64, the in-map ones as int32."""
     import numpy as np
 
     if t is None:
-        return tuple(np.int64(0) for _ in range(ndim))
-    return tuple(np.int64(s) for s in t.stride())
+        return tuple(np.int64(0) for _ in range(2)) + tuple(np.int32(0) for _ in range(ndim - 2))
+    st = t.stride()
+    return tuple(np.int64(s) for s in st[:2]) + tuple(np.int32(s) for s in st[2:])
+
+
+def _in_map_span(t: torch.Tensor) -> int:
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[2:], t.stride()[2:]))
+
+
+def _fit_int32(t: torch.Tensor | None, name: str) -> torch.Tensor | None:
+    """The kernels index within one (batch, channel) map with 32-bit offsets: copy exotic layouts that overflow."""
+    if t is None or _in_map_span(t) <= _INT32_MAX:
+        return t
+    t = t.contiguous()
+    if _in_map_span(t) > _INT32_MAX:
+        raise ValueError(f"selective_scan_2d(backend='cuda'): {name} has {t[0, 0].numel()} elements per map; "
+                         f"the CUDA kernels support at most {_INT32_MAX}")
+    return t
+
+
+def _check_sizes(u: torch.Tensor, B: torch.Tensor, cfg) -> None:
+    _, _, height, width = u.shape
+    d_state = B.shape[2]
+    worst = max(d_state * height * width, cfg.nbands * d_state * width)
+    if worst > _INT32_MAX:
+        raise ValueError(
+            f"selective_scan_2d(backend='cuda'): N*H*W = {d_state}*{height}*{width} is too large for the CUDA "
+            f"kernels (at most {_INT32_MAX})"
+        )
 
 
 def _dirs_tensor(codes: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -162,6 +193,8 @@ def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, ou
     batch, dim, height, width = u.shape
     groups, d_state = B.shape[1], B.shape[2]
     cfg = _geometry(u, B)
+    _check_sizes(u, B, cfg)
+    u, delta, z, B, C = (_fit_int32(t, n) for t, n in ((u, "u"), (delta, "delta"), (z, "z"), (B, "B"), (C, "C")))
     device = u.device
     ckv_n, ckh_n = cuda_build.checkpoint_sizes(batch, dim, height, width, groups, d_state)
     out_dtype = torch.float32 if out_fp32 else u.dtype
@@ -188,6 +221,9 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
     batch, dim, height, width = u.shape
     groups, d_state = B.shape[1], B.shape[2]
     cfg = _geometry(u, B)
+    _check_sizes(u, B, cfg)
+    u, delta, z, B, C, dout = (_fit_int32(t, n) for t, n in ((u, "u"), (delta, "delta"), (z, "z"), (B, "B"),
+                                                              (C, "C"), (dout, "dout")))
     device = u.device
     out_fp32 = dout.dtype == torch.float32
     if dout.dtype not in (torch.float32, u.dtype):
