@@ -32,8 +32,9 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_FWD_MIN_BLOCKS)
     extern __shared__ float m2d_smem[];
     const M2DCtx c = m2d_make_ctx(dim, H, W, G, N, S, WPM, CH, ntiles, nbands);
     float* carry = m2d_smem;                    // [N][nthr] vertical state per thread and state
-    float* agg = carry + (m2d_i64)N * c.nthr;  // M2D_AGG_FLOATS(CH, WPM)
-    int parity = 0;
+    float* aggM = carry + (m2d_i64)N * c.nthr;  // [CH][WPM][R]
+    float* aggV = aggM + CH * WPM * M2D_R;
+    float* cinb = aggV + CH * WPM * M2D_R;
 
     const int d = c.g * c.dg + (c.slot_ok ? c.chunk * CH + c.slot : 0);
     const int code = dirs[c.g];
@@ -95,7 +96,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_FWD_MIN_BLOCKS)
                 float cv = carry[n * c.nthr + c.tid];
                 if (ckvp != nullptr && col_ok) ckvp[(band * N + n) * W + q] = cv;
                 if (!vh) {
-                    m2d_rowscan_fwd(c, a, v, agg, parity, ckh, true, tile, n, p0);
+                    m2d_rowscan_fwd(c, a, v, aggM, aggV, cinb, ckh, true, tile, n, p0);
 #pragma unroll
                     for (int r = 0; r < M2D_R; ++r) {
                         cv = fmaf(a[r], cv, v[r]);
@@ -107,7 +108,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_FWD_MIN_BLOCKS)
                         cv = fmaf(a[r], cv, v[r]);
                         v[r] = cv;
                     }
-                    m2d_rowscan_fwd(c, a, v, agg, parity, ckh, true, tile, n, p0);
+                    m2d_rowscan_fwd(c, a, v, aggM, aggV, cinb, ckh, true, tile, n, p0);
                 }
                 carry[n * c.nthr + c.tid] = cv;
 #pragma unroll
@@ -149,9 +150,10 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
     const M2DCtx c = m2d_make_ctx(dim, H, W, G, N, S, WPM, CH, ntiles, nbands);
     float* vcar = m2d_smem;                     // [N][nthr] adjoint vertical carry
     double* dAacc = reinterpret_cast<double*>(vcar + (m2d_i64)N * c.nthr);  // [N][nthr] per-thread dA sums
-    float* agg = reinterpret_cast<float*>(dAacc + (m2d_i64)N * c.nthr);  // M2D_AGG_FLOATS(CH, WPM)
-    int parity = 0;
-    float* redB = agg + M2D_AGG_FLOATS(CH, WPM);  // [CH][R][TWs] (only when CH > 1)
+    float* aggM = reinterpret_cast<float*>(dAacc + (m2d_i64)N * c.nthr);  // [CH][WPM][R]
+    float* aggV = aggM + CH * WPM * M2D_R;
+    float* cinb = aggV + CH * WPM * M2D_R;
+    float* redB = cinb + CH * WPM * M2D_R;  // [CH][R][TWs] (only when CH > 1)
     float* redC = redB + CH * M2D_R * c.TWs;
 
     const int d = c.g * c.dg + (c.slot_ok ? c.chunk * CH + c.slot : 0);
@@ -236,7 +238,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                 if (!vh) {
 #pragma unroll
                     for (int r = 0; r < M2D_R; ++r) g[r] = __fmul_rn(__fmul_rn(dt[r], uu[r]), bv[r]);
-                    m2d_rowscan_fwd(c, a, g, agg, parity, ckh, false, tile, n, p0);
+                    m2d_rowscan_fwd(c, a, g, aggM, aggV, cinb, ckh, false, tile, n, p0);
 #pragma unroll
                     for (int r = 0; r < M2D_R; ++r) {
                         cv = fmaf(a[r], cv, g[r]);
@@ -249,7 +251,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                         g[r] = cv;
                         h[r] = cv;
                     }
-                    m2d_rowscan_fwd(c, a, h, agg, parity, ckh, false, tile, n, p0);
+                    m2d_rowscan_fwd(c, a, h, aggM, aggV, cinb, ckh, false, tile, n, p0);
                 }
 #pragma unroll
                 for (int r = 0; r < M2D_R; ++r) {
@@ -264,9 +266,9 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                         dh[r] += tc;
                         tc = a[r] * dh[r];
                     }
-                    m2d_rowscan_rev(c, a, dh, dg, agg, parity, dck, tile, n, p0);
+                    m2d_rowscan_rev(c, a, dh, dg, aggM, aggV, cinb, dck, tile, n, p0);
                 } else {
-                    m2d_rowscan_rev(c, a, dh, dg, agg, parity, dck, tile, n, p0);
+                    m2d_rowscan_rev(c, a, dh, dg, aggM, aggV, cinb, dck, tile, n, p0);
 #pragma unroll
                     for (int r = 0; r < M2D_R; ++r) dh[r] = dg[r];  // row adjoint is dh
 #pragma unroll

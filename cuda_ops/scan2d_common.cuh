@@ -126,17 +126,13 @@ __device__ __forceinline__ M2DCtx m2d_make_ctx(int dim, int H, int W, int G, int
     return c;
 }
 
-// Cross-warp combine buffers: two alternating [2][CH][WPM][R] (product, value) sets, so one barrier per scan suffices
-// (a warp may only overwrite a set after every warp passed the next scan's barrier, i.e. finished reading it).
-#define M2D_AGG_FLOATS(CH, WPM) (4 * (CH) * (WPM) * M2D_R)
-
 // Inclusive forward scan along the row (increasing q) of v[r] = a[r] * v_left + v[r] for the M2D_R rows of a band,
 // across the lanes of a slot, then across its warps and tiles. Tile carries (the running value just left of the
 // tile, per slot, state and row) live in ckh[((map * ntiles + tile) * N + n) * H + p]; write_ckh stores the carry
 // for the next tile. Must be called by every thread of the block (it may synchronise).
 __device__ __forceinline__ void m2d_rowscan_fwd(const M2DCtx& c, const float (&a)[M2D_R], float (&v)[M2D_R],
-                                                float* agg, int& parity, float* ckh, bool write_ckh, int tile, int n,
-                                                int p0) {
+                                                float* aggM, float* aggV, float* cinb, float* ckh, bool write_ckh,
+                                                int tile, int n, int p0) {
     float m[M2D_R];
 #pragma unroll
     for (int r = 0; r < M2D_R; ++r) m[r] = a[r];
@@ -152,39 +148,38 @@ __device__ __forceinline__ void m2d_rowscan_fwd(const M2DCtx& c, const float (&a
         }
     }
     if (!c.xcarry) return;
-    const int cwr = c.CH * c.WPM * M2D_R;
-    float* aggM = agg + parity * 2 * cwr;
-    float* aggV = aggM + cwr;
-    parity ^= 1;
-    const int base = c.slot * c.WPM * M2D_R;
     if (c.seg == c.S - 1) {
 #pragma unroll
         for (int r = 0; r < M2D_R; ++r) {
-            aggM[base + c.wim * M2D_R + r] = m[r];
-            aggV[base + c.wim * M2D_R + r] = v[r];
+            aggM[(c.slot * c.WPM + c.wim) * M2D_R + r] = m[r];
+            aggV[(c.slot * c.WPM + c.wim) * M2D_R + r] = v[r];
         }
     }
     __syncthreads();
-    const m2d_i64 map = (m2d_i64)c.b * c.dim + (m2d_i64)c.g * c.dg + (c.slot_ok ? c.chunk * c.CH + c.slot : 0);
-    const bool last = c.slot_ok && c.wim == c.WPM - 1 && c.seg == c.S - 1;
-#pragma unroll
-    for (int r = 0; r < M2D_R; ++r) {
-        const int p = p0 + r;
+    if (c.tid < c.CH * M2D_R) {
+        const int s = c.tid / M2D_R, r = c.tid - s * M2D_R, p = p0 + r;
+        const int chan = c.chunk * c.CH + s;
+        const bool ok = chan < c.dg && p < c.H;
+        const m2d_i64 map = (m2d_i64)c.b * c.dim + (m2d_i64)c.g * c.dg + chan;
         float carry = 0.f;
-        if (tile > 0 && c.slot_ok && p < c.H) carry = ckh[((map * c.ntiles + tile) * c.N + n) * c.H + p];
-        for (int w = 0; w < c.wim; ++w) carry = fmaf(aggM[base + w * M2D_R + r], carry, aggV[base + w * M2D_R + r]);
-        v[r] = fmaf(m[r], carry, v[r]);
-        if (write_ckh && last && tile + 1 < c.ntiles && p < c.H)
-            ckh[((map * c.ntiles + tile + 1) * c.N + n) * c.H + p] = v[r];
+        if (ok && tile > 0) carry = ckh[((map * c.ntiles + tile) * c.N + n) * c.H + p];
+        for (int w = 0; w < c.WPM; ++w) {
+            const int k = (s * c.WPM + w) * M2D_R + r;
+            cinb[k] = carry;
+            carry = fmaf(aggM[k], carry, aggV[k]);
+        }
+        if (ok && write_ckh && tile + 1 < c.ntiles) ckh[((map * c.ntiles + tile + 1) * c.N + n) * c.H + p] = carry;
     }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < M2D_R; ++r) v[r] = fmaf(m[r], cinb[(c.slot * c.WPM + c.wim) * M2D_R + r], v[r]);
 }
 
 // Reverse (decreasing q) adjoint scan along the row: out[q] = x[q] + t[q+1] with t[q] = a[q] * (x[q] + t[q+1]).
-// The carry between tiles (t at the first column of the tile to the right) lives in a two-slot buffer
-// dck[((map * 2 + tile % 2) * N + n) * H + p] (read by the whole slot, written by one thread).
+// The carry between tiles (t at the first column of the tile to the right) lives in dck[(map * N + n) * H + p].
 __device__ __forceinline__ void m2d_rowscan_rev(const M2DCtx& c, const float (&a)[M2D_R], const float (&x)[M2D_R],
-                                                float (&out)[M2D_R], float* agg, int& parity, float* dck, int tile,
-                                                int n, int p0) {
+                                                float (&out)[M2D_R], float* aggM, float* aggV, float* cinb,
+                                                float* dck, int tile, int n, int p0) {
     float m[M2D_R], v[M2D_R], cin[M2D_R];
 #pragma unroll
     for (int r = 0; r < M2D_R; ++r) {
@@ -203,39 +198,38 @@ __device__ __forceinline__ void m2d_rowscan_rev(const M2DCtx& c, const float (&a
             }
         }
     }
-    const m2d_i64 map = (m2d_i64)c.b * c.dim + (m2d_i64)c.g * c.dg + (c.slot_ok ? c.chunk * c.CH + c.slot : 0);
     if (c.xcarry) {
-        const int cwr = c.CH * c.WPM * M2D_R;
-        float* aggM = agg + parity * 2 * cwr;
-        float* aggV = aggM + cwr;
-        parity ^= 1;
-        const int base = c.slot * c.WPM * M2D_R;
         if (c.seg == 0) {
 #pragma unroll
             for (int r = 0; r < M2D_R; ++r) {
-                aggM[base + c.wim * M2D_R + r] = m[r];
-                aggV[base + c.wim * M2D_R + r] = v[r];
+                aggM[(c.slot * c.WPM + c.wim) * M2D_R + r] = m[r];
+                aggV[(c.slot * c.WPM + c.wim) * M2D_R + r] = v[r];
             }
         }
         __syncthreads();
-#pragma unroll
-        for (int r = 0; r < M2D_R; ++r) {
-            const int p = p0 + r;
+        if (c.tid < c.CH * M2D_R) {
+            const int s = c.tid / M2D_R, r = c.tid - s * M2D_R, p = p0 + r;
+            const int chan = c.chunk * c.CH + s;
+            const bool ok = chan < c.dg && p < c.H;
+            const m2d_i64 map = (m2d_i64)c.b * c.dim + (m2d_i64)c.g * c.dg + chan;
             float carry = 0.f;
-            if (tile + 1 < c.ntiles && c.slot_ok && p < c.H)
-                carry = dck[((map * 2 + ((tile + 1) & 1)) * c.N + n) * c.H + p];
-            for (int w = c.WPM - 1; w > c.wim; --w)
-                carry = fmaf(aggM[base + w * M2D_R + r], carry, aggV[base + w * M2D_R + r]);
-            cin[r] = carry;
+            if (ok && tile + 1 < c.ntiles) carry = dck[(map * c.N + n) * c.H + p];
+            for (int w = c.WPM - 1; w >= 0; --w) {
+                const int k = (s * c.WPM + w) * M2D_R + r;
+                cinb[k] = carry;
+                carry = fmaf(aggM[k], carry, aggV[k]);
+            }
+            if (ok && tile > 0) dck[(map * c.N + n) * c.H + p] = carry;
         }
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < M2D_R; ++r) cin[r] = cinb[(c.slot * c.WPM + c.wim) * M2D_R + r];
     }
-    const bool first = c.slot_ok && c.wim == 0 && c.seg == 0;
 #pragma unroll
     for (int r = 0; r < M2D_R; ++r) {
         const float t = fmaf(m[r], cin[r], v[r]);
         float tn = __shfl_down_sync(M2D_FULL, t, 1, c.S);
         if (c.seg == c.S - 1) tn = cin[r];
         out[r] = x[r] + tn;
-        if (c.xcarry && first && tile > 0 && p0 + r < c.H) dck[((map * 2 + (tile & 1)) * c.N + n) * c.H + p0 + r] = t;
     }
 }

@@ -164,7 +164,7 @@ def launch_config(batch: int, dim: int, height: int, width: int, groups: int, d_
     threads = CH * tws
     nbands = _ceil_div(height, R)
     cpg = _ceil_div(dg, CH)
-    agg = 4 * CH * WPM * R  # M2D_AGG_FLOATS: two alternating (product, value) sets
+    agg = 3 * CH * WPM * R
     smem_fwd = 4 * (d_state * threads + agg)
     smem_bwd = 4 * (3 * d_state * threads + agg + (2 * CH * R * tws if CH > 1 else 0))
     smem_bwd = max(smem_bwd, 16 * threads)  # the final reduction reuses the start as [2][threads] doubles

@@ -240,8 +240,7 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
     dAp = torch.empty((batch, dim, d_state), dtype=torch.float32, device=device)
     dDp = torch.empty((batch, dim), dtype=torch.float32, device=device)
     dbp = torch.empty((batch, dim), dtype=torch.float32, device=device)
-    dck = torch.empty((2 * batch * dim * d_state * height if cfg.ntiles > 1 else 0,), dtype=torch.float32,
-                      device=device)  # two alternating tile-carry slots
+    dck = torch.empty((batch * dim * d_state * height if cfg.ntiles > 1 else 0,), dtype=torch.float32, device=device)
     _poison(du, ddelta, dz, dBp, dCp, dAp, dDp, dbp, dck)
     _, bwd_fn = _get_kernels(device.index if device.index is not None else torch.cuda.current_device(),
                              *cuda_build.variant_tags(u.dtype, out_fp32))
