@@ -73,3 +73,25 @@ def test_mil_sized_block_matches_reference():
     x = torch.randn(1, 128, 40, 52, device="cuda")
     w = torch.randn(1, 128, 40, 52, device="cuda")
     _compare(block, lambda m: (m(x) * w).sum())
+
+
+def test_compiled_ss2d_block_has_no_graph_break():
+    """torch.compile(fullgraph=True) of a real 2DVMamba mixer (SS2D) with the CUDA scan."""
+    import timm
+
+    import mamba2d  # noqa: F401
+
+    torch._dynamo.reset()
+    model = timm.create_model("vmamba2d_tiny", scan_backend="cuda").cuda()
+    ss2d = next(m for m in model.modules() if type(m).__name__ == "SS2D")
+    channels = ss2d.in_proj.weight.shape[1] if hasattr(ss2d.in_proj, "weight") else 96
+    x = torch.randn(2, channels, 28, 28, device="cuda", requires_grad=True)
+    eager = ss2d(x)
+    eager.square().sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    compiled = torch.compile(ss2d, fullgraph=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    assert _rel(out, eager) <= 1e-4
+    assert _rel(x.grad, grad) <= 1e-4

@@ -94,6 +94,20 @@ def _get_kernels(device_index: int, in_tag: str, out_tag: str):
 
 
 _smem_limits: dict[tuple[int, int], int] = {}
+_streams: dict[tuple[int, int], object] = {}
+
+
+def _cupy_stream(cupy, index: int, ptr: int):
+    """CuPy view of a PyTorch stream (cached per device and handle; it only wraps the handle)."""
+    stream = _streams.get((index, ptr))
+    if stream is None:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # CuPy 14 prefers Stream.from_external
+            stream = cupy.cuda.ExternalStream(ptr, index)
+        _streams[(index, ptr)] = stream
+    return stream
 
 
 def _launch(fn, device: torch.device, blocks: int, threads: int, smem: int, args: tuple) -> None:
@@ -104,7 +118,7 @@ def _launch(fn, device: torch.device, blocks: int, threads: int, smem: int, args
         if smem > 48 * 1024 and _smem_limits.get(key, 0) < smem:
             fn.max_dynamic_shared_size_bytes = smem
             _smem_limits[key] = smem
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
+        stream = _cupy_stream(cupy, index, torch.cuda.current_stream(device).cuda_stream)
         with stream:
             fn((blocks,), (threads,), args, shared_mem=smem)
 
