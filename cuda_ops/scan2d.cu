@@ -59,7 +59,18 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_FWD_MIN_BLOCKS)
             const int p0 = band * M2D_R;
             const int nrow = col_ok ? min(M2D_R, H - p0) : 0;
             const int i0 = fr ? (H - 1 - p0) : p0;
-            float dt[M2D_R], dtu[M2D_R], yacc[M2D_R];
+            float dt[M2D_R], dtu[M2D_R], yacc[M2D_R], bq[M2D_R], cq[M2D_R];
+            const int stb = M2D_STEP(sB_h), stc = M2D_STEP(sC_h);
+            const int ncrow = y != nullptr ? nrow : 0;
+            {
+                const T* pb = Bbp + M2D_OFF(sB_h, sB_w);
+                const T* pc = Cbp + M2D_OFF(sC_h, sC_w);
+#pragma unroll
+                for (int r = 0; r < M2D_R; ++r) {  // state 0's B and C, in flight with u and delta
+                    bq[r] = r < nrow ? m2d_to_f(pb[r * stb]) : 0.f;
+                    cq[r] = r < ncrow ? m2d_to_f(pc[r * stc]) : 0.f;
+                }
+            }
             {
                 const int ou = M2D_OFF(su_h, su_w), od = M2D_OFF(sd_h, sd_w);
                 const int stu = M2D_STEP(su_h), std_ = M2D_STEP(sd_h);
@@ -79,19 +90,20 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_FWD_MIN_BLOCKS)
             }
             for (int n = 0; n < N; ++n) {
                 const float An2 = c.slot_ok ? A[(m2d_i64)d * N + n] * M2D_LOG2E : 0.f;
-                float a[M2D_R], v[M2D_R], cc[M2D_R];
-                {
+                float a[M2D_R], v[M2D_R];
+                if (n > 0) {
                     const T* pb = Bbp + (n * sB_n + M2D_OFF(sB_h, sB_w));
                     const T* pc = Cbp + (n * sC_n + M2D_OFF(sC_h, sC_w));
-                    const int stb = M2D_STEP(sB_h), stc = M2D_STEP(sC_h);
-                    const int ncrow = y != nullptr ? nrow : 0;
 #pragma unroll
                     for (int r = 0; r < M2D_R; ++r) {
-                        const float bv = r < nrow ? m2d_to_f(pb[r * stb]) : 0.f;
-                        cc[r] = r < ncrow ? m2d_to_f(pc[r * stc]) : 0.f;
-                        a[r] = m2d_exp2(dt[r] * An2);
-                        v[r] = __fmul_rn(dtu[r], bv);
+                        bq[r] = r < nrow ? m2d_to_f(pb[r * stb]) : 0.f;
+                        cq[r] = r < ncrow ? m2d_to_f(pc[r * stc]) : 0.f;
                     }
+                }
+#pragma unroll
+                for (int r = 0; r < M2D_R; ++r) {
+                    a[r] = m2d_exp2(dt[r] * An2);
+                    v[r] = __fmul_rn(dtu[r], bq[r]);
                 }
                 float cv = carry[n * c.nthr + c.tid];
                 if (ckvp != nullptr && col_ok) ckvp[(band * N + n) * W + q] = cv;
@@ -112,7 +124,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_FWD_MIN_BLOCKS)
                 }
                 carry[n * c.nthr + c.tid] = cv;
 #pragma unroll
-                for (int r = 0; r < M2D_R; ++r) yacc[r] = fmaf(cc[r], v[r], yacc[r]);  // v now holds h
+                for (int r = 0; r < M2D_R; ++r) yacc[r] = fmaf(cq[r], v[r], yacc[r]);  // v now holds h
             }
             if (y != nullptr) {
                 TO* py = ybp + (i0 * W + j);
@@ -190,7 +202,17 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
             const int p0 = band * M2D_R;
             const int nrow = col_ok ? min(M2D_R, H - p0) : 0;
             const int i0 = fr ? (H - 1 - p0) : p0;
-            float uu[M2D_R], dt[M2D_R], dy[M2D_R], ddt[M2D_R], dux[M2D_R], yrec[M2D_R];
+            float uu[M2D_R], dt[M2D_R], dy[M2D_R], ddt[M2D_R], dux[M2D_R], yrec[M2D_R], bv[M2D_R], dh[M2D_R];
+            const int stb = M2D_STEP(sB_h), stc = M2D_STEP(sC_h);
+            {
+                const T* pb = Bbp + M2D_OFF(sB_h, sB_w);
+                const T* pc = Cbp + M2D_OFF(sC_h, sC_w);
+#pragma unroll
+                for (int r = 0; r < M2D_R; ++r) {  // state 0's B and C, in flight with the band's other loads
+                    bv[r] = r < nrow ? m2d_to_f(pb[r * stb]) : 0.f;
+                    dh[r] = r < nrow ? m2d_to_f(pc[r * stc]) : 0.f;  // C, for now
+                }
+            }
             {
                 const T* pu = ubp + M2D_OFF(su_h, su_w);
                 const T* pd = dbp_ + M2D_OFF(sd_h, sd_w);
@@ -221,18 +243,18 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
             for (int n = 0; n < N; ++n) {
                 const float An = c.slot_ok ? A[(m2d_i64)d * N + n] : 0.f;
                 const float An2 = An * M2D_LOG2E;
-                float a[M2D_R], bv[M2D_R], g[M2D_R], h[M2D_R], dh[M2D_R], dg[M2D_R];
-                {
+                float a[M2D_R], g[M2D_R], h[M2D_R], dg[M2D_R];
+                if (n > 0) {
                     const T* pb = Bbp + (n * sB_n + M2D_OFF(sB_h, sB_w));
                     const T* pc = Cbp + (n * sC_n + M2D_OFF(sC_h, sC_w));
-                    const int stb = M2D_STEP(sB_h), stc = M2D_STEP(sC_h);
 #pragma unroll
                     for (int r = 0; r < M2D_R; ++r) {
                         bv[r] = r < nrow ? m2d_to_f(pb[r * stb]) : 0.f;
                         dh[r] = r < nrow ? m2d_to_f(pc[r * stc]) : 0.f;  // C, for now
-                        a[r] = m2d_exp2(dt[r] * An2);
                     }
                 }
+#pragma unroll
+                for (int r = 0; r < M2D_R; ++r) a[r] = m2d_exp2(dt[r] * An2);
                 // Recompute the forward states of this band from the checkpoints.
                 float cv = col_ok ? ckvp[(band * N + n) * W + q] : 0.f;
                 if (!vh) {
