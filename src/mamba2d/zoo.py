@@ -154,9 +154,12 @@ def _parse_entry(raw: Mapping[str, Any], source: Path) -> Entry:
     return Entry(**{**raw, "missing_ok": tuple(raw.get("missing_ok") or ())})
 
 
+def _entries() -> dict[str, Entry]:
+    return _read_manifest(manifest_path())
+
+
 @cache
-def _entries(path: Path | None = None) -> dict[str, Entry]:
-    path = path or manifest_path()
+def _read_manifest(path: Path) -> dict[str, Entry]:
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict) or not isinstance(data.get("entries"), builtins.list):
         raise ZooError(f"{path}: expected a mapping with a list under 'entries'")
@@ -439,7 +442,12 @@ def load(name: str, arch: str | None = None, **kwargs) -> nn.Module:
     from . import models  # noqa: F401  (registers the backbones with timm)
 
     entry = get(name)
-    model = timm.create_model(arch or entry.arch, **{**entry.kwargs, **kwargs})
+    if entry.task == "mil":  # MIL models are built by name, not through timm
+        from .models.mil import create_mil_model
+
+        model = create_mil_model(arch or entry.arch, **{**entry.kwargs, **kwargs})
+    else:
+        model = timm.create_model(arch or entry.arch, **{**entry.kwargs, **kwargs})
     load_into(model, load_state_dict(name), f"zoo entry {name!r}", entry.missing_ok)
     return model.eval()
 
