@@ -202,17 +202,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
             const int p0 = band * M2D_R;
             const int nrow = col_ok ? min(M2D_R, H - p0) : 0;
             const int i0 = fr ? (H - 1 - p0) : p0;
-            float uu[M2D_R], dt[M2D_R], dy[M2D_R], ddt[M2D_R], dux[M2D_R], yrec[M2D_R], bv[M2D_R], dh[M2D_R];
-            const int stb = M2D_STEP(sB_h), stc = M2D_STEP(sC_h);
-            {
-                const T* pb = Bbp + M2D_OFF(sB_h, sB_w);
-                const T* pc = Cbp + M2D_OFF(sC_h, sC_w);
-#pragma unroll
-                for (int r = 0; r < M2D_R; ++r) {  // state 0's B and C, in flight with the band's other loads
-                    bv[r] = r < nrow ? m2d_to_f(pb[r * stb]) : 0.f;
-                    dh[r] = r < nrow ? m2d_to_f(pc[r * stc]) : 0.f;  // C, for now
-                }
-            }
+            float uu[M2D_R], dt[M2D_R], dy[M2D_R], ddt[M2D_R], dux[M2D_R], yrec[M2D_R];
             {
                 const T* pu = ubp + M2D_OFF(su_h, su_w);
                 const T* pd = dbp_ + M2D_OFF(sd_h, sd_w);
@@ -243,18 +233,18 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
             for (int n = 0; n < N; ++n) {
                 const float An = c.slot_ok ? A[(m2d_i64)d * N + n] : 0.f;
                 const float An2 = An * M2D_LOG2E;
-                float a[M2D_R], g[M2D_R], h[M2D_R], dg[M2D_R];
-                if (n > 0) {
+                float a[M2D_R], bv[M2D_R], g[M2D_R], h[M2D_R], dh[M2D_R], dg[M2D_R];
+                {
                     const T* pb = Bbp + (n * sB_n + M2D_OFF(sB_h, sB_w));
                     const T* pc = Cbp + (n * sC_n + M2D_OFF(sC_h, sC_w));
+                    const int stb = M2D_STEP(sB_h), stc = M2D_STEP(sC_h);
 #pragma unroll
                     for (int r = 0; r < M2D_R; ++r) {
                         bv[r] = r < nrow ? m2d_to_f(pb[r * stb]) : 0.f;
                         dh[r] = r < nrow ? m2d_to_f(pc[r * stc]) : 0.f;  // C, for now
+                        a[r] = m2d_exp2(dt[r] * An2);
                     }
                 }
-#pragma unroll
-                for (int r = 0; r < M2D_R; ++r) a[r] = m2d_exp2(dt[r] * An2);
                 // Recompute the forward states of this band from the checkpoints.
                 float cv = col_ok ? ckvp[(band * N + n) * W + q] : 0.f;
                 if (!vh) {
