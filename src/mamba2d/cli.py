@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from typing import Any
 
 from jsonargparse import lazy_instance
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -27,9 +28,20 @@ def default_loggers(name: str = "mamba2d") -> list:
     return loggers
 
 
+class Mamba2dCLI(LightningCLI):
+    """LightningCLI that adds a rich progress bar unless `--trainer.enable_progress_bar false` is given."""
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        if config.get("enable_progress_bar", True) is not False:
+            configured = [c for c in (config.get("callbacks") or []) + callbacks if isinstance(c, ProgressBar)]
+            if not configured:
+                callbacks = [*callbacks, RichProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Parse `args` (default: the command line) and, with `run`, execute the subcommand; returns the CLI object."""
-    return LightningCLI(
+    return Mamba2dCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -39,7 +51,6 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         trainer_defaults={
             "default_root_dir": RUN_ROOT,
             "logger": default_loggers(),
-            "callbacks": [lazy_instance(RichProgressBar)],
         },
         args=args if args is not None else sys.argv[1:],
         run=run,

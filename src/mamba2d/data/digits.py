@@ -9,6 +9,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
+from .sampling import evaluation_sampler, training_loader_kwargs
+
 DIGITS_MAX = 16.0  # pixel values of load_digits() run 0..16
 
 
@@ -62,10 +64,9 @@ class DigitsDataModule(LightningDataModule):
         }
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle, drop_last=shuffle,
-            num_workers=self.hparams.num_workers,
-        )
+        dataset = self.splits[split]
+        sampling = training_loader_kwargs(dataset) if shuffle else {"sampler": evaluation_sampler(self, dataset)}
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers, **sampling)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -10,6 +10,8 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
+from .sampling import evaluation_sampler, training_loader_kwargs
+
 
 def load_rgb(path: str) -> Image.Image:
     """Open an image as RGB; an unreadable file raises an error that names it."""
@@ -81,8 +83,10 @@ class ImageFolderDataModule(LightningDataModule):
 
     def _loader(self, dataset, training: bool) -> DataLoader:
         hp = self.hparams
+        # Training drops the last incomplete batch: mixup/cutmix need even, equal batches.
+        sampling = training_loader_kwargs(dataset) if training else {"sampler": evaluation_sampler(self, dataset)}
         return DataLoader(
-            dataset, batch_size=hp.batch_size, shuffle=training, drop_last=training, num_workers=hp.num_workers,
+            dataset, batch_size=hp.batch_size, drop_last=training, num_workers=hp.num_workers, **sampling,
             pin_memory=hp.pin_memory, persistent_workers=hp.num_workers > 0,
         )
 

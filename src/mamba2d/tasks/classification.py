@@ -8,7 +8,6 @@ import timm
 import torch
 import torch.nn as nn
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
@@ -18,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 import mamba2d  # noqa: F401  (registers the backbones with timm)
 
 from .optim import adamw_no_decay_on_1d, warmup_then_decay
+from .checkpointing import checkpoint_callbacks
 
 
 class ImageClassifier(LightningModule):
@@ -109,7 +109,7 @@ class ImageClassifier(LightningModule):
     def _evaluate(self, batch, metrics: MetricCollection, prefix: str) -> None:
         images, targets = batch
         logits = self.eval_model(images)
-        self.log(f"{prefix}/loss", self.eval_loss(logits, targets), batch_size=images.shape[0])
+        self.log(f"{prefix}/loss", self.eval_loss(logits, targets), batch_size=images.shape[0], sync_dist=True)
         metrics.update(logits, targets)
         self.log_dict(metrics, prog_bar=True, batch_size=images.shape[0])
 
@@ -135,4 +135,4 @@ class ImageClassifier(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list:
-        return [ModelCheckpoint(monitor="val/acc1", mode="max", filename="best", save_last=True)]
+        return checkpoint_callbacks(monitor="val/acc1", mode="max")
