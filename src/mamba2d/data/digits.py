@@ -65,7 +65,7 @@ class DigitsDataModule(LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.splits[split]
-        sampling = training_loader_kwargs(dataset) if shuffle else {"sampler": evaluation_sampler(self, dataset)}
+        sampling = training_loader_kwargs(self, dataset) if shuffle else {"sampler": evaluation_sampler(self, dataset)}
         return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers, **sampling)
 
     def train_dataloader(self) -> DataLoader:

@@ -1,41 +1,27 @@
-"""Sampling shared by the DataModules: per-epoch reproducible shuffling and exactly-once evaluation across ranks."""
+"""Sampling shared by the DataModules: per-epoch reproducible shuffling split across ranks, and exactly-once
+evaluation across ranks."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A random permutation that depends only on (seed, epoch); Lightning calls `set_epoch` before every epoch.
+def training_loader_kwargs(datamodule: LightningDataModule, dataset: Dataset, seed: int = 0) -> dict:
+    """DataLoader arguments for training: a shuffle that depends only on (seed, epoch), split across ranks.
 
-    Unlike RandomSampler it draws nothing from the global RNG, so the data order of a resumed run equals the
-    uninterrupted run's, and the global RNG is left to the model (drop path, mixup). Under DDP Lightning wraps it
-    in a DistributedSamplerWrapper that splits each epoch's order across ranks.
+    A DistributedSampler (Lightning leaves it in place and calls `set_epoch`) with one replica outside DDP. Every
+    rank permutes with the same seed and takes every world_size-th index, so a global batch under DDP holds
+    exactly the samples of the single-device batch with the same global size. Nothing is drawn from the global
+    RNG when a loader starts (the private generator seeds the workers), so a resumed run sees the data order and
+    random stream of the uninterrupted one.
     """
-
-    def __init__(self, size: int, seed: int = 0):
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-
-def training_loader_kwargs(dataset: Dataset, seed: int = 0) -> dict:
-    """DataLoader arguments for training: reproducible shuffling and a private generator for worker seeds, so that
-    creating the loader's iterator draws nothing from the global RNG either."""
-    return {"sampler": EpochShuffleSampler(len(dataset), seed), "generator": torch.Generator().manual_seed(seed)}
+    trainer = datamodule.trainer
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    return {"sampler": sampler, "generator": torch.Generator().manual_seed(seed)}
 
 
 def evaluation_sampler(datamodule: LightningDataModule, dataset: Dataset) -> Sampler | None:

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 class ResumeRandomState(Callback):
     """Stores the Python, NumPy, torch (and CUDA) RNG states in every checkpoint and restores them when the resumed
-    training epoch starts. Together with the DataModules' EpochShuffleSampler (data order a function of the epoch,
+    training epoch starts. Together with the DataModules' training sampler (data order a function of the epoch,
     no global draws when a loader starts) the model then sees the same random stream as in an uninterrupted run.
 
     Lightning restores weights, optimiser, scheduler, step counters and callbacks but not the RNG states, so

@@ -98,7 +98,7 @@ class ImageClassifier(LightningModule):
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
         loss = self.train_loss(self.model(images), targets)
-        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0], sync_dist=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=images.shape[0])
         return loss
 
