@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=128)
     p.add_argument("--val", type=int, default=48)
     p.add_argument("--test", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--grid-min", type=int, default=10, help="bag grid side, drawn per bag in [min, max]")
     p.add_argument("--grid-max", type=int, default=16)

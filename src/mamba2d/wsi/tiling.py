@@ -43,8 +43,13 @@ def target_scale(info, mpp: float | None, magnification: float | None, assume_mp
 
 
 def plan_tiles(slide, path: str | Path, patch_size: int = 224, mpp: float | None = None,
-               magnification: float | None = None, tissue_threshold: float = 0.5, thumbnail_size: int = 2048,
+               magnification: float | None = None, tissue_threshold: float = 0.5, thumbnail_size: int | None = None,
                assume_mpp: float | None = None) -> TilingPlan:
+    """Tiles of `patch_size` px at the target resolution whose tissue fraction reaches `tissue_threshold`.
+
+    The tissue mask is computed on a thumbnail of `thumbnail_size` px (default: 16 px per patch side, between 512
+    and 4096 px), enough to resolve a tile's footprint without paying for a full-resolution mask.
+    """
     info = slide_info(slide, path)
     scale, out_mpp = target_scale(info, mpp, magnification, assume_mpp)
     size0 = int(round(patch_size * scale))
@@ -54,6 +59,8 @@ def plan_tiles(slide, path: str | Path, patch_size: int = 224, mpp: float | None
     level = slide.get_best_level_for_downsample(scale)
     read_size = max(int(round(size0 / info.level_downsamples[level])), 1)
 
+    if thumbnail_size is None:
+        thumbnail_size = int(np.clip(16 * max(info.width, info.height) / size0, 512, 4096))
     thumbnail, ds = read_thumbnail(slide, thumbnail_size, path)
     mask = tissue_mask(thumbnail)
     xs = np.arange(0, info.width - size0 + 1, size0)
