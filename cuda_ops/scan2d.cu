@@ -1,24 +1,26 @@
 // 2D selective scan (DESIGN.md §2): forward and backward kernels.
 //
-// Work split: one block = CH channels ("slots") of one (batch, group); one thread = one column of a slot's tile;
-// each thread keeps a band of M2D_R rows in registers. Per band: load u/delta once, then loop over the N states
+// Work split: one block = CH channels ("slots") of one (batch, group); one thread = K consecutive columns of a slot's
+// tile; each thread keeps a band of R rows x K columns in registers (R, K: template arguments). Per band: load u/delta once, then loop over the N states
 // (B/C read once per state): horizontal pass = lane/warp scan along the row, vertical pass = sequential recurrence
 // down the thread's column with the carry kept in shared memory per state. Directions are index arithmetic:
 // scan-frame (p, q) -> memory (i, j) = (fr ? H-1-p : p, fc ? W-1-q : q); "vh" swaps the order of the two passes.
 //
 // Backward recomputes the forward states band by band from checkpoints (the vertical state at each band start and
-// the horizontal state at each tile start: O(H*W*N/M2D_R) per map, never per pixel and state), walks bands bottom-up and
+// the horizontal state at each tile start: O(H*W*N/R) per map, never per pixel and state), walks bands bottom-up and
 // tiles right-to-left, and reduces dB/dC over the channels of a block in shared memory in a fixed order into
 // per-block partial sums (summed in fixed order by the launcher); dA/dD/d(delta_bias) are reduced per block the same
 // way. No atomics anywhere: results are bitwise reproducible.
 #include "scan2d_common.cuh"
 
-// Address of scan-frame row p0 (+ r * step) of the thread's column in a (.., H, W) tensor with strides (sh, sw).
-// In-map offsets are 32-bit (the launcher guarantees they fit); batch/channel offsets are folded into base pointers.
+// Address of scan-frame row p0 (+ r * step) of the thread's first column (+ k * kstep) in a (.., H, W) tensor with
+// strides (sh, sw). In-map offsets are 32-bit (the launcher guarantees they fit); batch/channel offsets are folded
+// into base pointers.
 #define M2D_OFF(sh, sw) (i0 * (sh) + j * (sw))
 #define M2D_STEP(sh) (fr ? -(sh) : (sh))
+#define M2D_KSTEP(sw) (fc ? -(sw) : (sw))
 
-template <typename T, typename TO>
+template <typename T, typename TO, int R, int K>
 __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_FWD_MIN_BLOCKS)
     mamba2d_scan2d_fwd(const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z,
                        const T* __restrict__ Bm, const T* __restrict__ Cm, const float* __restrict__ A,
@@ -30,11 +32,11 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_FWD_MIN_BLOCKS)
                        int sB_w, m2d_i64 sC_b, m2d_i64 sC_g, int sC_n, int sC_h, int sC_w, int S,
                        int WPM, int CH, int ntiles, int nbands) {
     extern __shared__ float m2d_smem[];
-    const M2DCtx c = m2d_make_ctx(dim, H, W, G, N, S, WPM, CH, ntiles, nbands);
-    float* carry = m2d_smem;                    // [N][nthr] vertical state per thread and state
-    float* aggM = carry + (m2d_i64)N * c.nthr;  // [CH][WPM][R]
-    float* aggV = aggM + CH * WPM * M2D_R;
-    float* cinb = aggV + CH * WPM * M2D_R;
+    const M2DCtx c = m2d_make_ctx(dim, H, W, G, N, S, WPM, CH, K, ntiles, nbands);
+    float* carry = m2d_smem;                        // [N][K][nthr] vertical state per thread, state and column
+    float* aggM = carry + (m2d_i64)N * K * c.nthr;  // [CH][WPM][R]
+    float* aggV = aggM + CH * WPM * R;
+    float* cinb = aggV + CH * WPM * R;
 
     const int d = c.g * c.dg + (c.slot_ok ? c.chunk * CH + c.slot : 0);
     const int code = dirs[c.g];
@@ -51,94 +53,126 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_FWD_MIN_BLOCKS)
     float* ckvp = ckv != nullptr ? ckv + map * nbands * N * W : nullptr;
 
     for (int tile = 0; tile < ntiles; ++tile) {
-        const int q = tile * c.TWs + c.col;
-        const bool col_ok = c.slot_ok && q < W;
+        const int q = tile * c.TWs + c.col * K;  // scan-frame column of the thread's first column
+        const int nk = c.slot_ok ? min(K, W - q) : 0;  // valid columns of the thread (<= 0: none)
         const int j = fc ? (W - 1 - q) : q;
-        for (int n = 0; n < N; ++n) carry[n * c.nthr + c.tid] = 0.f;
+        for (int e = 0; e < N * K; ++e) carry[e * c.nthr + c.tid] = 0.f;
         for (int band = 0; band < nbands; ++band) {
-            const int p0 = band * M2D_R;
-            const int nrow = col_ok ? min(M2D_R, H - p0) : 0;
+            const int p0 = band * R;
+            const int nrow = nk > 0 ? min(R, H - p0) : 0;
             const int i0 = fr ? (H - 1 - p0) : p0;
-            float dt[M2D_R], dtu[M2D_R], yacc[M2D_R], bq[M2D_R], cq[M2D_R];
-            const int stb = M2D_STEP(sB_h), stc = M2D_STEP(sC_h);
-            const int ncrow = y != nullptr ? nrow : 0;
+            float dt[R][K], dtu[R][K], yacc[R][K], bq[R][K], cq[R][K];
+            const int stb = M2D_STEP(sB_h), stc = M2D_STEP(sC_h), ktb = M2D_KSTEP(sB_w), ktc = M2D_KSTEP(sC_w);
+            const bool cload = y != nullptr;
             {
                 const T* pb = Bbp + M2D_OFF(sB_h, sB_w);
                 const T* pc = Cbp + M2D_OFF(sC_h, sC_w);
 #pragma unroll
-                for (int r = 0; r < M2D_R; ++r) {  // state 0's B and C, in flight with u and delta
-                    bq[r] = r < nrow ? m2d_to_f(pb[r * stb]) : 0.f;
-                    cq[r] = r < ncrow ? m2d_to_f(pc[r * stc]) : 0.f;
+                for (int r = 0; r < R; ++r) {  // state 0's B and C, in flight with u and delta
+#pragma unroll
+                    for (int k = 0; k < K; ++k) {
+                        const bool ok = r < nrow && k < nk;
+                        bq[r][k] = ok ? m2d_to_f(pb[r * stb + k * ktb]) : 0.f;
+                        cq[r][k] = ok && cload ? m2d_to_f(pc[r * stc + k * ktc]) : 0.f;
+                    }
                 }
             }
             {
                 const int ou = M2D_OFF(su_h, su_w), od = M2D_OFF(sd_h, sd_w);
-                const int stu = M2D_STEP(su_h), std_ = M2D_STEP(sd_h);
+                const int stu = M2D_STEP(su_h), std_ = M2D_STEP(sd_h), ktu = M2D_KSTEP(su_w), ktd = M2D_KSTEP(sd_w);
 #pragma unroll
-                for (int r = 0; r < M2D_R; ++r) {
-                    float uu = 0.f, dl = 0.f;
-                    if (r < nrow) {
-                        uu = m2d_to_f(ubp[ou + r * stu]);
-                        dl = m2d_to_f(dbp_[od + r * std_]);
+                for (int r = 0; r < R; ++r) {
+#pragma unroll
+                    for (int k = 0; k < K; ++k) {
+                        const bool ok = r < nrow && k < nk;
+                        float uu = 0.f, dl = 0.f;
+                        if (ok) {
+                            uu = m2d_to_f(ubp[ou + r * stu + k * ktu]);
+                            dl = m2d_to_f(dbp_[od + r * std_ + k * ktd]);
+                        }
+                        const float v = dl + bias;
+                        const float t = ok ? (softplus ? m2d_softplus(v) : v) : 0.f;
+                        dt[r][k] = t;
+                        dtu[r][k] = __fmul_rn(t, uu);
+                        yacc[r][k] = Dd * uu;
                     }
-                    const float v = dl + bias;
-                    const float t = r < nrow ? (softplus ? m2d_softplus(v) : v) : 0.f;
-                    dt[r] = t;
-                    dtu[r] = __fmul_rn(t, uu);
-                    yacc[r] = Dd * uu;
                 }
             }
             for (int n = 0; n < N; ++n) {
                 const float An2 = c.slot_ok ? A[(m2d_i64)d * N + n] * M2D_LOG2E : 0.f;
-                float a[M2D_R], v[M2D_R];
+                float a[R][K], v[R][K];
                 if (n > 0) {
                     const T* pb = Bbp + (n * sB_n + M2D_OFF(sB_h, sB_w));
                     const T* pc = Cbp + (n * sC_n + M2D_OFF(sC_h, sC_w));
 #pragma unroll
-                    for (int r = 0; r < M2D_R; ++r) {
-                        bq[r] = r < nrow ? m2d_to_f(pb[r * stb]) : 0.f;
-                        cq[r] = r < ncrow ? m2d_to_f(pc[r * stc]) : 0.f;
+                    for (int r = 0; r < R; ++r) {
+#pragma unroll
+                        for (int k = 0; k < K; ++k) {
+                            const bool ok = r < nrow && k < nk;
+                            bq[r][k] = ok ? m2d_to_f(pb[r * stb + k * ktb]) : 0.f;
+                            cq[r][k] = ok && cload ? m2d_to_f(pc[r * stc + k * ktc]) : 0.f;
+                        }
                     }
                 }
 #pragma unroll
-                for (int r = 0; r < M2D_R; ++r) {
-                    a[r] = m2d_exp2(dt[r] * An2);
-                    v[r] = __fmul_rn(dtu[r], bq[r]);
-                }
-                float cv = carry[n * c.nthr + c.tid];
-                if (ckvp != nullptr && col_ok) ckvp[(band * N + n) * W + q] = cv;
-                if (!vh) {
-                    m2d_rowscan_fwd(c, a, v, aggM, aggV, cinb, ckh, true, tile, n, p0);
+                for (int r = 0; r < R; ++r) {
 #pragma unroll
-                    for (int r = 0; r < M2D_R; ++r) {
-                        cv = fmaf(a[r], cv, v[r]);
-                        v[r] = cv;
+                    for (int k = 0; k < K; ++k) {
+                        a[r][k] = m2d_exp2(dt[r][k] * An2);
+                        v[r][k] = __fmul_rn(dtu[r][k], bq[r][k]);
+                    }
+                }
+                float cv[K];
+#pragma unroll
+                for (int k = 0; k < K; ++k) {
+                    cv[k] = carry[(n * K + k) * c.nthr + c.tid];
+                    if (ckvp != nullptr && k < nk) ckvp[(band * N + n) * W + q + k] = cv[k];
+                }
+                if (!vh) {
+                    m2d_rowscan_fwd<R, K>(c, a, v, aggM, aggV, cinb, ckh, true, tile, n, p0);
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+#pragma unroll
+                        for (int k = 0; k < K; ++k) {
+                            cv[k] = fmaf(a[r][k], cv[k], v[r][k]);
+                            v[r][k] = cv[k];
+                        }
                     }
                 } else {
 #pragma unroll
-                    for (int r = 0; r < M2D_R; ++r) {
-                        cv = fmaf(a[r], cv, v[r]);
-                        v[r] = cv;
-                    }
-                    m2d_rowscan_fwd(c, a, v, aggM, aggV, cinb, ckh, true, tile, n, p0);
-                }
-                carry[n * c.nthr + c.tid] = cv;
+                    for (int r = 0; r < R; ++r) {
 #pragma unroll
-                for (int r = 0; r < M2D_R; ++r) yacc[r] = fmaf(cq[r], v[r], yacc[r]);  // v now holds h
+                        for (int k = 0; k < K; ++k) {
+                            cv[k] = fmaf(a[r][k], cv[k], v[r][k]);
+                            v[r][k] = cv[k];
+                        }
+                    }
+                    m2d_rowscan_fwd<R, K>(c, a, v, aggM, aggV, cinb, ckh, true, tile, n, p0);
+                }
+#pragma unroll
+                for (int k = 0; k < K; ++k) carry[(n * K + k) * c.nthr + c.tid] = cv[k];
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+#pragma unroll
+                    for (int k = 0; k < K; ++k) yacc[r][k] = fmaf(cq[r][k], v[r][k], yacc[r][k]);  // v holds h
+                }
             }
             if (y != nullptr) {
                 TO* py = ybp + (i0 * W + j);
                 const T* pz = zbp != nullptr ? zbp + M2D_OFF(sz_h, sz_w) : nullptr;
-                const int sty = fr ? -W : W, stz = M2D_STEP(sz_h);
+                const int sty = fr ? -W : W, kty = fc ? -1 : 1, stz = M2D_STEP(sz_h), ktz = M2D_KSTEP(sz_w);
 #pragma unroll
-                for (int r = 0; r < M2D_R; ++r) {
-                    if (r < nrow) {
-                        float out = yacc[r];
-                        if (pz != nullptr) {
-                            const float zz = m2d_to_f(pz[r * stz]);
-                            out *= zz * m2d_sigmoid(zz);
+                for (int r = 0; r < R; ++r) {
+#pragma unroll
+                    for (int k = 0; k < K; ++k) {
+                        if (r < nrow && k < nk) {
+                            float out = yacc[r][k];
+                            if (pz != nullptr) {
+                                const float zz = m2d_to_f(pz[r * stz + k * ktz]);
+                                out *= zz * m2d_sigmoid(zz);
+                            }
+                            py[r * sty + k * kty] = m2d_from_f<TO>(out);
                         }
-                        py[r * sty] = m2d_from_f<TO>(out);
                     }
                 }
             }
@@ -146,7 +180,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_FWD_MIN_BLOCKS)
     }
 }
 
-template <typename T, typename TO>
+template <typename T, typename TO, int R, int K>
 __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_scan2d_bwd(
     const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z, const TO* __restrict__ dout,
     const T* __restrict__ Bm, const T* __restrict__ Cm, const float* __restrict__ A, const float* __restrict__ Dv,
@@ -159,14 +193,14 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
     m2d_i64 sB_b, m2d_i64 sB_g, int sB_n, int sB_h, int sB_w, m2d_i64 sC_b, m2d_i64 sC_g, int sC_n,
     int sC_h, int sC_w, int S, int WPM, int CH, int ntiles, int nbands) {
     extern __shared__ float m2d_smem[];
-    const M2DCtx c = m2d_make_ctx(dim, H, W, G, N, S, WPM, CH, ntiles, nbands);
-    float* vcar = m2d_smem;                     // [N][nthr] adjoint vertical carry
-    double* dAacc = reinterpret_cast<double*>(vcar + (m2d_i64)N * c.nthr);  // [N][nthr] per-thread dA sums
-    float* aggM = reinterpret_cast<float*>(dAacc + (m2d_i64)N * c.nthr);  // [CH][WPM][R]
-    float* aggV = aggM + CH * WPM * M2D_R;
-    float* cinb = aggV + CH * WPM * M2D_R;
-    float* redB = cinb + CH * WPM * M2D_R;  // [CH][R][TWs] (only when CH > 1)
-    float* redC = redB + CH * M2D_R * c.TWs;
+    const M2DCtx c = m2d_make_ctx(dim, H, W, G, N, S, WPM, CH, K, ntiles, nbands);
+    float* vcar = m2d_smem;                                                     // [N][K][nthr] adjoint vertical carry
+    double* dAacc = reinterpret_cast<double*>(vcar + (m2d_i64)N * K * c.nthr);  // [N][nthr] per-thread dA sums
+    float* aggM = reinterpret_cast<float*>(dAacc + (m2d_i64)N * c.nthr);        // [CH][WPM][R]
+    float* aggV = aggM + CH * WPM * R;
+    float* cinb = aggV + CH * WPM * R;
+    float* redB = cinb + CH * WPM * R;  // [CH][R][TWs] (only when CH > 1)
+    float* redC = redB + CH * R * c.TWs;
 
     const int d = c.g * c.dg + (c.slot_ok ? c.chunk * CH + c.slot : 0);
     const int code = dirs[c.g];
@@ -194,113 +228,153 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
     double dD_acc = 0.0, db_acc = 0.0;  // long sums with cancellation: accumulate in double
 
     for (int tile = ntiles - 1; tile >= 0; --tile) {
-        const int q = tile * c.TWs + c.col;
-        const bool col_ok = c.slot_ok && q < W;
+        const int q = tile * c.TWs + c.col * K;  // scan-frame column of the thread's first column
+        const int nk = c.slot_ok ? min(K, W - q) : 0;  // valid columns of the thread (<= 0: none)
         const int j = fc ? (W - 1 - q) : q;
-        for (int n = 0; n < N; ++n) vcar[n * c.nthr + c.tid] = 0.f;
+        const int kty = fc ? -1 : 1;
+        for (int e = 0; e < N * K; ++e) vcar[e * c.nthr + c.tid] = 0.f;
         for (int band = nbands - 1; band >= 0; --band) {
-            const int p0 = band * M2D_R;
-            const int nrow = col_ok ? min(M2D_R, H - p0) : 0;
+            const int p0 = band * R;
+            const int nrow = nk > 0 ? min(R, H - p0) : 0;
             const int i0 = fr ? (H - 1 - p0) : p0;
-            float uu[M2D_R], dt[M2D_R], dy[M2D_R], ddt[M2D_R], dux[M2D_R], yrec[M2D_R];
+            float uu[R][K], dt[R][K], dy[R][K], ddt[R][K], dux[R][K], yrec[R][K];
             {
                 const T* pu = ubp + M2D_OFF(su_h, su_w);
                 const T* pd = dbp_ + M2D_OFF(sd_h, sd_w);
                 const TO* po = obp + M2D_OFF(so_h, so_w);
                 const T* pz = zbp != nullptr ? zbp + M2D_OFF(sz_h, sz_w) : nullptr;
                 const int stu = M2D_STEP(su_h), std_ = M2D_STEP(sd_h), sto = M2D_STEP(so_h), stz = M2D_STEP(sz_h);
+                const int ktu = M2D_KSTEP(su_w), ktd = M2D_KSTEP(sd_w), kto = M2D_KSTEP(so_w), ktz = M2D_KSTEP(sz_w);
 #pragma unroll
-                for (int r = 0; r < M2D_R; ++r) {
-                    float x = 0.f, dl = 0.f, go = 0.f;
-                    if (r < nrow) {
-                        x = m2d_to_f(pu[r * stu]);
-                        dl = m2d_to_f(pd[r * std_]);
-                        go = m2d_to_f(po[r * sto]);
-                        if (pz != nullptr) {
-                            const float zz = m2d_to_f(pz[r * stz]);
-                            go *= zz * m2d_sigmoid(zz);
+                for (int r = 0; r < R; ++r) {
+#pragma unroll
+                    for (int k = 0; k < K; ++k) {
+                        const bool ok = r < nrow && k < nk;
+                        float x = 0.f, dl = 0.f, go = 0.f;
+                        if (ok) {
+                            x = m2d_to_f(pu[r * stu + k * ktu]);
+                            dl = m2d_to_f(pd[r * std_ + k * ktd]);
+                            go = m2d_to_f(po[r * sto + k * kto]);
+                            if (pz != nullptr) {
+                                const float zz = m2d_to_f(pz[r * stz + k * ktz]);
+                                go *= zz * m2d_sigmoid(zz);
+                            }
                         }
+                        const float v = dl + bias;
+                        uu[r][k] = x;
+                        dt[r][k] = ok ? (softplus ? m2d_softplus(v) : v) : 0.f;
+                        dy[r][k] = go;
+                        ddt[r][k] = 0.f;
+                        dux[r][k] = Dd * go;
+                        yrec[r][k] = Dd * x;
                     }
-                    const float v = dl + bias;
-                    uu[r] = x;
-                    dt[r] = r < nrow ? (softplus ? m2d_softplus(v) : v) : 0.f;
-                    dy[r] = go;
-                    ddt[r] = 0.f;
-                    dux[r] = Dd * go;
-                    yrec[r] = Dd * x;
                 }
             }
             for (int n = 0; n < N; ++n) {
                 const float An = c.slot_ok ? A[(m2d_i64)d * N + n] : 0.f;
                 const float An2 = An * M2D_LOG2E;
-                float a[M2D_R], bv[M2D_R], g[M2D_R], h[M2D_R], dh[M2D_R], dg[M2D_R];
+                float a[R][K], bv[R][K], g[R][K], h[R][K], dh[R][K], dg[R][K];
                 {
                     const T* pb = Bbp + (n * sB_n + M2D_OFF(sB_h, sB_w));
                     const T* pc = Cbp + (n * sC_n + M2D_OFF(sC_h, sC_w));
                     const int stb = M2D_STEP(sB_h), stc = M2D_STEP(sC_h);
+                    const int ktb = M2D_KSTEP(sB_w), ktc = M2D_KSTEP(sC_w);
 #pragma unroll
-                    for (int r = 0; r < M2D_R; ++r) {
-                        bv[r] = r < nrow ? m2d_to_f(pb[r * stb]) : 0.f;
-                        dh[r] = r < nrow ? m2d_to_f(pc[r * stc]) : 0.f;  // C, for now
-                        a[r] = m2d_exp2(dt[r] * An2);
+                    for (int r = 0; r < R; ++r) {
+#pragma unroll
+                        for (int k = 0; k < K; ++k) {
+                            const bool ok = r < nrow && k < nk;
+                            bv[r][k] = ok ? m2d_to_f(pb[r * stb + k * ktb]) : 0.f;
+                            dh[r][k] = ok ? m2d_to_f(pc[r * stc + k * ktc]) : 0.f;  // C, for now
+                            a[r][k] = m2d_exp2(dt[r][k] * An2);
+                        }
                     }
                 }
                 // Recompute the forward states of this band from the checkpoints.
-                float cv = col_ok ? ckvp[(band * N + n) * W + q] : 0.f;
+                float cv[K];
+#pragma unroll
+                for (int k = 0; k < K; ++k) cv[k] = k < nk ? ckvp[(band * N + n) * W + q + k] : 0.f;
                 if (!vh) {
 #pragma unroll
-                    for (int r = 0; r < M2D_R; ++r) g[r] = __fmul_rn(__fmul_rn(dt[r], uu[r]), bv[r]);
-                    m2d_rowscan_fwd(c, a, g, aggM, aggV, cinb, ckh, false, tile, n, p0);
+                    for (int r = 0; r < R; ++r) {
 #pragma unroll
-                    for (int r = 0; r < M2D_R; ++r) {
-                        cv = fmaf(a[r], cv, g[r]);
-                        h[r] = cv;
+                        for (int k = 0; k < K; ++k) g[r][k] = __fmul_rn(__fmul_rn(dt[r][k], uu[r][k]), bv[r][k]);
+                    }
+                    m2d_rowscan_fwd<R, K>(c, a, g, aggM, aggV, cinb, ckh, false, tile, n, p0);
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+#pragma unroll
+                        for (int k = 0; k < K; ++k) {
+                            cv[k] = fmaf(a[r][k], cv[k], g[r][k]);
+                            h[r][k] = cv[k];
+                        }
                     }
                 } else {
 #pragma unroll
-                    for (int r = 0; r < M2D_R; ++r) {
-                        cv = fmaf(a[r], cv, __fmul_rn(__fmul_rn(dt[r], uu[r]), bv[r]));
-                        g[r] = cv;
-                        h[r] = cv;
+                    for (int r = 0; r < R; ++r) {
+#pragma unroll
+                        for (int k = 0; k < K; ++k) {
+                            cv[k] = fmaf(a[r][k], cv[k], __fmul_rn(__fmul_rn(dt[r][k], uu[r][k]), bv[r][k]));
+                            g[r][k] = cv[k];
+                            h[r][k] = cv[k];
+                        }
                     }
-                    m2d_rowscan_fwd(c, a, h, aggM, aggV, cinb, ckh, false, tile, n, p0);
+                    m2d_rowscan_fwd<R, K>(c, a, h, aggM, aggV, cinb, ckh, false, tile, n, p0);
                 }
 #pragma unroll
-                for (int r = 0; r < M2D_R; ++r) {
-                    yrec[r] = fmaf(dh[r], h[r], yrec[r]);
-                    dh[r] *= dy[r];  // C * dy
+                for (int r = 0; r < R; ++r) {
+#pragma unroll
+                    for (int k = 0; k < K; ++k) {
+                        yrec[r][k] = fmaf(dh[r][k], h[r][k], yrec[r][k]);
+                        dh[r][k] *= dy[r][k];  // C * dy
+                    }
                 }
                 // Adjoint passes in reverse order.
-                float tc = vcar[n * c.nthr + c.tid];
+                float tc[K];
+#pragma unroll
+                for (int k = 0; k < K; ++k) tc[k] = vcar[(n * K + k) * c.nthr + c.tid];
                 if (!vh) {
 #pragma unroll
-                    for (int r = M2D_R - 1; r >= 0; --r) {
-                        dh[r] += tc;
-                        tc = a[r] * dh[r];
+                    for (int r = R - 1; r >= 0; --r) {
+#pragma unroll
+                        for (int k = 0; k < K; ++k) {
+                            dh[r][k] += tc[k];
+                            tc[k] = a[r][k] * dh[r][k];
+                        }
                     }
-                    m2d_rowscan_rev(c, a, dh, dg, aggM, aggV, cinb, dck, tile, n, p0);
+                    m2d_rowscan_rev<R, K>(c, a, dh, dg, aggM, aggV, cinb, dck, tile, n, p0);
                 } else {
-                    m2d_rowscan_rev(c, a, dh, dg, aggM, aggV, cinb, dck, tile, n, p0);
+                    m2d_rowscan_rev<R, K>(c, a, dh, dg, aggM, aggV, cinb, dck, tile, n, p0);
 #pragma unroll
-                    for (int r = 0; r < M2D_R; ++r) dh[r] = dg[r];  // row adjoint is dh
+                    for (int r = 0; r < R; ++r) {
 #pragma unroll
-                    for (int r = M2D_R - 1; r >= 0; --r) {
-                        dg[r] = dh[r] + tc;
-                        tc = a[r] * dg[r];
+                        for (int k = 0; k < K; ++k) dh[r][k] = dg[r][k];  // row adjoint is dh
+                    }
+#pragma unroll
+                    for (int r = R - 1; r >= 0; --r) {
+#pragma unroll
+                        for (int k = 0; k < K; ++k) {
+                            dg[r][k] = dh[r][k] + tc[k];
+                            tc[k] = a[r][k] * dg[r][k];
+                        }
                     }
                 }
-                vcar[n * c.nthr + c.tid] = tc;
+#pragma unroll
+                for (int k = 0; k < K; ++k) vcar[(n * K + k) * c.nthr + c.tid] = tc[k];
                 float dAl = 0.f;
 #pragma unroll
-                for (int r = 0; r < M2D_R; ++r) {
-                    const float x = __fmul_rn(__fmul_rn(dt[r], uu[r]), bv[r]);
-                    const float daa = fmaf(dh[r], h[r] - g[r], dg[r] * (g[r] - x));  // d(Abar) * Abar
-                    const float gb = dg[r] * bv[r];
-                    ddt[r] = fmaf(daa, An, fmaf(gb, uu[r], ddt[r]));
-                    dux[r] = fmaf(gb, dt[r], dux[r]);
-                    dAl = fmaf(daa, dt[r], dAl);
-                    g[r] = dg[r] * dt[r] * uu[r];  // this channel's dB
-                    h[r] = dy[r] * h[r];           // this channel's dC
+                for (int r = 0; r < R; ++r) {
+#pragma unroll
+                    for (int k = 0; k < K; ++k) {
+                        const float x = __fmul_rn(__fmul_rn(dt[r][k], uu[r][k]), bv[r][k]);
+                        const float daa = fmaf(dh[r][k], h[r][k] - g[r][k], dg[r][k] * (g[r][k] - x));  // dAbar*Abar
+                        const float gb = dg[r][k] * bv[r][k];
+                        ddt[r][k] = fmaf(daa, An, fmaf(gb, uu[r][k], ddt[r][k]));
+                        dux[r][k] = fmaf(gb, dt[r][k], dux[r][k]);
+                        dAl = fmaf(daa, dt[r][k], dAl);
+                        g[r][k] = dg[r][k] * dt[r][k] * uu[r][k];  // this channel's dB
+                        h[r][k] = dy[r][k] * h[r][k];              // this channel's dC
+                    }
                 }
                 dAacc[n * c.nthr + c.tid] += (double)dAl;
                 if (CH == 1) {
@@ -308,32 +382,38 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                     float* pC = dCpp + ((n * H + i0) * W + j);
                     const int st = fr ? -W : W;
 #pragma unroll
-                    for (int r = 0; r < M2D_R; ++r) {
-                        if (r < nrow) {
-                            pB[r * st] = g[r];
-                            pC[r * st] = h[r];
+                    for (int r = 0; r < R; ++r) {
+#pragma unroll
+                        for (int k = 0; k < K; ++k) {
+                            if (r < nrow && k < nk) {
+                                pB[r * st + k * kty] = g[r][k];
+                                pC[r * st + k * kty] = h[r][k];
+                            }
                         }
                     }
                 } else {
 #pragma unroll
-                    for (int r = 0; r < M2D_R; ++r) {
-                        redB[(c.slot * M2D_R + r) * c.TWs + c.col] = g[r];
-                        redC[(c.slot * M2D_R + r) * c.TWs + c.col] = h[r];
+                    for (int r = 0; r < R; ++r) {
+#pragma unroll
+                        for (int k = 0; k < K; ++k) {
+                            redB[(c.slot * R + r) * c.TWs + c.col * K + k] = g[r][k];
+                            redC[(c.slot * R + r) * c.TWs + c.col * K + k] = h[r][k];
+                        }
                     }
                     __syncthreads();
-                    for (int e = c.tid; e < M2D_R * c.TWs; e += c.nthr) {
+                    for (int e = c.tid; e < R * c.TWs; e += c.nthr) {
                         const int r = e / c.TWs, cc = e - r * c.TWs;
                         const int p = p0 + r, qq = tile * c.TWs + cc;
                         if (p < H && qq < W) {
                             float sb = 0.f, sc = 0.f;
                             for (int s = 0; s < CH; ++s) {
-                                sb += redB[(s * M2D_R + r) * c.TWs + cc];
-                                sc += redC[(s * M2D_R + r) * c.TWs + cc];
+                                sb += redB[(s * R + r) * c.TWs + cc];
+                                sc += redC[(s * R + r) * c.TWs + cc];
                             }
                             const int i = fr ? (H - 1 - p) : p, jj = fc ? (W - 1 - qq) : qq;
-                            const int k = (n * H + i) * W + jj;
-                            dBpp[k] = sb;
-                            dCpp[k] = sc;
+                            const int kk = (n * H + i) * W + jj;
+                            dBpp[kk] = sb;
+                            dCpp[kk] = sc;
                         }
                     }
                     __syncthreads();
@@ -344,23 +424,27 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                 const T* pz = zbp != nullptr ? zbp + M2D_OFF(sz_h, sz_w) : nullptr;
                 const TO* po = obp + M2D_OFF(so_h, so_w);
                 const int std_ = M2D_STEP(sd_h), stz = M2D_STEP(sz_h), sto = M2D_STEP(so_h);
+                const int ktd = M2D_KSTEP(sd_w), ktz = M2D_KSTEP(sz_w), kto = M2D_KSTEP(so_w);
                 const int k0 = i0 * W + j, sty = fr ? -W : W;
 #pragma unroll
-                for (int r = 0; r < M2D_R; ++r) {
-                    if (r < nrow) {
-                        const int k = k0 + r * sty;
-                        const float v = m2d_to_f(pd[r * std_]) + bias;
-                        const float ddl = softplus ? ddt[r] * m2d_softplus_grad(v) : ddt[r];
-                        dup[k] = m2d_from_f<T>(dux[r]);
-                        ddp[k] = m2d_from_f<T>(ddl);
-                        if (pz != nullptr) {
-                            const float zz = m2d_to_f(pz[r * stz]);
-                            const float go = m2d_to_f(po[r * sto]);
-                            const float s = m2d_sigmoid(zz);
-                            dzp[k] = m2d_from_f<T>(go * yrec[r] * s * (1.f + zz * (1.f - s)));
+                for (int r = 0; r < R; ++r) {
+#pragma unroll
+                    for (int k = 0; k < K; ++k) {
+                        if (r < nrow && k < nk) {
+                            const int o = k0 + r * sty + k * kty;
+                            const float v = m2d_to_f(pd[r * std_ + k * ktd]) + bias;
+                            const float ddl = softplus ? ddt[r][k] * m2d_softplus_grad(v) : ddt[r][k];
+                            dup[o] = m2d_from_f<T>(dux[r][k]);
+                            ddp[o] = m2d_from_f<T>(ddl);
+                            if (pz != nullptr) {
+                                const float zz = m2d_to_f(pz[r * stz + k * ktz]);
+                                const float go = m2d_to_f(po[r * sto + k * kto]);
+                                const float s = m2d_sigmoid(zz);
+                                dzp[o] = m2d_from_f<T>(go * yrec[r][k] * s * (1.f + zz * (1.f - s)));
+                            }
+                            dD_acc += (double)(dy[r][k] * uu[r][k]);
+                            db_acc += (double)ddl;
                         }
-                        dD_acc += (double)(dy[r] * uu[r]);
-                        db_acc += (double)ddl;
                     }
                 }
             }
@@ -368,12 +452,12 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
     }
     // Per-channel reductions over the slot's threads, in a fixed order.
     __syncthreads();
-    for (int k = c.tid; k < CH * N; k += c.nthr) {
-        const int s = k / N, n = k - s * N;
+    for (int e = c.tid; e < CH * N; e += c.nthr) {
+        const int s = e / N, n = e - s * N;
         const int chan = c.chunk * CH + s;
         if (chan < c.dg) {
             double acc = 0.0;
-            for (int cc = 0; cc < c.TWs; ++cc) acc += dAacc[n * c.nthr + s * c.TWs + cc];
+            for (int cc = 0; cc < c.tps; ++cc) acc += dAacc[n * c.nthr + s * c.tps + cc];
             dAp[((m2d_i64)c.b * dim + c.g * c.dg + chan) * N + n] = (float)acc;
         }
     }
@@ -386,9 +470,9 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
         const int chan = c.chunk * CH + s;
         if (chan < c.dg) {
             double a0 = 0.0, a1 = 0.0;
-            for (int cc = 0; cc < c.TWs; ++cc) {
-                a0 += red2[s * c.TWs + cc];
-                a1 += red2[c.nthr + s * c.TWs + cc];
+            for (int cc = 0; cc < c.tps; ++cc) {
+                a0 += red2[s * c.tps + cc];
+                a1 += red2[c.nthr + s * c.tps + cc];
             }
             const m2d_i64 k = (m2d_i64)c.b * dim + c.g * c.dg + chan;
             dDp[k] = (float)a0;

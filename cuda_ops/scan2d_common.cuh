@@ -43,7 +43,8 @@ __device__ __forceinline__ m2d_bf16 m2d_from_f<m2d_bf16>(float v) {
 }
 
 #define M2D_FULL 0xffffffffu
-// Rows of a band held in registers by each thread (must match ROWS_PER_BAND in cuda_build.py).
+// Default rows of a band held in registers per thread for one column per thread (must match ROWS_PER_BAND in
+// cuda_build.py); the kernels take rows per band R and columns per thread K as template arguments.
 #ifndef M2D_R
 #define M2D_R 4
 #endif
@@ -84,17 +85,18 @@ __device__ __forceinline__ float m2d_exp2(float x) { return exp2f(x); }
 __device__ __forceinline__ float m2d_sigmoid(float v) { return __fdividef(1.f, 1.f + expf(-v)); }
 
 // Everything a thread needs to know about its place in the block (see cuda_build.launch_config).
-//   A block owns CH channel slots of one (batch, group); a slot owns TWs = S * WPM consecutive columns of a tile,
-//   one column per thread. S < 32 packs 32 / S slots into a warp (narrow maps); WPM > 1 spreads one slot over
-//   several warps (wide maps). Columns wider than TWs are walked tile by tile with a per-row carry in global memory.
+//   A block owns CH channel slots of one (batch, group); a slot owns TWs = S * WPM * K consecutive columns of a
+//   tile, K consecutive columns per thread (tps = S * WPM threads per slot). S < 32 packs 32 / S slots into a warp
+//   (narrow maps); WPM > 1 spreads one slot over several warps (wide maps). Columns wider than TWs are walked tile
+//   by tile with a per-row carry in global memory.
 struct M2DCtx {
-    int tid, nthr, lane, S, WPM, CH, TWs, slot, col, seg, wim;
+    int tid, nthr, lane, S, WPM, CH, tps, TWs, slot, col, seg, wim;
     int dim, dg, G, N, H, W, b, g, chunk, ntiles, nbands;
     bool slot_ok, xcarry;
 };
 
 __device__ __forceinline__ M2DCtx m2d_make_ctx(int dim, int H, int W, int G, int N, int S, int WPM, int CH,
-                                               int ntiles, int nbands) {
+                                               int K, int ntiles, int nbands) {
     M2DCtx c;
     c.tid = threadIdx.x;
     c.nthr = blockDim.x;
@@ -102,9 +104,10 @@ __device__ __forceinline__ M2DCtx m2d_make_ctx(int dim, int H, int W, int G, int
     c.S = S;
     c.WPM = WPM;
     c.CH = CH;
-    c.TWs = S * WPM;
-    c.slot = c.tid / c.TWs;
-    c.col = c.tid - c.slot * c.TWs;
+    c.tps = S * WPM;
+    c.TWs = c.tps * K;
+    c.slot = c.tid / c.tps;
+    c.col = c.tid - c.slot * c.tps;
     c.seg = c.lane & (S - 1);
     c.wim = (WPM > 1) ? (c.col >> 5) : 0;
     c.dim = dim;
@@ -126,70 +129,108 @@ __device__ __forceinline__ M2DCtx m2d_make_ctx(int dim, int H, int W, int G, int
     return c;
 }
 
-// Inclusive forward scan along the row (increasing q) of v[r] = a[r] * v_left + v[r] for the M2D_R rows of a band,
-// across the lanes of a slot, then across its warps and tiles. Tile carries (the running value just left of the
-// tile, per slot, state and row) live in ckh[((map * ntiles + tile) * N + n) * H + p]; write_ckh stores the carry
-// for the next tile. Must be called by every thread of the block (it may synchronise).
-__device__ __forceinline__ void m2d_rowscan_fwd(const M2DCtx& c, const float (&a)[M2D_R], float (&v)[M2D_R],
+// Inclusive forward scan along the row (increasing q) of v[r][k] = a[r][k] * v_left + v[r][k] for the R rows of a
+// band and the K consecutive columns of the thread: a sequential scan over the thread's columns, then a lane scan of
+// the per-thread aggregates across the slot, then across its warps and tiles. Tile carries (the running value just
+// left of the tile, per slot, state and row) live in ckh[((map * ntiles + tile) * N + n) * H + p]; write_ckh stores
+// the carry for the next tile. Must be called by every thread of the block (it may synchronise).
+template <int R, int K>
+__device__ __forceinline__ void m2d_rowscan_fwd(const M2DCtx& c, const float (&a)[R][K], float (&v)[R][K],
                                                 float* aggM, float* aggV, float* cinb, float* ckh, bool write_ckh,
                                                 int tile, int n, int p0) {
-    float m[M2D_R];
+    float pm[R][K];  // products of a over the thread's columns up to k
+    float m[R], w[R], cin[R];
 #pragma unroll
-    for (int r = 0; r < M2D_R; ++r) m[r] = a[r];
-    for (int off = 1; off < c.S; off <<= 1) {
+    for (int r = 0; r < R; ++r) {
+        pm[r][0] = a[r][0];
 #pragma unroll
-        for (int r = 0; r < M2D_R; ++r) {
-            const float mo = __shfl_up_sync(M2D_FULL, m[r], off, c.S);
-            const float vo = __shfl_up_sync(M2D_FULL, v[r], off, c.S);
-            if (c.seg >= off) {
-                v[r] = fmaf(m[r], vo, v[r]);
-                m[r] *= mo;
-            }
+        for (int k = 1; k < K; ++k) {
+            v[r][k] = fmaf(a[r][k], v[r][k - 1], v[r][k]);
+            pm[r][k] = pm[r][k - 1] * a[r][k];
         }
-    }
-    if (!c.xcarry) return;
-    if (c.seg == c.S - 1) {
-#pragma unroll
-        for (int r = 0; r < M2D_R; ++r) {
-            aggM[(c.slot * c.WPM + c.wim) * M2D_R + r] = m[r];
-            aggV[(c.slot * c.WPM + c.wim) * M2D_R + r] = v[r];
-        }
-    }
-    __syncthreads();
-    if (c.tid < c.CH * M2D_R) {
-        const int s = c.tid / M2D_R, r = c.tid - s * M2D_R, p = p0 + r;
-        const int chan = c.chunk * c.CH + s;
-        const bool ok = chan < c.dg && p < c.H;
-        const m2d_i64 map = (m2d_i64)c.b * c.dim + (m2d_i64)c.g * c.dg + chan;
-        float carry = 0.f;
-        if (ok && tile > 0) carry = ckh[((map * c.ntiles + tile) * c.N + n) * c.H + p];
-        for (int w = 0; w < c.WPM; ++w) {
-            const int k = (s * c.WPM + w) * M2D_R + r;
-            cinb[k] = carry;
-            carry = fmaf(aggM[k], carry, aggV[k]);
-        }
-        if (ok && write_ckh && tile + 1 < c.ntiles) ckh[((map * c.ntiles + tile + 1) * c.N + n) * c.H + p] = carry;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int r = 0; r < M2D_R; ++r) v[r] = fmaf(m[r], cinb[(c.slot * c.WPM + c.wim) * M2D_R + r], v[r]);
-}
-
-// Reverse (decreasing q) adjoint scan along the row: out[q] = x[q] + t[q+1] with t[q] = a[q] * (x[q] + t[q+1]).
-// The carry between tiles (t at the first column of the tile to the right) lives in dck[(map * N + n) * H + p].
-__device__ __forceinline__ void m2d_rowscan_rev(const M2DCtx& c, const float (&a)[M2D_R], const float (&x)[M2D_R],
-                                                float (&out)[M2D_R], float* aggM, float* aggV, float* cinb,
-                                                float* dck, int tile, int n, int p0) {
-    float m[M2D_R], v[M2D_R], cin[M2D_R];
-#pragma unroll
-    for (int r = 0; r < M2D_R; ++r) {
-        m[r] = a[r];
-        v[r] = a[r] * x[r];
+        m[r] = pm[r][K - 1];
+        w[r] = v[r][K - 1];
         cin[r] = 0.f;
     }
     for (int off = 1; off < c.S; off <<= 1) {
 #pragma unroll
-        for (int r = 0; r < M2D_R; ++r) {
+        for (int r = 0; r < R; ++r) {
+            const float mo = __shfl_up_sync(M2D_FULL, m[r], off, c.S);
+            const float vo = __shfl_up_sync(M2D_FULL, w[r], off, c.S);
+            if (c.seg >= off) {
+                w[r] = fmaf(m[r], vo, w[r]);
+                m[r] *= mo;
+            }
+        }
+    }
+    if (c.xcarry) {
+        if (c.seg == c.S - 1) {
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                aggM[(c.slot * c.WPM + c.wim) * R + r] = m[r];
+                aggV[(c.slot * c.WPM + c.wim) * R + r] = w[r];
+            }
+        }
+        __syncthreads();
+        if (c.tid < c.CH * R) {
+            const int s = c.tid / R, r = c.tid - s * R, p = p0 + r;
+            const int chan = c.chunk * c.CH + s;
+            const bool ok = chan < c.dg && p < c.H;
+            const m2d_i64 map = (m2d_i64)c.b * c.dim + (m2d_i64)c.g * c.dg + chan;
+            float carry = 0.f;
+            if (ok && tile > 0) carry = ckh[((map * c.ntiles + tile) * c.N + n) * c.H + p];
+            for (int wi = 0; wi < c.WPM; ++wi) {
+                const int k = (s * c.WPM + wi) * R + r;
+                cinb[k] = carry;
+                carry = fmaf(aggM[k], carry, aggV[k]);
+            }
+            if (ok && write_ckh && tile + 1 < c.ntiles) ckh[((map * c.ntiles + tile + 1) * c.N + n) * c.H + p] = carry;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            cin[r] = cinb[(c.slot * c.WPM + c.wim) * R + r];
+            w[r] = fmaf(m[r], cin[r], w[r]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        if (K > 1) {
+            // Value entering the thread: the inclusive aggregate of the lane to the left (the carry for lane 0).
+            float e = __shfl_up_sync(M2D_FULL, w[r], 1, c.S);
+            if (c.seg == 0) e = cin[r];
+#pragma unroll
+            for (int k = 0; k < K - 1; ++k) v[r][k] = fmaf(pm[r][k], e, v[r][k]);
+        }
+        v[r][K - 1] = w[r];
+    }
+}
+
+// Reverse (decreasing q) adjoint scan along the row: out[q] = x[q] + t[q+1] with t[q] = a[q] * (x[q] + t[q+1]).
+// Per thread t over its K columns is affine in the t entering from the right (tm * t_in + tv); the aggregates are
+// scanned across lanes, warps and tiles as in the forward. The carry between tiles (t at the first column of the
+// tile to the right) lives in dck[(map * N + n) * H + p].
+template <int R, int K>
+__device__ __forceinline__ void m2d_rowscan_rev(const M2DCtx& c, const float (&a)[R][K], const float (&x)[R][K],
+                                                float (&out)[R][K], float* aggM, float* aggV, float* cinb,
+                                                float* dck, int tile, int n, int p0) {
+    float tm[R][K], tv[R][K], m[R], v[R], cin[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        tm[r][K - 1] = a[r][K - 1];
+        tv[r][K - 1] = a[r][K - 1] * x[r][K - 1];
+#pragma unroll
+        for (int k = K - 2; k >= 0; --k) {
+            tv[r][k] = a[r][k] * (x[r][k] + tv[r][k + 1]);
+            tm[r][k] = a[r][k] * tm[r][k + 1];
+        }
+        m[r] = tm[r][0];
+        v[r] = tv[r][0];
+        cin[r] = 0.f;
+    }
+    for (int off = 1; off < c.S; off <<= 1) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
             const float mo = __shfl_down_sync(M2D_FULL, m[r], off, c.S);
             const float vo = __shfl_down_sync(M2D_FULL, v[r], off, c.S);
             if (c.seg + off < c.S) {
@@ -201,21 +242,21 @@ __device__ __forceinline__ void m2d_rowscan_rev(const M2DCtx& c, const float (&a
     if (c.xcarry) {
         if (c.seg == 0) {
 #pragma unroll
-            for (int r = 0; r < M2D_R; ++r) {
-                aggM[(c.slot * c.WPM + c.wim) * M2D_R + r] = m[r];
-                aggV[(c.slot * c.WPM + c.wim) * M2D_R + r] = v[r];
+            for (int r = 0; r < R; ++r) {
+                aggM[(c.slot * c.WPM + c.wim) * R + r] = m[r];
+                aggV[(c.slot * c.WPM + c.wim) * R + r] = v[r];
             }
         }
         __syncthreads();
-        if (c.tid < c.CH * M2D_R) {
-            const int s = c.tid / M2D_R, r = c.tid - s * M2D_R, p = p0 + r;
+        if (c.tid < c.CH * R) {
+            const int s = c.tid / R, r = c.tid - s * R, p = p0 + r;
             const int chan = c.chunk * c.CH + s;
             const bool ok = chan < c.dg && p < c.H;
             const m2d_i64 map = (m2d_i64)c.b * c.dim + (m2d_i64)c.g * c.dg + chan;
             float carry = 0.f;
             if (ok && tile + 1 < c.ntiles) carry = dck[(map * c.N + n) * c.H + p];
-            for (int w = c.WPM - 1; w >= 0; --w) {
-                const int k = (s * c.WPM + w) * M2D_R + r;
+            for (int wi = c.WPM - 1; wi >= 0; --wi) {
+                const int k = (s * c.WPM + wi) * R + r;
                 cinb[k] = carry;
                 carry = fmaf(aggM[k], carry, aggV[k]);
             }
@@ -223,13 +264,15 @@ __device__ __forceinline__ void m2d_rowscan_rev(const M2DCtx& c, const float (&a
         }
         __syncthreads();
 #pragma unroll
-        for (int r = 0; r < M2D_R; ++r) cin[r] = cinb[(c.slot * c.WPM + c.wim) * M2D_R + r];
+        for (int r = 0; r < R; ++r) cin[r] = cinb[(c.slot * c.WPM + c.wim) * R + r];
     }
 #pragma unroll
-    for (int r = 0; r < M2D_R; ++r) {
-        const float t = fmaf(m[r], cin[r], v[r]);
+    for (int r = 0; r < R; ++r) {
+        const float t = fmaf(m[r], cin[r], v[r]);  // t at the thread's first column
         float tn = __shfl_down_sync(M2D_FULL, t, 1, c.S);
-        if (c.seg == c.S - 1) tn = cin[r];
-        out[r] = x[r] + tn;
+        if (c.seg == c.S - 1) tn = cin[r];  // t entering from the right
+        out[r][K - 1] = x[r][K - 1] + tn;
+#pragma unroll
+        for (int k = 0; k < K - 1; ++k) out[r][k] = x[r][k] + fmaf(tm[r][k + 1], tn, tv[r][k + 1]);
     }
 }

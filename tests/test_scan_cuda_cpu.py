@@ -65,9 +65,13 @@ def test_launch_config_invariants(H, W, N, dim, G):
     assert cfg.S & (cfg.S - 1) == 0 and 1 <= cfg.S <= 32
     assert cfg.WPM == 1 or cfg.S == 32
     assert cfg.tile_width * cfg.ntiles >= W > cfg.tile_width * (cfg.ntiles - 1)
-    assert cfg.nbands * cuda_build.ROWS_PER_BAND >= H
+    assert cfg.nbands * cfg.R >= H > (cfg.nbands - 1) * cfg.R
+    assert cfg.K in (1, 2, 4) and cfg.R * cfg.K == cuda_build.ROWS_PER_BAND
+    assert (cfg.R, cfg.K) in cuda_build.band_shapes()
+    if 32 < W <= 32 * cuda_build.MAX_COLS_PER_THREAD:  # one warp per row: no cross-warp combine
+        assert cfg.K > 1 and cfg.WPM == 1 and cfg.ntiles == 1
     assert cfg.CH * cfg.cpg >= dg and cfg.blocks == 2 * G * cfg.cpg
-    assert cfg.threads == cfg.CH * cfg.tile_width
+    assert cfg.threads == cfg.CH * cfg.S * cfg.WPM
     assert cfg.smem_bwd <= 160 * 1024 and cfg.smem_fwd <= 160 * 1024
 
 

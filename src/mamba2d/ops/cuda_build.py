@@ -21,28 +21,46 @@ COMPILE_OPTIONS: tuple[str, ...] = ("--std=c++17",)
 #: Source files of the kernels (in cuda_ops/, shipped as mamba2d._cuda_ops).
 KERNEL_SOURCE = "scan2d.cu"
 
-#: Rows of a band kept in registers per thread; must equal M2D_R in scan2d_common.cuh.
+#: Rows of a band kept in registers per thread when each thread owns one column; must equal M2D_R in
+#: scan2d_common.cuh. A thread owning K columns keeps ROWS_PER_BAND // K rows (the same registers).
 ROWS_PER_BAND = 4
 
+#: Most columns per thread: maps up to 32 * MAX_COLS_PER_THREAD wide are scanned along a row by a single warp
+#: (no cross-warp combine, no barrier), each thread scanning its K consecutive columns sequentially.
+MAX_COLS_PER_THREAD = 4
 
-def _tuning() -> tuple[int, tuple[str, ...]]:
-    """Benchmark-only override, e.g. MAMBA2D_SCAN_TUNE="R=4,FWD=3,BWD=2": rows per band and occupancy targets."""
+
+def _tuning() -> tuple[int, int, tuple[str, ...]]:
+    """Benchmark-only override, e.g. MAMBA2D_SCAN_TUNE="R=4,FWD=3,BWD=2,KMAX=2": rows per band (one column per
+    thread), occupancy targets and most columns per thread (KMAX=1: one column per thread everywhere)."""
     import os
 
     spec = os.environ.get("MAMBA2D_SCAN_TUNE", "")
     if not spec:
-        return ROWS_PER_BAND, ()
+        return ROWS_PER_BAND, MAX_COLS_PER_THREAD, ()
     vals = dict(item.split("=") for item in spec.split(",") if item)
     rows = int(vals.get("R", ROWS_PER_BAND))
+    kmax = int(vals.get("KMAX", MAX_COLS_PER_THREAD))
     defines = [f"-DM2D_R={rows}"]
     if "FWD" in vals:
         defines.append(f"-DM2D_FWD_MIN_BLOCKS={int(vals['FWD'])}")
     if "BWD" in vals:
         defines.append(f"-DM2D_BWD_MIN_BLOCKS={int(vals['BWD'])}")
-    return rows, tuple(defines)
+    return rows, kmax, tuple(defines)
 
 
-ROWS_PER_BAND, TUNING_OPTIONS = _tuning()
+ROWS_PER_BAND, MAX_COLS_PER_THREAD, TUNING_OPTIONS = _tuning()
+
+
+def band_shapes() -> tuple[tuple[int, int], ...]:
+    """Every (rows per band R, columns per thread K) the kernels are instantiated for."""
+    shapes = [(ROWS_PER_BAND, 1)]
+    k = 2
+    while k <= MAX_COLS_PER_THREAD:
+        shapes.append((max(1, ROWS_PER_BAND // k), k))
+        k *= 2
+    return tuple(shapes)
+
 
 #: Largest block; must equal M2D_MAX_THREADS (the kernels' __launch_bounds__).
 MAX_THREADS = 256
@@ -95,9 +113,11 @@ def variant_tags(dtype: torch.dtype, out_fp32: bool) -> tuple[str, str]:
     return tag, ("float" if out_fp32 else tag)
 
 
-def kernel_names(in_tag: str, out_tag: str) -> tuple[str, str]:
-    """Name expressions (NVRTC) of the forward and backward kernels of one (input, output) dtype variant."""
-    return (f"mamba2d_scan2d_fwd<{in_tag}, {out_tag}>", f"mamba2d_scan2d_bwd<{in_tag}, {out_tag}>")
+def kernel_names(in_tag: str, out_tag: str, rows: int, cols: int) -> tuple[str, str]:
+    """Name expressions (NVRTC) of the forward and backward kernels of one (input, output) dtype variant and one
+    band shape (rows per band, columns per thread)."""
+    args = f"{in_tag}, {out_tag}, {rows}, {cols}"
+    return (f"mamba2d_scan2d_fwd<{args}>", f"mamba2d_scan2d_bwd<{args}>")
 
 
 def all_variants() -> list[tuple[str, str]]:
@@ -111,7 +131,7 @@ def all_variants() -> list[tuple[str, str]]:
 
 def nvcc_translation_unit() -> str:
     """Source for an nvcc check: the kernels plus host code taking each instantiation's address (forces codegen)."""
-    names = [name for variant in all_variants() for name in kernel_names(*variant)]
+    names = [name for variant in all_variants() for shape in band_shapes() for name in kernel_names(*variant, *shape)]
     refs = ",\n    ".join(f"(void*)&{name}" for name in names)
     return kernel_source() + f"\n\nvoid* mamba2d_force_instantiation[] = {{\n    {refs}\n}};\n"
 
@@ -122,6 +142,8 @@ class LaunchConfig:
 
     S: int  # lanes per slot segment (power of two <= 32)
     WPM: int  # warps per slot (> 1 only when S == 32)
+    R: int  # rows per band
+    K: int  # consecutive columns per thread
     CH: int  # channel slots per block
     ntiles: int  # column tiles walked by each block
     nbands: int  # row bands of ROWS_PER_BAND rows
@@ -133,7 +155,7 @@ class LaunchConfig:
 
     @property
     def tile_width(self) -> int:
-        return self.S * self.WPM
+        return self.S * self.WPM * self.K
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -142,13 +164,19 @@ def _ceil_div(a: int, b: int) -> int:
 
 def launch_config(batch: int, dim: int, height: int, width: int, groups: int, d_state: int) -> LaunchConfig:
     batch, dim, height, width, groups, d_state = (int(v) for v in (batch, dim, height, width, groups, d_state))
-    R = ROWS_PER_BAND
     dg = dim // groups
-    # Shared memory per thread in the backward: an [N] float and an [N] double array (+ the dB/dC reduction
+    # Up to 32 * MAX_COLS_PER_THREAD columns: one warp per row, K consecutive columns per thread, R * K pixels per
+    # thread as with one column (registers stay the same).
+    K = 1
+    if 32 < width <= 32 * MAX_COLS_PER_THREAD:
+        K = 1 << (_ceil_div(width, 32) - 1).bit_length()
+    R = max(1, ROWS_PER_BAND // K) if K > 1 else ROWS_PER_BAND
+    cols = _ceil_div(width, K)  # thread columns
+    # Shared memory per thread in the backward: an [N][K] float and an [N] double array (+ the dB/dC reduction
     # buffer); keep a block under ~96 KB so that two blocks fit an SM. MAX_THREADS is the kernels' __launch_bounds__.
-    max_threads = max(64, min(MAX_THREADS, (98304 // (12 * d_state + 80)) // 32 * 32))
-    if width <= 16:
-        S = 1 << (width - 1).bit_length()
+    max_threads = max(64, min(MAX_THREADS, (98304 // ((4 * K + 8) * d_state + 8 * R * K + 48)) // 32 * 32))
+    if cols <= 16:
+        S = 1 << (cols - 1).bit_length()
         WPM = 1
         per_warp = 32 // S
         CH = max(per_warp, (max_threads // S) // per_warp * per_warp)
@@ -156,19 +184,21 @@ def launch_config(batch: int, dim: int, height: int, width: int, groups: int, d_
         ntiles = 1
     else:
         S = 32
-        warps = _ceil_div(width, 32)
+        warps = _ceil_div(cols, 32)
         ntiles = _ceil_div(warps, max_threads // 32)
         WPM = _ceil_div(warps, ntiles)  # balanced tiles
         CH = max(1, min(max_threads // (32 * WPM), dg))
-    tws = S * WPM
-    threads = CH * tws
+    tps = S * WPM  # threads per slot
+    tws = tps * K
+    threads = CH * tps
     nbands = _ceil_div(height, R)
     cpg = _ceil_div(dg, CH)
     agg = 3 * CH * WPM * R
-    smem_fwd = 4 * (d_state * threads + agg)
-    smem_bwd = 4 * (3 * d_state * threads + agg + (2 * CH * R * tws if CH > 1 else 0))
+    smem_fwd = 4 * (d_state * K * threads + agg)
+    smem_bwd = 4 * (d_state * K * threads + 2 * d_state * threads + agg + (2 * CH * R * tws if CH > 1 else 0))
     smem_bwd = max(smem_bwd, 16 * threads)  # the final reduction reuses the start as [2][threads] doubles
-    return LaunchConfig(S, WPM, CH, ntiles, nbands, threads, batch * groups * cpg, cpg, smem_fwd, smem_bwd)
+    return LaunchConfig(S=S, WPM=WPM, R=R, K=K, CH=CH, ntiles=ntiles, nbands=nbands, threads=threads,
+                        blocks=batch * groups * cpg, cpg=cpg, smem_fwd=smem_fwd, smem_bwd=smem_bwd)
 
 
 def checkpoint_sizes(batch: int, dim: int, height: int, width: int, groups: int, d_state: int) -> tuple[int, int]:

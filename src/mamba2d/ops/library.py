@@ -42,7 +42,8 @@ def _ckpt_numels(u: Tensor, B: Tensor, save_ckpt: bool) -> tuple[int, int]:
     batch, dim, height, width = (int(s) for s in u.shape)
     groups, d_state = int(B.shape[1]), int(B.shape[2])
     ckv_n, ckh_n = cuda_build.checkpoint_sizes(batch, dim, height, width, groups, d_state)
-    return (ckv_n if save_ckpt and saves_checkpoint(d_state) else 0), ckh_n
+    cfg = cuda_build.launch_config(batch, dim, height, width, groups, d_state)
+    return (ckv_n if save_ckpt and saves_checkpoint(cfg, d_state) else 0), ckh_n
 
 
 @scan2d_fwd.register_fake
