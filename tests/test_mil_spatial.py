@@ -5,6 +5,7 @@ scans the slide's grid, separates the classes on held-out bags. Fixed seeds; mod
 
 import numpy as np
 import pytest
+import torch
 
 from mamba2d.data.bags import read_bag
 from mamba2d.data.spatial_bags import SpatialBagConfig, make_bag, write_spatial_bags
@@ -36,7 +37,16 @@ def test_spatial_bags_are_clam_files(tmp_path):
     assert bag.stride == 256 and bag.stride_source == "attrs" and bag.features.shape[1] == 16
 
 
-def test_2dmambamil_beats_abmil_on_held_out_spatial_bags(tmp_path):
+@pytest.fixture
+def one_thread():
+    """Bags of ~150 patches: intra-op threads cost more than they gain and make the timing erratic on busy cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_2dmambamil_beats_abmil_on_held_out_spatial_bags(tmp_path, one_thread):
     write_spatial_bags(tmp_path / "bags", {"train": 96, "val": 32, "test": 64}, seed=0)
     rows = [{"model": model, "seed": 0,
              **train_and_test(model, tmp_path / "bags", seed=0, epochs=12, lr=1e-3, work_dir=tmp_path / model)}

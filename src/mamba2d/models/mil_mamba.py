@@ -37,9 +37,13 @@ from .mil_layers import (
 
 __all__ = ["MambaBlock", "MambaMIL2D", "MambaMIL1D"]
 
-# Live float32 tensors of size (chunk, d_state, H, W) the reference scan holds at its peak (decay, input, states,
-# scan temporaries); used to turn scan_memory_mb into a channel chunk size.
-_REFERENCE_LIVE_TENSORS = 6
+
+
+def reference_scan_live_tensors(height: int, width: int) -> int:
+    """Float32 tensors of size (channels, d_state, H, W) alive at the reference scan's peak under autograd: decay,
+    input and states, plus about three per step of each pass's log2-step parallel scan (kept for backward)."""
+    steps = math.ceil(math.log2(max(width, 2))) + math.ceil(math.log2(max(height, 2)))
+    return 4 + 3 * steps
 
 
 class MambaBlock(nn.Module):
@@ -141,7 +145,8 @@ class MambaBlock(nn.Module):
             return None
         if self.scan_backend == "auto" and cuda_backend_available(u):
             return None
-        per_channel = _REFERENCE_LIVE_TENSORS * 4 * self.d_state * u.shape[-2] * u.shape[-1] * u.shape[0]
+        live = reference_scan_live_tensors(u.shape[-2], u.shape[-1])
+        per_channel = live * 4 * self.d_state * u.shape[-2] * u.shape[-1] * u.shape[0]
         chunk = max(1, int(self.scan_memory_mb * 2**20 // per_channel))
         return None if chunk >= self.d_inner // self.groups else chunk
 

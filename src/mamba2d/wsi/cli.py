@@ -111,8 +111,12 @@ def _kfold(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _spatial_benchmark(args: argparse.Namespace) -> int:
+    import torch
+
     from ..data.spatial_bags import SpatialBagConfig
     from .spatial_benchmark import format_table, run_spatial_benchmark
+
+    torch.set_num_threads(args.threads)
 
     config = SpatialBagConfig(grid_min=args.grid_min, grid_max=args.grid_max, positive_min=args.positive_min,
                               positive_max=args.positive_max, feature_dim=args.feature_dim, amplitude=args.amplitude)
@@ -192,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positive-max", type=int, default=12)
     p.add_argument("--feature-dim", type=int, default=32)
     p.add_argument("--amplitude", type=float, default=3.0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on bags this small, threading costs more than it gains)")
     p.set_defaults(func=_spatial_benchmark)
     return parser
 
