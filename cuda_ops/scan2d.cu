@@ -20,8 +20,8 @@
 #define M2D_STEP(sh) (fr ? -(sh) : (sh))
 #define M2D_KSTEP(sw) (fc ? -(sw) : (sw))
 
-template <typename T, typename TO, int R, int K>
-__global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_FWD_MIN_BLOCKS)
+template <typename T, typename TO, int R, int K, int MINB>
+__global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
     mamba2d_scan2d_fwd(const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z,
                        const T* __restrict__ Bm, const T* __restrict__ Cm, const float* __restrict__ A,
                        const float* __restrict__ Dv, const float* __restrict__ dbias, const int* __restrict__ dirs,
@@ -238,6 +238,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
             const int nrow = nk > 0 ? min(R, H - p0) : 0;
             const int i0 = fr ? (H - 1 - p0) : p0;
             float uu[R][K], dt[R][K], dy[R][K], ddt[R][K], dux[R][K], yrec[R][K];
+            float sg[R][K];  // d softplus / d(delta) (1 without softplus), kept from the first pass
             {
                 const T* pu = ubp + M2D_OFF(su_h, su_w);
                 const T* pd = dbp_ + M2D_OFF(sd_h, sd_w);
@@ -262,7 +263,9 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                         }
                         const float v = dl + bias;
                         uu[r][k] = x;
-                        dt[r][k] = ok ? (softplus ? m2d_softplus(v) : v) : 0.f;
+                        float gr = 1.f;
+                        dt[r][k] = ok ? (softplus ? m2d_softplus_with_grad(v, gr) : v) : 0.f;
+                        sg[r][k] = gr;
                         dy[r][k] = go;
                         ddt[r][k] = 0.f;
                         dux[r][k] = Dd * go;
@@ -420,11 +423,10 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                 }
             }
             {
-                const T* pd = dbp_ + M2D_OFF(sd_h, sd_w);
                 const T* pz = zbp != nullptr ? zbp + M2D_OFF(sz_h, sz_w) : nullptr;
                 const TO* po = obp + M2D_OFF(so_h, so_w);
-                const int std_ = M2D_STEP(sd_h), stz = M2D_STEP(sz_h), sto = M2D_STEP(so_h);
-                const int ktd = M2D_KSTEP(sd_w), ktz = M2D_KSTEP(sz_w), kto = M2D_KSTEP(so_w);
+                const int stz = M2D_STEP(sz_h), sto = M2D_STEP(so_h);
+                const int ktz = M2D_KSTEP(sz_w), kto = M2D_KSTEP(so_w);
                 const int k0 = i0 * W + j, sty = fr ? -W : W;
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
@@ -432,8 +434,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                     for (int k = 0; k < K; ++k) {
                         if (r < nrow && k < nk) {
                             const int o = k0 + r * sty + k * kty;
-                            const float v = m2d_to_f(pd[r * std_ + k * ktd]) + bias;
-                            const float ddl = softplus ? ddt[r][k] * m2d_softplus_grad(v) : ddt[r][k];
+                            const float ddl = ddt[r][k] * sg[r][k];
                             dup[o] = m2d_from_f<T>(dux[r][k]);
                             ddp[o] = m2d_from_f<T>(ddl);
                             if (pz != nullptr) {

@@ -48,11 +48,9 @@ __device__ __forceinline__ m2d_bf16 m2d_from_f<m2d_bf16>(float v) {
 #ifndef M2D_R
 #define M2D_R 4
 #endif
-// Largest block (must match MAX_THREADS in cuda_build.py) and occupancy targets that cap the registers.
+// Largest block (must match MAX_THREADS in cuda_build.py) and occupancy targets that cap the registers (the forward
+// takes its target as a template argument, chosen by cuda_build.launch_config).
 #define M2D_MAX_THREADS 256
-#ifndef M2D_FWD_MIN_BLOCKS
-#define M2D_FWD_MIN_BLOCKS 4
-#endif
 #ifndef M2D_BWD_MIN_BLOCKS
 #define M2D_BWD_MIN_BLOCKS 2
 #endif
@@ -73,11 +71,24 @@ __device__ __forceinline__ float m2d_softplus(float v) {
     p = fmaf(s2, p, 1.f);
     return fmaxf(v, 0.f) + 2.f * s * p;
 }
-__device__ __forceinline__ float m2d_softplus_grad(float v) {
-    if (v > 20.f) return 1.f;
+// softplus(v) and its derivative from one exponential (the backward keeps the derivative for d(delta)).
+__device__ __forceinline__ float m2d_softplus_with_grad(float v, float& grad) {
+    if (v > 20.f) {
+        grad = 1.f;
+        return v;
+    }
     const float w = expf(-fabsf(v));
+    const float s = __fdividef(w, 2.f + w);
+    const float s2 = s * s;
+    float p = fmaf(s2, 1.f / 13.f, 1.f / 11.f);
+    p = fmaf(s2, p, 1.f / 9.f);
+    p = fmaf(s2, p, 1.f / 7.f);
+    p = fmaf(s2, p, 1.f / 5.f);
+    p = fmaf(s2, p, 1.f / 3.f);
+    p = fmaf(s2, p, 1.f);
     const float r = __fdividef(1.f, 1.f + w);
-    return v >= 0.f ? r : w * r;
+    grad = v >= 0.f ? r : w * r;
+    return fmaxf(v, 0.f) + 2.f * s * p;
 }
 #define M2D_LOG2E 1.4426950408889634f
 // exp(x) as exp2(x * log2 e): the caller folds log2 e into A once per state (2 ulp + the product's rounding).

@@ -30,26 +30,29 @@ ROWS_PER_BAND = 4
 MAX_COLS_PER_THREAD = 4
 
 
-def _tuning() -> tuple[int, int, tuple[str, ...]]:
+def _tuning() -> tuple[int, int, int, tuple[str, ...]]:
     """Benchmark-only override, e.g. MAMBA2D_SCAN_TUNE="R=4,FWD=3,BWD=2,KMAX=2": rows per band (one column per
     thread), occupancy targets and most columns per thread (KMAX=1: one column per thread everywhere)."""
     import os
 
     spec = os.environ.get("MAMBA2D_SCAN_TUNE", "")
     if not spec:
-        return ROWS_PER_BAND, MAX_COLS_PER_THREAD, ()
+        return ROWS_PER_BAND, MAX_COLS_PER_THREAD, 4, ()
     vals = dict(item.split("=") for item in spec.split(",") if item)
     rows = int(vals.get("R", ROWS_PER_BAND))
     kmax = int(vals.get("KMAX", MAX_COLS_PER_THREAD))
     defines = [f"-DM2D_R={rows}"]
-    if "FWD" in vals:
-        defines.append(f"-DM2D_FWD_MIN_BLOCKS={int(vals['FWD'])}")
     if "BWD" in vals:
         defines.append(f"-DM2D_BWD_MIN_BLOCKS={int(vals['BWD'])}")
-    return rows, kmax, tuple(defines)
+    return rows, kmax, int(vals.get("FWD", 4)), tuple(defines)
 
 
-ROWS_PER_BAND, MAX_COLS_PER_THREAD, TUNING_OPTIONS = _tuning()
+#: FWD_MIN_BLOCKS: forward occupancy target (blocks per SM; caps its registers), a template argument of the
+#: forward kernel. With many states the forward loops over N per band and prefers more registers:
+#: FWD_MIN_BLOCKS_LARGE_STATE from LARGE_STATE states on (shape c: fwd+bwd 13.7 -> 11.5 ms).
+ROWS_PER_BAND, MAX_COLS_PER_THREAD, FWD_MIN_BLOCKS, TUNING_OPTIONS = _tuning()
+FWD_MIN_BLOCKS_LARGE_STATE = 2
+LARGE_STATE = 8
 
 
 def band_shapes() -> tuple[tuple[int, int], ...]:
@@ -113,11 +116,15 @@ def variant_tags(dtype: torch.dtype, out_fp32: bool) -> tuple[str, str]:
     return tag, ("float" if out_fp32 else tag)
 
 
-def kernel_names(in_tag: str, out_tag: str, rows: int, cols: int) -> tuple[str, str]:
-    """Name expressions (NVRTC) of the forward and backward kernels of one (input, output) dtype variant and one
-    band shape (rows per band, columns per thread)."""
+def kernel_names(in_tag: str, out_tag: str, rows: int, cols: int, fwd_min_blocks: int) -> tuple[str, str]:
+    """Name expressions (NVRTC) of the forward and backward kernels of one (input, output) dtype variant, one
+    band shape (rows per band, columns per thread) and one forward occupancy target."""
     args = f"{in_tag}, {out_tag}, {rows}, {cols}"
-    return (f"mamba2d_scan2d_fwd<{args}>", f"mamba2d_scan2d_bwd<{args}>")
+    return (f"mamba2d_scan2d_fwd<{args}, {fwd_min_blocks}>", f"mamba2d_scan2d_bwd<{args}>")
+
+
+def fwd_min_blocks_options() -> tuple[int, ...]:
+    return tuple(dict.fromkeys((FWD_MIN_BLOCKS, FWD_MIN_BLOCKS_LARGE_STATE)))
 
 
 def all_variants() -> list[tuple[str, str]]:
@@ -131,7 +138,9 @@ def all_variants() -> list[tuple[str, str]]:
 
 def nvcc_translation_unit() -> str:
     """Source for an nvcc check: the kernels plus host code taking each instantiation's address (forces codegen)."""
-    names = [name for variant in all_variants() for shape in band_shapes() for name in kernel_names(*variant, *shape)]
+    names = [name for variant in all_variants() for shape in band_shapes() for minb in fwd_min_blocks_options()
+             for name in kernel_names(*variant, *shape, minb)]
+    names = list(dict.fromkeys(names))  # the backward does not depend on the forward's occupancy target
     refs = ",\n    ".join(f"(void*)&{name}" for name in names)
     return kernel_source() + f"\n\nvoid* mamba2d_force_instantiation[] = {{\n    {refs}\n}};\n"
 
@@ -144,6 +153,7 @@ class LaunchConfig:
     WPM: int  # warps per slot (> 1 only when S == 32)
     R: int  # rows per band
     K: int  # consecutive columns per thread
+    fwd_min_blocks: int  # forward occupancy target (template argument of the forward kernel)
     CH: int  # channel slots per block
     ntiles: int  # column tiles walked by each block
     nbands: int  # row bands of ROWS_PER_BAND rows
@@ -197,7 +207,8 @@ def launch_config(batch: int, dim: int, height: int, width: int, groups: int, d_
     smem_fwd = 4 * (d_state * K * threads + agg)
     smem_bwd = 4 * (d_state * K * threads + 2 * d_state * threads + agg + (2 * CH * R * tws if CH > 1 else 0))
     smem_bwd = max(smem_bwd, 16 * threads)  # the final reduction reuses the start as [2][threads] doubles
-    return LaunchConfig(S=S, WPM=WPM, R=R, K=K, CH=CH, ntiles=ntiles, nbands=nbands, threads=threads,
+    fwd_min_blocks = FWD_MIN_BLOCKS_LARGE_STATE if d_state >= LARGE_STATE else FWD_MIN_BLOCKS
+    return LaunchConfig(S=S, WPM=WPM, R=R, K=K, fwd_min_blocks=fwd_min_blocks, CH=CH, ntiles=ntiles, nbands=nbands, threads=threads,
                         blocks=batch * groups * cpg, cpg=cpg, smem_fwd=smem_fwd, smem_bwd=smem_bwd)
 
 
