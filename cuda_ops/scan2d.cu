@@ -199,8 +199,11 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
     float* aggM = reinterpret_cast<float*>(dAacc + (m2d_i64)N * c.nthr);        // [CH][WPM][R]
     float* aggV = aggM + CH * WPM * R;
     float* cinb = aggV + CH * WPM * R;
-    float* redB = cinb + CH * WPM * R;  // [CH][R][TWs] (only when CH > 1)
-    float* redC = redB + CH * R * c.TWs;
+    // dB/dC of each channel slot before the sum over the block's channels (only when CH > 1): [CH][R][TWs] each,
+    // two buffers used in turn so that one barrier per (band, state) suffices (a thread writing the next buffer
+    // cannot overtake one still reading the other: both pass the next barrier first).
+    float* redB0 = cinb + CH * WPM * R;
+    int rbuf = 0;
 
     const int d = c.g * c.dg + (c.slot_ok ? c.chunk * CH + c.slot : 0);
     const int code = dirs[c.g];
@@ -395,6 +398,8 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                         }
                     }
                 } else {
+                    float* redB = redB0 + rbuf * (2 * CH * R * c.TWs);
+                    float* redC = redB + CH * R * c.TWs;
 #pragma unroll
                     for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -419,7 +424,11 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                             dCpp[kk] = sc;
                         }
                     }
+#if M2D_RED_DBUF
+                    rbuf ^= 1;
+#else
                     __syncthreads();
+#endif
                 }
             }
             {

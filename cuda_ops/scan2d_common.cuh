@@ -51,6 +51,9 @@ __device__ __forceinline__ m2d_bf16 m2d_from_f<m2d_bf16>(float v) {
 // Largest block (must match MAX_THREADS in cuda_build.py) and occupancy targets that cap the registers (the forward
 // takes its target as a template argument, chosen by cuda_build.launch_config).
 #define M2D_MAX_THREADS 256
+#ifndef M2D_RED_DBUF
+#define M2D_RED_DBUF 1
+#endif
 #ifndef M2D_BWD_MIN_BLOCKS
 #define M2D_BWD_MIN_BLOCKS 2
 #endif

@@ -30,27 +30,31 @@ ROWS_PER_BAND = 4
 MAX_COLS_PER_THREAD = 4
 
 
-def _tuning() -> tuple[int, int, int, tuple[str, ...]]:
+def _tuning() -> tuple[int, int, int, int, tuple[str, ...]]:
     """Benchmark-only override, e.g. MAMBA2D_SCAN_TUNE="R=4,FWD=3,BWD=2,KMAX=2": rows per band (one column per
-    thread), occupancy targets and most columns per thread (KMAX=1: one column per thread everywhere)."""
+    thread), occupancy targets, most columns per thread (KMAX=1: one column per thread everywhere), LANES (maps wider
+    than this take several columns per thread) and DBUF=0 (one dB/dC reduction buffer, two barriers)."""
     import os
 
     spec = os.environ.get("MAMBA2D_SCAN_TUNE", "")
     if not spec:
-        return ROWS_PER_BAND, MAX_COLS_PER_THREAD, 4, ()
+        return ROWS_PER_BAND, MAX_COLS_PER_THREAD, 32, 4, ()
     vals = dict(item.split("=") for item in spec.split(",") if item)
     rows = int(vals.get("R", ROWS_PER_BAND))
     kmax = int(vals.get("KMAX", MAX_COLS_PER_THREAD))
     defines = [f"-DM2D_R={rows}"]
     if "BWD" in vals:
         defines.append(f"-DM2D_BWD_MIN_BLOCKS={int(vals['BWD'])}")
-    return rows, kmax, int(vals.get("FWD", 4)), tuple(defines)
+    if "DBUF" in vals:
+        defines.append(f"-DM2D_RED_DBUF={int(vals['DBUF'])}")
+    return rows, kmax, int(vals.get("LANES", 32)), int(vals.get("FWD", 4)), tuple(defines)
 
 
 #: FWD_MIN_BLOCKS: forward occupancy target (blocks per SM; caps its registers), a template argument of the
 #: forward kernel. With many states the forward loops over N per band and prefers more registers:
 #: FWD_MIN_BLOCKS_LARGE_STATE from LARGE_STATE states on (shape c: fwd+bwd 13.7 -> 11.5 ms).
-ROWS_PER_BAND, MAX_COLS_PER_THREAD, FWD_MIN_BLOCKS, TUNING_OPTIONS = _tuning()
+#: ROW_LANES: maps wider than this many columns take K > 1 columns per thread (up to 32 * MAX_COLS_PER_THREAD).
+ROWS_PER_BAND, MAX_COLS_PER_THREAD, ROW_LANES, FWD_MIN_BLOCKS, TUNING_OPTIONS = _tuning()
 FWD_MIN_BLOCKS_LARGE_STATE = 2
 LARGE_STATE = 8
 
@@ -178,13 +182,13 @@ def launch_config(batch: int, dim: int, height: int, width: int, groups: int, d_
     # Up to 32 * MAX_COLS_PER_THREAD columns: one warp per row, K consecutive columns per thread, R * K pixels per
     # thread as with one column (registers stay the same).
     K = 1
-    if 32 < width <= 32 * MAX_COLS_PER_THREAD:
-        K = 1 << (_ceil_div(width, 32) - 1).bit_length()
+    if ROW_LANES < width <= 32 * MAX_COLS_PER_THREAD:
+        K = min(MAX_COLS_PER_THREAD, 1 << (_ceil_div(width, ROW_LANES) - 1).bit_length())
     R = max(1, ROWS_PER_BAND // K) if K > 1 else ROWS_PER_BAND
     cols = _ceil_div(width, K)  # thread columns
-    # Shared memory per thread in the backward: an [N][K] float and an [N] double array (+ the dB/dC reduction
-    # buffer); keep a block under ~96 KB so that two blocks fit an SM. MAX_THREADS is the kernels' __launch_bounds__.
-    max_threads = max(64, min(MAX_THREADS, (98304 // ((4 * K + 8) * d_state + 8 * R * K + 48)) // 32 * 32))
+    # Shared memory per thread in the backward: an [N][K] float and an [N] double array (+ the two dB/dC reduction
+    # buffers); keep a block under ~96 KB so that two blocks fit an SM. MAX_THREADS is the kernels' __launch_bounds__.
+    max_threads = max(64, min(MAX_THREADS, (98304 // ((4 * K + 8) * d_state + 16 * R * K + 48)) // 32 * 32))
     if cols <= 16:
         S = 1 << (cols - 1).bit_length()
         WPM = 1
@@ -205,7 +209,7 @@ def launch_config(batch: int, dim: int, height: int, width: int, groups: int, d_
     cpg = _ceil_div(dg, CH)
     agg = 3 * CH * WPM * R
     smem_fwd = 4 * (d_state * K * threads + agg)
-    smem_bwd = 4 * (d_state * K * threads + 2 * d_state * threads + agg + (2 * CH * R * tws if CH > 1 else 0))
+    smem_bwd = 4 * (d_state * K * threads + 2 * d_state * threads + agg + (4 * CH * R * tws if CH > 1 else 0))
     smem_bwd = max(smem_bwd, 16 * threads)  # the final reduction reuses the start as [2][threads] doubles
     fwd_min_blocks = FWD_MIN_BLOCKS_LARGE_STATE if d_state >= LARGE_STATE else FWD_MIN_BLOCKS
     return LaunchConfig(S=S, WPM=WPM, R=R, K=K, fwd_min_blocks=fwd_min_blocks, CH=CH, ntiles=ntiles, nbands=nbands, threads=threads,
