@@ -426,6 +426,7 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: 
     """Strictly load `state_dict` into `model` (or into the backbone of a timm features_only wrapper)."""
     target = model.model if hasattr(model, "feature_info") and isinstance(getattr(model, "model", None), nn.Module) \
         else model
+    missing_ok = tuple(missing_ok)
     check_state_dict(target, state_dict, source, missing_ok)
     target.load_state_dict(state_dict, strict=not missing_ok)
     return model

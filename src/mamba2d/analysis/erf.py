@@ -146,9 +146,21 @@ def resolve_model(spec: str, random_init: bool = False, seed: int = 0) -> tuple[
     return timm.create_model(spec), spec
 
 
-def normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+def normalisation(spec: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Input mean/std for `spec`: the zoo entry's, else the architecture's pretrained cfg (ImageNet's by default).
+
+    The random-init twin of a model uses the same normalisation, so both rows see identical inputs.
+    """
+    import timm
+
+    from .. import zoo
+
+    if zoo.is_entry(spec) and "mean" in zoo.get(spec).input:
+        entry = zoo.get(spec)
+        return tuple(entry.input["mean"]), tuple(entry.input["std"])
+    arch = zoo.get(spec).arch if zoo.is_entry(spec) else spec.split("=", 1)[0]
+    cfg = timm.models.get_pretrained_cfg(arch)
+    return tuple(cfg.mean), tuple(cfg.std)
 
 
 def compute(specs: Sequence[str], images: np.ndarray, random_init: bool = False, device: str = "cpu",
@@ -158,7 +170,7 @@ def compute(specs: Sequence[str], images: np.ndarray, random_init: bool = False,
     for init in (("random", "trained") if random_init else ("trained",)):
         for spec in specs:
             model, label = resolve_model(spec, random_init=init == "random")
-            mean, std = mean_std or normalisation(model)
+            mean, std = mean_std or normalisation(spec)
             x = (torch.from_numpy(images).permute(0, 3, 1, 2) - torch.tensor(mean)[:, None, None]) / torch.tensor(
                 std)[:, None, None]
             contribution = erf_map(model.to(device), x.float().to(device))
@@ -211,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--random-init", action="store_true", help="add a row of the same models at random init")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--mean-std", type=float, nargs=6, default=None, metavar="V",
-                        help="input normalisation (3 means, 3 stds); default: each model's pretrained cfg")
+                        help="input normalisation (3 means, 3 stds); default: the zoo entry's, else the timm cfg's")
     parser.add_argument("--title", default="")
     return parser
 
