@@ -121,7 +121,7 @@ class MambaBlock(nn.Module):
     def _scan(self, u, delta, B, C, z) -> torch.Tensor:
         A = -torch.exp(self.A_log.float())
         D, bias = self.D.float(), self.dt_proj.bias.float()
-        chunk = self._reference_chunk(u)
+        chunk = self._reference_chunk(u, B)
         if chunk is None:
             return selective_scan_2d(u, delta, A, B, C, D=D, z=z, delta_bias=bias, direction=self.directions,
                                      out_dtype=u.dtype, backend=self.scan_backend)
@@ -139,11 +139,11 @@ class MambaBlock(nn.Module):
         return selective_scan_2d(u, delta, A, B, C, D=D, z=z, delta_bias=bias, direction=direction,
                                  out_dtype=u.dtype, backend="reference")
 
-    def _reference_chunk(self, u: torch.Tensor) -> int | None:
+    def _reference_chunk(self, u: torch.Tensor, B: torch.Tensor | None = None) -> int | None:
         """Channels per reference-scan call so its working set fits scan_memory_mb; None = one call is fine."""
         if self.scan_memory_mb is None or self.scan_backend == "cuda":
             return None
-        if self.scan_backend == "auto" and cuda_backend_available(u):
+        if self.scan_backend == "auto" and cuda_backend_available(u, B):  # the kernels support this shape/dtype
             return None
         live = reference_scan_live_tensors(u.shape[-2], u.shape[-1])
         per_channel = live * 4 * self.d_state * u.shape[-2] * u.shape[-1] * u.shape[0]
