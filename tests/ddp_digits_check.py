@@ -3,6 +3,7 @@ sees. Lightning's DDP launcher re-runs this script for rank 1."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ from mamba2d.tasks.classification import ImageClassifier
 
 
 def image_keys(images: torch.Tensor) -> list[str]:
-    return [format(hash(img.numpy().tobytes()) & 0xFFFFFFFFFFFF, "x") for img in images]
+    # hashlib, not hash(): str/bytes hashes are salted per process, and the ranks are separate processes
+    return [hashlib.sha1(img.numpy().tobytes()).hexdigest()[:12] for img in images]
 
 
 class RecordSeen(Callback):
