@@ -51,6 +51,9 @@ def test_imagenet_recipe_configs_fast_dev_run_on_cpu(in_tmp, arch):
     ])
     assert cli.trainer.state.finished
     assert cli.model.ema is not None and cli.model.mixup is not None
+    # DDP requires every trainable parameter to get a gradient: only the trained network may be trainable, not EMA
+    trainable = {name for name, p in cli.model.named_parameters() if p.requires_grad}
+    assert trainable == {f"model.{name}" for name, _ in cli.model.model.named_parameters()}
 
 
 def test_fit_then_test_best_checkpoint_and_saved_config(in_tmp):

@@ -57,7 +57,10 @@ class ImageClassifier(LightningModule):
         self.model = timm.create_model(
             hp.backbone, pretrained=hp.pretrained, num_classes=hp.num_classes, **(hp.backbone_kwargs or {})
         )
-        self.ema = ModelEmaV3(self.model, decay=hp.ema_decay) if hp.ema_decay else None
+        self.ema = None
+        if hp.ema_decay:
+            # timm leaves the copy trainable; DDP would then wait forever for gradients of the EMA weights
+            self.ema = ModelEmaV3(self.model, decay=hp.ema_decay).requires_grad_(False)
         self.mixup = None
         if hp.mixup_alpha > 0 or hp.cutmix_alpha > 0:
             self.mixup = Mixup(
