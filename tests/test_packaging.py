@@ -60,3 +60,14 @@ def test_wheel_ships_cuda_sources_and_zoo(tmp_path):
     assert Path(resolved["module"]).is_relative_to(venv), resolved["module"]
     cuda, zoo = _expected_files()
     assert set(cuda) <= set(resolved["cuda_ops"]) and set(zoo) <= set(resolved["zoo"]), resolved
+
+
+def test_resources_fall_back_to_the_checkout_without_an_install():
+    """Running from src/ with no install (PYTHONPATH=src) has no mamba2d._zoo package: the repository folders serve."""
+    from mamba2d.resources import resource_dir
+
+    repo = Path(__file__).resolve().parents[1]
+    assert resource_dir("mamba2d._not_installed", "zoo", "manifest.yaml") == repo / "zoo"
+    assert resource_dir("mamba2d._not_installed", "cuda_ops", "scan2d.cu") == repo / "cuda_ops"
+    with pytest.raises(FileNotFoundError, match="no_such_file.txt"):
+        resource_dir("mamba2d._not_installed", "zoo", "no_such_file.txt")

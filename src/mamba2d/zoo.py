@@ -35,7 +35,6 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,8 @@ import torch
 import torch.nn as nn
 import yaml
 from safetensors.torch import load_file, save_file
+
+from .resources import resource_dir
 
 __all__ = [
     "CheckpointMismatch", "Entry", "ZooError", "ZooFileMissing", "ZooHashMismatch", "check_state_dict",
@@ -114,7 +115,7 @@ class Entry:
 
 def zoo_dir() -> Path:
     """The directory holding manifest.yaml and the small weights (editable install or wheel alike)."""
-    return Path(str(files("mamba2d._zoo")))
+    return resource_dir("mamba2d._zoo", "zoo", "manifest.yaml")
 
 
 def manifest_path() -> Path:

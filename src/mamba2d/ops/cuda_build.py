@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..resources import resource_dir
+
 #: Options given to NVRTC (through CuPy) and, with an -arch added, to nvcc in CI. No fast-math: the float32 path
 #: must stay within 1e-5 of a float64 reference.
 COMPILE_OPTIONS: tuple[str, ...] = ("--std=c++17",)
@@ -84,18 +86,7 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 
 def kernel_dir() -> Path:
     """Folder holding the .cu/.cuh files: the installed mamba2d._cuda_ops package, else the repository's cuda_ops/."""
-    try:
-        from importlib.resources import files
-
-        path = Path(str(files("mamba2d._cuda_ops")))
-        if (path / KERNEL_SOURCE).is_file():
-            return path
-    except (ImportError, ModuleNotFoundError, TypeError):
-        pass
-    path = Path(__file__).resolve().parents[3] / "cuda_ops"
-    if (path / KERNEL_SOURCE).is_file():
-        return path
-    raise FileNotFoundError(f"mamba2d: CUDA kernel sources ({KERNEL_SOURCE}) not found in the package or at {path}")
+    return resource_dir("mamba2d._cuda_ops", "cuda_ops", KERNEL_SOURCE)
 
 
 @lru_cache(maxsize=None)
