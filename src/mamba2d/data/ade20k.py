@@ -25,6 +25,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from .sampling import loader_sampling
+
 __all__ = ["ADE20KDataset", "ADE20KDataModule", "SegmentationTrainTransform", "FitScale", "IMAGE_SUFFIXES"]
 
 IGNORE_INDEX = 255
@@ -292,7 +294,8 @@ class ADE20KDataModule(LightningDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, collate) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                          **loader_sampling(self, dataset, shuffle),
                           drop_last=shuffle and len(dataset) >= batch_size, persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:

@@ -30,6 +30,8 @@ from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
+from .sampling import loader_sampling
+
 __all__ = ["COCOInstances", "COCODataModule", "check_coco_annotations", "load_coco_json"]
 
 TARGET_KEYS = ("image_id", "boxes", "labels", "masks", "iscrowd")
@@ -209,7 +211,8 @@ class COCODataModule(LightningDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                          **loader_sampling(self, dataset, shuffle),
                           collate_fn=collate_detection, persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:

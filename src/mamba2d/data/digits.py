@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
-from .sampling import evaluation_sampler, training_loader_kwargs
+from .sampling import loader_sampling
 
 DIGITS_MAX = 16.0  # pixel values of load_digits() run 0..16
 
@@ -65,7 +65,7 @@ class DigitsDataModule(LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.splits[split]
-        sampling = training_loader_kwargs(self, dataset) if shuffle else {"sampler": evaluation_sampler(self, dataset)}
+        sampling = loader_sampling(self, dataset, training=shuffle)
         return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers, **sampling)
 
     def train_dataloader(self) -> DataLoader:

@@ -10,7 +10,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from .sampling import evaluation_sampler, training_loader_kwargs
+from .sampling import loader_sampling
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -84,7 +84,7 @@ class ImageFolderDataModule(LightningDataModule):
     def _loader(self, dataset, training: bool) -> DataLoader:
         hp = self.hparams
         # Training drops the last incomplete batch: mixup/cutmix need even, equal batches.
-        sampling = training_loader_kwargs(self, dataset) if training else {"sampler": evaluation_sampler(self, dataset)}
+        sampling = loader_sampling(self, dataset, training)
         return DataLoader(
             dataset, batch_size=hp.batch_size, drop_last=training, num_workers=hp.num_workers, **sampling,
             pin_memory=hp.pin_memory, persistent_workers=hp.num_workers > 0,

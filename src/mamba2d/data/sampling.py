@@ -3,14 +3,25 @@ evaluation across ranks."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 
-def training_loader_kwargs(datamodule: LightningDataModule, dataset: Dataset, seed: int = 0) -> dict:
+def loader_sampling(datamodule: LightningDataModule, dataset: Dataset, training: bool) -> dict:
+    """DataLoader arguments (sampler, generator) for a training or an evaluation loader of `datamodule`."""
+    if training:
+        return training_loader_kwargs(datamodule, dataset)
+    return {"sampler": evaluation_sampler(datamodule, dataset)}
+
+
+def training_loader_kwargs(datamodule: LightningDataModule, dataset: Dataset, seed: int | None = None) -> dict:
     """DataLoader arguments for training: a shuffle that depends only on (seed, epoch), split across ranks.
+
+    The seed defaults to the one given to `seed_everything` (the config's `seed_everything`), else 0.
 
     A DistributedSampler (Lightning leaves it in place and calls `set_epoch`) with one replica outside DDP. Every
     rank permutes with the same seed and takes every world_size-th index, so a global batch under DDP holds
@@ -18,6 +29,8 @@ def training_loader_kwargs(datamodule: LightningDataModule, dataset: Dataset, se
     RNG when a loader starts (the private generator seeds the workers), so a resumed run sees the data order and
     random stream of the uninterrupted one.
     """
+    if seed is None:
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
     trainer = datamodule.trainer
     world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)

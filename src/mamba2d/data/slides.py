@@ -26,6 +26,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from .bags import read_bag
+from .sampling import loader_sampling
 from .splits import SPLITS, read_csv_rows, read_split_file, splits_from_column
 from .survival import assign_time_bins, fit_time_bins
 
@@ -196,7 +197,7 @@ class SlideBagDataModule(LightningDataModule):
         if not self.records.get(split):
             raise ValueError(f"{self.csv_path}: the {split} split is empty")
         dataset = SlideBagDataset(self.records[split], self.features_dir, self.hparams.patch_stride)
-        return DataLoader(dataset, batch_size=1, shuffle=shuffle, collate_fn=single_bag,
+        return DataLoader(dataset, batch_size=1, collate_fn=single_bag, **loader_sampling(self, dataset, shuffle),
                           num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

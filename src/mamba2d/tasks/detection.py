@@ -11,12 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter
 from torchmetrics.detection import MeanAveragePrecision
 
 import mamba2d  # noqa: F401  (registers the backbones with timm)
 
 from ..models.detection import build_mask_rcnn
+from .checkpointing import checkpoint_callbacks
 from .optim import adamw_no_decay_on_1d, warmup_then_decay
 
 __all__ = ["InstanceDetector", "COCOPredictionWriter"]
@@ -143,7 +144,7 @@ class InstanceDetector(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list:
-        callbacks = [ModelCheckpoint(monitor="val/bbox_map", mode="max", filename="best", save_last=True)]
+        callbacks = checkpoint_callbacks(monitor="val/bbox_map", mode="max")
         # A writer the user configured (e.g. with its own output_file) wins; Lightning would replace it by ours.
         if not any(isinstance(cb, COCOPredictionWriter) for cb in self.trainer.callbacks):
             callbacks.append(COCOPredictionWriter())

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
 
 from ..models.mil import MIL_MODELS, MILOutput, create_mil_model
+from .checkpointing import checkpoint_callbacks
 from .optim import adamw_no_decay_on_1d, warmup_then_decay
 from .survival import ConcordanceIndex, discrete_time_nll, risk_score
 
@@ -141,5 +141,4 @@ class SlideMIL(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list:
-        return [ModelCheckpoint(monitor=self.monitor, mode="max" if "loss" not in self.monitor else "min",
-                                filename="best", save_last=True)]
+        return checkpoint_callbacks(monitor=self.monitor, mode="min" if "loss" in self.monitor else "max")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 import mamba2d  # noqa: F401  (registers the backbones with timm)
 
 from ..models.upernet import UperNet
+from .checkpointing import checkpoint_callbacks
 from .optim import adamw_no_decay_on_1d, warmup_then_decay
 
 __all__ = ["SemanticSegmenter", "SegmentationPredictionWriter", "class_palette"]
@@ -161,7 +162,7 @@ class SemanticSegmenter(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list:
-        callbacks = [ModelCheckpoint(monitor="val/mIoU", mode="max", filename="best", save_last=True)]
+        callbacks = checkpoint_callbacks(monitor="val/mIoU", mode="max")
         # A writer the user configured (e.g. with its own output_dir) wins; Lightning would replace it by ours.
         if not any(isinstance(cb, SegmentationPredictionWriter) for cb in self.trainer.callbacks):
             callbacks.append(SegmentationPredictionWriter())
