@@ -7,6 +7,7 @@ import pytest
 import torch
 from mil_helpers import classification_folder, survival_folder
 
+import mamba2d.zoo as zoo
 from mamba2d.cli import build_cli as main
 from mamba2d.data.slides import SlideBagDataModule
 from mamba2d.tasks.mil import SlideMIL
@@ -63,6 +64,25 @@ def test_best_checkpoint_is_chosen_on_val_and_test_uses_it(tmp_path, monkeypatch
         probs = torch.stack([best(bag).logits.softmax(-1) for bag in data.test_dataloader()])
     labels = torch.tensor([r.label for r in data.records["test"]])
     assert reported["test/acc"] == pytest.approx(float((probs.argmax(1) == labels).float().mean()), abs=1e-6)
+
+
+def test_weights_start_a_model_from_a_checkpoint_or_fail_loudly(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "bags"
+    folder.mkdir()
+    csv = classification_folder(folder)
+    config = Path(__file__).resolve().parents[1] / "configs" / "wsi" / "classification_abmil.yaml"
+    model_args = ["--model.init_args.model_args", "{dim: 16, attn_dim: 8}"]
+    first = main(["fit", "--config", str(config), *data_args(folder, csv), "--trainer.max_epochs", "1",
+                  "--trainer.accelerator", "cpu", *model_args])
+    (last,) = tmp_path.rglob("last.ckpt")
+    started = SlideMIL("abmil", in_dim=8, model_args={"dim": 16, "attn_dim": 8}, weights=str(last))
+    for name, value in first.model.model.state_dict().items():
+        torch.testing.assert_close(started.model.state_dict()[name], value, rtol=0, atol=0)
+    with pytest.raises(zoo.CheckpointMismatch, match="shape mismatches"):
+        SlideMIL("abmil", in_dim=8, model_args={"dim": 32, "attn_dim": 8}, weights=str(last))
+    with pytest.raises(zoo.ZooError, match="neither a zoo entry"):
+        SlideMIL("abmil", in_dim=8, weights="no_such_model.tag")
 
 
 def test_task_and_output_mismatches_fail_early(tmp_path, monkeypatch):

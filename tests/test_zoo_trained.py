@@ -1,20 +1,28 @@
 """Checkpoints trained here and published in zoo/: they load (sha256-verified, strict) and reproduce the test
 metric recorded in the manifest, from mamba2d.zoo and through timm."""
 
+import warnings
+
 import pytest
 import timm
 import torch
+from lightning.pytorch import Trainer
 
 import mamba2d  # noqa: F401
 import mamba2d.zoo as zoo
 from mamba2d.data.digits import DigitsDataModule
+from mamba2d.data.slides import SlideBagDataModule
+from mamba2d.data.spatial_bags import BENCHMARK_BAGS, BENCHMARK_SPLITS, write_spatial_bags
+from mamba2d.tasks.mil import SlideMIL
 
 TRAINED = [n for n in zoo.list() if zoo.get(n).provenance == "trained here"]
 DIGITS = [n for n in TRAINED if n.endswith(".digits")]
+SPATIAL_MIL = [n for n in TRAINED if n.endswith(".spatial_mil")]
 
 
 def test_trained_checkpoints_are_published_and_verified():
     assert set(DIGITS) == {"vmamba2d_nano.digits", "vmamba_nano.digits"}
+    assert set(SPATIAL_MIL) == {"mamba_mil_2d.spatial_mil", "abmil.spatial_mil"}
     for name in TRAINED:
         assert zoo.verify(name).ok, zoo.verify(name).describe()
 
@@ -37,3 +45,31 @@ def test_digits_checkpoint_reproduces_recorded_accuracy(name):
     assert via_timm.num_classes == 10 and via_timm.pretrained_cfg["tag"] == "digits"
     with torch.no_grad():
         torch.testing.assert_close(via_timm(images), model(images))
+
+
+@pytest.fixture(scope="module")
+def spatial_bags(tmp_path_factory):
+    """The benchmark's seed-0 bags, regenerated: the test split the spatial_mil checkpoints were measured on."""
+    out = tmp_path_factory.mktemp("spatial")
+    write_spatial_bags(out, BENCHMARK_SPLITS, seed=0, config=BENCHMARK_BAGS)
+    return out
+
+
+@pytest.mark.parametrize("name", SPATIAL_MIL)
+def test_spatial_mil_checkpoint_reproduces_recorded_metrics(name, spatial_bags, tmp_path):
+    entry = zoo.get(name)
+    kwargs = dict(entry.kwargs)
+    in_dim, num_classes = kwargs.pop("in_dim"), kwargs.pop("num_outputs")
+    task = SlideMIL(entry.arch, in_dim=in_dim, num_classes=num_classes, model_args=kwargs, weights=name)
+    data = SlideBagDataModule(str(spatial_bags), str(spatial_bags / "labels.csv"))
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        (metrics,) = trainer.test(task, datamodule=data, verbose=False)
+    assert metrics["test/acc"] == pytest.approx(entry.metrics["test_acc"], abs=5e-5)
+    assert metrics["test/auroc"] == pytest.approx(entry.metrics["test_auroc"], abs=5e-5)
+
+    bag = next(iter(data.test_dataloader()))
+    with torch.no_grad():
+        torch.testing.assert_close(zoo.load(name)(bag["features"], bag["positions"]).logits,
+                                   task.eval()(bag).logits)

@@ -48,7 +48,7 @@ from .resources import resource_dir
 __all__ = [
     "CheckpointMismatch", "Entry", "ZooError", "ZooFileMissing", "ZooHashMismatch", "check_state_dict",
     "convert_mmengine_dense", "convert_vmamba_classification", "export", "fetch", "get", "home", "list", "load",
-    "load_into", "load_state_dict", "read_checkpoint", "read_model_weights", "verify",
+    "load_into", "load_state_dict", "load_weights", "read_checkpoint", "read_model_weights", "verify",
 ]
 
 logger = logging.getLogger(__name__)
@@ -433,6 +433,16 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: 
     return model
 
 
+def load_weights(model: nn.Module, source: str) -> nn.Module:
+    """Strictly load into `model` the weights of `source`: a zoo entry name, else a checkpoint file in any layout
+    `read_model_weights` knows. Fails loudly (CheckpointMismatch, ZooError) and never half-loads."""
+    if is_entry(source):
+        return load_into(model, load_state_dict(source), f"zoo entry {source!r}", get(source).missing_ok)
+    if not Path(source).is_file():
+        raise ZooError(f"weights {source!r} is neither a zoo entry (mamba2d-zoo list) nor an existing file")
+    return load_into(model, read_model_weights(source), source)
+
+
 def load(name: str, arch: str | None = None, **kwargs) -> nn.Module:
     """Model of entry `name` with its verified weights, loaded strictly.
 
@@ -450,8 +460,7 @@ def load(name: str, arch: str | None = None, **kwargs) -> nn.Module:
         model = create_mil_model(arch or entry.arch, **{**entry.kwargs, **kwargs})
     else:
         model = timm.create_model(arch or entry.arch, **{**entry.kwargs, **kwargs})
-    load_into(model, load_state_dict(name), f"zoo entry {name!r}", entry.missing_ok)
-    return model.eval()
+    return load_weights(model, name).eval()
 
 
 def timm_pretrained_cfg(variant: str, requested: Any = None, overlay: Mapping[str, Any] | None = None) -> Any:

@@ -37,6 +37,14 @@ class SpatialBagConfig:
     patch_size_level0: int = 256
 
 
+#: The spatial benchmark's settings (table in docs/wsi.md; the zoo's `*.spatial_mil` checkpoints): bags, bags per
+#: split for each seed, epochs and learning rate.
+BENCHMARK_BAGS = SpatialBagConfig(grid_min=10, grid_max=16, positive_min=6, positive_max=12, feature_dim=32)
+BENCHMARK_SPLITS = {"train": 128, "val": 48, "test": 128}
+BENCHMARK_EPOCHS = 12
+BENCHMARK_LR = 1e-3
+
+
 def _tissue(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     rows, cols = np.mgrid[:height, :width]
     cy, cx = (height - 1) / 2, (width - 1) / 2

@@ -17,6 +17,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
 
 from ..models.mil import MIL_MODELS, MILOutput, create_mil_model
+from ..zoo import load_weights
 from .checkpointing import checkpoint_callbacks
 from .optim import adamw_no_decay_on_1d, warmup_then_decay
 from .survival import ConcordanceIndex, discrete_time_nll, risk_score
@@ -27,7 +28,8 @@ MIL_TASKS = ("classification", "survival")
 class SlideMIL(LightningModule):
     """`model` is a name in `mamba2d.models.mil.MIL_MODELS` (mamba_mil_2d, mamba_mil_1d, abmil, transmil, mean, max);
     `model_args` go to its constructor. The model has `num_classes` outputs (classification) or `num_bins`
-    hazard logits (survival)."""
+    hazard logits (survival). `weights` starts the model from a zoo entry (e.g. `mamba_mil_2d.spatial_mil`) or a
+    checkpoint file (safetensors, state dict, or a SlideMIL Lightning checkpoint), loaded strictly."""
 
     def __init__(
         self,
@@ -43,6 +45,7 @@ class SlideMIL(LightningModule):
         min_lr_ratio: float = 0.0,
         survival_alpha: float = 0.0,
         monitor: str | None = None,
+        weights: str | None = None,
     ):
         super().__init__()
         if task not in MIL_TASKS:
@@ -60,6 +63,8 @@ class SlideMIL(LightningModule):
     def configure_models(self) -> None:
         hp = self.hparams
         self.model = create_mil_model(hp.model, hp.in_dim, self.num_outputs, **(hp.model_args or {}))
+        if hp.weights:
+            load_weights(self.model, hp.weights)
 
     def configure_metrics(self) -> None:
         if self.hparams.task == "classification":

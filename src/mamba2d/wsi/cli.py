@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.spatial_bags import BENCHMARK_BAGS, BENCHMARK_EPOCHS, BENCHMARK_LR, BENCHMARK_SPLITS
+
 
 def _extract(args: argparse.Namespace) -> int:
     from .extract import extract_slide, find_slides, load_backbone
@@ -184,18 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("spatial-benchmark", help="synthetic compact-vs-scattered bags: every model, mean over seeds")
     p.add_argument("--models", nargs="+", default=["mamba_mil_2d", "mamba_mil_1d", "abmil", "transmil", "mean", "max"])
+    bags, splits = BENCHMARK_BAGS, BENCHMARK_SPLITS
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--train", type=int, default=128)
-    p.add_argument("--val", type=int, default=48)
-    p.add_argument("--test", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--grid-min", type=int, default=10, help="bag grid side, drawn per bag in [min, max]")
-    p.add_argument("--grid-max", type=int, default=16)
-    p.add_argument("--positive-min", type=int, default=6, help="positive patches per bag, same range in both classes")
-    p.add_argument("--positive-max", type=int, default=12)
-    p.add_argument("--feature-dim", type=int, default=32)
-    p.add_argument("--amplitude", type=float, default=3.0)
+    p.add_argument("--train", type=int, default=splits["train"])
+    p.add_argument("--val", type=int, default=splits["val"])
+    p.add_argument("--test", type=int, default=splits["test"])
+    p.add_argument("--epochs", type=int, default=BENCHMARK_EPOCHS)
+    p.add_argument("--lr", type=float, default=BENCHMARK_LR)
+    p.add_argument("--grid-min", type=int, default=bags.grid_min, help="bag grid side, drawn per bag in [min, max]")
+    p.add_argument("--grid-max", type=int, default=bags.grid_max)
+    p.add_argument("--positive-min", type=int, default=bags.positive_min,
+                   help="positive patches per bag, same range in both classes")
+    p.add_argument("--positive-max", type=int, default=bags.positive_max)
+    p.add_argument("--feature-dim", type=int, default=bags.feature_dim)
+    p.add_argument("--amplitude", type=float, default=bags.amplitude)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on bags this small, threading costs more than it gains)")
     p.set_defaults(func=_spatial_benchmark)

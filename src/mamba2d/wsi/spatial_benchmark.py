@@ -17,7 +17,7 @@ import numpy as np
 from lightning.pytorch import Trainer, seed_everything
 
 from ..data.slides import SlideBagDataModule
-from ..data.spatial_bags import SpatialBagConfig, write_spatial_bags
+from ..data.spatial_bags import BENCHMARK_BAGS, BENCHMARK_LR, SpatialBagConfig, write_spatial_bags
 from ..tasks.mil import SlideMIL
 
 # Small widths so a CPU run takes minutes; the same optimiser settings for every model.
@@ -31,9 +31,10 @@ BENCHMARK_MODELS: dict[str, dict] = {
 }
 
 
-def train_and_test(model: str, data_dir: Path, seed: int, epochs: int, lr: float, work_dir: Path,
-                   model_args: dict | None = None, feature_dim: int = 16) -> dict[str, float]:
-    """Fit `model` on data_dir/labels.csv (train), select on val AUROC, return the best checkpoint's test metrics."""
+def fit_and_test(model: str, data_dir: Path, seed: int, epochs: int, lr: float, work_dir: Path,
+                 model_args: dict | None = None, feature_dim: int = 16) -> tuple[SlideMIL, dict[str, float]]:
+    """Fit `model` on data_dir/labels.csv (train), select on val AUROC; the task holding the selected checkpoint's
+    weights and their test metrics."""
     seed_everything(seed, workers=True, verbose=False)
     data = SlideBagDataModule(str(data_dir), str(data_dir / "labels.csv"))
     module = SlideMIL(model, in_dim=feature_dim, num_classes=2,
@@ -45,14 +46,20 @@ def train_and_test(model: str, data_dir: Path, seed: int, epochs: int, lr: float
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         trainer.fit(module, datamodule=data)
         (metrics,) = trainer.test(module, datamodule=data, ckpt_path="best", verbose=False)
-    return {"acc": float(metrics["test/acc"]), "auroc": float(metrics["test/auroc"])}
+    return module, {"acc": float(metrics["test/acc"]), "auroc": float(metrics["test/auroc"])}
+
+
+def train_and_test(model: str, data_dir: Path, seed: int, epochs: int, lr: float, work_dir: Path,
+                   model_args: dict | None = None, feature_dim: int = 16) -> dict[str, float]:
+    """Test accuracy and AUROC of `model`'s best-on-validation checkpoint (see `fit_and_test`)."""
+    return fit_and_test(model, data_dir, seed, epochs, lr, work_dir, model_args, feature_dim)[1]
 
 
 def run_spatial_benchmark(models: list[str], seeds: list[int], n_train: int, n_val: int, n_test: int, epochs: int,
-                          lr: float = 1e-3, config: SpatialBagConfig | None = None,
+                          lr: float = BENCHMARK_LR, config: SpatialBagConfig | None = None,
                           work_dir: str | Path | None = None) -> list[dict]:
     """One row per (model, seed): model, seed, acc, auroc."""
-    config = config or SpatialBagConfig()
+    config = config or BENCHMARK_BAGS
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
