@@ -15,6 +15,7 @@ import torch
 
 from ddp_digits_check import image_keys
 from mamba2d.data.digits import DigitsDataModule
+from mamba2d.data.spatial_bags import SpatialBagConfig, write_spatial_bags
 
 pytestmark = pytest.mark.slow
 
@@ -81,3 +82,22 @@ def test_imagenet_recipe_trains_under_ddp(tmp_path):
     run = subprocess.run(cli, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert list(tmp_path.rglob("last.ckpt")), "the run wrote no last.ckpt"
+
+
+def test_mil_trains_under_ddp_one_bag_per_rank_and_step(tmp_path):
+    """2DMambaMIL under DDP (the samplers are the digits test's, checked above for exactly-once evaluation)."""
+    repo = Path(__file__).resolve().parents[1]
+    bags = tmp_path / "bags"
+    write_spatial_bags(bags, {"train": 8, "val": 5, "test": 2}, seed=0, config=SpatialBagConfig(grid_max=10))
+    cli = [sys.executable, "-m", "mamba2d.cli", "fit", "--config",
+           str(repo / "configs" / "wsi" / "classification_mamba_mil_2d.yaml"),
+           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+           "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+           "--model.init_args.in_dim", "16", "--model.init_args.model_args", "{dim: 16}",
+           f"--data.init_args.features_dir={bags}", f"--data.init_args.csv_path={bags / 'labels.csv'}",
+           "--data.init_args.split_dir", "null"]
+    run = subprocess.run(cli, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (last,) = tmp_path.rglob("last.ckpt")
+    state = torch.load(last, weights_only=False)
+    assert state["global_step"] == 4  # 8 training bags, one per step on each of 2 ranks
