@@ -12,6 +12,7 @@ from mamba2d.cli import build_cli as main
 from mamba2d.data.slides import SlideBagDataModule
 from mamba2d.tasks.mil import SlideMIL
 from mamba2d.wsi.cli import main as wsi_main
+from mamba2d.wsi.heatmap import model_scores
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "wsi").glob("*.yaml"))
 
@@ -83,6 +84,16 @@ def test_weights_start_a_model_from_a_checkpoint_or_fail_loudly(tmp_path, monkey
         SlideMIL("abmil", in_dim=8, model_args={"dim": 32, "attn_dim": 8}, weights=str(last))
     with pytest.raises(zoo.ZooError, match="neither a zoo entry"):
         SlideMIL("abmil", in_dim=8, weights="no_such_model.tag")
+
+    # A run started from a weights file: its checkpoint still serves heatmaps once that file is gone.
+    start = tmp_path / "start.ckpt"
+    start.write_bytes(last.read_bytes())
+    second = main(["fit", "--config", str(config), *data_args(folder, csv), "--trainer.max_epochs", "1",
+                   "--trainer.accelerator", "cpu", *model_args, "--model.init_args.weights", str(start)])
+    start.unlink()
+    (second_last,) = set(tmp_path.rglob("last.ckpt")) - {last}
+    _, scores, _, logits = model_scores(second_last, next(folder.glob("*.h5")))
+    assert np.isfinite(scores).all() and logits.shape == (2,)
 
 
 def test_task_and_output_mismatches_fail_early(tmp_path, monkeypatch):

@@ -75,7 +75,8 @@ def model_scores(checkpoint: str | Path, features_h5: str | Path, patch_stride: 
     """Run a trained SlideMIL checkpoint on one bag: (coords, scores, patch stride at level 0, logits)."""
     from ..tasks.mil import SlideMIL
 
-    module = SlideMIL.load_from_checkpoint(str(checkpoint), map_location=device).eval()
+    # weights=None: the checkpoint holds the trained weights; the starting ones need not exist any more
+    module = SlideMIL.load_from_checkpoint(str(checkpoint), map_location=device, weights=None).eval()
     bag = read_bag(features_h5, patch_stride)
     out = module.model(bag.features.to(device), bag.positions.to(device))
     return bag.coords.numpy(), out.scores.float().cpu().numpy(), bag.stride, out.logits.float().cpu()
