@@ -6,7 +6,6 @@ Configs name classes by full import path (e.g. `mamba2d.tasks.classification.Ima
 from __future__ import annotations
 
 import importlib.util
-import sys
 from typing import Any
 
 from jsonargparse import lazy_instance
@@ -52,7 +51,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
             "default_root_dir": RUN_ROOT,
             "logger": default_loggers(),
         },
-        args=args if args is not None else sys.argv[1:],
+        args=args,  # None: LightningCLI reads the command line itself (and does not warn about both)
         run=run,
         auto_configure_optimizers=False,
     )
