@@ -6,6 +6,7 @@ Configs name classes by full import path (e.g. `mamba2d.tasks.classification.Ima
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import Any
 
 from jsonargparse import lazy_instance
@@ -40,21 +41,24 @@ class Mamba2dCLI(LightningCLI):
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Parse `args` (default: the command line) and, with `run`, execute the subcommand; returns the CLI object."""
-    return Mamba2dCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf", "prog": "mamba2d"},
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={
-            "default_root_dir": RUN_ROOT,
-            "logger": default_loggers(),
-        },
-        args=args,  # None: LightningCLI reads the command line itself (and does not warn about both)
-        run=run,
-        auto_configure_optimizers=False,
-    )
+    with warnings.catch_warnings():
+        # Passing args in-process (tests, `mamba2d-wsi kfold`) is deliberate, whatever the process's own argv says.
+        warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
+        return Mamba2dCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_kwargs={"parser_mode": "omegaconf", "prog": "mamba2d"},
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "default_root_dir": RUN_ROOT,
+                "logger": default_loggers(),
+            },
+            args=args,  # None: LightningCLI reads the command line itself
+            run=run,
+            auto_configure_optimizers=False,
+        )
 
 
 def main(args: list[str] | None = None) -> None:
