@@ -19,12 +19,17 @@ def _batch_size(batch) -> int:
 class TrainingSpeed(Callback):
     """Training samples/s over all ranks (after `warmup_steps` optimiser steps) and peak GPU memory per rank.
 
+    The clock runs over the training batches and the data loading between them, from the first timed batch to the
+    end of fit; it stops when a validation pass starts and restarts at the next training batch, so the validation
+    passes between epochs do not count.
+
     Printed at the end of fit and written to `<log_dir or default_root_dir>/training_speed.json`.
     """
 
     def __init__(self, warmup_steps: int = 20):
         self.warmup_steps = warmup_steps
         self._start: float | None = None
+        self._seconds = 0.0  # timed training seconds before the latest pause
         self._samples = 0
         self._steps = 0
 
@@ -37,20 +42,30 @@ class TrainingSpeed(Callback):
             self._sync(pl_module)
             self._start = time.perf_counter()
 
+    def _pause(self, pl_module: LightningModule) -> None:
+        if self._start is not None:
+            self._sync(pl_module)
+            self._seconds += time.perf_counter() - self._start
+            self._start = None
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._pause(pl_module)
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         if self._start is not None:
             self._samples += _batch_size(batch) * trainer.world_size
             self._steps += 1
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._start is None or self._steps == 0:
+        self._pause(pl_module)
+        if self._steps == 0:
             rank_zero_info(f"TrainingSpeed: fewer than {self.warmup_steps} warm-up steps ran; nothing measured")
             return
-        self._sync(pl_module)
-        seconds = time.perf_counter() - self._start
+        seconds = self._seconds
         peak_gb = torch.cuda.max_memory_allocated(pl_module.device) / 1e9 if pl_module.device.type == "cuda" else 0.0
         result = {
-            "samples_per_s": self._samples / seconds, "timed_steps": self._steps, "world_size": trainer.world_size,
+            "samples_per_s": self._samples / seconds, "timed_steps": self._steps, "timed_seconds": seconds,
+            "world_size": trainer.world_size,
             "peak_memory_gb_rank0": peak_gb, "device": torch.cuda.get_device_name(pl_module.device)
             if pl_module.device.type == "cuda" else "cpu",
         }
