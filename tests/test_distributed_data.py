@@ -64,40 +64,42 @@ def test_validation_metrics_are_synced_over_all_samples(ddp_run):
     assert ranks[0]["metrics"]["val/acc1"] == pytest.approx(accuracy, abs=1e-6)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fit_on_two_cpu_ranks(workdir: Path, config: str, *overrides: str) -> Path:
+    """`mamba2d fit` of a repository config under DDP (gloo, 2 processes, no logger); the run's last.ckpt."""
+    cli = [sys.executable, "-m", "mamba2d.cli", "fit", "--config", str(REPO / "configs" / config),
+           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+           "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", *overrides]
+    run = subprocess.run(cli, cwd=workdir, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (last,) = workdir.rglob("last.ckpt")
+    return last
+
+
 def test_imagenet_recipe_trains_under_ddp(tmp_path):
     """The full recipe (EMA, mixup/cutmix, drop path, grad clipping) under DDP: every trainable parameter must get a
     gradient on every rank, or DDP stops at the second step."""
-    repo = Path(__file__).resolve().parents[1]
     data = tmp_path / "imagenet"
-    subprocess.run([sys.executable, str(repo / "tools" / "make_synthetic_imagefolder.py"), str(data), "--classes", "3",
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic_imagefolder.py"), str(data), "--classes", "3",
                     "--train-per-class", "8", "--val-per-class", "2", "--size", "48", "--workers", "1"], check=True)
-    cli = [sys.executable, "-m", "mamba2d.cli", "fit", "--config",
-           str(repo / "configs" / "classification" / "imagenet_vmamba2d_tiny.yaml"),
-           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-           "--trainer.precision", "32", "--trainer.max_steps", "3", "--trainer.enable_progress_bar", "false",
-           "--trainer.logger", "false", "--trainer.limit_val_batches", "1",
-           "--model.init_args.backbone", "vmamba2d_nano", "--model.init_args.num_classes", "3",
-           f"--data.init_args.root={data}", "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
-           "--data.init_args.input_size", "32", "--data.init_args.pin_memory", "false"]
-    run = subprocess.run(cli, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert list(tmp_path.rglob("last.ckpt")), "the run wrote no last.ckpt"
+    last = fit_on_two_cpu_ranks(
+        tmp_path, "classification/imagenet_vmamba2d_tiny.yaml", "--trainer.precision", "32",
+        "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1",
+        "--model.init_args.backbone", "vmamba2d_nano", "--model.init_args.num_classes", "3",
+        f"--data.init_args.root={data}", "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
+        "--data.init_args.input_size", "32", "--data.init_args.pin_memory", "false")
+    assert torch.load(last, weights_only=False)["global_step"] == 3
 
 
 def test_mil_trains_under_ddp_one_bag_per_rank_and_step(tmp_path):
     """2DMambaMIL under DDP (the samplers are the digits test's, checked above for exactly-once evaluation)."""
-    repo = Path(__file__).resolve().parents[1]
     bags = tmp_path / "bags"
     write_spatial_bags(bags, {"train": 8, "val": 5, "test": 2}, seed=0, config=SpatialBagConfig(grid_max=10))
-    cli = [sys.executable, "-m", "mamba2d.cli", "fit", "--config",
-           str(repo / "configs" / "wsi" / "classification_mamba_mil_2d.yaml"),
-           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-           "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
-           "--model.init_args.in_dim", "16", "--model.init_args.model_args", "{dim: 16}",
-           f"--data.init_args.features_dir={bags}", f"--data.init_args.csv_path={bags / 'labels.csv'}",
-           "--data.init_args.split_dir", "null"]
-    run = subprocess.run(cli, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    (last,) = tmp_path.rglob("last.ckpt")
-    state = torch.load(last, weights_only=False)
-    assert state["global_step"] == 4  # 8 training bags, one per step on each of 2 ranks
+    last = fit_on_two_cpu_ranks(
+        tmp_path, "wsi/classification_mamba_mil_2d.yaml", "--trainer.max_epochs", "1",
+        "--model.init_args.in_dim", "16", "--model.init_args.model_args", "{dim: 16}",
+        f"--data.init_args.features_dir={bags}", f"--data.init_args.csv_path={bags / 'labels.csv'}",
+        "--data.init_args.split_dir", "null")
+    assert torch.load(last, weights_only=False)["global_step"] == 4  # 8 training bags, one per step on each of 2 ranks

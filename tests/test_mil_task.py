@@ -14,7 +14,17 @@ from mamba2d.tasks.mil import SlideMIL
 from mamba2d.wsi.cli import main as wsi_main
 from mamba2d.wsi.heatmap import model_scores
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "wsi").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "wsi"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+@pytest.fixture
+def bags(tmp_path, monkeypatch) -> Path:
+    """An empty folder for bags; the test runs in tmp_path (runs/ lands there)."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "bags"
+    folder.mkdir()
+    return folder
 
 
 def data_args(folder: Path, csv: Path) -> list[str]:
@@ -30,13 +40,10 @@ def test_configs_cover_every_model_for_both_tasks():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_every_config_trains_validates_and_tests(config, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_every_config_trains_validates_and_tests(config, bags):
     survival = config.stem.startswith("survival")
-    folder = tmp_path / "bags"
-    folder.mkdir()
-    csv = survival_folder(folder) if survival else classification_folder(folder)
-    cli = main(["fit", "--config", str(config), *data_args(folder, csv), "--trainer.fast_dev_run", "1",
+    csv = survival_folder(bags) if survival else classification_folder(bags)
+    cli = main(["fit", "--config", str(config), *data_args(bags, csv), "--trainer.fast_dev_run", "1",
                 "--trainer.accelerator", "cpu"])
     assert cli.model.model.head.out_features == (4 if survival else 2)  # survival: exactly 4 hazard logits
     metrics = cli.trainer.callback_metrics
@@ -44,13 +51,10 @@ def test_every_config_trains_validates_and_tests(config, tmp_path, monkeypatch):
     assert ("val/cindex" if survival else "val/auroc") in metrics
 
 
-def test_best_checkpoint_is_chosen_on_val_and_test_uses_it(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    folder = tmp_path / "bags"
-    folder.mkdir()
-    csv = classification_folder(folder, n=16)
-    config = Path(__file__).resolve().parents[1] / "configs" / "wsi" / "classification_abmil.yaml"
-    cli = main(["fit", "--config", str(config), *data_args(folder, csv), "--trainer.max_epochs", "3",
+def test_best_checkpoint_is_chosen_on_val_and_test_uses_it(bags):
+    csv = classification_folder(bags, n=16)
+    config = CONFIG_DIR / "classification_abmil.yaml"
+    cli = main(["fit", "--config", str(config), *data_args(bags, csv), "--trainer.max_epochs", "3",
                 "--trainer.accelerator", "cpu", "--model.init_args.lr", "1e-2",
                 "--model.init_args.model_args", "{dim: 16, attn_dim: 8}"])
     checkpoint = cli.trainer.checkpoint_callback
@@ -59,7 +63,7 @@ def test_best_checkpoint_is_chosen_on_val_and_test_uses_it(tmp_path, monkeypatch
     (reported,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
     # The same numbers by hand from the best checkpoint on the test split.
     best = SlideMIL.load_from_checkpoint(checkpoint.best_model_path).eval()
-    data = SlideBagDataModule(str(folder), str(csv))
+    data = SlideBagDataModule(str(bags), str(csv))
     data.setup("test")
     with torch.no_grad():
         probs = torch.stack([best(bag).logits.softmax(-1) for bag in data.test_dataloader()])
@@ -67,14 +71,11 @@ def test_best_checkpoint_is_chosen_on_val_and_test_uses_it(tmp_path, monkeypatch
     assert reported["test/acc"] == pytest.approx(float((probs.argmax(1) == labels).float().mean()), abs=1e-6)
 
 
-def test_weights_start_a_model_from_a_checkpoint_or_fail_loudly(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    folder = tmp_path / "bags"
-    folder.mkdir()
-    csv = classification_folder(folder)
-    config = Path(__file__).resolve().parents[1] / "configs" / "wsi" / "classification_abmil.yaml"
+def test_weights_start_a_model_from_a_checkpoint_or_fail_loudly(bags, tmp_path):
+    csv = classification_folder(bags)
+    config = CONFIG_DIR / "classification_abmil.yaml"
     model_args = ["--model.init_args.model_args", "{dim: 16, attn_dim: 8}"]
-    first = main(["fit", "--config", str(config), *data_args(folder, csv), "--trainer.max_epochs", "1",
+    first = main(["fit", "--config", str(config), *data_args(bags, csv), "--trainer.max_epochs", "1",
                   "--trainer.accelerator", "cpu", *model_args])
     (last,) = tmp_path.rglob("last.ckpt")
     started = SlideMIL("abmil", in_dim=8, model_args={"dim": 16, "attn_dim": 8}, weights=str(last))
@@ -88,38 +89,32 @@ def test_weights_start_a_model_from_a_checkpoint_or_fail_loudly(tmp_path, monkey
     # A run started from a weights file: its checkpoint still serves heatmaps once that file is gone.
     start = tmp_path / "start.ckpt"
     start.write_bytes(last.read_bytes())
-    second = main(["fit", "--config", str(config), *data_args(folder, csv), "--trainer.max_epochs", "1",
+    second = main(["fit", "--config", str(config), *data_args(bags, csv), "--trainer.max_epochs", "1",
                    "--trainer.accelerator", "cpu", *model_args, "--model.init_args.weights", str(start)])
     start.unlink()
     (second_last,) = set(tmp_path.rglob("last.ckpt")) - {last}
-    _, scores, _, logits = model_scores(second_last, next(folder.glob("*.h5")))
+    _, scores, _, logits = model_scores(second_last, next(bags.glob("*.h5")))
     assert np.isfinite(scores).all() and logits.shape == (2,)
 
 
-def test_task_and_output_mismatches_fail_early(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    folder = tmp_path / "bags"
-    folder.mkdir()
-    csv = classification_folder(folder)
-    config = Path(__file__).resolve().parents[1] / "configs" / "wsi" / "classification_mean.yaml"
+def test_task_and_output_mismatches_fail_early(bags):
+    csv = classification_folder(bags)
+    config = CONFIG_DIR / "classification_mean.yaml"
     with pytest.raises(ValueError, match="num_classes=3 but the data .* has 2"):
-        main(["fit", "--config", str(config), *data_args(folder, csv), "--trainer.fast_dev_run", "1",
+        main(["fit", "--config", str(config), *data_args(bags, csv), "--trainer.fast_dev_run", "1",
               "--model.init_args.num_classes", "3"])
     with pytest.raises(ValueError, match="task='survival' but data.init_args.task='classification'"):
-        main(["fit", "--config", str(config), *data_args(folder, csv), "--trainer.fast_dev_run", "1",
+        main(["fit", "--config", str(config), *data_args(bags, csv), "--trainer.fast_dev_run", "1",
               "--model.init_args.task", "survival"])
 
 
-def test_kfold_command_prints_mean_and_std_over_folds(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    folder = tmp_path / "bags"
-    folder.mkdir()
-    csv = survival_folder(folder, cases=24)
+def test_kfold_command_prints_mean_and_std_over_folds(bags, tmp_path, capsys):
+    csv = survival_folder(bags, cases=24)
     assert wsi_main(["splits", "--csv", str(csv), "--task", "survival", "--folds", "3", "--out",
                      str(tmp_path / "splits")]) == 0
-    config = Path(__file__).resolve().parents[1] / "configs" / "wsi" / "survival_mean.yaml"
+    config = CONFIG_DIR / "survival_mean.yaml"
     code = wsi_main(["kfold", "--config", str(config), "--folds", "2", "--summary", str(tmp_path / "kfold.json"),
-                     "--", "--data.init_args.features_dir", str(folder), "--data.init_args.csv_path", str(csv),
+                     "--", "--data.init_args.features_dir", str(bags), "--data.init_args.csv_path", str(csv),
                      "--data.init_args.split_dir", str(tmp_path / "splits"), "--model.init_args.in_dim", "8",
                      "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu"])
     assert code == 0
