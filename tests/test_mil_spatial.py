@@ -9,7 +9,7 @@ import torch
 
 from mamba2d.data.bags import read_bag
 from mamba2d.data.spatial_bags import SpatialBagConfig, make_bag, write_spatial_bags
-from mamba2d.wsi.spatial_benchmark import format_table, train_and_test
+from mamba2d.wsi.spatial_benchmark import fit_and_test, format_table
 
 
 def neighbours(mask_cells: set) -> int:
@@ -49,7 +49,7 @@ def one_thread():
 def test_2dmambamil_beats_abmil_on_held_out_spatial_bags(tmp_path, one_thread):
     write_spatial_bags(tmp_path / "bags", {"train": 96, "val": 32, "test": 64}, seed=0)
     rows = [{"model": model, "seed": 0,
-             **train_and_test(model, tmp_path / "bags", seed=0, epochs=12, lr=1e-3, work_dir=tmp_path / model)}
+             **fit_and_test(model, tmp_path / "bags", seed=0, epochs=12, lr=1e-3, work_dir=tmp_path / model)[1]}
             for model in ("mamba_mil_2d", "abmil")]
     print(format_table(rows))
     mamba, abmil = rows

@@ -49,12 +49,6 @@ def fit_and_test(model: str, data_dir: Path, seed: int, epochs: int, lr: float, 
     return module, {"acc": float(metrics["test/acc"]), "auroc": float(metrics["test/auroc"])}
 
 
-def train_and_test(model: str, data_dir: Path, seed: int, epochs: int, lr: float, work_dir: Path,
-                   model_args: dict | None = None, feature_dim: int = 16) -> dict[str, float]:
-    """Test accuracy and AUROC of `model`'s best-on-validation checkpoint (see `fit_and_test`)."""
-    return fit_and_test(model, data_dir, seed, epochs, lr, work_dir, model_args, feature_dim)[1]
-
-
 def run_spatial_benchmark(models: list[str], seeds: list[int], n_train: int, n_val: int, n_test: int, epochs: int,
                           lr: float = BENCHMARK_LR, config: SpatialBagConfig | None = None,
                           work_dir: str | Path | None = None) -> list[dict]:
@@ -68,8 +62,8 @@ def run_spatial_benchmark(models: list[str], seeds: list[int], n_train: int, n_v
             data_dir = root / f"bags_seed{seed}"
             write_spatial_bags(data_dir, {"train": n_train, "val": n_val, "test": n_test}, seed=seed, config=config)
             for model in models:
-                result = train_and_test(model, data_dir, seed, epochs, lr, root / f"{model}_seed{seed}",
-                                        feature_dim=config.feature_dim)
+                _, result = fit_and_test(model, data_dir, seed, epochs, lr, root / f"{model}_seed{seed}",
+                                         feature_dim=config.feature_dim)
                 rows.append({"model": model, "seed": seed, **result})
                 logging.getLogger(__name__).info("%s seed %d: %s", model, seed, result)
     return rows
