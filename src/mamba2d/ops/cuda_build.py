@@ -31,16 +31,20 @@ ROWS_PER_BAND = 4
 #: (no cross-warp combine, no barrier), each thread scanning its K consecutive columns sequentially.
 MAX_COLS_PER_THREAD = 4
 
+#: Largest block; must equal M2D_MAX_THREADS (the kernels' __launch_bounds__).
+MAX_THREADS = 256
 
-def _tuning() -> tuple[int, int, int, int, tuple[str, ...]]:
+
+def _tuning() -> tuple[int, int, int, int, int, tuple[str, ...]]:
     """Benchmark-only override, e.g. MAMBA2D_SCAN_TUNE="R=4,FWD=3,BWD=2,KMAX=2": rows per band (one column per
     thread), occupancy targets, most columns per thread (KMAX=1: one column per thread everywhere), LANES (maps wider
-    than this take several columns per thread) and DBUF=0 (one dB/dC reduction buffer, two barriers)."""
+    than this take several columns per thread), DBUF=0 (one dB/dC reduction buffer, two barriers) and BTHR (most
+    threads per backward block)."""
     import os
 
     spec = os.environ.get("MAMBA2D_SCAN_TUNE", "")
     if not spec:
-        return ROWS_PER_BAND, MAX_COLS_PER_THREAD, 32, 4, ()
+        return ROWS_PER_BAND, MAX_COLS_PER_THREAD, 32, 4, MAX_THREADS, ()
     vals = dict(item.split("=") for item in spec.split(",") if item)
     rows = int(vals.get("R", ROWS_PER_BAND))
     kmax = int(vals.get("KMAX", MAX_COLS_PER_THREAD))
@@ -49,14 +53,15 @@ def _tuning() -> tuple[int, int, int, int, tuple[str, ...]]:
         defines.append(f"-DM2D_BWD_MIN_BLOCKS={int(vals['BWD'])}")
     if "DBUF" in vals:
         defines.append(f"-DM2D_RED_DBUF={int(vals['DBUF'])}")
-    return rows, kmax, int(vals.get("LANES", 32)), int(vals.get("FWD", 4)), tuple(defines)
+    return (rows, kmax, int(vals.get("LANES", 32)), int(vals.get("FWD", 4)), int(vals.get("BTHR", MAX_THREADS)),
+            tuple(defines))
 
 
 #: FWD_MIN_BLOCKS: forward occupancy target (blocks per SM; caps its registers), a template argument of the
 #: forward kernel. With many states the forward loops over N per band and prefers more registers:
 #: FWD_MIN_BLOCKS_LARGE_STATE from LARGE_STATE states on (shape c: fwd+bwd 13.7 -> 11.5 ms).
 #: ROW_LANES: maps wider than this many columns take K > 1 columns per thread (up to 32 * MAX_COLS_PER_THREAD).
-ROWS_PER_BAND, MAX_COLS_PER_THREAD, ROW_LANES, FWD_MIN_BLOCKS, TUNING_OPTIONS = _tuning()
+ROWS_PER_BAND, MAX_COLS_PER_THREAD, ROW_LANES, FWD_MIN_BLOCKS, BWD_MAX_THREADS, TUNING_OPTIONS = _tuning()
 FWD_MIN_BLOCKS_LARGE_STATE = 2
 LARGE_STATE = 8
 
@@ -70,9 +75,6 @@ def band_shapes() -> tuple[tuple[int, int], ...]:
         k *= 2
     return tuple(shapes)
 
-
-#: Largest block; must equal M2D_MAX_THREADS (the kernels' __launch_bounds__).
-MAX_THREADS = 256
 
 #: C++ storage type of each supported input dtype.
 DTYPE_TAGS: dict[torch.dtype, str] = {
@@ -167,7 +169,10 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def launch_config(batch: int, dim: int, height: int, width: int, groups: int, d_state: int) -> LaunchConfig:
+def launch_config(batch: int, dim: int, height: int, width: int, groups: int, d_state: int,
+                  backward: bool = False) -> LaunchConfig:
+    """Work split of the forward (or, with `backward`, the backward) launch; both walk the same bands and tiles, so
+    the checkpoints written by one are read by the other whatever their channel slots per block."""
     batch, dim, height, width, groups, d_state = (int(v) for v in (batch, dim, height, width, groups, d_state))
     dg = dim // groups
     # Up to 32 * MAX_COLS_PER_THREAD columns: one warp per row, K consecutive columns per thread, R * K pixels per
@@ -180,11 +185,13 @@ def launch_config(batch: int, dim: int, height: int, width: int, groups: int, d_
     # Shared memory per thread in the backward: an [N][K] float and an [N] double array (+ the two dB/dC reduction
     # buffers); keep a block under ~96 KB so that two blocks fit an SM. MAX_THREADS is the kernels' __launch_bounds__.
     max_threads = max(64, min(MAX_THREADS, (98304 // ((4 * K + 8) * d_state + 16 * R * K + 48)) // 32 * 32))
+    # The backward may take fewer channel slots per block (BTHR); its tiles stay the forward's (shared checkpoints).
+    slot_threads = min(max_threads, BWD_MAX_THREADS) if backward else max_threads
     if cols <= 16:
         S = 1 << (cols - 1).bit_length()
         WPM = 1
         per_warp = 32 // S
-        CH = max(per_warp, (max_threads // S) // per_warp * per_warp)
+        CH = max(per_warp, (slot_threads // S) // per_warp * per_warp)
         CH = min(CH, _ceil_div(dg, per_warp) * per_warp)
         ntiles = 1
     else:
@@ -192,7 +199,7 @@ def launch_config(batch: int, dim: int, height: int, width: int, groups: int, d_
         warps = _ceil_div(cols, 32)
         ntiles = _ceil_div(warps, max_threads // 32)
         WPM = _ceil_div(warps, ntiles)  # balanced tiles
-        CH = max(1, min(max_threads // (32 * WPM), dg))
+        CH = max(1, min(slot_threads // (32 * WPM), dg))
     tps = S * WPM  # threads per slot
     tws = tps * K
     threads = CH * tps
@@ -203,8 +210,8 @@ def launch_config(batch: int, dim: int, height: int, width: int, groups: int, d_
     smem_bwd = 4 * (d_state * K * threads + 2 * d_state * threads + agg + (4 * CH * R * tws if CH > 1 else 0))
     smem_bwd = max(smem_bwd, 16 * threads)  # the final reduction reuses the start as [2][threads] doubles
     fwd_min_blocks = FWD_MIN_BLOCKS_LARGE_STATE if d_state >= LARGE_STATE else FWD_MIN_BLOCKS
-    return LaunchConfig(S=S, WPM=WPM, R=R, K=K, fwd_min_blocks=fwd_min_blocks, CH=CH, ntiles=ntiles, nbands=nbands, threads=threads,
-                        blocks=batch * groups * cpg, cpg=cpg, smem_fwd=smem_fwd, smem_bwd=smem_bwd)
+    return LaunchConfig(S=S, WPM=WPM, R=R, K=K, fwd_min_blocks=fwd_min_blocks, CH=CH, ntiles=ntiles, nbands=nbands,
+                        threads=threads, blocks=batch * groups * cpg, cpg=cpg, smem_fwd=smem_fwd, smem_bwd=smem_bwd)
 
 
 def checkpoint_sizes(batch: int, dim: int, height: int, width: int, groups: int, d_state: int) -> tuple[int, int]:

@@ -191,10 +191,10 @@ def _ints(*values):
     return tuple(np.int32(v) for v in values)
 
 
-def _geometry(u: torch.Tensor, B: torch.Tensor):
+def _geometry(u: torch.Tensor, B: torch.Tensor, backward: bool = False):
     batch, dim, height, width = u.shape
     groups, d_state = B.shape[1], B.shape[2]
-    return cuda_build.launch_config(batch, dim, height, width, groups, d_state)
+    return cuda_build.launch_config(batch, dim, height, width, groups, d_state, backward)
 
 
 def saves_checkpoint(cfg: cuda_build.LaunchConfig, d_state: int) -> bool:
@@ -234,7 +234,7 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
     """Launch the backward kernel (recomputing the checkpoints first when the forward did not keep them)."""
     batch, dim, height, width = u.shape
     groups, d_state = B.shape[1], B.shape[2]
-    cfg = _geometry(u, B)
+    cfg = _geometry(u, B, backward=True)
     _check_sizes(u, B, cfg)
     u, delta, z, B, C, dout = (_fit_int32(t, n) for t, n in ((u, "u"), (delta, "delta"), (z, "z"), (B, "B"),
                                                               (C, "C"), (dout, "dout")))
