@@ -98,6 +98,13 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
                     }
                 }
             }
+            if (band + 1 < nbands) {  // the next band's inputs into L1 while this one is scanned
+                const int p1 = p0 + R, nrow1 = nk > 0 ? min(R, H - p1) : 0, i1 = fr ? (H - 1 - p1) : p1;
+                m2d_prefetch_rows<T, R>(ubp + (i1 * su_h + j * su_w), M2D_STEP(su_h), nrow1);
+                m2d_prefetch_rows<T, R>(dbp_ + (i1 * sd_h + j * sd_w), M2D_STEP(sd_h), nrow1);
+                m2d_prefetch_rows<T, R>(Bbp + (i1 * sB_h + j * sB_w), stb, nrow1);
+                if (cload) m2d_prefetch_rows<T, R>(Cbp + (i1 * sC_h + j * sC_w), stc, nrow1);
+            }
             for (int n = 0; n < N; ++n) {
                 const float An2 = c.slot_ok ? A[(m2d_i64)d * N + n] * M2D_LOG2E : 0.f;
                 float a[R][K], v[R][K];
@@ -275,6 +282,15 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                         yrec[r][k] = Dd * x;
                     }
                 }
+            }
+            if (band > 0) {  // the next band's (the one above) inputs into L1 while this one is scanned
+                const int p1 = p0 - R, i1 = fr ? (H - 1 - p1) : p1;
+                const int nrow1 = nk > 0 ? R : 0, stb = M2D_STEP(sB_h), stc = M2D_STEP(sC_h);
+                m2d_prefetch_rows<T, R>(ubp + (i1 * su_h + j * su_w), M2D_STEP(su_h), nrow1);
+                m2d_prefetch_rows<T, R>(dbp_ + (i1 * sd_h + j * sd_w), M2D_STEP(sd_h), nrow1);
+                m2d_prefetch_rows<TO, R>(obp + (i1 * so_h + j * so_w), M2D_STEP(so_h), nrow1);
+                m2d_prefetch_rows<T, R>(Bbp + (i1 * sB_h + j * sB_w), stb, nrow1);
+                m2d_prefetch_rows<T, R>(Cbp + (i1 * sC_h + j * sC_w), stc, nrow1);
             }
             for (int n = 0; n < N; ++n) {
                 const float An = c.slot_ok ? A[(m2d_i64)d * N + n] : 0.f;

@@ -42,6 +42,21 @@ __device__ __forceinline__ m2d_bf16 m2d_from_f<m2d_bf16>(float v) {
     return r;
 }
 
+#ifndef M2D_PREFETCH
+#define M2D_PREFETCH 1
+#endif
+// Hint the L1 cache to fetch the rows of a band one band ahead (one address per row: a thread's K columns share a
+// cache line), so that the band's loads, issued when it is scanned, find their data close by; costs no registers.
+template <typename T, int R>
+__device__ __forceinline__ void m2d_prefetch_rows(const T* p, int st, int nrow) {
+#if M2D_PREFETCH
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        if (r < nrow) asm volatile("prefetch.global.L1 [%0];" ::"l"(p + r * st));
+    }
+#endif
+}
+
 #define M2D_FULL 0xffffffffu
 // Default rows of a band held in registers per thread for one column per thread (must match ROWS_PER_BAND in
 // cuda_build.py); the kernels take rows per band R and columns per thread K as template arguments.

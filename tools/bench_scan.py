@@ -96,7 +96,7 @@ def floor_bytes(shape, dtype) -> tuple[int, int]:
     return fwd, fwd + bwd
 
 
-def bench(name, dtype_name, reps, bandwidth):
+def bench(name, dtype_name, reps, bandwidth, accumulate_grads=False):
     shape = SHAPES[name]
     dtype = DTYPES[dtype_name]
     batch, dim, H, W, N, G = shape
@@ -111,12 +111,15 @@ def bench(name, dtype_name, reps, bandwidth):
     dy = torch.randn(batch, dim, H, W, device="cuda").to(dtype)
 
     def fwd_bwd():
+        # Fresh gradients each time, as in training (zero_grad(set_to_none=True)): accumulating into the previous
+        # rep's .grad would add two u-sized read-modify-writes that belong to the benchmark, not to the scan.
+        if not accumulate_grads:
+            for v in leaves.values():
+                v.grad = None
         y = selective_scan_2d(**leaves, direction=directions, backend="cuda")
         y.backward(dy)
 
     fwd_ms = time_ms(fwd, reps)
-    for v in leaves.values():
-        v.grad = None
     fb_ms = time_ms(fwd_bwd, reps)
     fb, fbb = floor_bytes(shape, dtype)
     floor_f = fb / (bandwidth * 1e9) * 1e3
@@ -152,6 +155,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    parser.add_argument("--accumulate-grads", action="store_true",
+                        help="keep the leaves' .grad between reps (the harness of v1-v7: adds gradient accumulation)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_scan: needs a CUDA GPU", file=sys.stderr)
@@ -162,7 +167,7 @@ def main(argv=None) -> int:
     rows = []
     for name in args.shapes.split(","):
         for dtype_name in args.dtypes.split(","):
-            row = bench(name, dtype_name, args.reps, bandwidth)
+            row = bench(name, dtype_name, args.reps, bandwidth, args.accumulate_grads)
             rows.append(row)
             print(json.dumps(row), flush=True)
     header = (f"{'shape':<6}{'dtype':<6}{'fwd ms':>9}{'fwd+bwd':>9}{'fwd GB/s':>10}{'fb GB/s':>9}{'fwd/flr':>9}"

@@ -13,16 +13,18 @@ _REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def resource_dir(package: str, folder: str, marker: str) -> Path:
-    """The installed `package`'s folder if it holds `marker`, else the repository's `folder`; loud when neither."""
+    """The repository's `folder` beside this source tree if it holds `marker` (a checkout, used installed in editable
+    mode or from src/), else the installed `package`'s folder (a wheel); loud when neither. The checkout wins so that
+    code and data come from the same tree even when another checkout is installed."""
+    checkout = _REPOSITORY / folder
+    if (checkout / marker).is_file():
+        return checkout
     try:
         installed = Path(str(files(package)))
         if (installed / marker).is_file():
             return installed
     except (ModuleNotFoundError, TypeError):
         pass
-    checkout = _REPOSITORY / folder
-    if (checkout / marker).is_file():
-        return checkout
     raise FileNotFoundError(
-        f"mamba2d: {marker} not found in the installed package {package} nor at {checkout}; reinstall mamba2d"
+        f"mamba2d: {marker} not found at {checkout} nor in the installed package {package}; reinstall mamba2d"
     )

@@ -38,8 +38,8 @@ MAX_THREADS = 256
 def _tuning() -> tuple[int, int, int, int, int, tuple[str, ...]]:
     """Benchmark-only override, e.g. MAMBA2D_SCAN_TUNE="R=4,FWD=3,BWD=2,KMAX=2": rows per band (one column per
     thread), occupancy targets, most columns per thread (KMAX=1: one column per thread everywhere), LANES (maps wider
-    than this take several columns per thread), DBUF=0 (one dB/dC reduction buffer, two barriers) and BTHR (most
-    threads per backward block)."""
+    than this take several columns per thread), DBUF=0 (one dB/dC reduction buffer, two barriers), BTHR (most
+    threads per backward block) and PF=0 (no L1 prefetch of the next band)."""
     import os
 
     spec = os.environ.get("MAMBA2D_SCAN_TUNE", "")
@@ -53,6 +53,8 @@ def _tuning() -> tuple[int, int, int, int, int, tuple[str, ...]]:
         defines.append(f"-DM2D_BWD_MIN_BLOCKS={int(vals['BWD'])}")
     if "DBUF" in vals:
         defines.append(f"-DM2D_RED_DBUF={int(vals['DBUF'])}")
+    if "PF" in vals:
+        defines.append(f"-DM2D_PREFETCH={int(vals['PF'])}")
     return (rows, kmax, int(vals.get("LANES", 32)), int(vals.get("FWD", 4)), int(vals.get("BTHR", MAX_THREADS)),
             tuple(defines))
 
