@@ -15,3 +15,10 @@ def test_cpu_throughput_table(capsys):
         images_per_s, peak_mb = float(row.split()[5]), float(row.split()[6])
         assert images_per_s > 0 and peak_mb > 0
         assert row.endswith("process peak RSS")
+
+
+def test_bf16_precision_is_selectable(capsys):
+    assert throughput.main(["vmamba2d_nano", "--batch", "1", "--size", "32", "--device", "cpu", "--modes", "training",
+                            "--precisions", "bf16", "--warmup", "1", "--iters", "1"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [(r.split()[1], r.split()[2]) for r in rows] == [("training", "bf16")]

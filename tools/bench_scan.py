@@ -2,7 +2,9 @@
 """Benchmark the CUDA 2D selective scan (issue 3): fwd and fwd+bwd times, effective bandwidth, memory-floor ratio.
 
 The memory floor is the bytes that must move once (inputs read + outputs written) over the device-to-device copy
-bandwidth measured in the same run (bytes read + written). Timing: CUDA events, warm-up, median of many runs.
+bandwidth measured in the same run (bytes read + written). Timing: CUDA events, warm-up, median of many runs; "fwd
+ms" / "fwd+bwd" are from the call to the end of the last kernel (host launch overhead included), "gpu fwd" / "gpu
+f+b" with the GPU kept busy while the host enqueues (kernel time alone). Gradients are fresh each rep.
 Shapes (batch x dim x H x W, N, G), the four 2DVMamba directions one per group where G = 4:
   a) 128x384x56x56, N=1, G=4   b) 128x1536x14x14, N=1, G=4   c) 1x256x200x300, N=16, G=1   d) 16x384x128x128, N=1, G=4
 Upstream 2DMamba's kernel on an H100 (NVIDIA H100 80GB HBM3), fwd / fwd+bwd ms, fp32 inputs (fp16 inputs) is
@@ -50,6 +52,24 @@ def time_ms(fn, reps: int, warmup: int = 3) -> float:
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def gpu_time_ms(fn, reps: int, warmup: int = 3) -> float:
+    """Device time of fn alone: the GPU is kept busy (a spin kernel) while the host enqueues fn, so the events time
+    the kernels back to back, without the host's launch overhead (Python, dispatch, CuPy) between them."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(5_000_000)  # a few ms of GPU time, longer than the host needs to enqueue fn
         start.record()
         fn()
         end.record()
@@ -121,6 +141,8 @@ def bench(name, dtype_name, reps, bandwidth, accumulate_grads=False):
 
     fwd_ms = time_ms(fwd, reps)
     fb_ms = time_ms(fwd_bwd, reps)
+    fwd_gpu_ms = gpu_time_ms(fwd, reps)
+    fb_gpu_ms = gpu_time_ms(fwd_bwd, reps)
     fb, fbb = floor_bytes(shape, dtype)
     floor_f = fb / (bandwidth * 1e9) * 1e3
     floor_fb = fbb / (bandwidth * 1e9) * 1e3
@@ -131,6 +153,8 @@ def bench(name, dtype_name, reps, bandwidth, accumulate_grads=False):
         "dtype": dtype_name,
         "fwd_ms": fwd_ms,
         "fwdbwd_ms": fb_ms,
+        "fwd_gpu_ms": fwd_gpu_ms,
+        "fwdbwd_gpu_ms": fb_gpu_ms,
         "fwd_GBps": fb / (fwd_ms * 1e-3) / 1e9,
         "fwdbwd_GBps": fbb / (fb_ms * 1e-3) / 1e9,
         "fwd_floor_ms": floor_f,
@@ -170,13 +194,14 @@ def main(argv=None) -> int:
             row = bench(name, dtype_name, args.reps, bandwidth, args.accumulate_grads)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    header = (f"{'shape':<6}{'dtype':<6}{'fwd ms':>9}{'fwd+bwd':>9}{'fwd GB/s':>10}{'fb GB/s':>9}{'fwd/flr':>9}"
+    header = (f"{'shape':<6}{'dtype':<6}{'fwd ms':>9}{'fwd+bwd':>9}{'gpu fwd':>9}{'gpu f+b':>9}{'fwd GB/s':>10}{'fb GB/s':>9}{'fwd/flr':>9}"
               f"{'fb/flr':>8}{'upstr fb':>9}{'fb/upstr':>9}  targets")
     print(header)
     for r in rows:
         tgt_up = f"upstream {'ok' if r['target_upstream_ok'] else 'MISS'}"
         tgt_fl = "" if r["target_floor_ok"] is None else f", floor {'ok' if r['target_floor_ok'] else 'MISS'}"
-        print(f"{r['shape']:<6}{r['dtype']:<6}{r['fwd_ms']:>9.3f}{r['fwdbwd_ms']:>9.3f}{r['fwd_GBps']:>10.0f}"
+        print(f"{r['shape']:<6}{r['dtype']:<6}{r['fwd_ms']:>9.3f}{r['fwdbwd_ms']:>9.3f}{r['fwd_gpu_ms']:>9.3f}"
+              f"{r['fwdbwd_gpu_ms']:>9.3f}{r['fwd_GBps']:>10.0f}"
               f"{r['fwdbwd_GBps']:>9.0f}{r['fwd_vs_floor']:>9.2f}{r['fwdbwd_vs_floor']:>8.2f}"
               f"{r['upstream_fwdbwd_ms']:>9.2f}{r['fwdbwd_vs_upstream']:>9.2f}  {tgt_up}{tgt_fl}")
     if args.json:

@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     dy = torch.randn(batch, dim, H, W, device="cuda").to(DTYPES[args.dtype])
 
     def step():
+        for v in leaves.values():
+            v.grad = None
         selective_scan_2d(**leaves, direction=directions, backend="cuda").backward(dy)
 
     for _ in range(2):  # warm-up: compile and allocate

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 MODES = ("inference", "training")
 PRECISIONS = ("fp32", "amp")
+#: Also accepted: "bf16", bfloat16 autocast on any device.
+EXTRA_PRECISIONS = ("bf16",)
 
 
 @dataclass
@@ -55,6 +57,8 @@ def _sync(device: torch.device) -> None:
 def _autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
 
 
@@ -69,8 +73,9 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
 def measure(model: nn.Module, name: str, mode: str, precision: str, batch: int, size: int,
             device: torch.device, warmup: int = 50, iters: int = 30, in_chans: int = 3) -> Measurement:
     """Images/s and peak memory of `model` for one (mode, precision) setting."""
-    if mode not in MODES or precision not in PRECISIONS:
-        raise ValueError(f"measure: mode must be one of {MODES} and precision one of {PRECISIONS}, "
+    precisions = PRECISIONS + EXTRA_PRECISIONS
+    if mode not in MODES or precision not in precisions:
+        raise ValueError(f"measure: mode must be one of {MODES} and precision one of {precisions}, "
                          f"got {mode!r}, {precision!r}")
     model = model.to(device)
     x = torch.randn(batch, in_chans, size, size, device=device)
@@ -131,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS + EXTRA_PRECISIONS, default=list(PRECISIONS),
+                        help="fp32, amp (float16 autocast on CUDA, as VMamba's numbers) and/or bf16 (bfloat16 autocast)")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (VMamba's protocol runs with TF32 on)")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--iters", type=int, default=30)
     return parser
@@ -140,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = torch.device(args.device)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     results = run(args.models, args.batch, args.size, device, args.modes, args.precisions, args.warmup, args.iters)
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {label}; warm-up {args.warmup}, timed {args.iters} iterations")

@@ -44,7 +44,7 @@ def _tuning() -> tuple[int, int, int, int, int, tuple[str, ...]]:
 
     spec = os.environ.get("MAMBA2D_SCAN_TUNE", "")
     if not spec:
-        return ROWS_PER_BAND, MAX_COLS_PER_THREAD, 32, 4, MAX_THREADS, ()
+        return ROWS_PER_BAND, MAX_COLS_PER_THREAD, 32, 3, MAX_THREADS, ()
     vals = dict(item.split("=") for item in spec.split(",") if item)
     rows = int(vals.get("R", ROWS_PER_BAND))
     kmax = int(vals.get("KMAX", MAX_COLS_PER_THREAD))
@@ -55,11 +55,11 @@ def _tuning() -> tuple[int, int, int, int, int, tuple[str, ...]]:
         defines.append(f"-DM2D_RED_DBUF={int(vals['DBUF'])}")
     if "PF" in vals:
         defines.append(f"-DM2D_PREFETCH={int(vals['PF'])}")
-    return (rows, kmax, int(vals.get("LANES", 32)), int(vals.get("FWD", 4)), int(vals.get("BTHR", MAX_THREADS)),
+    return (rows, kmax, int(vals.get("LANES", 32)), int(vals.get("FWD", 3)), int(vals.get("BTHR", MAX_THREADS)),
             tuple(defines))
 
 
-#: FWD_MIN_BLOCKS: forward occupancy target (blocks per SM; caps its registers), a template argument of the
+#: FWD_MIN_BLOCKS: forward occupancy target (blocks per SM; caps its registers at 80), a template argument of the
 #: forward kernel. With many states the forward loops over N per band and prefers more registers:
 #: FWD_MIN_BLOCKS_LARGE_STATE from LARGE_STATE states on (shape c: fwd+bwd 13.7 -> 11.5 ms).
 #: ROW_LANES: maps wider than this many columns take K > 1 columns per thread (up to 32 * MAX_COLS_PER_THREAD).
@@ -171,6 +171,7 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@lru_cache(maxsize=1024)
 def launch_config(batch: int, dim: int, height: int, width: int, groups: int, d_state: int,
                   backward: bool = False) -> LaunchConfig:
     """Work split of the forward (or, with `backward`, the backward) launch; both walk the same bands and tiles, so
