@@ -103,11 +103,12 @@ def _setup_context(ctx, inputs, output):
     ctx.directions = list(directions)
 
 
-def _backward(ctx, dy, _dckv, _dckh):
-    u, delta, A, B, C, D, z, delta_bias, ckv, ckh = ctx.saved_tensors
-    du, ddelta, dA, dB, dC, dD, dz, dbias = torch.ops.mamba2d.scan2d_bwd(
-        dy, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, ctx.delta_softplus, ctx.directions
-    )
+def input_grads(saved: tuple, dy: Tensor, delta_softplus: bool, directions: list[int], bwd) -> tuple:
+    """Gradients of scan2d_fwd's twelve inputs from its saved tensors; `bwd` runs the backward (the custom op, or
+    the launcher directly on the eager fast path)."""
+    u, delta, A, B, C, D, z, delta_bias, ckv, ckh = saved
+    du, ddelta, dA, dB, dC, dD, dz, dbias = bwd(dy, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus,
+                                                directions)
     return (
         du,
         ddelta,
@@ -122,6 +123,10 @@ def _backward(ctx, dy, _dckv, _dckh):
         None,
         None,
     )
+
+
+def _backward(ctx, dy, _dckv, _dckh):
+    return input_grads(ctx.saved_tensors, dy, ctx.delta_softplus, ctx.directions, torch.ops.mamba2d.scan2d_bwd)
 
 
 scan2d_fwd.register_autograd(_backward, setup_context=_setup_context)
