@@ -77,6 +77,25 @@ def test_launch_config_invariants(H, W, N, dim, G):
     assert cfg.smem_bwd <= 160 * 1024 and cfg.smem_fwd <= 160 * 1024
 
 
+@pytest.mark.parametrize("bwd_threads", [64, 128, 256])
+@pytest.mark.parametrize("H,W,N,dim,G", [(56, 56, 1, 384, 4), (14, 14, 1, 1536, 4), (200, 300, 16, 256, 1),
+                                         (5, 2048, 4, 8, 2), (1, 4_000_000, 1, 4, 1), (7, 3, 64, 6, 3)])
+def test_backward_geometry_shares_the_forward_tiles(monkeypatch, bwd_threads, H, W, N, dim, G):
+    """A smaller backward block (the BTHR knob) changes only its channel slots: the bands and tiles, and so the
+    checkpoints the forward writes, stay the forward's."""
+    monkeypatch.setattr(cuda_build, "BWD_MAX_THREADS", bwd_threads)
+    cuda_build.launch_config.cache_clear()
+    try:
+        fwd = cuda_build.launch_config(2, dim, H, W, G, N)
+        bwd = cuda_build.launch_config(2, dim, H, W, G, N, backward=True)
+    finally:
+        cuda_build.launch_config.cache_clear()
+    assert (bwd.S, bwd.WPM, bwd.R, bwd.K, bwd.ntiles, bwd.nbands) == (fwd.S, fwd.WPM, fwd.R, fwd.K, fwd.ntiles,
+                                                                     fwd.nbands)
+    assert bwd.threads <= max(bwd_threads, bwd.S * bwd.WPM, 32 // bwd.S * bwd.S) and bwd.threads <= fwd.threads
+    assert bwd.CH * bwd.cpg >= dim // G and bwd.blocks == 2 * G * bwd.cpg
+
+
 def test_supports_dtypes_and_states():
     u = torch.zeros(1, 2, 3, 4)
     assert cuda_scan.supports(u, torch.zeros(1, 1, 64, 3, 4))
