@@ -67,11 +67,13 @@ def test_validation_metrics_are_synced_over_all_samples(ddp_run):
 REPO = Path(__file__).resolve().parents[1]
 
 
-def fit_on_two_cpu_ranks(workdir: Path, config: str, *overrides: str) -> Path:
-    """`mamba2d fit` of a repository config under DDP (gloo, 2 processes, no logger); the run's last.ckpt."""
+def fit_on_cpu(workdir: Path, config: str, *overrides: str, ranks: int = 2) -> Path:
+    """`mamba2d fit` of a repository config on CPU, under DDP (gloo) when `ranks` > 1, no logger; the run's
+    last.ckpt."""
+    parallel = ["--trainer.devices", str(ranks), "--trainer.strategy", "ddp"] if ranks > 1 else []
     cli = [sys.executable, "-m", "mamba2d.cli", "fit", "--config", str(REPO / "configs" / config),
-           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-           "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", *overrides]
+           "--trainer.accelerator", "cpu", *parallel, "--trainer.enable_progress_bar", "false",
+           "--trainer.logger", "false", *overrides]
     run = subprocess.run(cli, cwd=workdir, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     (last,) = workdir.rglob("last.ckpt")
@@ -84,7 +86,7 @@ def test_imagenet_recipe_trains_under_ddp(tmp_path):
     data = tmp_path / "imagenet"
     subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic_imagefolder.py"), str(data), "--classes", "3",
                     "--train-per-class", "8", "--val-per-class", "2", "--size", "48", "--workers", "1"], check=True)
-    last = fit_on_two_cpu_ranks(
+    last = fit_on_cpu(
         tmp_path, "classification/imagenet_vmamba2d_tiny.yaml", "--trainer.precision", "32",
         "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1",
         "--model.init_args.backbone", "vmamba2d_nano", "--model.init_args.num_classes", "3",
@@ -93,13 +95,27 @@ def test_imagenet_recipe_trains_under_ddp(tmp_path):
     assert torch.load(last, weights_only=False)["global_step"] == 3
 
 
-def test_mil_trains_under_ddp_one_bag_per_rank_and_step(tmp_path):
-    """2DMambaMIL under DDP (the samplers are the digits test's, checked above for exactly-once evaluation)."""
+def test_mil_under_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    """2DMambaMIL under DDP, one bag per rank and step, ends with the weights of one process that accumulates the
+    same two bags per step (same seed, no dropout): the samplers split each global batch across ranks and DDP
+    averages the two bags' gradients as accumulation does."""
     bags = tmp_path / "bags"
     write_spatial_bags(bags, {"train": 8, "val": 5, "test": 2}, seed=0, config=SpatialBagConfig(grid_max=10))
-    last = fit_on_two_cpu_ranks(
-        tmp_path, "wsi/classification_mamba_mil_2d.yaml", "--trainer.max_epochs", "1",
-        "--model.init_args.in_dim", "16", "--model.init_args.model_args", "{dim: 16}",
-        f"--data.init_args.features_dir={bags}", f"--data.init_args.csv_path={bags / 'labels.csv'}",
-        "--data.init_args.split_dir", "null")
-    assert torch.load(last, weights_only=False)["global_step"] == 4  # 8 training bags, one per step on each of 2 ranks
+    common = ("wsi/classification_mamba_mil_2d.yaml", "--trainer.max_epochs", "1", "--model.init_args.in_dim", "16",
+              "--model.init_args.model_args", "{dim: 16, dropout: 0.0}", f"--data.init_args.features_dir={bags}",
+              f"--data.init_args.csv_path={bags / 'labels.csv'}", "--data.init_args.split_dir", "null")
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "one").mkdir()
+    ddp = torch.load(fit_on_cpu(tmp_path / "ddp", *common), weights_only=False)
+    one = torch.load(fit_on_cpu(tmp_path / "one", *common, "--trainer.accumulate_grad_batches", "2", ranks=1),
+                     weights_only=False)
+    assert ddp["global_step"] == one["global_step"] == 4  # 8 training bags, two per optimizer step
+    assert ddp["state_dict"].keys() == one["state_dict"].keys()
+    for name, weight in ddp["state_dict"].items():
+        torch.testing.assert_close(weight, one["state_dict"][name], rtol=1e-5, atol=1e-6, msg=name)
+    # Control: one bag per optimizer step (another global batch) ends elsewhere, so the comparison can fail.
+    (tmp_path / "single").mkdir()
+    single = torch.load(fit_on_cpu(tmp_path / "single", *common, ranks=1), weights_only=False)
+    assert single["global_step"] == 8
+    assert any(not torch.allclose(weight, single["state_dict"][name], rtol=1e-5, atol=1e-6)
+               for name, weight in ddp["state_dict"].items())

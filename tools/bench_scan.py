@@ -194,8 +194,8 @@ def main(argv=None) -> int:
             row = bench(name, dtype_name, args.reps, bandwidth, args.accumulate_grads)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    header = (f"{'shape':<6}{'dtype':<6}{'fwd ms':>9}{'fwd+bwd':>9}{'gpu fwd':>9}{'gpu f+b':>9}{'fwd GB/s':>10}{'fb GB/s':>9}{'fwd/flr':>9}"
-              f"{'fb/flr':>8}{'upstr fb':>9}{'fb/upstr':>9}  targets")
+    header = (f"{'shape':<6}{'dtype':<6}{'fwd ms':>9}{'fwd+bwd':>9}{'gpu fwd':>9}{'gpu f+b':>9}{'fwd GB/s':>10}"
+              f"{'fb GB/s':>9}{'fwd/flr':>9}{'fb/flr':>8}{'upstr fb':>9}{'fb/upstr':>9}  targets")
     print(header)
     for r in rows:
         tgt_up = f"upstream {'ok' if r['target_upstream_ok'] else 'MISS'}"

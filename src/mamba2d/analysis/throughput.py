@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS + EXTRA_PRECISIONS, default=list(PRECISIONS),
-                        help="fp32, amp (float16 autocast on CUDA, as VMamba's numbers) and/or bf16 (bfloat16 autocast)")
+                        help="fp32, amp (float16 autocast on CUDA, as VMamba's numbers), bf16 (bfloat16 autocast)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (VMamba's protocol runs with TF32 on)")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--iters", type=int, default=30)
