@@ -110,12 +110,17 @@ def test_mil_under_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
     one = torch.load(fit_on_cpu(tmp_path / "one", *common, "--trainer.accumulate_grad_batches", "2", ranks=1),
                      weights_only=False)
     assert ddp["global_step"] == one["global_step"] == 4  # 8 training bags, two per optimizer step
-    assert ddp["state_dict"].keys() == one["state_dict"].keys()
-    for name, weight in ddp["state_dict"].items():
-        torch.testing.assert_close(weight, one["state_dict"][name], rtol=1e-5, atol=1e-6, msg=name)
     # Control: one bag per optimizer step (another global batch) ends elsewhere, so the comparison can fail.
     (tmp_path / "single").mkdir()
     single = torch.load(fit_on_cpu(tmp_path / "single", *common, ranks=1), weights_only=False)
     assert single["global_step"] == 8
-    assert any(not torch.allclose(weight, single["state_dict"][name], rtol=1e-5, atol=1e-6)
-               for name, weight in ddp["state_dict"].items())
+    # Whole-model relative distance: Adam turns the rounding noise of gradients that are zero in exact arithmetic
+    # (the attention score's bias under softmax) into lr-sized steps, so single elements are not compared.
+    assert relative_distance(ddp["state_dict"], one["state_dict"]) < 1e-8  # measured 9e-13
+    assert relative_distance(ddp["state_dict"], single["state_dict"]) > 1e-5  # measured 1.4e-4
+
+
+def relative_distance(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    diff = sum((a[k].double() - b[k].double()).square().sum() for k in a)
+    return float((diff / sum(a[k].double().square().sum() for k in a)).sqrt())
