@@ -44,13 +44,13 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
     const m2d_i64 map = (m2d_i64)c.b * dim + d;
     const float Dd = (Dv != nullptr && c.slot_ok) ? Dv[d] : 0.f;
     const float bias = (dbias != nullptr && c.slot_ok) ? dbias[d] : 0.f;
-    const T* ubp = u + (c.b * su_b + d * su_d);
-    const T* dbp_ = delta + (c.b * sd_b + d * sd_d);
-    const T* zbp = z != nullptr ? z + (c.b * sz_b + d * sz_d) : nullptr;
-    const T* Bbp = Bm + (c.b * sB_b + c.g * sB_g);
-    const T* Cbp = Cm + (c.b * sC_b + c.g * sC_g);
-    TO* ybp = y != nullptr ? y + map * ((m2d_i64)H * W) : nullptr;
-    float* ckvp = ckv != nullptr ? ckv + map * nbands * N * W : nullptr;
+    const T* ubp = m2d_base(u + (c.b * su_b + d * su_d));
+    const T* dbp_ = m2d_base(delta + (c.b * sd_b + d * sd_d));
+    const T* zbp = z != nullptr ? m2d_base(z + (c.b * sz_b + d * sz_d)) : nullptr;
+    const T* Bbp = m2d_base(Bm + (c.b * sB_b + c.g * sB_g));
+    const T* Cbp = m2d_base(Cm + (c.b * sC_b + c.g * sC_g));
+    TO* ybp = y != nullptr ? m2d_base(y + map * ((m2d_i64)H * W)) : nullptr;
+    float* ckvp = ckv != nullptr ? m2d_base(ckv + map * nbands * N * W) : nullptr;
 
     for (int tile = 0; tile < ntiles; ++tile) {
         const int q = tile * c.TWs + c.col * K;  // scan-frame column of the thread's first column
@@ -218,21 +218,21 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
     const m2d_i64 map = (m2d_i64)c.b * dim + d;
     const float Dd = (Dv != nullptr && c.slot_ok) ? Dv[d] : 0.f;
     const float bias = (dbias != nullptr && c.slot_ok) ? dbias[d] : 0.f;
-    const T* ubp = u + (c.b * su_b + d * su_d);
-    const T* dbp_ = delta + (c.b * sd_b + d * sd_d);
-    const T* zbp = z != nullptr ? z + (c.b * sz_b + d * sz_d) : nullptr;
-    const TO* obp = dout + (c.b * so_b + d * so_d);
-    const T* Bbp = Bm + (c.b * sB_b + c.g * sB_g);
-    const T* Cbp = Cm + (c.b * sC_b + c.g * sC_g);
+    const T* ubp = m2d_base(u + (c.b * su_b + d * su_d));
+    const T* dbp_ = m2d_base(delta + (c.b * sd_b + d * sd_d));
+    const T* zbp = z != nullptr ? m2d_base(z + (c.b * sz_b + d * sz_d)) : nullptr;
+    const TO* obp = m2d_base(dout + (c.b * so_b + d * so_d));
+    const T* Bbp = m2d_base(Bm + (c.b * sB_b + c.g * sB_g));
+    const T* Cbp = m2d_base(Cm + (c.b * sC_b + c.g * sC_g));
     const m2d_i64 HW = (m2d_i64)H * W;
     const int cpg = (c.dg + CH - 1) / CH;
     const m2d_i64 pbase = ((m2d_i64)c.b * G + c.g) * cpg + c.chunk;  // partial dB/dC slice of this block
-    float* dBpp = dBp + pbase * N * HW;
-    float* dCpp = dCp + pbase * N * HW;
-    const float* ckvp = ckv + map * nbands * N * W;
-    T* dup = du + map * HW;
-    T* ddp = ddelta + map * HW;
-    T* dzp = dz != nullptr ? dz + map * HW : nullptr;
+    float* dBpp = m2d_base(dBp + pbase * N * HW);
+    float* dCpp = m2d_base(dCp + pbase * N * HW);
+    const float* ckvp = m2d_base(ckv + map * nbands * N * W);
+    T* dup = m2d_base(du + map * HW);
+    T* ddp = m2d_base(ddelta + map * HW);
+    T* dzp = dz != nullptr ? m2d_base(dz + map * HW) : nullptr;
 
     for (int n = 0; n < N; ++n) dAacc[n * c.nthr + c.tid] = 0.0;
     double dD_acc = 0.0, db_acc = 0.0;  // long sums with cancellation: accumulate in double
