@@ -39,7 +39,8 @@ def _tuning() -> tuple[int, int, int, int, int, tuple[str, ...]]:
     """Benchmark-only override, e.g. MAMBA2D_SCAN_TUNE="R=4,FWD=3,BWD=2,KMAX=2": rows per band (one column per
     thread), occupancy targets, most columns per thread (KMAX=1: one column per thread everywhere), LANES (maps wider
     than this take several columns per thread), DBUF=0 (one dB/dC reduction buffer, two barriers), BTHR (most
-    threads per backward block), PF=0 (no L1 prefetch of the next band) and LEAN=0 (v8's pointer arithmetic)."""
+    threads per backward block), PF=0 (no L1 prefetch of the next band) and LEAN=0 (v8's pointer arithmetic;
+    the softplus stays branch-free)."""
     import os
 
     spec = os.environ.get("MAMBA2D_SCAN_TUNE", "")
