@@ -45,31 +45,18 @@ TARGET_UPSTREAM = {"a": 0.5, "b": 0.5, "c": 0.2, "d": 0.5}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def time_ms(fn, reps: int, warmup: int = 3) -> float:
+def time_ms(fn, reps: int, warmup: int = 3, kernels_only: bool = False) -> float:
+    """Median event-timed milliseconds of fn. With `kernels_only` the GPU is kept busy (a spin kernel) while the host
+    enqueues fn, so the events time its kernels back to back, without the host's launch overhead (Python, dispatch,
+    CuPy) between them."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def gpu_time_ms(fn, reps: int, warmup: int = 3) -> float:
-    """Device time of fn alone: the GPU is kept busy (a spin kernel) while the host enqueues fn, so the events time
-    the kernels back to back, without the host's launch overhead (Python, dispatch, CuPy) between them."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(5_000_000)  # a few ms of GPU time, longer than the host needs to enqueue fn
+        if kernels_only:
+            torch.cuda._sleep(5_000_000)  # a few ms of GPU time, longer than the host needs to enqueue fn
         start.record()
         fn()
         end.record()
@@ -141,8 +128,8 @@ def bench(name, dtype_name, reps, bandwidth, accumulate_grads=False):
 
     fwd_ms = time_ms(fwd, reps)
     fb_ms = time_ms(fwd_bwd, reps)
-    fwd_gpu_ms = gpu_time_ms(fwd, reps)
-    fb_gpu_ms = gpu_time_ms(fwd_bwd, reps)
+    fwd_gpu_ms = time_ms(fwd, reps, kernels_only=True)
+    fb_gpu_ms = time_ms(fwd_bwd, reps, kernels_only=True)
     fb, fbb = floor_bytes(shape, dtype)
     floor_f = fb / (bandwidth * 1e9) * 1e3
     floor_fb = fbb / (bandwidth * 1e9) * 1e3
