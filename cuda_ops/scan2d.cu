@@ -13,14 +13,10 @@
 // way. No atomics anywhere: results are bitwise reproducible.
 #include "scan2d_common.cuh"
 
-// Address of scan-frame row p0 (+ r * step) of the thread's first column (+ k * kstep) in a (.., H, W) tensor with
-// strides (sh, sw). In-map offsets are 32-bit (the launcher guarantees they fit); batch/channel offsets are folded
-// into base pointers.
-#define M2D_OFF(sh, sw) (i0 * (sh) + j * (sw))
-#define M2D_STEP(sh) (fr ? -(sh) : (sh))
-#define M2D_KSTEP(sw) (fc ? -(sw) : (sw))
 
-template <typename T, typename TO, int R, int K, int MINB>
+// SW: lanes per slot segment known at compile time (32: full-warp rows, unrolled lane scans), 0: read from S.
+// HAS_Z: the z gate is given (no code for it otherwise).
+template <typename T, typename TO, int R, int K, int SW, bool HAS_Z, int MINB>
 __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
     mamba2d_scan2d_fwd(const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z,
                        const T* __restrict__ Bm, const T* __restrict__ Cm, const float* __restrict__ A,
@@ -46,80 +42,60 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
     const float bias = (dbias != nullptr && c.slot_ok) ? dbias[d] : 0.f;
     const T* ubp = m2d_base(u + (c.b * su_b + d * su_d));
     const T* dbp_ = m2d_base(delta + (c.b * sd_b + d * sd_d));
-    const T* zbp = z != nullptr ? m2d_base(z + (c.b * sz_b + d * sz_d)) : nullptr;
+    const T* zbp = HAS_Z ? m2d_base(z + (c.b * sz_b + d * sz_d)) : nullptr;
     const T* Bbp = m2d_base(Bm + (c.b * sB_b + c.g * sB_g));
     const T* Cbp = m2d_base(Cm + (c.b * sC_b + c.g * sC_g));
     TO* ybp = y != nullptr ? m2d_base(y + map * ((m2d_i64)H * W)) : nullptr;
     float* ckvp = ckv != nullptr ? m2d_base(ckv + map * nbands * N * W) : nullptr;
+    const bool cload = y != nullptr;  // without y (checkpoints only) C is not needed
 
     for (int tile = 0; tile < ntiles; ++tile) {
         const int q = tile * c.TWs + c.col * K;  // scan-frame column of the thread's first column
         const int nk = c.slot_ok ? min(K, W - q) : 0;  // valid columns of the thread (<= 0: none)
         const int j = fc ? (W - 1 - q) : q;
+        int jcol[K];
+        m2d_columns<K>(q, W, fc, jcol);
         for (int e = 0; e < N * K; ++e) carry[e * c.nthr + c.tid] = 0.f;
         for (int band = 0; band < nbands; ++band) {
             const int p0 = band * R;
             const int nrow = nk > 0 ? min(R, H - p0) : 0;
-            const int i0 = fr ? (H - 1 - p0) : p0;
+            int irow[R];
+            m2d_rows<R>(p0, H, fr, irow);
+            const unsigned valid = m2d_valid_mask<R, K>(nrow, nk);
             float dt[R][K], dtu[R][K], yacc[R][K], bq[R][K], cq[R][K];
-            const int stb = M2D_STEP(sB_h), stc = M2D_STEP(sC_h), ktb = M2D_KSTEP(sB_w), ktc = M2D_KSTEP(sC_w);
-            const bool cload = y != nullptr;
+            // state 0's B and C, in flight with u and delta
+            m2d_load_band<R, K>(Bbp, sB_h, sB_w, irow, jcol, valid, bq);
+            m2d_load_band<R, K>(Cbp, sC_h, sC_w, irow, jcol, cload ? valid : 0u, cq);
             {
-                const T* pb = Bbp + M2D_OFF(sB_h, sB_w);
-                const T* pc = Cbp + M2D_OFF(sC_h, sC_w);
-#pragma unroll
-                for (int r = 0; r < R; ++r) {  // state 0's B and C, in flight with u and delta
-#pragma unroll
-                    for (int k = 0; k < K; ++k) {
-                        const bool ok = r < nrow && k < nk;
-                        bq[r][k] = ok ? m2d_to_f(pb[r * stb + k * ktb]) : 0.f;
-                        cq[r][k] = ok && cload ? m2d_to_f(pc[r * stc + k * ktc]) : 0.f;
-                    }
-                }
-            }
-            {
-                const int ou = M2D_OFF(su_h, su_w), od = M2D_OFF(sd_h, sd_w);
-                const int stu = M2D_STEP(su_h), std_ = M2D_STEP(sd_h), ktu = M2D_KSTEP(su_w), ktd = M2D_KSTEP(sd_w);
+                float uu[R][K], dl[R][K];
+                m2d_load_band<R, K>(ubp, su_h, su_w, irow, jcol, valid, uu);
+                m2d_load_band<R, K>(dbp_, sd_h, sd_w, irow, jcol, valid, dl);
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
 #pragma unroll
                     for (int k = 0; k < K; ++k) {
-                        const bool ok = r < nrow && k < nk;
-                        float uu = 0.f, dl = 0.f;
-                        if (ok) {
-                            uu = m2d_to_f(ubp[ou + r * stu + k * ktu]);
-                            dl = m2d_to_f(dbp_[od + r * std_ + k * ktd]);
-                        }
-                        const float v = dl + bias;
-                        const float t = ok ? (softplus ? m2d_softplus(v) : v) : 0.f;
-                        dt[r][k] = t;
-                        dtu[r][k] = __fmul_rn(t, uu);
-                        yacc[r][k] = Dd * uu;
+                        const float v = dl[r][k] + bias;
+                        const float t = softplus ? m2d_softplus(v) : v;
+                        dt[r][k] = m2d_select(m2d_is_valid(valid, r * K + k), t, 0.f);
+                        dtu[r][k] = __fmul_rn(dt[r][k], uu[r][k]);
+                        yacc[r][k] = Dd * uu[r][k];
                     }
                 }
             }
             if (band + 1 < nbands) {  // the next band's inputs into L1 while this one is scanned
                 const int p1 = p0 + R, nrow1 = nk > 0 ? min(R, H - p1) : 0, i1 = fr ? (H - 1 - p1) : p1;
-                m2d_prefetch_rows<T, R>(ubp + (i1 * su_h + j * su_w), M2D_STEP(su_h), nrow1);
-                m2d_prefetch_rows<T, R>(dbp_ + (i1 * sd_h + j * sd_w), M2D_STEP(sd_h), nrow1);
+                const int stb = fr ? -sB_h : sB_h;
+                m2d_prefetch_rows<T, R>(ubp + (i1 * su_h + j * su_w), fr ? -su_h : su_h, nrow1);
+                m2d_prefetch_rows<T, R>(dbp_ + (i1 * sd_h + j * sd_w), fr ? -sd_h : sd_h, nrow1);
                 m2d_prefetch_rows<T, R>(Bbp + (i1 * sB_h + j * sB_w), stb, nrow1);
-                if (cload) m2d_prefetch_rows<T, R>(Cbp + (i1 * sC_h + j * sC_w), stc, nrow1);
+                if (cload) m2d_prefetch_rows<T, R>(Cbp + (i1 * sC_h + j * sC_w), fr ? -sC_h : sC_h, nrow1);
             }
             for (int n = 0; n < N; ++n) {
                 const float An2 = c.slot_ok ? A[(m2d_i64)d * N + n] * M2D_LOG2E : 0.f;
                 float a[R][K], v[R][K];
                 if (n > 0) {
-                    const T* pb = Bbp + (n * sB_n + M2D_OFF(sB_h, sB_w));
-                    const T* pc = Cbp + (n * sC_n + M2D_OFF(sC_h, sC_w));
-#pragma unroll
-                    for (int r = 0; r < R; ++r) {
-#pragma unroll
-                        for (int k = 0; k < K; ++k) {
-                            const bool ok = r < nrow && k < nk;
-                            bq[r][k] = ok ? m2d_to_f(pb[r * stb + k * ktb]) : 0.f;
-                            cq[r][k] = ok && cload ? m2d_to_f(pc[r * stc + k * ktc]) : 0.f;
-                        }
-                    }
+                    m2d_load_band<R, K>(Bbp + n * sB_n, sB_h, sB_w, irow, jcol, valid, bq);
+                    m2d_load_band<R, K>(Cbp + n * sC_n, sC_h, sC_w, irow, jcol, cload ? valid : 0u, cq);
                 }
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
@@ -136,25 +112,11 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
                     if (ckvp != nullptr && k < nk) ckvp[(band * N + n) * W + q + k] = cv[k];
                 }
                 if (!vh) {
-                    m2d_rowscan_fwd<R, K>(c, a, v, aggM, aggV, cinb, ckh, true, tile, n, p0);
-#pragma unroll
-                    for (int r = 0; r < R; ++r) {
-#pragma unroll
-                        for (int k = 0; k < K; ++k) {
-                            cv[k] = fmaf(a[r][k], cv[k], v[r][k]);
-                            v[r][k] = cv[k];
-                        }
-                    }
+                    m2d_rowscan_fwd<R, K, SW>(c, a, v, aggM, aggV, cinb, ckh, true, tile, n, p0);
+                    m2d_colscan_fwd<R, K>(a, v, cv);
                 } else {
-#pragma unroll
-                    for (int r = 0; r < R; ++r) {
-#pragma unroll
-                        for (int k = 0; k < K; ++k) {
-                            cv[k] = fmaf(a[r][k], cv[k], v[r][k]);
-                            v[r][k] = cv[k];
-                        }
-                    }
-                    m2d_rowscan_fwd<R, K>(c, a, v, aggM, aggV, cinb, ckh, true, tile, n, p0);
+                    m2d_colscan_fwd<R, K>(a, v, cv);
+                    m2d_rowscan_fwd<R, K, SW>(c, a, v, aggM, aggV, cinb, ckh, true, tile, n, p0);
                 }
 #pragma unroll
                 for (int k = 0; k < K; ++k) carry[(n * K + k) * c.nthr + c.tid] = cv[k];
@@ -165,21 +127,15 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
                 }
             }
             if (y != nullptr) {
-                TO* py = ybp + (i0 * W + j);
-                const T* pz = zbp != nullptr ? zbp + M2D_OFF(sz_h, sz_w) : nullptr;
-                const int sty = fr ? -W : W, kty = fc ? -1 : 1, stz = M2D_STEP(sz_h), ktz = M2D_KSTEP(sz_w);
+                float zz[R][K];
+                if (HAS_Z) m2d_load_band<R, K>(zbp, sz_h, sz_w, irow, jcol, valid, zz);
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
 #pragma unroll
                     for (int k = 0; k < K; ++k) {
-                        if (r < nrow && k < nk) {
-                            float out = yacc[r][k];
-                            if (pz != nullptr) {
-                                const float zz = m2d_to_f(pz[r * stz + k * ktz]);
-                                out *= zz * m2d_sigmoid(zz);
-                            }
-                            py[r * sty + k * kty] = m2d_from_f<TO>(out);
-                        }
+                        float out = yacc[r][k];
+                        if (HAS_Z) out *= zz[r][k] * m2d_sigmoid(zz[r][k]);
+                        if (m2d_is_valid(valid, r * K + k)) ybp[irow[r] * W + jcol[k]] = m2d_from_f<TO>(out);
                     }
                 }
             }
@@ -187,7 +143,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
     }
 }
 
-template <typename T, typename TO, int R, int K>
+template <typename T, typename TO, int R, int K, int SW, bool HAS_Z>
 __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_scan2d_bwd(
     const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z, const TO* __restrict__ dout,
     const T* __restrict__ Bm, const T* __restrict__ Cm, const float* __restrict__ A, const float* __restrict__ Dv,
@@ -220,7 +176,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
     const float bias = (dbias != nullptr && c.slot_ok) ? dbias[d] : 0.f;
     const T* ubp = m2d_base(u + (c.b * su_b + d * su_d));
     const T* dbp_ = m2d_base(delta + (c.b * sd_b + d * sd_d));
-    const T* zbp = z != nullptr ? m2d_base(z + (c.b * sz_b + d * sz_d)) : nullptr;
+    const T* zbp = HAS_Z ? m2d_base(z + (c.b * sz_b + d * sz_d)) : nullptr;
     const TO* obp = m2d_base(dout + (c.b * so_b + d * so_d));
     const T* Bbp = m2d_base(Bm + (c.b * sB_b + c.g * sB_g));
     const T* Cbp = m2d_base(Cm + (c.b * sC_b + c.g * sC_g));
@@ -232,7 +188,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
     const float* ckvp = m2d_base(ckv + map * nbands * N * W);
     T* dup = m2d_base(du + map * HW);
     T* ddp = m2d_base(ddelta + map * HW);
-    T* dzp = dz != nullptr ? m2d_base(dz + map * HW) : nullptr;
+    T* dzp = HAS_Z ? m2d_base(dz + map * HW) : nullptr;
 
     for (int n = 0; n < N; ++n) dAacc[n * c.nthr + c.tid] = 0.0;
     double dD_acc = 0.0, db_acc = 0.0;  // long sums with cancellation: accumulate in double
@@ -241,107 +197,88 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
         const int q = tile * c.TWs + c.col * K;  // scan-frame column of the thread's first column
         const int nk = c.slot_ok ? min(K, W - q) : 0;  // valid columns of the thread (<= 0: none)
         const int j = fc ? (W - 1 - q) : q;
-        const int kty = fc ? -1 : 1;
+        int jcol[K], qcol[K];  // memory and scan-frame columns, clamped into the map
+        m2d_columns<K>(q, W, fc, jcol);
+#pragma unroll
+        for (int k = 0; k < K; ++k) qcol[k] = min(q + k, W - 1);
         for (int e = 0; e < N * K; ++e) vcar[e * c.nthr + c.tid] = 0.f;
         for (int band = nbands - 1; band >= 0; --band) {
             const int p0 = band * R;
             const int nrow = nk > 0 ? min(R, H - p0) : 0;
-            const int i0 = fr ? (H - 1 - p0) : p0;
+            int irow[R];
+            m2d_rows<R>(p0, H, fr, irow);
+            const unsigned valid = m2d_valid_mask<R, K>(nrow, nk);
             float uu[R][K], dt[R][K], dy[R][K], ddt[R][K], dux[R][K], yrec[R][K];
             float sg[R][K];  // d softplus / d(delta) (1 without softplus), kept from the first pass
             {
-                const T* pu = ubp + M2D_OFF(su_h, su_w);
-                const T* pd = dbp_ + M2D_OFF(sd_h, sd_w);
-                const TO* po = obp + M2D_OFF(so_h, so_w);
-                const T* pz = zbp != nullptr ? zbp + M2D_OFF(sz_h, sz_w) : nullptr;
-                const int stu = M2D_STEP(su_h), std_ = M2D_STEP(sd_h), sto = M2D_STEP(so_h), stz = M2D_STEP(sz_h);
-                const int ktu = M2D_KSTEP(su_w), ktd = M2D_KSTEP(sd_w), kto = M2D_KSTEP(so_w), ktz = M2D_KSTEP(sz_w);
+                float dl[R][K];
+                m2d_load_band<R, K>(ubp, su_h, su_w, irow, jcol, valid, uu);
+                m2d_load_band<R, K>(dbp_, sd_h, sd_w, irow, jcol, valid, dl);
+                m2d_load_band<R, K>(obp, so_h, so_w, irow, jcol, valid, dy);
+                if (HAS_Z) {
+                    float zz[R][K];
+                    m2d_load_band<R, K>(zbp, sz_h, sz_w, irow, jcol, valid, zz);
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+#pragma unroll
+                        for (int k = 0; k < K; ++k) dy[r][k] *= zz[r][k] * m2d_sigmoid(zz[r][k]);
+                    }
+                }
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
 #pragma unroll
                     for (int k = 0; k < K; ++k) {
-                        const bool ok = r < nrow && k < nk;
-                        float x = 0.f, dl = 0.f, go = 0.f;
-                        if (ok) {
-                            x = m2d_to_f(pu[r * stu + k * ktu]);
-                            dl = m2d_to_f(pd[r * std_ + k * ktd]);
-                            go = m2d_to_f(po[r * sto + k * kto]);
-                            if (pz != nullptr) {
-                                const float zz = m2d_to_f(pz[r * stz + k * ktz]);
-                                go *= zz * m2d_sigmoid(zz);
-                            }
-                        }
-                        const float v = dl + bias;
-                        uu[r][k] = x;
+                        const float v = dl[r][k] + bias;
                         float gr = 1.f;
-                        dt[r][k] = ok ? (softplus ? m2d_softplus_with_grad(v, gr) : v) : 0.f;
+                        const float t = softplus ? m2d_softplus_with_grad(v, gr) : v;
+                        dt[r][k] = m2d_select(m2d_is_valid(valid, r * K + k), t, 0.f);
                         sg[r][k] = gr;
-                        dy[r][k] = go;
                         ddt[r][k] = 0.f;
-                        dux[r][k] = Dd * go;
-                        yrec[r][k] = Dd * x;
+                        dux[r][k] = Dd * dy[r][k];
+                        yrec[r][k] = Dd * uu[r][k];
                     }
                 }
             }
             if (band > 0) {  // the next band's (the one above) inputs into L1 while this one is scanned
                 const int p1 = p0 - R, i1 = fr ? (H - 1 - p1) : p1;
-                const int nrow1 = nk > 0 ? R : 0, stb = M2D_STEP(sB_h), stc = M2D_STEP(sC_h);
-                m2d_prefetch_rows<T, R>(ubp + (i1 * su_h + j * su_w), M2D_STEP(su_h), nrow1);
-                m2d_prefetch_rows<T, R>(dbp_ + (i1 * sd_h + j * sd_w), M2D_STEP(sd_h), nrow1);
-                m2d_prefetch_rows<TO, R>(obp + (i1 * so_h + j * so_w), M2D_STEP(so_h), nrow1);
-                m2d_prefetch_rows<T, R>(Bbp + (i1 * sB_h + j * sB_w), stb, nrow1);
-                m2d_prefetch_rows<T, R>(Cbp + (i1 * sC_h + j * sC_w), stc, nrow1);
+                const int nrow1 = nk > 0 ? R : 0;
+                m2d_prefetch_rows<T, R>(ubp + (i1 * su_h + j * su_w), fr ? -su_h : su_h, nrow1);
+                m2d_prefetch_rows<T, R>(dbp_ + (i1 * sd_h + j * sd_w), fr ? -sd_h : sd_h, nrow1);
+                m2d_prefetch_rows<TO, R>(obp + (i1 * so_h + j * so_w), fr ? -so_h : so_h, nrow1);
+                m2d_prefetch_rows<T, R>(Bbp + (i1 * sB_h + j * sB_w), fr ? -sB_h : sB_h, nrow1);
+                m2d_prefetch_rows<T, R>(Cbp + (i1 * sC_h + j * sC_w), fr ? -sC_h : sC_h, nrow1);
             }
             for (int n = 0; n < N; ++n) {
                 const float An = c.slot_ok ? A[(m2d_i64)d * N + n] : 0.f;
                 const float An2 = An * M2D_LOG2E;
                 float a[R][K], bv[R][K], g[R][K], h[R][K], dh[R][K], dg[R][K];
-                {
-                    const T* pb = Bbp + (n * sB_n + M2D_OFF(sB_h, sB_w));
-                    const T* pc = Cbp + (n * sC_n + M2D_OFF(sC_h, sC_w));
-                    const int stb = M2D_STEP(sB_h), stc = M2D_STEP(sC_h);
-                    const int ktb = M2D_KSTEP(sB_w), ktc = M2D_KSTEP(sC_w);
+                m2d_load_band<R, K>(Bbp + n * sB_n, sB_h, sB_w, irow, jcol, valid, bv);
+                m2d_load_band<R, K>(Cbp + n * sC_n, sC_h, sC_w, irow, jcol, valid, dh);  // C, for now
 #pragma unroll
-                    for (int r = 0; r < R; ++r) {
+                for (int r = 0; r < R; ++r) {
 #pragma unroll
-                        for (int k = 0; k < K; ++k) {
-                            const bool ok = r < nrow && k < nk;
-                            bv[r][k] = ok ? m2d_to_f(pb[r * stb + k * ktb]) : 0.f;
-                            dh[r][k] = ok ? m2d_to_f(pc[r * stc + k * ktc]) : 0.f;  // C, for now
-                            a[r][k] = m2d_exp2(dt[r][k] * An2);
-                        }
-                    }
+                    for (int k = 0; k < K; ++k) a[r][k] = m2d_exp2(dt[r][k] * An2);
                 }
                 // Recompute the forward states of this band from the checkpoints.
                 float cv[K];
 #pragma unroll
-                for (int k = 0; k < K; ++k) cv[k] = k < nk ? ckvp[(band * N + n) * W + q + k] : 0.f;
+                for (int k = 0; k < K; ++k) {
+                    cv[k] = m2d_select(k < nk, ckvp[(band * N + n) * W + qcol[k]], 0.f);
+                }
+                // g: the state after the first pass, h: after both (one row scan in the code for either order).
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+#pragma unroll
+                    for (int k = 0; k < K; ++k) g[r][k] = __fmul_rn(__fmul_rn(dt[r][k], uu[r][k]), bv[r][k]);
+                }
                 if (!vh) {
-#pragma unroll
-                    for (int r = 0; r < R; ++r) {
-#pragma unroll
-                        for (int k = 0; k < K; ++k) g[r][k] = __fmul_rn(__fmul_rn(dt[r][k], uu[r][k]), bv[r][k]);
-                    }
-                    m2d_rowscan_fwd<R, K>(c, a, g, aggM, aggV, cinb, ckh, false, tile, n, p0);
-#pragma unroll
-                    for (int r = 0; r < R; ++r) {
-#pragma unroll
-                        for (int k = 0; k < K; ++k) {
-                            cv[k] = fmaf(a[r][k], cv[k], g[r][k]);
-                            h[r][k] = cv[k];
-                        }
-                    }
+                    m2d_rowscan_fwd<R, K, SW>(c, a, g, aggM, aggV, cinb, ckh, false, tile, n, p0);
+                    m2d_copy<R, K>(g, h);
+                    m2d_colscan_fwd<R, K>(a, h, cv);
                 } else {
-#pragma unroll
-                    for (int r = 0; r < R; ++r) {
-#pragma unroll
-                        for (int k = 0; k < K; ++k) {
-                            cv[k] = fmaf(a[r][k], cv[k], __fmul_rn(__fmul_rn(dt[r][k], uu[r][k]), bv[r][k]));
-                            g[r][k] = cv[k];
-                            h[r][k] = cv[k];
-                        }
-                    }
-                    m2d_rowscan_fwd<R, K>(c, a, h, aggM, aggV, cinb, ckh, false, tile, n, p0);
+                    m2d_colscan_fwd<R, K>(a, g, cv);
+                    m2d_copy<R, K>(g, h);
+                    m2d_rowscan_fwd<R, K, SW>(c, a, h, aggM, aggV, cinb, ckh, false, tile, n, p0);
                 }
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
@@ -355,31 +292,14 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                 float tc[K];
 #pragma unroll
                 for (int k = 0; k < K; ++k) tc[k] = vcar[(n * K + k) * c.nthr + c.tid];
+                // dh: adjoint of h, dg: adjoint of g (one reverse row scan in the code for either order).
                 if (!vh) {
-#pragma unroll
-                    for (int r = R - 1; r >= 0; --r) {
-#pragma unroll
-                        for (int k = 0; k < K; ++k) {
-                            dh[r][k] += tc[k];
-                            tc[k] = a[r][k] * dh[r][k];
-                        }
-                    }
-                    m2d_rowscan_rev<R, K>(c, a, dh, dg, aggM, aggV, cinb, dck, tile, n, p0);
+                    m2d_colscan_rev<R, K>(a, dh, tc);
+                    m2d_rowscan_rev<R, K, SW>(c, a, dh, dg, aggM, aggV, cinb, dck, tile, n, p0);
                 } else {
-                    m2d_rowscan_rev<R, K>(c, a, dh, dg, aggM, aggV, cinb, dck, tile, n, p0);
-#pragma unroll
-                    for (int r = 0; r < R; ++r) {
-#pragma unroll
-                        for (int k = 0; k < K; ++k) dh[r][k] = dg[r][k];  // row adjoint is dh
-                    }
-#pragma unroll
-                    for (int r = R - 1; r >= 0; --r) {
-#pragma unroll
-                        for (int k = 0; k < K; ++k) {
-                            dg[r][k] = dh[r][k] + tc[k];
-                            tc[k] = a[r][k] * dg[r][k];
-                        }
-                    }
+                    m2d_rowscan_rev<R, K, SW>(c, a, dh, dg, aggM, aggV, cinb, dck, tile, n, p0);
+                    m2d_copy<R, K>(dg, dh);
+                    m2d_colscan_rev<R, K>(a, dg, tc);
                 }
 #pragma unroll
                 for (int k = 0; k < K; ++k) vcar[(n * K + k) * c.nthr + c.tid] = tc[k];
@@ -400,16 +320,15 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                 }
                 dAacc[n * c.nthr + c.tid] += (double)dAl;
                 if (CH == 1) {
-                    float* pB = dBpp + ((n * H + i0) * W + j);
-                    float* pC = dCpp + ((n * H + i0) * W + j);
-                    const int st = fr ? -W : W;
+                    float* pB = dBpp + (m2d_i64)n * HW;
+                    float* pC = dCpp + (m2d_i64)n * HW;
 #pragma unroll
                     for (int r = 0; r < R; ++r) {
 #pragma unroll
                         for (int k = 0; k < K; ++k) {
-                            if (r < nrow && k < nk) {
-                                pB[r * st + k * kty] = g[r][k];
-                                pC[r * st + k * kty] = h[r][k];
+                            if (m2d_is_valid(valid, r * K + k)) {
+                                pB[irow[r] * W + jcol[k]] = g[r][k];
+                                pC[irow[r] * W + jcol[k]] = h[r][k];
                             }
                         }
                     }
@@ -448,31 +367,32 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                 }
             }
             {
-                const T* pz = zbp != nullptr ? zbp + M2D_OFF(sz_h, sz_w) : nullptr;
-                const TO* po = obp + M2D_OFF(so_h, so_w);
-                const int stz = M2D_STEP(sz_h), sto = M2D_STEP(so_h);
-                const int ktz = M2D_KSTEP(sz_w), kto = M2D_KSTEP(so_w);
-                const int k0 = i0 * W + j, sty = fr ? -W : W;
+                float zz[R][K], go[R][K];
+                if (HAS_Z) {  // d z needs the raw dout and z again (reloaded: L1/L2 hits, fewer live registers)
+                    m2d_load_band<R, K>(zbp, sz_h, sz_w, irow, jcol, valid, zz);
+                    m2d_load_band<R, K>(obp, so_h, so_w, irow, jcol, valid, go);
+                }
+                float dD_band = 0.f, db_band = 0.f;  // a band's few terms in float, the long sums in double
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
 #pragma unroll
                     for (int k = 0; k < K; ++k) {
-                        if (r < nrow && k < nk) {
-                            const int o = k0 + r * sty + k * kty;
+                        if (m2d_is_valid(valid, r * K + k)) {
+                            const int o = irow[r] * W + jcol[k];
                             const float ddl = ddt[r][k] * sg[r][k];
                             dup[o] = m2d_from_f<T>(dux[r][k]);
                             ddp[o] = m2d_from_f<T>(ddl);
-                            if (pz != nullptr) {
-                                const float zz = m2d_to_f(pz[r * stz + k * ktz]);
-                                const float go = m2d_to_f(po[r * sto + k * kto]);
-                                const float s = m2d_sigmoid(zz);
-                                dzp[o] = m2d_from_f<T>(go * yrec[r][k] * s * (1.f + zz * (1.f - s)));
+                            if (HAS_Z) {
+                                const float s = m2d_sigmoid(zz[r][k]);
+                                dzp[o] = m2d_from_f<T>(go[r][k] * yrec[r][k] * s * (1.f + zz[r][k] * (1.f - s)));
                             }
-                            dD_acc += (double)(dy[r][k] * uu[r][k]);
-                            db_acc += (double)ddl;
+                            dD_band = fmaf(dy[r][k], uu[r][k], dD_band);
+                            db_band += ddl;
                         }
                     }
                 }
+                dD_acc += (double)dD_band;
+                db_acc += (double)db_band;
             }
         }
     }

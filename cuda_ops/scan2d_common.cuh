@@ -89,12 +89,26 @@ __device__ __forceinline__ void m2d_prefetch_rows(const T* p, int st, int nrow) 
 #define M2D_BWD_MIN_BLOCKS 2
 #endif
 
+// a ? x : y as one SEL: the compiler cannot turn it back into a branch around the unused side (it did for softplus,
+// costing a divergence barrier per pixel).
+__device__ __forceinline__ float m2d_select(bool a, float x, float y) {
+    float r;
+    asm("{\n\t.reg .pred p;\n\tsetp.ne.u32 p, %1, 0;\n\tselp.f32 %0, %2, %3, p;\n\t}"
+        : "=f"(r)
+        : "r"((unsigned)a), "f"(x), "f"(y));
+    return r;
+}
+#define M2D_LOG2E 1.4426950408889634f
+// exp(-x) for x >= 0 as exp2(-x log2 e): one MUFU instead of expf's exact range reduction; the product's rounding
+// adds at most x * 2^-24 relative error, far inside the 1e-5 float32 bound for |x| <= 20 where it matters.
+__device__ __forceinline__ float m2d_exp_neg(float x) { return exp2f(-x * M2D_LOG2E); }
+
 // softplus with PyTorch's threshold (beta = 1, threshold = 20) and its derivative, without log1pf's long path
 // (exp(-|v|) stays finite for any v, so both sides of the threshold are computed and one is selected):
 // softplus(v) = max(v, 0) + log1p(w), w = exp(-|v|) in (0, 1], and log1p(w) = 2 atanh(s), s = w / (2 + w) <= 1/3,
 // summed to s^13 (truncation < 2e-8 relative).
 __device__ __forceinline__ float m2d_softplus(float v) {
-    const float w = expf(-fabsf(v));
+    const float w = m2d_exp_neg(fabsf(v));
     const float s = __fdividef(w, 2.f + w);
     const float s2 = s * s;
     float p = fmaf(s2, 1.f / 13.f, 1.f / 11.f);
@@ -103,11 +117,11 @@ __device__ __forceinline__ float m2d_softplus(float v) {
     p = fmaf(s2, p, 1.f / 5.f);
     p = fmaf(s2, p, 1.f / 3.f);
     p = fmaf(s2, p, 1.f);
-    return v > 20.f ? v : fmaxf(v, 0.f) + 2.f * s * p;  // a select, not a branch: no divergence per pixel
+    return m2d_select(v > 20.f, v, fmaxf(v, 0.f) + 2.f * s * p);
 }
 // softplus(v) and its derivative from one exponential (the backward keeps the derivative for d(delta)).
 __device__ __forceinline__ float m2d_softplus_with_grad(float v, float& grad) {
-    const float w = expf(-fabsf(v));
+    const float w = m2d_exp_neg(fabsf(v));
     const float s = __fdividef(w, 2.f + w);
     const float s2 = s * s;
     float p = fmaf(s2, 1.f / 13.f, 1.f / 11.f);
@@ -118,13 +132,56 @@ __device__ __forceinline__ float m2d_softplus_with_grad(float v, float& grad) {
     p = fmaf(s2, p, 1.f);
     const float r = __fdividef(1.f, 1.f + w);
     const bool linear = v > 20.f;
-    grad = linear ? 1.f : (v >= 0.f ? r : w * r);
-    return linear ? v : fmaxf(v, 0.f) + 2.f * s * p;
+    grad = m2d_select(linear, 1.f, m2d_select(v >= 0.f, r, w * r));
+    return m2d_select(linear, v, fmaxf(v, 0.f) + 2.f * s * p);
 }
-#define M2D_LOG2E 1.4426950408889634f
 // exp(x) as exp2(x * log2 e): the caller folds log2 e into A once per state (2 ulp + the product's rounding).
 __device__ __forceinline__ float m2d_exp2(float x) { return exp2f(x); }
-__device__ __forceinline__ float m2d_sigmoid(float v) { return __fdividef(1.f, 1.f + expf(-v)); }
+__device__ __forceinline__ float m2d_sigmoid(float v) { return __fdividef(1.f, 1.f + exp2f(-v * M2D_LOG2E)); }
+
+// A thread's K columns (scan-frame q .. q + K - 1) and a band's R rows (p0 .. p0 + R - 1) as memory indices, clamped
+// into the map: every load reads a valid address without a branch, and the values outside the map are masked to zero
+// with bit r * K + k of the band's valid mask (one select per value instead of a predicated block per pixel).
+template <int K>
+__device__ __forceinline__ void m2d_columns(int q, int W, bool fc, int (&jcol)[K]) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const int qq = min(q + k, W - 1);
+        jcol[k] = fc ? W - 1 - qq : qq;
+    }
+}
+template <int R>
+__device__ __forceinline__ void m2d_rows(int p0, int H, bool fr, int (&irow)[R]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int pp = min(p0 + r, H - 1);
+        irow[r] = fr ? H - 1 - pp : pp;
+    }
+}
+template <int R, int K>
+__device__ __forceinline__ unsigned m2d_valid_mask(int nrow, int ncol) {
+    unsigned m = 0;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) m |= (r < nrow && k < ncol) ? 1u << (r * K + k) : 0u;
+    }
+    return m;
+}
+__device__ __forceinline__ bool m2d_is_valid(unsigned mask, int bit) { return (mask >> bit) & 1u; }
+// The band's values of a (.., H, W) map with in-map strides (sh, sw), as float, zero outside the map.
+template <int R, int K, typename P>
+__device__ __forceinline__ void m2d_load_band(const P* base, int sh, int sw, const int (&irow)[R],
+                                              const int (&jcol)[K], unsigned valid, float (&out)[R][K]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int row = irow[r] * sh;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            out[r][k] = m2d_select(m2d_is_valid(valid, r * K + k), m2d_to_f(base[row + jcol[k] * sw]), 0.f);
+        }
+    }
+}
 
 // Everything a thread needs to know about its place in the block (see cuda_build.launch_config).
 //   A block owns CH channel slots of one (batch, group); a slot owns TWs = S * WPM * K consecutive columns of a
@@ -171,15 +228,51 @@ __device__ __forceinline__ M2DCtx m2d_make_ctx(int dim, int H, int W, int G, int
     return c;
 }
 
+// Vertical pass of a band down each of the thread's K columns: v[r][k] = a[r][k] * carry + v[r][k], the carry (the
+// state just above the band) updated to the band's last row.
+template <int R, int K>
+__device__ __forceinline__ void m2d_colscan_fwd(const float (&a)[R][K], float (&v)[R][K], float (&carry)[K]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            carry[k] = fmaf(a[r][k], carry[k], v[r][k]);
+            v[r][k] = carry[k];
+        }
+    }
+}
+// Reverse vertical adjoint pass, bottom row first: x[r][k] += t, t = a[r][k] * x[r][k] (t: the adjoint entering from
+// the row below, updated to the one leaving the band's first row).
+template <int R, int K>
+__device__ __forceinline__ void m2d_colscan_rev(const float (&a)[R][K], float (&x)[R][K], float (&t)[K]) {
+#pragma unroll
+    for (int r = R - 1; r >= 0; --r) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            x[r][k] += t[k];
+            t[k] = a[r][k] * x[r][k];
+        }
+    }
+}
+template <int R, int K>
+__device__ __forceinline__ void m2d_copy(const float (&from)[R][K], float (&to)[R][K]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) to[r][k] = from[r][k];
+    }
+}
+
 // Inclusive forward scan along the row (increasing q) of v[r][k] = a[r][k] * v_left + v[r][k] for the R rows of a
 // band and the K consecutive columns of the thread: a sequential scan over the thread's columns, then a lane scan of
 // the per-thread aggregates across the slot, then across its warps and tiles. Tile carries (the running value just
 // left of the tile, per slot, state and row) live in ckh[((map * ntiles + tile) * N + n) * H + p]; write_ckh stores
 // the carry for the next tile. Must be called by every thread of the block (it may synchronise).
-template <int R, int K>
+template <int R, int K, int SW>
 __device__ __forceinline__ void m2d_rowscan_fwd(const M2DCtx& c, const float (&a)[R][K], float (&v)[R][K],
                                                 float* aggM, float* aggV, float* cinb, float* ckh, bool write_ckh,
                                                 int tile, int n, int p0) {
+    const int S = SW ? SW : c.S, seg = SW == 32 ? c.lane : c.seg;  // compile-time for full-warp rows
     float pm[R][K];  // products of a over the thread's columns up to k
     float m[R], w[R], cin[R];
 #pragma unroll
@@ -194,19 +287,19 @@ __device__ __forceinline__ void m2d_rowscan_fwd(const M2DCtx& c, const float (&a
         w[r] = v[r][K - 1];
         cin[r] = 0.f;
     }
-    for (int off = 1; off < c.S; off <<= 1) {
+    for (int off = 1; off < S; off <<= 1) {
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-            const float mo = __shfl_up_sync(M2D_FULL, m[r], off, c.S);
-            const float vo = __shfl_up_sync(M2D_FULL, w[r], off, c.S);
-            if (c.seg >= off) {
+            const float mo = __shfl_up_sync(M2D_FULL, m[r], off, S);
+            const float vo = __shfl_up_sync(M2D_FULL, w[r], off, S);
+            if (seg >= off) {
                 w[r] = fmaf(m[r], vo, w[r]);
                 m[r] *= mo;
             }
         }
     }
     if (c.xcarry) {
-        if (c.seg == c.S - 1) {
+        if (seg == S - 1) {
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 aggM[(c.slot * c.WPM + c.wim) * R + r] = m[r];
@@ -239,8 +332,8 @@ __device__ __forceinline__ void m2d_rowscan_fwd(const M2DCtx& c, const float (&a
     for (int r = 0; r < R; ++r) {
         if (K > 1) {
             // Value entering the thread: the inclusive aggregate of the lane to the left (the carry for lane 0).
-            float e = __shfl_up_sync(M2D_FULL, w[r], 1, c.S);
-            if (c.seg == 0) e = cin[r];
+            float e = __shfl_up_sync(M2D_FULL, w[r], 1, S);
+            if (seg == 0) e = cin[r];
 #pragma unroll
             for (int k = 0; k < K - 1; ++k) v[r][k] = fmaf(pm[r][k], e, v[r][k]);
         }
@@ -252,10 +345,11 @@ __device__ __forceinline__ void m2d_rowscan_fwd(const M2DCtx& c, const float (&a
 // Per thread t over its K columns is affine in the t entering from the right (tm * t_in + tv); the aggregates are
 // scanned across lanes, warps and tiles as in the forward. The carry between tiles (t at the first column of the
 // tile to the right) lives in dck[(map * N + n) * H + p].
-template <int R, int K>
+template <int R, int K, int SW>
 __device__ __forceinline__ void m2d_rowscan_rev(const M2DCtx& c, const float (&a)[R][K], const float (&x)[R][K],
                                                 float (&out)[R][K], float* aggM, float* aggV, float* cinb,
                                                 float* dck, int tile, int n, int p0) {
+    const int S = SW ? SW : c.S, seg = SW == 32 ? c.lane : c.seg;  // compile-time for full-warp rows
     float tm[R][K], tv[R][K], m[R], v[R], cin[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -270,19 +364,19 @@ __device__ __forceinline__ void m2d_rowscan_rev(const M2DCtx& c, const float (&a
         v[r] = tv[r][0];
         cin[r] = 0.f;
     }
-    for (int off = 1; off < c.S; off <<= 1) {
+    for (int off = 1; off < S; off <<= 1) {
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-            const float mo = __shfl_down_sync(M2D_FULL, m[r], off, c.S);
-            const float vo = __shfl_down_sync(M2D_FULL, v[r], off, c.S);
-            if (c.seg + off < c.S) {
+            const float mo = __shfl_down_sync(M2D_FULL, m[r], off, S);
+            const float vo = __shfl_down_sync(M2D_FULL, v[r], off, S);
+            if (seg + off < S) {
                 v[r] = fmaf(m[r], vo, v[r]);
                 m[r] *= mo;
             }
         }
     }
     if (c.xcarry) {
-        if (c.seg == 0) {
+        if (seg == 0) {
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 aggM[(c.slot * c.WPM + c.wim) * R + r] = m[r];
@@ -311,8 +405,8 @@ __device__ __forceinline__ void m2d_rowscan_rev(const M2DCtx& c, const float (&a
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         const float t = fmaf(m[r], cin[r], v[r]);  // t at the thread's first column
-        float tn = __shfl_down_sync(M2D_FULL, t, 1, c.S);
-        if (c.seg == c.S - 1) tn = cin[r];  // t entering from the right
+        float tn = __shfl_down_sync(M2D_FULL, t, 1, S);
+        if (seg == S - 1) tn = cin[r];  // t entering from the right
         out[r][K - 1] = x[r][K - 1] + tn;
 #pragma unroll
         for (int k = 0; k < K - 1; ++k) out[r][k] = x[r][k] + fmaf(tm[r][k + 1], tn, tv[r][k + 1]);

@@ -27,7 +27,7 @@ POISON_OUTPUTS = False
 _cupy = None
 _cupy_error: BaseException | None = None
 _lock = threading.Lock()
-_kernels: dict[tuple[int, str, str, int, int, int], tuple[object, object]] = {}
+_kernels: dict[tuple[int, str, str, int, int, int, bool, int], tuple[object, object]] = {}
 _dirs_cache: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
 
 
@@ -73,15 +73,16 @@ def supports(u: torch.Tensor, B: torch.Tensor) -> bool:
 # Compilation and launch
 
 
-def _get_kernels(device_index: int, in_tag: str, out_tag: str, cfg: cuda_build.LaunchConfig):
-    key = (device_index, in_tag, out_tag, cfg.R, cfg.K, cfg.fwd_min_blocks)
+def _get_kernels(device_index: int, in_tag: str, out_tag: str, cfg: cuda_build.LaunchConfig, has_z: bool):
+    key = (device_index, in_tag, out_tag, cfg.R, cfg.K, cfg.static_lanes, has_z, cfg.fwd_min_blocks)
     fns = _kernels.get(key)
     if fns is None:
         cupy = require_cupy()
         with _lock:
             fns = _kernels.get(key)
             if fns is None:
-                names = cuda_build.kernel_names(in_tag, out_tag, cfg.R, cfg.K, cfg.fwd_min_blocks)
+                names = cuda_build.kernel_names(in_tag, out_tag, cfg.R, cfg.K, cfg.static_lanes, has_z,
+                                                cfg.fwd_min_blocks)
                 with cupy.cuda.Device(device_index):
                     module = cupy.RawModule(
                         code=cuda_build.kernel_source(),
@@ -218,7 +219,7 @@ def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, ou
     ckh = torch.empty((ckh_n,), dtype=torch.float32, device=device)
     _poison(y, ckv, ckh)
     fwd_fn, _ = _get_kernels(device.index if device.index is not None else torch.cuda.current_device(),
-                             *cuda_build.variant_tags(u.dtype, out_fp32), cfg)
+                             *cuda_build.variant_tags(u.dtype, out_fp32), cfg, z is not None)
     args = (
         _ptr(u), _ptr(delta), _ptr(z), _ptr(B), _ptr(C), _ptr(A), _ptr(D), _ptr(delta_bias),
         _ptr(_dirs_tensor(directions, device)), _ptr(y), _ptr(ckv if keep else None), _ptr(ckh if ckh_n else None),
@@ -257,7 +258,7 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
     dck = torch.empty((batch * dim * d_state * height if cfg.ntiles > 1 else 0,), dtype=torch.float32, device=device)
     _poison(du, ddelta, dz, dBp, dCp, dAp, dDp, dbp, dck)
     _, bwd_fn = _get_kernels(device.index if device.index is not None else torch.cuda.current_device(),
-                             *cuda_build.variant_tags(u.dtype, out_fp32), cfg)
+                             *cuda_build.variant_tags(u.dtype, out_fp32), cfg, z is not None)
     args = (
         _ptr(u), _ptr(delta), _ptr(z), _ptr(dout), _ptr(B), _ptr(C), _ptr(A), _ptr(D), _ptr(delta_bias),
         _ptr(_dirs_tensor(directions, device)), _ptr(ckv), _ptr(ckh if ckh.numel() else None),
