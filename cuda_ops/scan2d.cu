@@ -14,9 +14,8 @@
 #include "scan2d_common.cuh"
 
 
-// SW: lanes per slot segment known at compile time (32: full-warp rows, unrolled lane scans), 0: read from S.
-// HAS_Z: the z gate is given (no code for it otherwise).
-template <typename T, typename TO, int R, int K, int SW, bool HAS_Z, int MINB>
+// LAYOUT: M2D_NARROW, M2D_WARP_ROW or M2D_WIDE (scan2d_common.cuh). HAS_Z: the z gate is given (no code otherwise).
+template <typename T, typename TO, int R, int K, int LAYOUT, bool HAS_Z, int MINB>
 __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
     mamba2d_scan2d_fwd(const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z,
                        const T* __restrict__ Bm, const T* __restrict__ Cm, const float* __restrict__ A,
@@ -111,12 +110,16 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
                     cv[k] = carry[(n * K + k) * c.nthr + c.tid];
                     if (ckvp != nullptr && k < nk) ckvp[(band * N + n) * W + q + k] = cv[k];
                 }
-                if (!vh) {
-                    m2d_rowscan_fwd<R, K, SW>(c, a, v, aggM, aggV, cinb, ckh, true, tile, n, p0);
+                if (LAYOUT == M2D_WIDE) {  // one row scan in the code (wide rows: a smaller state loop ran faster)
+                    if (vh) m2d_colscan_fwd<R, K>(a, v, cv);
+                    m2d_rowscan_fwd<R, K, LAYOUT>(c, a, v, aggM, aggV, cinb, ckh, true, tile, n, p0);
+                    if (!vh) m2d_colscan_fwd<R, K>(a, v, cv);
+                } else if (!vh) {  // one branch per pass order (fewer live registers)
+                    m2d_rowscan_fwd<R, K, LAYOUT>(c, a, v, aggM, aggV, cinb, ckh, true, tile, n, p0);
                     m2d_colscan_fwd<R, K>(a, v, cv);
                 } else {
                     m2d_colscan_fwd<R, K>(a, v, cv);
-                    m2d_rowscan_fwd<R, K, SW>(c, a, v, aggM, aggV, cinb, ckh, true, tile, n, p0);
+                    m2d_rowscan_fwd<R, K, LAYOUT>(c, a, v, aggM, aggV, cinb, ckh, true, tile, n, p0);
                 }
 #pragma unroll
                 for (int k = 0; k < K; ++k) carry[(n * K + k) * c.nthr + c.tid] = cv[k];
@@ -143,7 +146,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
     }
 }
 
-template <typename T, typename TO, int R, int K, int SW, bool HAS_Z>
+template <typename T, typename TO, int R, int K, int LAYOUT, bool HAS_Z>
 __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_scan2d_bwd(
     const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z, const TO* __restrict__ dout,
     const T* __restrict__ Bm, const T* __restrict__ Cm, const float* __restrict__ A, const float* __restrict__ Dv,
@@ -271,14 +274,22 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
 #pragma unroll
                     for (int k = 0; k < K; ++k) g[r][k] = __fmul_rn(__fmul_rn(dt[r][k], uu[r][k]), bv[r][k]);
                 }
-                if (!vh) {
-                    m2d_rowscan_fwd<R, K, SW>(c, a, g, aggM, aggV, cinb, ckh, false, tile, n, p0);
+                if (LAYOUT == M2D_WIDE) {  // one row scan in the code, as in the forward
+                    if (vh) m2d_colscan_fwd<R, K>(a, g, cv);
+                    m2d_copy<R, K>(g, h);
+                    m2d_rowscan_fwd<R, K, LAYOUT>(c, a, h, aggM, aggV, cinb, ckh, false, tile, n, p0);
+                    if (!vh) {
+                        m2d_copy<R, K>(h, g);
+                        m2d_colscan_fwd<R, K>(a, h, cv);
+                    }
+                } else if (!vh) {
+                    m2d_rowscan_fwd<R, K, LAYOUT>(c, a, g, aggM, aggV, cinb, ckh, false, tile, n, p0);
                     m2d_copy<R, K>(g, h);
                     m2d_colscan_fwd<R, K>(a, h, cv);
                 } else {
                     m2d_colscan_fwd<R, K>(a, g, cv);
                     m2d_copy<R, K>(g, h);
-                    m2d_rowscan_fwd<R, K, SW>(c, a, h, aggM, aggV, cinb, ckh, false, tile, n, p0);
+                    m2d_rowscan_fwd<R, K, LAYOUT>(c, a, h, aggM, aggV, cinb, ckh, false, tile, n, p0);
                 }
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
@@ -293,12 +304,19 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
 #pragma unroll
                 for (int k = 0; k < K; ++k) tc[k] = vcar[(n * K + k) * c.nthr + c.tid];
                 // dh: adjoint of h, dg: adjoint of g (one reverse row scan in the code for either order).
-                if (!vh) {
+                if (LAYOUT == M2D_WIDE) {
+                    if (!vh) m2d_colscan_rev<R, K>(a, dh, tc);
+                    m2d_rowscan_rev<R, K, LAYOUT>(c, a, dh, dg, aggM, aggV, cinb, dck, tile, n, p0);
+                    if (vh) {
+                        m2d_copy<R, K>(dg, dh);
+                        m2d_colscan_rev<R, K>(a, dg, tc);
+                    }
+                } else if (!vh) {
                     m2d_colscan_rev<R, K>(a, dh, tc);
-                    m2d_rowscan_rev<R, K, SW>(c, a, dh, dg, aggM, aggV, cinb, dck, tile, n, p0);
+                    m2d_rowscan_rev<R, K, LAYOUT>(c, a, dh, dg, aggM, aggV, cinb, dck, tile, n, p0);
                 } else {
-                    m2d_rowscan_rev<R, K, SW>(c, a, dh, dg, aggM, aggV, cinb, dck, tile, n, p0);
-                    m2d_copy<R, K>(dg, dh);
+                    m2d_rowscan_rev<R, K, LAYOUT>(c, a, dh, dg, aggM, aggV, cinb, dck, tile, n, p0);
+                    m2d_copy<R, K>(dg, dh);  // the row pass ran last: its adjoint is dh's
                     m2d_colscan_rev<R, K>(a, dg, tc);
                 }
 #pragma unroll

@@ -183,6 +183,14 @@ __device__ __forceinline__ void m2d_load_band(const P* base, int sh, int sw, con
     }
 }
 
+// How a slot's row maps onto the block (template argument LAYOUT of the kernels, from cuda_build.LaunchConfig):
+// narrow maps pack several slots into a warp (lanes per slot S < 32, a kernel argument); a warp row is one full warp
+// (S = 32 known at compile time: unrolled lane scans); wide rows span several warps or tiles (cross-warp combine
+// through shared memory, carries between tiles).
+#define M2D_NARROW 0
+#define M2D_WARP_ROW 1
+#define M2D_WIDE 2
+
 // Everything a thread needs to know about its place in the block (see cuda_build.launch_config).
 //   A block owns CH channel slots of one (batch, group); a slot owns TWs = S * WPM * K consecutive columns of a
 //   tile, K consecutive columns per thread (tps = S * WPM threads per slot). S < 32 packs 32 / S slots into a warp
@@ -191,7 +199,7 @@ __device__ __forceinline__ void m2d_load_band(const P* base, int sh, int sw, con
 struct M2DCtx {
     int tid, nthr, lane, S, WPM, CH, tps, TWs, slot, col, seg, wim;
     int dim, dg, G, N, H, W, b, g, chunk, ntiles, nbands;
-    bool slot_ok, xcarry;
+    bool slot_ok;
 };
 
 __device__ __forceinline__ M2DCtx m2d_make_ctx(int dim, int H, int W, int G, int N, int S, int WPM, int CH,
@@ -224,7 +232,6 @@ __device__ __forceinline__ M2DCtx m2d_make_ctx(int dim, int H, int W, int G, int
     c.slot_ok = c.chunk * CH + c.slot < c.dg;
     c.ntiles = ntiles;
     c.nbands = nbands;
-    c.xcarry = (WPM > 1) || (ntiles > 1);
     return c;
 }
 
@@ -268,11 +275,11 @@ __device__ __forceinline__ void m2d_copy(const float (&from)[R][K], float (&to)[
 // the per-thread aggregates across the slot, then across its warps and tiles. Tile carries (the running value just
 // left of the tile, per slot, state and row) live in ckh[((map * ntiles + tile) * N + n) * H + p]; write_ckh stores
 // the carry for the next tile. Must be called by every thread of the block (it may synchronise).
-template <int R, int K, int SW>
+template <int R, int K, int LAYOUT>
 __device__ __forceinline__ void m2d_rowscan_fwd(const M2DCtx& c, const float (&a)[R][K], float (&v)[R][K],
                                                 float* aggM, float* aggV, float* cinb, float* ckh, bool write_ckh,
                                                 int tile, int n, int p0) {
-    const int S = SW ? SW : c.S, seg = SW == 32 ? c.lane : c.seg;  // compile-time for full-warp rows
+    const int S = LAYOUT == M2D_WARP_ROW ? 32 : c.S, seg = LAYOUT == M2D_WARP_ROW ? c.lane : c.seg;
     float pm[R][K];  // products of a over the thread's columns up to k
     float m[R], w[R], cin[R];
 #pragma unroll
@@ -298,7 +305,7 @@ __device__ __forceinline__ void m2d_rowscan_fwd(const M2DCtx& c, const float (&a
             }
         }
     }
-    if (c.xcarry) {
+    if (LAYOUT == M2D_WIDE) {
         if (seg == S - 1) {
 #pragma unroll
             for (int r = 0; r < R; ++r) {
@@ -345,11 +352,11 @@ __device__ __forceinline__ void m2d_rowscan_fwd(const M2DCtx& c, const float (&a
 // Per thread t over its K columns is affine in the t entering from the right (tm * t_in + tv); the aggregates are
 // scanned across lanes, warps and tiles as in the forward. The carry between tiles (t at the first column of the
 // tile to the right) lives in dck[(map * N + n) * H + p].
-template <int R, int K, int SW>
+template <int R, int K, int LAYOUT>
 __device__ __forceinline__ void m2d_rowscan_rev(const M2DCtx& c, const float (&a)[R][K], const float (&x)[R][K],
                                                 float (&out)[R][K], float* aggM, float* aggV, float* cinb,
                                                 float* dck, int tile, int n, int p0) {
-    const int S = SW ? SW : c.S, seg = SW == 32 ? c.lane : c.seg;  // compile-time for full-warp rows
+    const int S = LAYOUT == M2D_WARP_ROW ? 32 : c.S, seg = LAYOUT == M2D_WARP_ROW ? c.lane : c.seg;
     float tm[R][K], tv[R][K], m[R], v[R], cin[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -375,7 +382,7 @@ __device__ __forceinline__ void m2d_rowscan_rev(const M2DCtx& c, const float (&a
             }
         }
     }
-    if (c.xcarry) {
+    if (LAYOUT == M2D_WIDE) {
         if (seg == 0) {
 #pragma unroll
             for (int r = 0; r < R; ++r) {

@@ -70,8 +70,10 @@ def test_launch_config_invariants(H, W, N, dim, G):
     assert (cfg.R, cfg.K) in cuda_build.band_shapes()
     assert cfg.fwd_min_blocks in cuda_build.fwd_min_blocks_options()
     # every launch finds its kernel among those the nvcc CI check compiles
-    assert cfg.static_lanes in cuda_build.static_lanes_options(cfg.K)
-    assert cfg.static_lanes in (0, cfg.S) and (cfg.static_lanes == 0 or (cfg.WPM == 1 and cfg.ntiles == 1))
+    assert cfg.layout in cuda_build.layout_options(cfg.K)
+    wide = cfg.WPM > 1 or cfg.ntiles > 1  # only wide rows combine across warps and tiles (compiled out elsewhere)
+    assert (cfg.layout == cuda_build.LAYOUTS["wide"]) == wide
+    assert (cfg.layout == cuda_build.LAYOUTS["narrow"]) == (cfg.S < 32)
     assert (cfg.fwd_min_blocks == cuda_build.FWD_MIN_BLOCKS_LARGE_STATE) == (N >= cuda_build.LARGE_STATE)
     if 32 < W <= 32 * cuda_build.MAX_COLS_PER_THREAD:  # one warp per row: no cross-warp combine
         assert cfg.K > 1 and cfg.WPM == 1 and cfg.ntiles == 1

@@ -35,17 +35,17 @@ MAX_COLS_PER_THREAD = 4
 MAX_THREADS = 256
 
 
-def _tuning() -> tuple[int, int, int, int, int, bool, tuple[str, ...]]:
+def _tuning() -> tuple[int, int, int, int, int, tuple[str, ...]]:
     """Benchmark-only override, e.g. MAMBA2D_SCAN_TUNE="R=4,FWD=3,BWD=2,KMAX=2": rows per band (one column per
     thread), occupancy targets, most columns per thread (KMAX=1: one column per thread everywhere), LANES (maps wider
     than this take several columns per thread), DBUF=0 (one dB/dC reduction buffer, two barriers), BTHR (most
-    threads per backward block), PF=0 (no L1 prefetch of the next band), LEAN=0 (v8's pointer arithmetic;
-    the softplus stays branch-free) and SW=0 (lanes per slot always a kernel argument: v9's rolled lane scans)."""
+    threads per backward block), PF=0 (no L1 prefetch of the next band) and LEAN=0 (v8's pointer arithmetic;
+    the softplus stays branch-free)."""
     import os
 
     spec = os.environ.get("MAMBA2D_SCAN_TUNE", "")
     if not spec:
-        return ROWS_PER_BAND, MAX_COLS_PER_THREAD, 32, 3, MAX_THREADS, True, ()
+        return ROWS_PER_BAND, MAX_COLS_PER_THREAD, 32, 3, MAX_THREADS, ()
     vals = dict(item.split("=") for item in spec.split(",") if item)
     rows = int(vals.get("R", ROWS_PER_BAND))
     kmax = int(vals.get("KMAX", MAX_COLS_PER_THREAD))
@@ -59,15 +59,14 @@ def _tuning() -> tuple[int, int, int, int, int, bool, tuple[str, ...]]:
     if "LEAN" in vals:
         defines.append(f"-DM2D_LEAN={int(vals['LEAN'])}")
     return (rows, kmax, int(vals.get("LANES", 32)), int(vals.get("FWD", 3)), int(vals.get("BTHR", MAX_THREADS)),
-            vals.get("SW", "1") != "0", tuple(defines))
+            tuple(defines))
 
 
 #: FWD_MIN_BLOCKS: forward occupancy target (blocks per SM; caps its registers at 80), a template argument of the
 #: forward kernel. With many states the forward loops over N per band and prefers more registers:
 #: FWD_MIN_BLOCKS_LARGE_STATE from LARGE_STATE states on (shape c: fwd+bwd 13.7 -> 11.5 ms).
 #: ROW_LANES: maps wider than this many columns take K > 1 columns per thread (up to 32 * MAX_COLS_PER_THREAD).
-(ROWS_PER_BAND, MAX_COLS_PER_THREAD, ROW_LANES, FWD_MIN_BLOCKS, BWD_MAX_THREADS, STATIC_LANES,
- TUNING_OPTIONS) = _tuning()
+ROWS_PER_BAND, MAX_COLS_PER_THREAD, ROW_LANES, FWD_MIN_BLOCKS, BWD_MAX_THREADS, TUNING_OPTIONS = _tuning()
 FWD_MIN_BLOCKS_LARGE_STATE = 2
 LARGE_STATE = 8
 
@@ -119,12 +118,12 @@ def variant_tags(dtype: torch.dtype, out_fp32: bool) -> tuple[str, str]:
     return tag, ("float" if out_fp32 else tag)
 
 
-def kernel_names(in_tag: str, out_tag: str, rows: int, cols: int, static_lanes: int, has_z: bool,
+def kernel_names(in_tag: str, out_tag: str, rows: int, cols: int, layout: int, has_z: bool,
                  fwd_min_blocks: int) -> tuple[str, str]:
     """Name expressions (NVRTC) of the forward and backward kernels of one (input, output) dtype variant, one
-    band shape (rows per band, columns per thread), lanes per slot known at compile time (32, or 0: a kernel
-    argument), with or without the z gate, and one forward occupancy target."""
-    args = f"{in_tag}, {out_tag}, {rows}, {cols}, {static_lanes}, {'true' if has_z else 'false'}"
+    band shape (rows per band, columns per thread), one row layout (LAYOUTS), with or without the z gate, and one
+    forward occupancy target."""
+    args = f"{in_tag}, {out_tag}, {rows}, {cols}, {layout}, {'true' if has_z else 'false'}"
     return (f"mamba2d_scan2d_fwd<{args}, {fwd_min_blocks}>", f"mamba2d_scan2d_bwd<{args}>")
 
 
@@ -132,10 +131,15 @@ def fwd_min_blocks_options() -> tuple[int, ...]:
     return tuple(dict.fromkeys((FWD_MIN_BLOCKS, FWD_MIN_BLOCKS_LARGE_STATE)))
 
 
-def static_lanes_options(cols: int) -> tuple[int, ...]:
-    """Compile-time lanes per slot a band shape is instantiated for: full-warp rows (32), and for one column per
-    thread also narrow maps, whose lanes per slot (1-16) stay a kernel argument (0)."""
-    return (32, 0) if cols == 1 else (32,)
+#: How a slot's row maps onto a block (the kernels' LAYOUT argument; M2D_NARROW/WARP_ROW/WIDE in scan2d_common.cuh):
+#: several slots per warp (maps up to 16 thread columns), one full warp, or several warps or tiles.
+LAYOUTS = {"narrow": 0, "warp_row": 1, "wide": 2}
+
+
+def layout_options(cols: int) -> tuple[int, ...]:
+    """Row layouts a band shape is instantiated for: every one for one column per thread, only one warp per row
+    for K > 1 (33-128 columns)."""
+    return tuple(LAYOUTS.values()) if cols == 1 else (LAYOUTS["warp_row"],)
 
 
 def all_variants() -> list[tuple[str, str]]:
@@ -149,9 +153,9 @@ def all_variants() -> list[tuple[str, str]]:
 
 def nvcc_translation_unit() -> str:
     """Source for an nvcc check: the kernels plus host code taking each instantiation's address (forces codegen)."""
-    names = [name for variant in all_variants() for shape in band_shapes() for lanes in static_lanes_options(shape[1])
+    names = [name for variant in all_variants() for shape in band_shapes() for layout in layout_options(shape[1])
              for has_z in (False, True) for minb in fwd_min_blocks_options()
-             for name in kernel_names(*variant, *shape, lanes, has_z, minb)]
+             for name in kernel_names(*variant, *shape, layout, has_z, minb)]
     names = list(dict.fromkeys(names))  # the backward does not depend on the forward's occupancy target
     refs = ",\n    ".join(f"(void*)&{name}" for name in names)
     return kernel_source() + f"\n\nvoid* mamba2d_force_instantiation[] = {{\n    {refs}\n}};\n"
@@ -180,11 +184,11 @@ class LaunchConfig:
         return self.S * self.WPM * self.K
 
     @property
-    def static_lanes(self) -> int:
-        """The kernels' SW template argument: 32 where a row of a slot is one warp (lane scans unrolled), else 0.
-        Wide maps (several warps or tiles per row) keep the rolled scans: unrolled, their larger loop body made
-        shape c 30 % slower (H100, same run)."""
-        return 32 if self.S == 32 and self.WPM == 1 and self.ntiles == 1 and STATIC_LANES else 0
+    def layout(self) -> int:
+        """The kernels' LAYOUT template argument (LAYOUTS)."""
+        if self.S < 32:
+            return LAYOUTS["narrow"]
+        return LAYOUTS["warp_row"] if self.WPM == 1 and self.ntiles == 1 else LAYOUTS["wide"]
 
 
 def _ceil_div(a: int, b: int) -> int:

@@ -74,14 +74,14 @@ def supports(u: torch.Tensor, B: torch.Tensor) -> bool:
 
 
 def _get_kernels(device_index: int, in_tag: str, out_tag: str, cfg: cuda_build.LaunchConfig, has_z: bool):
-    key = (device_index, in_tag, out_tag, cfg.R, cfg.K, cfg.static_lanes, has_z, cfg.fwd_min_blocks)
+    key = (device_index, in_tag, out_tag, cfg.R, cfg.K, cfg.layout, has_z, cfg.fwd_min_blocks)
     fns = _kernels.get(key)
     if fns is None:
         cupy = require_cupy()
         with _lock:
             fns = _kernels.get(key)
             if fns is None:
-                names = cuda_build.kernel_names(in_tag, out_tag, cfg.R, cfg.K, cfg.static_lanes, has_z,
+                names = cuda_build.kernel_names(in_tag, out_tag, cfg.R, cfg.K, cfg.layout, has_z,
                                                 cfg.fwd_min_blocks)
                 with cupy.cuda.Device(device_index):
                     module = cupy.RawModule(
