@@ -1,13 +1,16 @@
-"""2DVMamba / VMamba backbones: parameter counts, timm interfaces, shapes, and the cross-scan wiring."""
+"""2DVMamba / VMamba backbones: parameter counts, timm interfaces, shapes, the cross-scan wiring, memory layouts."""
 
 from __future__ import annotations
 
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mamba2d  # noqa: F401
-from mamba2d.models.vmamba import SS2D
+from mamba2d.models import vmamba
+from mamba2d.models.vmamba import SS2D, VSSBlock
 from mamba2d.ops import selective_scan_2d_ref
 
 PUBLISHED_PARAMS = {"tiny": 30_249_064, "small": 50_147_752, "base": 88_557_800}
@@ -138,3 +141,143 @@ def test_2d_routes_are_the_four_2d_directions():
             D=op.Ds[sl].double(), delta_bias=op.dt_projs_bias[route].double(), direction=direction,
         )
     torch.testing.assert_close(op._scan(x), expected)
+
+
+def _routes_by_einsum(op: SS2D, x: torch.Tensor) -> torch.Tensor:
+    """SS2D's scan part written plainly: einsum projections, one reference scan per route, outputs summed.
+
+    2D: the four directions on the map. Cross 1D: 1D scans (H = 1) of the row-major (routes 0, 2) and column-major
+    (routes 1, 3) flattenings, routes 2 and 3 reversed. A, D and the delta bias enter in float32, as in the module.
+    """
+    b, d, h, w = x.shape
+    k, n, r = op.n_routes, op.d_state, op.dt_rank
+    dbl = torch.einsum("bdhw,kcd->bkchw", x, op.x_proj_weight)
+    dts, B, C = torch.split(dbl, [r, n, n], dim=2)
+    dts = torch.einsum("bkrhw,kdr->bkdhw", dts, op.dt_projs_weight)
+    y = 0
+    for route, direction in enumerate(("tl_hv", "tl_vh", "br_hv", "br_vh")):
+        inputs = (x, dts[:, route], B[:, route : route + 1], C[:, route : route + 1])
+        if op.scan == "cross1d":
+            inputs = [(t if route % 2 == 0 else t.transpose(-1, -2)).flatten(-2)[..., None, :] for t in inputs]
+            inputs, direction = [t.flip(-1) if route >= 2 else t for t in inputs], "tl_hv"
+        sl = slice(route * d, (route + 1) * d)
+        out = selective_scan_2d_ref(
+            *inputs[:2], -torch.exp(op.A_logs[sl].float()), *inputs[2:], D=op.Ds[sl].float(),
+            delta_bias=op.dt_projs_bias[route].float(), direction=direction,
+        )
+        if op.scan == "cross1d":
+            out = (out.flip(-1) if route >= 2 else out)[..., 0, :]
+            out = out.unflatten(-1, (h, w)) if route % 2 == 0 else out.unflatten(-1, (w, h)).transpose(-1, -2)
+        y = y + out
+    return y
+
+
+@pytest.mark.parametrize("scan", ["2d", "cross1d"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_ss2d_forward_and_gradients_match_einsum_formulation(scan, memory_format):
+    """The layout-tuned SS2D computes exactly the plain formulation, outputs and every gradient, in either layout."""
+    torch.manual_seed(0)
+    op = SS2D(d_model=6, d_state=2, ssm_ratio=2.0, dt_rank=3, scan=scan, scan_backend="reference").double()
+    x = torch.randn(2, 6, 4, 7, dtype=torch.float64).to(memory_format=memory_format).requires_grad_()
+    seed = torch.randn(2, 6, 4, 7, dtype=torch.float64)
+    got = op(x)
+    got_grads = torch.autograd.grad((got * seed).sum(), [x, *op.parameters()])
+
+    expected = op.out_proj(op.out_norm(_routes_by_einsum(op, op.act(op.conv2d(op.in_proj(x))))))
+    expected_grads = torch.autograd.grad((expected * seed).sum(), [x, *op.parameters()])
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    names = ["x"] + [name for name, _ in op.named_parameters()]
+    for name, g, e in zip(names, got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=name)
+
+
+class _ScanWithKernelLayouts(torch.autograd.Function):
+    """Stands in for the scan with the layouts of the CUDA kernels, which allocate y, du and d(delta) as contiguous
+    (b, k*d, h, w) and dB, dC as contiguous (b, k, N, h, w), so that only the model's own memory traffic is seen."""
+
+    @staticmethod
+    def forward(ctx, u, delta, B, C):
+        ctx.shapes = u.shape, B.shape
+        return torch.zeros(u.shape, dtype=u.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        u_shape, b_shape = ctx.shapes
+        return (torch.zeros(u_shape, dtype=dy.dtype), torch.zeros(u_shape, dtype=dy.dtype),
+                torch.zeros(b_shape, dtype=dy.dtype), torch.zeros(b_shape, dtype=dy.dtype))
+
+
+def _scan_with_kernel_layouts(u, delta, A, B, C, **kwargs):
+    return _ScanWithKernelLayouts.apply(u, delta, B, C)
+
+
+def _dim_order(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(sorted((i for i in range(t.dim()) if t.shape[i] > 1), key=lambda i: -t.stride(i)))
+
+
+class _LayoutAudit(TorchDispatchMode):
+    """Records the copies (elements written by clone / copy_ / same-dtype _to_copy), layer norms of non-contiguous
+    inputs (they copy inside, forward and backward) and element-wise ops whose same-shape inputs differ in layout
+    (strided kernels) among the aten ops dispatched while active."""
+
+    COPIES = ("clone", "copy_", "_to_copy")
+
+    def __init__(self):
+        super().__init__()
+        self.copies, self.strided_layer_norms, self.mixed_layouts = [], [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__.split(".")[0]
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if name in self.COPIES:
+            if name != "_to_copy" or out.dtype == tensors[0].dtype:
+                self.copies.append((name, tuple(out.shape), out.numel()))
+        elif name in ("native_layer_norm", "native_layer_norm_backward"):
+            normalized = tensors[1] if name.endswith("backward") else tensors[0]
+            if not normalized.is_contiguous():
+                self.strided_layer_norms.append(tuple(normalized.shape))
+        elif torch.Tag.pointwise in func.tags:
+            maps = [t for t in tensors if t.dim() >= 3 and t.numel() > 1 and t.shape == tensors[0].shape]
+            if len({_dim_order(t) for t in maps}) > 1:
+                self.mixed_layouts.append((name, tuple(tensors[0].shape)))
+        return out
+
+
+def test_block_layout_copies(monkeypatch):
+    """One VSSBlock training step on a channels_last stream copies only what the design must copy.
+
+    Forward: u (the four routes share x, the scan reads one NCHW map per route and channel), dts and the dt_proj
+    weight gathered into (image, route) batches for the dt_proj GEMM, and the sum over routes turned channels_last.
+    Backward: the output gradient broadcast to the four routes. Nothing else: no layer norm of a strided tensor, no
+    element-wise op mixing layouts, no gradient that has to be transposed to its tensor's layout.
+    """
+    monkeypatch.setattr(vmamba, "selective_scan_2d", _scan_with_kernel_layouts)
+    torch.manual_seed(0)
+    b, dim, h, w = 2, 16, 5, 7
+    block = VSSBlock(dim, d_state=2, ssm_ratio=2.0)
+    k, d, r = block.op.n_routes, block.op.d_inner, block.op.dt_rank
+    x = torch.randn(b, dim, h, w).to(memory_format=torch.channels_last).requires_grad_()
+    with _LayoutAudit() as audit:
+        y = block(x)
+        y.backward(torch.randn_like(y))
+
+    design = {"u": b * k * d * h * w, "dts": b * k * r * h * w, "dt_proj weight": b * k * d * r,
+              "route sum": b * d * h * w, "output gradient": b * k * d * h * w}
+    assert len(audit.copies) <= len(design), audit.copies
+    assert sum(numel for *_, numel in audit.copies) <= sum(design.values()), audit.copies
+    assert audit.strided_layer_norms == [] and audit.mixed_layouts == []
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in (y, x.grad))
+
+
+def test_backbone_stream_stays_channels_last(monkeypatch):
+    """From the input on, no layer norm copies and no element-wise op mixes layouts in a whole training step."""
+    monkeypatch.setattr(vmamba, "selective_scan_2d", _scan_with_kernel_layouts)
+    torch.manual_seed(0)
+    model = timm.create_model("vmamba2d_nano", num_classes=3)
+    x = torch.randn(2, 3, 48, 80)
+    with _LayoutAudit() as audit:
+        F.cross_entropy(model(x), torch.tensor([0, 2])).backward()
+    assert audit.strided_layer_norms == [] and audit.mixed_layouts == []
+    stages = model.forward_intermediates(x, intermediates_only=True)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in stages)
