@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Where the GPU time of one training step goes: CUDA kernel time per step of a timm model (forward +
+cross-entropy + backward, no optimiser step, as the throughput protocol), grouped into kinds (scan kernels, GEMMs,
+layer norms, copies and element-wise ops, reductions), then the top kernels.
+
+    python tools/profile_train_step.py vmamba2d_tiny --precision bf16 [--batch 128] [--size 224] [--steps 3]
+
+TF32 is on for matmuls and convolutions (VMamba's protocol). The groups come from kernel names, so they are a guide:
+"copy/elementwise" holds PyTorch's copy kernels and every other element-wise kernel (GELU, adds, ...); the layer
+norms' weight-gradient kernels fall under "other".
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import Counter
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import mamba2d  # noqa: E402,F401  (registers the backbones with timm)
+
+#: First match wins; cuDNN's implicit-GEMM convolution kernels (sm90_xmma_*grad*) count as GEMMs.
+GROUPS = (
+    ("scan forward", r"scan2d_fwd"),
+    ("scan backward", r"scan2d_bwd"),
+    ("gemm", r"gemm|sm90|cutlass|nvjet|xmma"),
+    ("convolution", r"conv|cudnn|implicit"),
+    ("layer norm", r"layer_norm|LayerNorm"),
+    ("reduction", r"reduce"),
+    ("copy/elementwise", r"elementwise|copy|vectorized|unrolled"),
+)
+
+
+def kernel_group(name: str) -> str:
+    for group, pattern in GROUPS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return group
+    return "other"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="timm model name, e.g. vmamba2d_tiny")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps (after 5 warm-up steps)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_train_step: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import timm
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    model = timm.create_model(args.model).cuda().train()
+    x = torch.randn(args.batch, 3, args.size, args.size, device="cuda")
+    target = torch.randint(0, model.num_classes, (args.batch,), device="cuda")
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=low) if low else nullcontext():
+            loss = F.cross_entropy(model(x).float(), target)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    per_step = Counter()
+    for e in events:
+        per_step[kernel_group(e.key)] += e.self_device_time_total / args.steps / 1e3
+    total = sum(per_step.values())
+    print(f"{torch.cuda.get_device_name()}: {args.model}, batch {args.batch}, {args.size} px, {args.precision}; "
+          f"GPU time per training step {total:.2f} ms")
+    for group, ms in per_step.most_common():
+        print(f"  {group:<18}{ms:8.2f} ms {100 * ms / total:5.1f} %")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=100))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
