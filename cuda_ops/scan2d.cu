@@ -1,10 +1,12 @@
 // 2D selective scan (DESIGN.md §2): forward and backward kernels.
 //
 // Work split: one block = CH channels ("slots") of one (batch, group); one thread = K consecutive columns of a slot's
-// tile; each thread keeps a band of R rows x K columns in registers (R, K: template arguments). Per band: load u/delta once, then loop over the N states
-// (B/C read once per state): horizontal pass = lane/warp scan along the row, vertical pass = sequential recurrence
-// down the thread's column with the carry kept in shared memory per state. Directions are index arithmetic:
-// scan-frame (p, q) -> memory (i, j) = (fr ? H-1-p : p, fc ? W-1-q : q); "vh" swaps the order of the two passes.
+// tile; each thread keeps a band of R rows x K columns in registers (template arguments R, K, and LAYOUT: how a
+// slot's row maps onto lanes and warps). Per band: load u/delta once (clamped addresses, values outside the map
+// masked to zero), then loop over the N states (B/C read once per state): horizontal pass = lane/warp scan along the
+// row, vertical pass = sequential recurrence down the thread's column with the carry kept in shared memory per
+// state. Directions are index arithmetic: scan-frame (p, q) -> memory (i, j) = (fr ? H-1-p : p, fc ? W-1-q : q);
+// "vh" swaps the order of the two passes.
 //
 // Backward recomputes the forward states band by band from checkpoints (the vertical state at each band start and
 // the horizontal state at each tile start: O(H*W*N/R) per map, never per pixel and state), walks bands bottom-up and
@@ -268,7 +270,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                 for (int k = 0; k < K; ++k) {
                     cv[k] = m2d_select(k < nk, ckvp[(band * N + n) * W + qcol[k]], 0.f);
                 }
-                // g: the state after the first pass, h: after both (one row scan in the code for either order).
+                // g: the state after the first pass, h: after both.
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -299,11 +301,10 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                         dh[r][k] *= dy[r][k];  // C * dy
                     }
                 }
-                // Adjoint passes in reverse order.
+                // Adjoint passes in reverse order (dh: adjoint of h, dg: adjoint of g).
                 float tc[K];
 #pragma unroll
                 for (int k = 0; k < K; ++k) tc[k] = vcar[(n * K + k) * c.nthr + c.tid];
-                // dh: adjoint of h, dg: adjoint of g (one reverse row scan in the code for either order).
                 if (LAYOUT == M2D_WIDE) {
                     if (!vh) m2d_colscan_rev<R, K>(a, dh, tc);
                     m2d_rowscan_rev<R, K, LAYOUT>(c, a, dh, dg, aggM, aggV, cinb, dck, tile, n, p0);
