@@ -6,7 +6,9 @@
 // masked to zero), then loop over the N states (B/C read once per state): horizontal pass = lane/warp scan along the
 // row, vertical pass = sequential recurrence down the thread's column with the carry kept in shared memory per
 // state. Directions are index arithmetic: scan-frame (p, q) -> memory (i, j) = (fr ? H-1-p : p, fc ? W-1-q : q);
-// "vh" swaps the order of the two passes.
+// "vh" swaps the order of the two passes. When (batch, group, channel chunk) blocks are too few to fill the GPU, the
+// launcher splits the N states into parts of NP (blockIdx.y): each part writes partial sums of y (forward) and of
+// du, ddelta, dD, d(delta_bias) (backward) that the launcher adds in a fixed order; dA, dB, dC are per state anyway.
 //
 // Backward recomputes the forward states band by band from checkpoints (the vertical state at each band start and
 // the horizontal state at each tile start: O(H*W*N/R) per map, never per pixel and state), walks bands bottom-up and
@@ -27,11 +29,13 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
                        m2d_i64 sd_b, m2d_i64 sd_d, int sd_h, int sd_w, m2d_i64 sz_b, m2d_i64 sz_d,
                        int sz_h, int sz_w, m2d_i64 sB_b, m2d_i64 sB_g, int sB_n, int sB_h,
                        int sB_w, m2d_i64 sC_b, m2d_i64 sC_g, int sC_n, int sC_h, int sC_w, int S,
-                       int WPM, int CH, int ntiles, int nbands) {
+                       int WPM, int CH, int ntiles, int nbands, int NP, m2d_i64 nmaps) {
     extern __shared__ float m2d_smem[];
     const M2DCtx c = m2d_make_ctx(dim, H, W, G, N, S, WPM, CH, K, ntiles, nbands);
-    float* carry = m2d_smem;                        // [N][K][nthr] vertical state per thread, state and column
-    float* aggM = carry + (m2d_i64)N * K * c.nthr;  // [CH][WPM][R]
+    // States n0 .. n1 - 1 of the block's channels (blockIdx.y: the part of a state split; y is then part-major).
+    const int n0 = blockIdx.y * NP, n1 = min(N, n0 + NP);
+    float* carry = m2d_smem;                         // [NP][K][nthr] vertical state per thread, state and column
+    float* aggM = carry + (m2d_i64)NP * K * c.nthr;  // [CH][WPM][R]
     float* aggV = aggM + CH * WPM * R;
     float* cinb = aggV + CH * WPM * R;
 
@@ -39,14 +43,14 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
     const int code = dirs[c.g];
     const bool fr = code & 1, fc = (code >> 1) & 1, vh = (code >> 2) & 1;
     const m2d_i64 map = (m2d_i64)c.b * dim + d;
-    const float Dd = (Dv != nullptr && c.slot_ok) ? Dv[d] : 0.f;
+    const float Dd = (Dv != nullptr && c.slot_ok && blockIdx.y == 0) ? Dv[d] : 0.f;  // D u: in one part only
     const float bias = (dbias != nullptr && c.slot_ok) ? dbias[d] : 0.f;
     const T* ubp = m2d_base(u + (c.b * su_b + d * su_d));
     const T* dbp_ = m2d_base(delta + (c.b * sd_b + d * sd_d));
     const T* zbp = HAS_Z ? m2d_base(z + (c.b * sz_b + d * sz_d)) : nullptr;
-    const T* Bbp = m2d_base(Bm + (c.b * sB_b + c.g * sB_g));
-    const T* Cbp = m2d_base(Cm + (c.b * sC_b + c.g * sC_g));
-    TO* ybp = y != nullptr ? m2d_base(y + map * ((m2d_i64)H * W)) : nullptr;
+    const T* Bbp = m2d_base(Bm + (c.b * sB_b + c.g * sB_g + (m2d_i64)n0 * sB_n));  // at state n0
+    const T* Cbp = m2d_base(Cm + (c.b * sC_b + c.g * sC_g + (m2d_i64)n0 * sC_n));
+    TO* ybp = y != nullptr ? m2d_base(y + (blockIdx.y * nmaps + map) * ((m2d_i64)H * W)) : nullptr;
     float* ckvp = ckv != nullptr ? m2d_base(ckv + map * nbands * N * W) : nullptr;
     const bool cload = y != nullptr;  // without y (checkpoints only) C is not needed
 
@@ -56,7 +60,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
         const int j = fc ? (W - 1 - q) : q;
         int jcol[K];
         m2d_columns<K>(q, W, fc, jcol);
-        for (int e = 0; e < N * K; ++e) carry[e * c.nthr + c.tid] = 0.f;
+        for (int e = 0; e < (n1 - n0) * K; ++e) carry[e * c.nthr + c.tid] = 0.f;
         for (int band = 0; band < nbands; ++band) {
             const int p0 = band * R;
             const int nrow = nk > 0 ? min(R, H - p0) : 0;
@@ -64,7 +68,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
             m2d_rows<R>(p0, H, fr, irow);
             const unsigned valid = m2d_valid_mask<R, K>(nrow, nk);
             float dt[R][K], dtu[R][K], yacc[R][K], bq[R][K], cq[R][K];
-            // state 0's B and C, in flight with u and delta
+            // state n0's B and C, in flight with u and delta
             m2d_load_band<R, K>(Bbp, sB_h, sB_w, irow, jcol, valid, bq);
             m2d_load_band<R, K>(Cbp, sC_h, sC_w, irow, jcol, cload ? valid : 0u, cq);
             {
@@ -91,12 +95,13 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
                 m2d_prefetch_rows<T, R>(Bbp + (i1 * sB_h + j * sB_w), stb, nrow1);
                 if (cload) m2d_prefetch_rows<T, R>(Cbp + (i1 * sC_h + j * sC_w), fr ? -sC_h : sC_h, nrow1);
             }
-            for (int n = 0; n < N; ++n) {
+            for (int n = n0; n < n1; ++n) {
+                const int ln = n - n0;  // the state's index within the block's part
                 const float An2 = c.slot_ok ? A[(m2d_i64)d * N + n] * M2D_LOG2E : 0.f;
                 float a[R][K], v[R][K];
-                if (n > 0) {
-                    m2d_load_band<R, K>(Bbp + n * sB_n, sB_h, sB_w, irow, jcol, valid, bq);
-                    m2d_load_band<R, K>(Cbp + n * sC_n, sC_h, sC_w, irow, jcol, cload ? valid : 0u, cq);
+                if (ln > 0) {
+                    m2d_load_band<R, K>(Bbp + ln * sB_n, sB_h, sB_w, irow, jcol, valid, bq);
+                    m2d_load_band<R, K>(Cbp + ln * sC_n, sC_h, sC_w, irow, jcol, cload ? valid : 0u, cq);
                 }
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
@@ -109,7 +114,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
                 float cv[K];
 #pragma unroll
                 for (int k = 0; k < K; ++k) {
-                    cv[k] = carry[(n * K + k) * c.nthr + c.tid];
+                    cv[k] = carry[(ln * K + k) * c.nthr + c.tid];
                     if (ckvp != nullptr && k < nk) ckvp[(band * N + n) * W + q + k] = cv[k];
                 }
                 if (LAYOUT == M2D_WIDE) {  // one row scan in the code (wide rows: a smaller state loop ran faster)
@@ -124,7 +129,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
                     m2d_rowscan_fwd<R, K, LAYOUT>(c, a, v, aggM, aggV, cinb, ckh, true, tile, n, p0);
                 }
 #pragma unroll
-                for (int k = 0; k < K; ++k) carry[(n * K + k) * c.nthr + c.tid] = cv[k];
+                for (int k = 0; k < K; ++k) carry[(ln * K + k) * c.nthr + c.tid] = cv[k];
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -148,23 +153,27 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
     }
 }
 
-template <typename T, typename TO, int R, int K, int LAYOUT, bool HAS_Z>
+// TG: type of du and ddelta (float for the per-part partial sums of a state split).
+template <typename T, typename TO, int R, int K, int LAYOUT, bool HAS_Z, typename TG>
 __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_scan2d_bwd(
     const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z, const TO* __restrict__ dout,
     const T* __restrict__ Bm, const T* __restrict__ Cm, const float* __restrict__ A, const float* __restrict__ Dv,
     const float* __restrict__ dbias, const int* __restrict__ dirs, const float* __restrict__ ckv,
-    float* __restrict__ ckh, float* __restrict__ dck, T* __restrict__ du, T* __restrict__ ddelta,
+    float* __restrict__ ckh, float* __restrict__ dck, TG* __restrict__ du, TG* __restrict__ ddelta,
     T* __restrict__ dz, float* __restrict__ dBp, float* __restrict__ dCp, float* __restrict__ dAp,
     float* __restrict__ dDp, float* __restrict__ dbp, int dim, int H, int W, int G, int N, int softplus,
     m2d_i64 su_b, m2d_i64 su_d, int su_h, int su_w, m2d_i64 sd_b, m2d_i64 sd_d, int sd_h, int sd_w,
     m2d_i64 sz_b, m2d_i64 sz_d, int sz_h, int sz_w, m2d_i64 so_b, m2d_i64 so_d, int so_h, int so_w,
     m2d_i64 sB_b, m2d_i64 sB_g, int sB_n, int sB_h, int sB_w, m2d_i64 sC_b, m2d_i64 sC_g, int sC_n,
-    int sC_h, int sC_w, int S, int WPM, int CH, int ntiles, int nbands) {
+    int sC_h, int sC_w, int S, int WPM, int CH, int ntiles, int nbands, int NP, m2d_i64 nmaps) {
     extern __shared__ float m2d_smem[];
     const M2DCtx c = m2d_make_ctx(dim, H, W, G, N, S, WPM, CH, K, ntiles, nbands);
-    float* vcar = m2d_smem;                                                     // [N][K][nthr] adjoint vertical carry
-    double* dAacc = reinterpret_cast<double*>(vcar + (m2d_i64)N * K * c.nthr);  // [N][nthr] per-thread dA sums
-    float* aggM = reinterpret_cast<float*>(dAacc + (m2d_i64)N * c.nthr);        // [CH][WPM][R]
+    // States n0 .. n1 - 1 (blockIdx.y: the part of a state split; du, ddelta, dD, d(delta_bias) are then per-part
+    // partial sums, part-major).
+    const int n0 = blockIdx.y * NP, n1 = min(N, n0 + NP);
+    float* vcar = m2d_smem;                                                      // [NP][K][nthr] adjoint vertical carry
+    double* dAacc = reinterpret_cast<double*>(vcar + (m2d_i64)NP * K * c.nthr);  // [NP][nthr] per-thread dA sums
+    float* aggM = reinterpret_cast<float*>(dAacc + (m2d_i64)NP * c.nthr);        // [CH][WPM][R]
     float* aggV = aggM + CH * WPM * R;
     float* cinb = aggV + CH * WPM * R;
     // dB/dC of each channel slot before the sum over the block's channels (only when CH > 1): [CH][R][TWs] each,
@@ -177,7 +186,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
     const int code = dirs[c.g];
     const bool fr = code & 1, fc = (code >> 1) & 1, vh = (code >> 2) & 1;
     const m2d_i64 map = (m2d_i64)c.b * dim + d;
-    const float Dd = (Dv != nullptr && c.slot_ok) ? Dv[d] : 0.f;
+    const float Dd = (Dv != nullptr && c.slot_ok && blockIdx.y == 0) ? Dv[d] : 0.f;  // D u: in one part only
     const float bias = (dbias != nullptr && c.slot_ok) ? dbias[d] : 0.f;
     const T* ubp = m2d_base(u + (c.b * su_b + d * su_d));
     const T* dbp_ = m2d_base(delta + (c.b * sd_b + d * sd_d));
@@ -191,11 +200,12 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
     float* dBpp = m2d_base(dBp + pbase * N * HW);
     float* dCpp = m2d_base(dCp + pbase * N * HW);
     const float* ckvp = m2d_base(ckv + map * nbands * N * W);
-    T* dup = m2d_base(du + map * HW);
-    T* ddp = m2d_base(ddelta + map * HW);
+    const m2d_i64 pmap = blockIdx.y * nmaps + map;  // the map's slice in the part-major outputs
+    TG* dup = m2d_base(du + pmap * HW);
+    TG* ddp = m2d_base(ddelta + pmap * HW);
     T* dzp = HAS_Z ? m2d_base(dz + map * HW) : nullptr;
 
-    for (int n = 0; n < N; ++n) dAacc[n * c.nthr + c.tid] = 0.0;
+    for (int ln = 0; ln < n1 - n0; ++ln) dAacc[ln * c.nthr + c.tid] = 0.0;
     double dD_acc = 0.0, db_acc = 0.0;  // long sums with cancellation: accumulate in double
 
     for (int tile = ntiles - 1; tile >= 0; --tile) {
@@ -206,7 +216,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
         m2d_columns<K>(q, W, fc, jcol);
 #pragma unroll
         for (int k = 0; k < K; ++k) qcol[k] = min(q + k, W - 1);
-        for (int e = 0; e < N * K; ++e) vcar[e * c.nthr + c.tid] = 0.f;
+        for (int e = 0; e < (n1 - n0) * K; ++e) vcar[e * c.nthr + c.tid] = 0.f;
         for (int band = nbands - 1; band >= 0; --band) {
             const int p0 = band * R;
             const int nrow = nk > 0 ? min(R, H - p0) : 0;
@@ -253,7 +263,8 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                 m2d_prefetch_rows<T, R>(Bbp + (i1 * sB_h + j * sB_w), fr ? -sB_h : sB_h, nrow1);
                 m2d_prefetch_rows<T, R>(Cbp + (i1 * sC_h + j * sC_w), fr ? -sC_h : sC_h, nrow1);
             }
-            for (int n = 0; n < N; ++n) {
+            for (int n = n0; n < n1; ++n) {
+                const int ln = n - n0;  // the state's index within the block's part
                 const float An = c.slot_ok ? A[(m2d_i64)d * N + n] : 0.f;
                 const float An2 = An * M2D_LOG2E;
                 float a[R][K], bv[R][K], g[R][K], h[R][K], dh[R][K], dg[R][K];
@@ -304,7 +315,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                 // Adjoint passes in reverse order (dh: adjoint of h, dg: adjoint of g).
                 float tc[K];
 #pragma unroll
-                for (int k = 0; k < K; ++k) tc[k] = vcar[(n * K + k) * c.nthr + c.tid];
+                for (int k = 0; k < K; ++k) tc[k] = vcar[(ln * K + k) * c.nthr + c.tid];
                 if (LAYOUT == M2D_WIDE) {
                     if (!vh) m2d_colscan_rev<R, K>(a, dh, tc);
                     m2d_rowscan_rev<R, K, LAYOUT>(c, a, dh, dg, aggM, aggV, cinb, dck, tile, n, p0);
@@ -321,7 +332,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                     m2d_colscan_rev<R, K>(a, dg, tc);
                 }
 #pragma unroll
-                for (int k = 0; k < K; ++k) vcar[(n * K + k) * c.nthr + c.tid] = tc[k];
+                for (int k = 0; k < K; ++k) vcar[(ln * K + k) * c.nthr + c.tid] = tc[k];
                 float dAl = 0.f;
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
@@ -337,7 +348,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                         h[r][k] = dy[r][k] * h[r][k];              // this channel's dC
                     }
                 }
-                dAacc[n * c.nthr + c.tid] += (double)dAl;
+                dAacc[ln * c.nthr + c.tid] += (double)dAl;
                 if (CH == 1) {
                     float* pB = dBpp + (m2d_i64)n * HW;
                     float* pC = dCpp + (m2d_i64)n * HW;
@@ -399,8 +410,8 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                         if (m2d_is_valid(valid, r * K + k)) {
                             const int o = irow[r] * W + jcol[k];
                             const float ddl = ddt[r][k] * sg[r][k];
-                            dup[o] = m2d_from_f<T>(dux[r][k]);
-                            ddp[o] = m2d_from_f<T>(ddl);
+                            dup[o] = m2d_from_f<TG>(dux[r][k]);
+                            ddp[o] = m2d_from_f<TG>(ddl);
                             if (HAS_Z) {
                                 const float s = m2d_sigmoid(zz[r][k]);
                                 dzp[o] = m2d_from_f<T>(go[r][k] * yrec[r][k] * s * (1.f + zz[r][k] * (1.f - s)));
@@ -417,12 +428,12 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
     }
     // Per-channel reductions over the slot's threads, in a fixed order.
     __syncthreads();
-    for (int e = c.tid; e < CH * N; e += c.nthr) {
-        const int s = e / N, n = e - s * N;
+    for (int e = c.tid; e < CH * NP; e += c.nthr) {
+        const int s = e / NP, ln = e - s * NP, n = n0 + ln;
         const int chan = c.chunk * CH + s;
-        if (chan < c.dg) {
+        if (chan < c.dg && n < n1) {
             double acc = 0.0;
-            for (int cc = 0; cc < c.tps; ++cc) acc += dAacc[n * c.nthr + s * c.tps + cc];
+            for (int cc = 0; cc < c.tps; ++cc) acc += dAacc[ln * c.nthr + s * c.tps + cc];
             dAp[((m2d_i64)c.b * dim + c.g * c.dg + chan) * N + n] = (float)acc;
         }
     }
@@ -439,7 +450,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                 a0 += red2[s * c.tps + cc];
                 a1 += red2[c.nthr + s * c.tps + cc];
             }
-            const m2d_i64 k = (m2d_i64)c.b * dim + c.g * c.dg + chan;
+            const m2d_i64 k = blockIdx.y * nmaps + (m2d_i64)c.b * dim + c.g * c.dg + chan;
             dDp[k] = (float)a0;
             dbp[k] = (float)a1;
         }

@@ -270,6 +270,18 @@ __device__ __forceinline__ void m2d_copy(const float (&from)[R][K], float (&to)[
     }
 }
 
+// Where the row carry between tiles of wide rows lives, for the thread that combines the warps' aggregates of slot
+// s = tid / R, row p = p0 + tid % R, state n: ((map * tiles + 0) * N + n) * H + p, i.e. the index into dck
+// (tiles = 1) or, plus tile * N * H, into ckh (tiles = ntiles). -1 for the other threads and outside the map.
+__device__ __forceinline__ m2d_i64 m2d_carry_index(const M2DCtx& c, int n, int p0, int R, int tiles) {
+    if (c.tid >= c.CH * R) return -1;
+    const int s = c.tid / R, p = p0 + (c.tid - s * R);
+    const int chan = c.chunk * c.CH + s;
+    if (chan >= c.dg || p >= c.H) return -1;
+    const m2d_i64 map = (m2d_i64)c.b * c.dim + (m2d_i64)c.g * c.dg + chan;
+    return (map * tiles * c.N + n) * c.H + p;
+}
+
 // Inclusive forward scan along the row (increasing q) of v[r][k] = a[r][k] * v_left + v[r][k] for the R rows of a
 // band and the K consecutive columns of the thread: a sequential scan over the thread's columns, then a lane scan of
 // the per-thread aggregates across the slot, then across its warps and tiles. Tile carries (the running value just
@@ -282,6 +294,10 @@ __device__ __forceinline__ void m2d_rowscan_fwd(const M2DCtx& c, const float (&a
     const int S = LAYOUT == M2D_WARP_ROW ? 32 : c.S, seg = LAYOUT == M2D_WARP_ROW ? c.lane : c.seg;
     float pm[R][K];  // products of a over the thread's columns up to k
     float m[R], w[R], cin[R];
+    // wide rows: the threads combining the warps' aggregates read the carry from the tile to the left now, so that
+    // its global-memory latency hides behind the lane scan
+    const m2d_i64 ckh_at = LAYOUT == M2D_WIDE ? m2d_carry_index(c, n, p0, R, c.ntiles) : -1;
+    const float tile_in = (ckh_at >= 0 && tile > 0) ? ckh[ckh_at + (m2d_i64)tile * c.N * c.H] : 0.f;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         pm[r][0] = a[r][0];
@@ -315,18 +331,14 @@ __device__ __forceinline__ void m2d_rowscan_fwd(const M2DCtx& c, const float (&a
         }
         __syncthreads();
         if (c.tid < c.CH * R) {
-            const int s = c.tid / R, r = c.tid - s * R, p = p0 + r;
-            const int chan = c.chunk * c.CH + s;
-            const bool ok = chan < c.dg && p < c.H;
-            const m2d_i64 map = (m2d_i64)c.b * c.dim + (m2d_i64)c.g * c.dg + chan;
-            float carry = 0.f;
-            if (ok && tile > 0) carry = ckh[((map * c.ntiles + tile) * c.N + n) * c.H + p];
+            const int s = c.tid / R, r = c.tid - s * R;
+            float carry = tile_in;
             for (int wi = 0; wi < c.WPM; ++wi) {
                 const int k = (s * c.WPM + wi) * R + r;
                 cinb[k] = carry;
                 carry = fmaf(aggM[k], carry, aggV[k]);
             }
-            if (ok && write_ckh && tile + 1 < c.ntiles) ckh[((map * c.ntiles + tile + 1) * c.N + n) * c.H + p] = carry;
+            if (ckh_at >= 0 && write_ckh && tile + 1 < c.ntiles) ckh[ckh_at + (m2d_i64)(tile + 1) * c.N * c.H] = carry;
         }
         __syncthreads();
 #pragma unroll
@@ -358,6 +370,9 @@ __device__ __forceinline__ void m2d_rowscan_rev(const M2DCtx& c, const float (&a
                                                 float* dck, int tile, int n, int p0) {
     const int S = LAYOUT == M2D_WARP_ROW ? 32 : c.S, seg = LAYOUT == M2D_WARP_ROW ? c.lane : c.seg;
     float tm[R][K], tv[R][K], m[R], v[R], cin[R];
+    // wide rows: the carry from the tile to the right is read before the lane scan (latency hidden), as forward
+    const m2d_i64 dck_at = LAYOUT == M2D_WIDE ? m2d_carry_index(c, n, p0, R, 1) : -1;
+    const float tile_in = (dck_at >= 0 && tile + 1 < c.ntiles) ? dck[dck_at] : 0.f;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         tm[r][K - 1] = a[r][K - 1];
@@ -392,18 +407,14 @@ __device__ __forceinline__ void m2d_rowscan_rev(const M2DCtx& c, const float (&a
         }
         __syncthreads();
         if (c.tid < c.CH * R) {
-            const int s = c.tid / R, r = c.tid - s * R, p = p0 + r;
-            const int chan = c.chunk * c.CH + s;
-            const bool ok = chan < c.dg && p < c.H;
-            const m2d_i64 map = (m2d_i64)c.b * c.dim + (m2d_i64)c.g * c.dg + chan;
-            float carry = 0.f;
-            if (ok && tile + 1 < c.ntiles) carry = dck[(map * c.N + n) * c.H + p];
+            const int s = c.tid / R, r = c.tid - s * R;
+            float carry = tile_in;
             for (int wi = c.WPM - 1; wi >= 0; --wi) {
                 const int k = (s * c.WPM + wi) * R + r;
                 cinb[k] = carry;
                 carry = fmaf(aggM[k], carry, aggV[k]);
             }
-            if (ok && tile > 0) dck[(map * c.N + n) * c.H + p] = carry;
+            if (dck_at >= 0 && tile > 0) dck[dck_at] = carry;
         }
         __syncthreads();
 #pragma unroll

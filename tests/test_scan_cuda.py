@@ -7,13 +7,14 @@ float64 on the same (rounded) inputs.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
 import torch
 
 from mamba2d.ops import DIRECTIONS, selective_scan_2d, selective_scan_2d_ref
-from mamba2d.ops import cuda_scan
+from mamba2d.ops import cuda_build, cuda_scan
 
 pytestmark = [
     pytest.mark.gpu,
@@ -100,7 +101,7 @@ def group_directions(G, offset=0):
     return [DIRECTIONS[(g + offset) % len(DIRECTIONS)] for g in range(G)]
 
 
-SHAPES = [(1, 1), (1, 4096), (4096, 1), (5, 7), (37, 70), (56, 56), (130, 33), (200, 300)]
+SHAPES = [(1, 1), (1, 4096), (4096, 1), (5, 7), (11, 13), (37, 70), (56, 56), (130, 33), (200, 300)]
 
 
 @pytest.mark.parametrize("H,W", SHAPES)
@@ -132,6 +133,33 @@ def test_shared_group_256_channels(N, H, W):
     """G = 1: all 256 channels share B/C, so dB/dC sum over channels (upstream's race)."""
     inputs = make_inputs(1, 256, H, W, 1, N, z=True)
     check_against_reference(inputs, "br_vh")
+
+
+@contextlib.contextmanager
+def split_target(monkeypatch, blocks):
+    """Launches below `blocks` (batch, group, channel chunk) blocks split their states (0: never)."""
+    monkeypatch.setattr(cuda_build, "SPLIT_TARGET_BLOCKS", blocks)
+    cuda_build.launch_config.cache_clear()
+    try:
+        yield
+    finally:
+        cuda_build.launch_config.cache_clear()
+
+
+@pytest.mark.parametrize("target,parts", [(0, 1), (12, 6), (10**9, 16)])
+@pytest.mark.parametrize("dtype,z", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True),
+                                     (torch.float16, False)])
+@pytest.mark.parametrize("H,W,G", [(37, 70, 2), (20, 300, 1), (14, 14, 2)])
+def test_state_split(monkeypatch, target, parts, dtype, z, H, W, G):
+    """N = 16 states unsplit, in parts of 3 (the last one smaller) and one per block: partial y / du / ddelta / dD /
+    d(delta_bias) summed by the launcher, the z gate applied outside the kernel; all against the reference."""
+    batch, dim, N = 1, 2 * G, 16
+    with split_target(monkeypatch, target):
+        cfg = cuda_build.launch_config(batch, dim, H, W, G, N)
+        assert cfg.blocks == 2 and cfg.parts == parts  # the targets above assume two blocks
+        assert cuda_build.launch_config(batch, dim, H, W, G, N, backward=True).parts == parts
+        inputs = make_inputs(batch, dim, H, W, G, N, dtype=dtype, z=z)
+        check_against_reference(inputs, group_directions(G, offset=W % 8))
 
 
 @pytest.mark.parametrize("N", [32, 64])
@@ -172,8 +200,11 @@ def test_non_contiguous_inputs():
         assert rel_err(grads[name], grads_ref[name]) <= 1e-5, name
 
 
-@pytest.mark.parametrize("H,W,G,dim,N", [(37, 70, 1, 256, 4), (3, 1000, 2, 8, 8), (14, 14, 4, 64, 1)])
+@pytest.mark.parametrize("H,W,G,dim,N", [(37, 70, 1, 256, 4), (3, 1000, 2, 8, 8), (14, 14, 4, 64, 1),
+                                         (20, 300, 1, 16, 16)])
 def test_deterministic_bitwise(H, W, G, dim, N):
+    if N == 16:  # states split over blocks: the partial sums too are added in a fixed order
+        assert cuda_build.launch_config(2, dim, H, W, G, N).parts > 1
     inputs = make_inputs(2, dim, H, W, G, N)
     dy = torch.randn(2, dim, H, W, device="cuda")
     directions = group_directions(G)

@@ -74,9 +74,16 @@ def test_launch_config_invariants(H, W, N, dim, G):
     wide = cfg.WPM > 1 or cfg.ntiles > 1  # only wide rows combine across warps and tiles (compiled out elsewhere)
     assert (cfg.layout == cuda_build.LAYOUTS["wide"]) == wide
     assert (cfg.layout == cuda_build.LAYOUTS["narrow"]) == (cfg.S < 32)
-    assert (cfg.fwd_min_blocks == cuda_build.FWD_MIN_BLOCKS_LARGE_STATE) == (N >= cuda_build.LARGE_STATE)
+    assert (cfg.fwd_min_blocks == cuda_build.FWD_MIN_BLOCKS_LARGE_STATE) == (
+        cfg.states_per_part >= cuda_build.LARGE_STATE)
+    # the states split into non-empty parts, only where the backward rebuilds the checkpoints anyway
+    assert cfg.parts * cfg.states_per_part >= N > (cfg.parts - 1) * cfg.states_per_part
+    assert cfg.parts == 1 or (N > cfg.R and cfg.blocks < cuda_build.SPLIT_TARGET_BLOCKS)
+    assert not (cfg.parts > 1 and cuda_scan.saves_checkpoint(cfg, N))
     if 32 < W <= 32 * cuda_build.MAX_COLS_PER_THREAD:  # one warp per row: no cross-warp combine
         assert cfg.K > 1 and cfg.WPM == 1 and cfg.ntiles == 1
+    if W > 32 * cuda_build.MAX_COLS_PER_THREAD:  # wide maps: K columns per thread, one row per band when H < R * K
+        assert cfg.K == (cuda_build.WIDE_COLS_PER_THREAD if H >= cuda_build.ROWS_PER_BAND else cfg.R * cfg.K)
     assert cfg.CH * cfg.cpg >= dg and cfg.blocks == 2 * G * cfg.cpg
     assert cfg.threads == cfg.CH * cfg.S * cfg.WPM
     assert cfg.smem_bwd <= 160 * 1024 and cfg.smem_fwd <= 160 * 1024
@@ -95,10 +102,28 @@ def test_backward_geometry_shares_the_forward_tiles(monkeypatch, bwd_threads, H,
         bwd = cuda_build.launch_config(2, dim, H, W, G, N, backward=True)
     finally:
         cuda_build.launch_config.cache_clear()
-    assert (bwd.S, bwd.WPM, bwd.R, bwd.K, bwd.ntiles, bwd.nbands) == (fwd.S, fwd.WPM, fwd.R, fwd.K, fwd.ntiles,
-                                                                     fwd.nbands)
+    assert (bwd.S, bwd.WPM, bwd.R, bwd.K, bwd.ntiles, bwd.nbands, bwd.parts, bwd.states_per_part) == (
+        fwd.S, fwd.WPM, fwd.R, fwd.K, fwd.ntiles, fwd.nbands, fwd.parts, fwd.states_per_part)
     assert bwd.threads <= max(bwd_threads, bwd.S * bwd.WPM, 32 // bwd.S * bwd.S) and bwd.threads <= fwd.threads
     assert bwd.CH * bwd.cpg >= dim // G and bwd.blocks == 2 * G * bwd.cpg
+    if bwd.S < 32:  # narrow maps: a shorter chain of slots in the backward's dB/dC channel sum
+        assert bwd.threads <= max(cuda_build.NARROW_BWD_MAX_THREADS, 32)
+
+
+def test_state_split_fills_the_gpu_only_when_blocks_are_few():
+    """Shape c of the benchmark (1 x 256 channels, 16 states, one block per channel) splits its states; the
+    backbone shapes (thousands of blocks, N = 1) never do."""
+    few = cuda_build.launch_config(1, 256, 200, 300, 1, 16)
+    assert few.parts > 1 and few.blocks * few.parts >= cuda_build.SPLIT_TARGET_BLOCKS
+    assert few.blocks * (few.parts - 1) < cuda_build.SPLIT_TARGET_BLOCKS or few.states_per_part == 1
+    assert cuda_build.launch_config(128, 384, 56, 56, 4, 1).parts == 1
+    assert cuda_build.launch_config(16, 384, 128, 128, 4, 1).parts == 1
+    assert cuda_build.launch_config(1, 4, 9, 7, 1, 4).parts == 1  # N <= R: checkpoints kept, no split
+    for blocks in (1, 3, 100, 1023):
+        for n in (2, 5, 16, 64):
+            parts = cuda_build.state_parts(blocks, n, 1)
+            per_part = -(-n // parts)
+            assert 1 < parts <= n and -(-n // per_part) == parts
 
 
 def test_supports_dtypes_and_states():

@@ -35,17 +35,38 @@ MAX_COLS_PER_THREAD = 4
 MAX_THREADS = 256
 
 
-def _tuning() -> tuple[int, int, int, int, int, tuple[str, ...]]:
+#: Columns per thread on maps wider than 32 * MAX_COLS_PER_THREAD (at least ROWS_PER_BAND high; lower maps take
+#: MAX_COLS_PER_THREAD and one row per band, so that a 1D scan, H = 1, fills every register with a pixel).
+WIDE_COLS_PER_THREAD = 2
+
+#: Maps 9-16 wide take two columns per thread (8 lanes per map, four maps per warp, two rows per band: 14 x 14 maps
+#: fill their bands exactly and scan 3 lane steps instead of 4).
+NARROW_PAIRS = True
+
+#: Most threads per backward block on narrow maps (several slots per warp): the backward sums dB/dC over a block's
+#: channel slots one after another, and 32 slots per 256 threads made that chain the long pole (shape b, H100:
+#: fwd+bwd 1.119 -> 1.034 ms fp32, 1.010 -> 0.944 ms bf16 with 16 slots; shapes a and d, 8 slots, lose with fewer).
+NARROW_BWD_MAX_THREADS = 128
+
+#: A launch with fewer (batch, group, channel chunk) blocks than this splits the N states over several blocks when
+#: N > R (one block per channel of a batch-1 map with 16 states leaves most of the GPU idle).
+SPLIT_TARGET_BLOCKS = 1024
+
+
+def _tuning() -> tuple[int, int, int, int, int, int, int, bool, tuple[str, ...]]:
     """Benchmark-only override, e.g. MAMBA2D_SCAN_TUNE="R=4,FWD=3,BWD=2,KMAX=2": rows per band (one column per
     thread), occupancy targets, most columns per thread (KMAX=1: one column per thread everywhere), LANES (maps wider
     than this take several columns per thread), DBUF=0 (one dB/dC reduction buffer, two barriers), BTHR (most
-    threads per backward block), PF=0 (no L1 prefetch of the next band) and LEAN=0 (v8's pointer arithmetic;
-    the softplus stays branch-free)."""
+    threads per backward block; narrow maps take at most NARROW_BWD_MAX_THREADS), SPLIT (SPLIT_TARGET_BLOCKS; 0:
+    never split the states), WIDEK (WIDE_COLS_PER_THREAD; 1: one column per thread on every wide map, as up to v10),
+    PAIRS=0 (one column per thread on maps 9-16 wide, as up to v10), PF=0 (no L1 prefetch of the next band) and
+    LEAN=0 (v8's pointer arithmetic; the softplus stays branch-free)."""
     import os
 
     spec = os.environ.get("MAMBA2D_SCAN_TUNE", "")
     if not spec:
-        return ROWS_PER_BAND, MAX_COLS_PER_THREAD, 32, 3, MAX_THREADS, ()
+        return (ROWS_PER_BAND, MAX_COLS_PER_THREAD, 32, 3, MAX_THREADS, SPLIT_TARGET_BLOCKS, WIDE_COLS_PER_THREAD,
+                NARROW_PAIRS, ())
     vals = dict(item.split("=") for item in spec.split(",") if item)
     rows = int(vals.get("R", ROWS_PER_BAND))
     kmax = int(vals.get("KMAX", MAX_COLS_PER_THREAD))
@@ -59,14 +80,16 @@ def _tuning() -> tuple[int, int, int, int, int, tuple[str, ...]]:
     if "LEAN" in vals:
         defines.append(f"-DM2D_LEAN={int(vals['LEAN'])}")
     return (rows, kmax, int(vals.get("LANES", 32)), int(vals.get("FWD", 3)), int(vals.get("BTHR", MAX_THREADS)),
-            tuple(defines))
+            int(vals.get("SPLIT", SPLIT_TARGET_BLOCKS)), int(vals.get("WIDEK", WIDE_COLS_PER_THREAD)),
+            vals.get("PAIRS", "1") != "0", tuple(defines))
 
 
 #: FWD_MIN_BLOCKS: forward occupancy target (blocks per SM; caps its registers at 80), a template argument of the
-#: forward kernel. With many states the forward loops over N per band and prefers more registers:
+#: forward kernel. With many states per block the forward loops over them per band and prefers more registers:
 #: FWD_MIN_BLOCKS_LARGE_STATE from LARGE_STATE states on (shape c: fwd+bwd 13.7 -> 11.5 ms).
 #: ROW_LANES: maps wider than this many columns take K > 1 columns per thread (up to 32 * MAX_COLS_PER_THREAD).
-ROWS_PER_BAND, MAX_COLS_PER_THREAD, ROW_LANES, FWD_MIN_BLOCKS, BWD_MAX_THREADS, TUNING_OPTIONS = _tuning()
+(ROWS_PER_BAND, MAX_COLS_PER_THREAD, ROW_LANES, FWD_MIN_BLOCKS, BWD_MAX_THREADS, SPLIT_TARGET_BLOCKS,
+ WIDE_COLS_PER_THREAD, NARROW_PAIRS, TUNING_OPTIONS) = _tuning()
 FWD_MIN_BLOCKS_LARGE_STATE = 2
 LARGE_STATE = 8
 
@@ -119,12 +142,14 @@ def variant_tags(dtype: torch.dtype, out_fp32: bool) -> tuple[str, str]:
 
 
 def kernel_names(in_tag: str, out_tag: str, rows: int, cols: int, layout: int, has_z: bool,
-                 fwd_min_blocks: int) -> tuple[str, str]:
+                 fwd_min_blocks: int, float_grads: bool = False) -> tuple[str, str]:
     """Name expressions (NVRTC) of the forward and backward kernels of one (input, output) dtype variant, one
     band shape (rows per band, columns per thread), one row layout (LAYOUTS), with or without the z gate, and one
-    forward occupancy target."""
+    forward occupancy target; `float_grads`: the backward writes du and ddelta in float32 (the partial sums of a
+    state split) whatever the input dtype."""
     args = f"{in_tag}, {out_tag}, {rows}, {cols}, {layout}, {'true' if has_z else 'false'}"
-    return (f"mamba2d_scan2d_fwd<{args}, {fwd_min_blocks}>", f"mamba2d_scan2d_bwd<{args}>")
+    grad_tag = "float" if float_grads else in_tag
+    return (f"mamba2d_scan2d_fwd<{args}, {fwd_min_blocks}>", f"mamba2d_scan2d_bwd<{args}, {grad_tag}>")
 
 
 def fwd_min_blocks_options() -> tuple[int, ...]:
@@ -137,9 +162,16 @@ LAYOUTS = {"narrow": 0, "warp_row": 1, "wide": 2}
 
 
 def layout_options(cols: int) -> tuple[int, ...]:
-    """Row layouts a band shape is instantiated for: every one for one column per thread, only one warp per row
-    for K > 1 (33-128 columns)."""
-    return tuple(LAYOUTS.values()) if cols == 1 else (LAYOUTS["warp_row"],)
+    """Row layouts a band shape is instantiated for (what launch_config can choose): several slots per warp or one
+    warp per row for one column per thread (maps up to 32 wide), one warp or several per row for K > 1 (33-128
+    columns, and wide maps), several slots per warp for K = 2 (maps 9-16 wide); wide rows of one column per thread
+    only where the tuning knobs ask for them."""
+    if cols == 2 and NARROW_PAIRS:
+        return tuple(LAYOUTS.values())
+    if cols > 1:
+        return LAYOUTS["warp_row"], LAYOUTS["wide"]
+    one_column_wide = MAX_COLS_PER_THREAD == 1 or WIDE_COLS_PER_THREAD == 1
+    return tuple(LAYOUTS.values()) if one_column_wide else (LAYOUTS["narrow"], LAYOUTS["warp_row"])
 
 
 def all_variants() -> list[tuple[str, str]]:
@@ -153,9 +185,11 @@ def all_variants() -> list[tuple[str, str]]:
 
 def nvcc_translation_unit() -> str:
     """Source for an nvcc check: the kernels plus host code taking each instantiation's address (forces codegen)."""
+    # a state split runs without the z gate (the launcher applies it) and with float32 partial gradients
     names = [name for variant in all_variants() for shape in band_shapes() for layout in layout_options(shape[1])
              for has_z in (False, True) for minb in fwd_min_blocks_options()
-             for name in kernel_names(*variant, *shape, layout, has_z, minb)]
+             for split in ((False, True) if not has_z else (False,))
+             for name in kernel_names(*variant, *shape, layout, has_z, minb, split)]
     names = list(dict.fromkeys(names))  # the backward does not depend on the forward's occupancy target
     refs = ",\n    ".join(f"(void*)&{name}" for name in names)
     return kernel_source() + f"\n\nvoid* mamba2d_force_instantiation[] = {{\n    {refs}\n}};\n"
@@ -169,12 +203,14 @@ class LaunchConfig:
     WPM: int  # warps per slot (> 1 only when S == 32)
     R: int  # rows per band
     K: int  # consecutive columns per thread
+    parts: int  # blocks per channel chunk, each owning states_per_part of the N states (grid y)
+    states_per_part: int
     fwd_min_blocks: int  # forward occupancy target (template argument of the forward kernel)
     CH: int  # channel slots per block
     ntiles: int  # column tiles walked by each block
     nbands: int  # row bands of ROWS_PER_BAND rows
     threads: int
-    blocks: int
+    blocks: int  # grid x: batch x groups x channel chunks
     cpg: int  # channel chunks (blocks) per (batch, group)
     smem_fwd: int  # bytes of dynamic shared memory
     smem_bwd: int
@@ -198,26 +234,54 @@ def _ceil_div(a: int, b: int) -> int:
 @lru_cache(maxsize=1024)
 def launch_config(batch: int, dim: int, height: int, width: int, groups: int, d_state: int,
                   backward: bool = False) -> LaunchConfig:
-    """Work split of the forward (or, with `backward`, the backward) launch; both walk the same bands and tiles, so
-    the checkpoints written by one are read by the other whatever their channel slots per block."""
+    """Work split of the forward (or, with `backward`, the backward) launch; both walk the same bands and tiles and
+    split the states alike, so the checkpoints written by one are read by the other whatever their channel slots
+    per block."""
     batch, dim, height, width, groups, d_state = (int(v) for v in (batch, dim, height, width, groups, d_state))
+    whole = _launch_config(batch, dim, height, width, groups, d_state, 1, False)
+    parts = state_parts(whole.blocks, d_state, whole.R)
+    if parts == 1 and not backward:
+        return whole
+    return _launch_config(batch, dim, height, width, groups, d_state, parts, backward)
+
+
+def state_parts(blocks: int, d_state: int, rows: int) -> int:
+    """Blocks per channel chunk when `blocks` chunks are too few for the GPU: as many parts as bring the launch to
+    SPLIT_TARGET_BLOCKS, none empty. Only for N > R, where the backward rebuilds the checkpoints with the forward
+    kernel anyway (so a split never costs a saved checkpoint)."""
+    if d_state <= rows or blocks >= SPLIT_TARGET_BLOCKS:
+        return 1
+    per_part = _ceil_div(d_state, min(d_state, _ceil_div(SPLIT_TARGET_BLOCKS, blocks)))
+    return _ceil_div(d_state, per_part)
+
+
+def _launch_config(batch: int, dim: int, height: int, width: int, groups: int, d_state: int, parts: int,
+                   backward: bool) -> LaunchConfig:
     dg = dim // groups
+    states = _ceil_div(d_state, parts)  # states per block
     # Up to 32 * MAX_COLS_PER_THREAD columns: one warp per row, K consecutive columns per thread, R * K pixels per
     # thread as with one column (registers stay the same).
     K = 1
     if ROW_LANES < width <= 32 * MAX_COLS_PER_THREAD:
         K = min(MAX_COLS_PER_THREAD, 1 << (_ceil_div(width, ROW_LANES) - 1).bit_length())
+    elif NARROW_PAIRS and MAX_COLS_PER_THREAD > 1 and 8 < width <= 16:
+        K = 2
+    elif width > 32 * MAX_COLS_PER_THREAD and WIDE_COLS_PER_THREAD > 1:
+        # fewer lanes per row: fewer lane-scan steps per pixel and fewer tiles (shape c: one tile instead of two)
+        K = min(MAX_COLS_PER_THREAD, WIDE_COLS_PER_THREAD if height >= ROWS_PER_BAND else MAX_COLS_PER_THREAD)
     R = max(1, ROWS_PER_BAND // K) if K > 1 else ROWS_PER_BAND
     cols = _ceil_div(width, K)  # thread columns
     # Shared memory per thread in the backward: an [N][K] float and an [N] double array (+ the two dB/dC reduction
     # buffers); keep a block under ~96 KB so that two blocks fit an SM. MAX_THREADS is the kernels' __launch_bounds__.
-    max_threads = max(64, min(MAX_THREADS, (98304 // ((4 * K + 8) * d_state + 16 * R * K + 48)) // 32 * 32))
+    max_threads = max(64, min(MAX_THREADS, (98304 // ((4 * K + 8) * states + 16 * R * K + 48)) // 32 * 32))
     # The backward may take fewer channel slots per block (BTHR); its tiles stay the forward's (shared checkpoints).
     slot_threads = min(max_threads, BWD_MAX_THREADS) if backward else max_threads
     if cols <= 16:
         S = 1 << (cols - 1).bit_length()
         WPM = 1
         per_warp = 32 // S
+        if backward:
+            slot_threads = min(slot_threads, NARROW_BWD_MAX_THREADS)
         CH = max(per_warp, (slot_threads // S) // per_warp * per_warp)
         CH = min(CH, _ceil_div(dg, per_warp) * per_warp)
         ntiles = 1
@@ -233,12 +297,13 @@ def launch_config(batch: int, dim: int, height: int, width: int, groups: int, d_
     nbands = _ceil_div(height, R)
     cpg = _ceil_div(dg, CH)
     agg = 3 * CH * WPM * R
-    smem_fwd = 4 * (d_state * K * threads + agg)
-    smem_bwd = 4 * (d_state * K * threads + 2 * d_state * threads + agg + (4 * CH * R * tws if CH > 1 else 0))
+    smem_fwd = 4 * (states * K * threads + agg)
+    smem_bwd = 4 * (states * K * threads + 2 * states * threads + agg + (4 * CH * R * tws if CH > 1 else 0))
     smem_bwd = max(smem_bwd, 16 * threads)  # the final reduction reuses the start as [2][threads] doubles
-    fwd_min_blocks = FWD_MIN_BLOCKS_LARGE_STATE if d_state >= LARGE_STATE else FWD_MIN_BLOCKS
-    return LaunchConfig(S=S, WPM=WPM, R=R, K=K, fwd_min_blocks=fwd_min_blocks, CH=CH, ntiles=ntiles, nbands=nbands,
-                        threads=threads, blocks=batch * groups * cpg, cpg=cpg, smem_fwd=smem_fwd, smem_bwd=smem_bwd)
+    fwd_min_blocks = FWD_MIN_BLOCKS_LARGE_STATE if states >= LARGE_STATE else FWD_MIN_BLOCKS
+    return LaunchConfig(S=S, WPM=WPM, R=R, K=K, parts=parts, states_per_part=states, fwd_min_blocks=fwd_min_blocks,
+                        CH=CH, ntiles=ntiles, nbands=nbands, threads=threads, blocks=batch * groups * cpg, cpg=cpg,
+                        smem_fwd=smem_fwd, smem_bwd=smem_bwd)
 
 
 def checkpoint_sizes(batch: int, dim: int, height: int, width: int, groups: int, d_state: int) -> tuple[int, int]:

@@ -27,7 +27,7 @@ POISON_OUTPUTS = False
 _cupy = None
 _cupy_error: BaseException | None = None
 _lock = threading.Lock()
-_kernels: dict[tuple[int, str, str, int, int, int, bool, int], tuple[object, object]] = {}
+_kernels: dict[tuple[int, str, str, int, int, int, bool, int, bool], tuple[object, object]] = {}
 _dirs_cache: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
 
 
@@ -73,8 +73,12 @@ def supports(u: torch.Tensor, B: torch.Tensor) -> bool:
 # Compilation and launch
 
 
-def _get_kernels(device_index: int, in_tag: str, out_tag: str, cfg: cuda_build.LaunchConfig, has_z: bool):
-    key = (device_index, in_tag, out_tag, cfg.R, cfg.K, cfg.layout, has_z, cfg.fwd_min_blocks)
+def _get_kernels(device: torch.device, dtype: torch.dtype, out_fp32: bool, cfg: cuda_build.LaunchConfig,
+                 has_z: bool):
+    device_index = device.index if device.index is not None else torch.cuda.current_device()
+    in_tag, out_tag = cuda_build.variant_tags(dtype, out_fp32)
+    split = cfg.parts > 1
+    key = (device_index, in_tag, out_tag, cfg.R, cfg.K, cfg.layout, has_z, cfg.fwd_min_blocks, split)
     fns = _kernels.get(key)
     if fns is None:
         cupy = require_cupy()
@@ -82,7 +86,7 @@ def _get_kernels(device_index: int, in_tag: str, out_tag: str, cfg: cuda_build.L
             fns = _kernels.get(key)
             if fns is None:
                 names = cuda_build.kernel_names(in_tag, out_tag, cfg.R, cfg.K, cfg.layout, has_z,
-                                                cfg.fwd_min_blocks)
+                                                cfg.fwd_min_blocks, split)
                 with cupy.cuda.Device(device_index):
                     module = cupy.RawModule(
                         code=cuda_build.kernel_source(),
@@ -111,7 +115,7 @@ def _cupy_stream(cupy, index: int, ptr: int):
     return stream
 
 
-def _launch(fn, device: torch.device, blocks: int, threads: int, smem: int, args: tuple) -> None:
+def _launch(fn, device: torch.device, blocks: tuple[int, int], threads: int, smem: int, args: tuple) -> None:
     cupy = require_cupy()
     index = device.index if device.index is not None else torch.cuda.current_device()
     with cupy.cuda.Device(index):
@@ -121,7 +125,7 @@ def _launch(fn, device: torch.device, blocks: int, threads: int, smem: int, args
             _smem_limits[key] = smem
         stream = _cupy_stream(cupy, index, torch.cuda.current_stream(device).cuda_stream)
         with stream:
-            fn((blocks,), (threads,), args, shared_mem=smem)
+            fn(blocks, (threads,), args, shared_mem=smem)
 
 
 def _ptr(t: torch.Tensor | None):
@@ -192,6 +196,12 @@ def _ints(*values):
     return tuple(np.int32(v) for v in values)
 
 
+def _i64(value):
+    import numpy as np
+
+    return np.int64(value)
+
+
 def _geometry(u: torch.Tensor, B: torch.Tensor, backward: bool = False):
     batch, dim, height, width = u.shape
     groups, d_state = B.shape[1], B.shape[2]
@@ -203,36 +213,54 @@ def saves_checkpoint(cfg: cuda_build.LaunchConfig, d_state: int) -> bool:
     return d_state <= cfg.R
 
 
-def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt, y_needed=True):
-    """Launch the forward kernel. Returns (y, ckv, ckh); ckv is empty unless checkpoints are kept for backward."""
+def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt, y_needed=True,
+             rebuild=False):
+    """Launch the forward kernel. Returns (y, ckv, ckh); ckv is empty unless checkpoints are kept for backward
+    (`save_ckpt` and no larger than u in float32) or `rebuild` asks for them (the backward's recomputation).
+
+    With the states split over blocks (cfg.parts > 1) the kernel writes one float32 partial y per part, without the
+    z gate; they are summed here in a fixed order and gated after the sum."""
     batch, dim, height, width = u.shape
     groups, d_state = B.shape[1], B.shape[2]
     cfg = _geometry(u, B)
     _check_sizes(u, B, cfg)
     u, delta, z, B, C = (_fit_int32(t, n) for t, n in ((u, "u"), (delta, "delta"), (z, "z"), (B, "B"), (C, "C")))
     device = u.device
+    split = cfg.parts > 1
     ckv_n, ckh_n = cuda_build.checkpoint_sizes(batch, dim, height, width, groups, d_state)
     out_dtype = torch.float32 if out_fp32 else u.dtype
-    y = torch.empty((batch, dim, height, width), dtype=out_dtype, device=device) if y_needed else None
-    keep = save_ckpt and (saves_checkpoint(cfg, d_state) or not y_needed)
+    y = None
+    if y_needed:
+        y = torch.empty((cfg.parts, batch, dim, height, width) if split else (batch, dim, height, width),
+                        dtype=torch.float32 if split else out_dtype, device=device)
+    keep = rebuild or (save_ckpt and saves_checkpoint(cfg, d_state))
     ckv = torch.empty((ckv_n if keep else 0,), dtype=torch.float32, device=device)
     ckh = torch.empty((ckh_n,), dtype=torch.float32, device=device)
     _poison(y, ckv, ckh)
-    fwd_fn, _ = _get_kernels(device.index if device.index is not None else torch.cuda.current_device(),
-                             *cuda_build.variant_tags(u.dtype, out_fp32), cfg, z is not None)
+    kz = None if split else z
+    fwd_fn, _ = _get_kernels(device, u.dtype, out_fp32 or split, cfg, kz is not None)
     args = (
-        _ptr(u), _ptr(delta), _ptr(z), _ptr(B), _ptr(C), _ptr(A), _ptr(D), _ptr(delta_bias),
+        _ptr(u), _ptr(delta), _ptr(kz), _ptr(B), _ptr(C), _ptr(A), _ptr(D), _ptr(delta_bias),
         _ptr(_dirs_tensor(directions, device)), _ptr(y), _ptr(ckv if keep else None), _ptr(ckh if ckh_n else None),
         *_ints(dim, height, width, groups, d_state, int(bool(delta_softplus))),
-        *_strides(u, 4), *_strides(delta, 4), *_strides(z, 4), *_strides(B, 5), *_strides(C, 5),
-        *_ints(cfg.S, cfg.WPM, cfg.CH, cfg.ntiles, cfg.nbands),
+        *_strides(u, 4), *_strides(delta, 4), *_strides(kz, 4), *_strides(B, 5), *_strides(C, 5),
+        *_ints(cfg.S, cfg.WPM, cfg.CH, cfg.ntiles, cfg.nbands, cfg.states_per_part), _i64(batch * dim),
     )
-    _launch(fwd_fn, device, cfg.blocks, cfg.threads, cfg.smem_fwd, args)
+    _launch(fwd_fn, device, (cfg.blocks, cfg.parts), cfg.threads, cfg.smem_fwd, args)
+    if split and y is not None:
+        y = y.sum(dim=0)
+        if z is not None:
+            y = y.mul_(torch.nn.functional.silu(z.float()))
+        y = y.to(out_dtype)
     return y, ckv, ckh
 
 
 def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus, directions):
-    """Launch the backward kernel (recomputing the checkpoints first when the forward did not keep them)."""
+    """Launch the backward kernel (recomputing the checkpoints first when the forward did not keep them).
+
+    With the states split over blocks the kernel writes float32 partials of du, ddelta, dD and d(delta_bias) per
+    part, summed here in a fixed order; the z gate's gradients come from the summed forward output (recomputed with
+    the checkpoints), outside the kernel."""
     batch, dim, height, width = u.shape
     groups, d_state = B.shape[1], B.shape[2]
     cfg = _geometry(u, B, backward=True)
@@ -240,39 +268,50 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
     u, delta, z, B, C, dout = (_fit_int32(t, n) for t, n in ((u, "u"), (delta, "delta"), (z, "z"), (B, "B"),
                                                               (C, "C"), (dout, "dout")))
     device = u.device
-    out_fp32 = dout.dtype == torch.float32
     if dout.dtype not in (torch.float32, u.dtype):
         raise TypeError(f"selective_scan_2d backward: gradient dtype {dout.dtype} is neither float32 nor {u.dtype}")
-    if ckv.numel() == 0:
-        _, ckv, ckh = fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, True,
-                               y_needed=False)
+    split = cfg.parts > 1
     shape = (batch, dim, height, width)
-    du = torch.empty(shape, dtype=u.dtype, device=device)
-    ddelta = torch.empty(shape, dtype=u.dtype, device=device)
-    dz = torch.empty(shape if z is not None else (0,), dtype=u.dtype, device=device)
+    kz, dz = z, torch.empty(shape if z is not None else (0,), dtype=u.dtype, device=device)
+    if ckv.numel() == 0 or (split and z is not None):
+        y_pre, ckv, ckh = fwd_impl(u, delta, A, B, C, D, None, delta_bias, delta_softplus, directions, True, True,
+                                   y_needed=split and z is not None, rebuild=True)
+        if y_pre is not None:  # z gate of a split, y = y_pre * silu(z): its gradients here, the scan's below
+            zf = z.float()
+            sig = torch.sigmoid(zf)
+            gout = dout.float()
+            dz = (gout * y_pre * sig * (1.0 + zf * (1.0 - sig))).to(u.dtype)
+            dout, kz = gout * (zf * sig), None  # not in place: gout may be the caller's dout
+    out_fp32 = dout.dtype == torch.float32
+    grad_shape, grad_dtype = ((cfg.parts, *shape), torch.float32) if split else (shape, u.dtype)
+    du = torch.empty(grad_shape, dtype=grad_dtype, device=device)
+    ddelta = torch.empty(grad_shape, dtype=grad_dtype, device=device)
     dBp = torch.empty((batch, groups, cfg.cpg, d_state, height, width), dtype=torch.float32, device=device)
     dCp = torch.empty_like(dBp)
     dAp = torch.empty((batch, dim, d_state), dtype=torch.float32, device=device)
-    dDp = torch.empty((batch, dim), dtype=torch.float32, device=device)
-    dbp = torch.empty((batch, dim), dtype=torch.float32, device=device)
+    dDp = torch.empty((cfg.parts, batch, dim), dtype=torch.float32, device=device)
+    dbp = torch.empty((cfg.parts, batch, dim), dtype=torch.float32, device=device)
     dck = torch.empty((batch * dim * d_state * height if cfg.ntiles > 1 else 0,), dtype=torch.float32, device=device)
-    _poison(du, ddelta, dz, dBp, dCp, dAp, dDp, dbp, dck)
-    _, bwd_fn = _get_kernels(device.index if device.index is not None else torch.cuda.current_device(),
-                             *cuda_build.variant_tags(u.dtype, out_fp32), cfg, z is not None)
+    _poison(du, ddelta, dz if kz is not None else None, dBp, dCp, dAp, dDp, dbp, dck)
+    _, bwd_fn = _get_kernels(device, u.dtype, out_fp32, cfg, kz is not None)
     args = (
-        _ptr(u), _ptr(delta), _ptr(z), _ptr(dout), _ptr(B), _ptr(C), _ptr(A), _ptr(D), _ptr(delta_bias),
+        _ptr(u), _ptr(delta), _ptr(kz), _ptr(dout), _ptr(B), _ptr(C), _ptr(A), _ptr(D), _ptr(delta_bias),
         _ptr(_dirs_tensor(directions, device)), _ptr(ckv), _ptr(ckh if ckh.numel() else None),
-        _ptr(dck if dck.numel() else None), _ptr(du), _ptr(ddelta), _ptr(dz if z is not None else None),
+        _ptr(dck if dck.numel() else None), _ptr(du), _ptr(ddelta), _ptr(dz if kz is not None else None),
         _ptr(dBp), _ptr(dCp), _ptr(dAp), _ptr(dDp), _ptr(dbp),
         *_ints(dim, height, width, groups, d_state, int(bool(delta_softplus))),
-        *_strides(u, 4), *_strides(delta, 4), *_strides(z, 4), *_strides(dout, 4), *_strides(B, 5),
-        *_strides(C, 5), *_ints(cfg.S, cfg.WPM, cfg.CH, cfg.ntiles, cfg.nbands),
+        *_strides(u, 4), *_strides(delta, 4), *_strides(kz, 4), *_strides(dout, 4), *_strides(B, 5),
+        *_strides(C, 5), *_ints(cfg.S, cfg.WPM, cfg.CH, cfg.ntiles, cfg.nbands, cfg.states_per_part),
+        _i64(batch * dim),
     )
-    _launch(bwd_fn, device, cfg.blocks, cfg.threads, cfg.smem_bwd, args)
-    # Fixed-order reductions of the per-block partial sums (no atomics: bitwise reproducible).
+    _launch(bwd_fn, device, (cfg.blocks, cfg.parts), cfg.threads, cfg.smem_bwd, args)
+    # Fixed-order reductions of the per-block and per-part partial sums (no atomics: bitwise reproducible).
+    if split:
+        du, ddelta = du.sum(dim=0).to(u.dtype), ddelta.sum(dim=0).to(u.dtype)
     dB = dBp.sum(dim=2).to(B.dtype)
     dC = dCp.sum(dim=2).to(C.dtype)
-    return du, ddelta, dAp.sum(dim=0), dB, dC, dDp.sum(dim=0), dz, dbp.sum(dim=0)
+    # every part sums the same dout * u for dD: part 0's
+    return du, ddelta, dAp.sum(dim=0), dB, dC, dDp[0].sum(dim=0), dz, dbp.sum(dim=(0, 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
