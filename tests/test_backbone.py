@@ -281,3 +281,29 @@ def test_backbone_stream_stays_channels_last(monkeypatch):
     assert audit.strided_layer_norms == [] and audit.mixed_layouts == []
     stages = model.forward_intermediates(x, intermediates_only=True)
     assert all(t.is_contiguous(memory_format=torch.channels_last) for t in stages)
+
+
+def test_block_norms_feed_gemms_in_the_autocast_dtype():
+    """Under autocast a block's norms (outputs only read by GEMMs) normalise in the low dtype, while the residual
+    stream stays float32; without autocast they are plain layer norms (same parameters, same values)."""
+    torch.manual_seed(0)
+    block = VSSBlock(16, d_state=1, ssm_ratio=2.0)
+    with torch.no_grad():
+        for norm in (block.norm, block.norm2, block.op.out_norm):
+            norm.weight.normal_()
+            norm.bias.normal_()
+    x = torch.randn(2, 16, 5, 7).to(memory_format=torch.channels_last)
+    for norm in (block.norm, block.norm2):
+        plain = F.layer_norm(x.permute(0, 2, 3, 1), (16,), norm.weight, norm.bias, norm.eps).permute(0, 3, 1, 2)
+        torch.testing.assert_close(norm(x), plain, rtol=0, atol=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = norm(x)
+        assert low.dtype == torch.bfloat16
+        torch.testing.assert_close(low.float(), plain, rtol=2e-2, atol=2e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert block(x).dtype == torch.float32
+    model = timm.create_model("vmamba2d_nano", num_classes=3)
+    for name, module in model.named_modules():
+        if isinstance(module, vmamba.GemmInputLayerNorm2d):
+            assert name.endswith(("norm", "norm2", "out_norm")) and ".blocks." in name, name
+

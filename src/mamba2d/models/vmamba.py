@@ -15,7 +15,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm2d, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, fast_layer_norm, trunc_normal_
 from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -61,6 +61,18 @@ class Linear2d(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+
+
+class GemmInputLayerNorm2d(LayerNorm2d):
+    """timm's LayerNorm2d for a norm whose output only feeds a GEMM (a block's norm, norm2 and out_norm): under
+    autocast it normalises in the autocast dtype (timm's `fast_layer_norm`, as Apex does) instead of returning
+    float32, which the GEMM would cast down anyway; PyTorch's kernel still accumulates the statistics in float32.
+    The norms that start a residual stream (stem, downsampling) stay LayerNorm2d, so the stream keeps float32
+    under autocast. Without autocast this is LayerNorm2d; same parameters and checkpoints."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = fast_layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
 
 
 class Mlp(nn.Module):
@@ -111,7 +123,7 @@ class SS2D(nn.Module):
         self.dt_projs_bias = nn.Parameter(torch.empty(k, d_inner))
         self.A_logs = nn.Parameter(torch.empty(k * d_inner, d_state))
         self.Ds = nn.Parameter(torch.empty(k * d_inner))
-        self.out_norm = LayerNorm2d(d_inner)
+        self.out_norm = GemmInputLayerNorm2d(d_inner)
         self.out_proj = Linear2d(d_inner, d_model, bias=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._dt_init = (dt_min, dt_max, dt_init_floor)
@@ -204,10 +216,10 @@ def _unflatten_routes(y: torch.Tensor, height: int, width: int) -> torch.Tensor:
 class VSSBlock(nn.Module):
     def __init__(self, dim: int, drop_path: float = 0.0, mlp_ratio: float = 4.0, **ssm_kwargs):
         super().__init__()
-        self.norm = LayerNorm2d(dim)
+        self.norm = GemmInputLayerNorm2d(dim)
         self.op = SS2D(dim, **ssm_kwargs)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = LayerNorm2d(dim)
+        self.norm2 = GemmInputLayerNorm2d(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
