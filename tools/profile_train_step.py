@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Where the GPU time of one training step goes: CUDA kernel time per step of a timm model (forward +
 cross-entropy + backward, no optimiser step, as the throughput protocol), grouped into kinds (scan kernels, GEMMs,
-layer norms, copies and element-wise ops, reductions), then the top kernels.
+layer norms, copies and element-wise ops, reductions), then the top kernels. With --inference: one forward in eval
+mode under torch.inference_mode (the throughput protocol's inference).
 
     python tools/profile_train_step.py vmamba2d_tiny --precision bf16 [--batch 128] [--size 224] [--steps 3]
 
@@ -52,6 +53,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=3, help="profiled steps (after 5 warm-up steps)")
+    parser.add_argument("--inference", action="store_true", help="profile the eval-mode forward instead")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_train_step: needs a CUDA GPU", file=sys.stderr)
@@ -60,12 +62,16 @@ def main(argv=None) -> int:
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    model = timm.create_model(args.model).cuda().train()
+    model = timm.create_model(args.model).cuda().train(not args.inference)
     x = torch.randn(args.batch, 3, args.size, args.size, device="cuda")
     target = torch.randint(0, model.num_classes, (args.batch,), device="cuda")
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
 
     def step() -> None:
+        if args.inference:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=low) if low else nullcontext():
+                model(x)
+            return
         with torch.autocast("cuda", dtype=low) if low else nullcontext():
             loss = F.cross_entropy(model(x).float(), target)
         loss.backward()
@@ -83,8 +89,9 @@ def main(argv=None) -> int:
     for e in events:
         per_step[kernel_group(e.key)] += e.self_device_time_total / args.steps / 1e3
     total = sum(per_step.values())
+    what = "inference forward" if args.inference else "training step"
     print(f"{torch.cuda.get_device_name()}: {args.model}, batch {args.batch}, {args.size} px, {args.precision}; "
-          f"GPU time per training step {total:.2f} ms")
+          f"GPU time per {what} {total:.2f} ms")
     for group, ms in per_step.most_common():
         print(f"  {group:<18}{ms:8.2f} ms {100 * ms / total:5.1f} %")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=100))
