@@ -29,7 +29,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
                        m2d_i64 sd_b, m2d_i64 sd_d, int sd_h, int sd_w, m2d_i64 sz_b, m2d_i64 sz_d,
                        int sz_h, int sz_w, m2d_i64 sB_b, m2d_i64 sB_g, int sB_n, int sB_h,
                        int sB_w, m2d_i64 sC_b, m2d_i64 sC_g, int sC_n, int sC_h, int sC_w, int S,
-                       int WPM, int CH, int ntiles, int nbands, int NP, m2d_i64 nmaps) {
+                       int WPM, int CH, int ntiles, int nbands, int NP, m2d_i64 nmaps, int vec) {
     extern __shared__ float m2d_smem[];
     const M2DCtx c = m2d_make_ctx(dim, H, W, G, N, S, WPM, CH, K, ntiles, nbands);
     // States n0 .. n1 - 1 of the block's channels (blockIdx.y: the part of a state split; y is then part-major).
@@ -58,8 +58,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
         const int q = tile * c.TWs + c.col * K;  // scan-frame column of the thread's first column
         const int nk = c.slot_ok ? min(K, W - q) : 0;  // valid columns of the thread (<= 0: none)
         const int j = fc ? (W - 1 - q) : q;
-        int jcol[K];
-        m2d_columns<K>(q, W, fc, jcol);
+        const M2DCols<K> cols = m2d_columns<K>(q, W, fc, vec);
         for (int e = 0; e < (n1 - n0) * K; ++e) carry[e * c.nthr + c.tid] = 0.f;
         for (int band = 0; band < nbands; ++band) {
             const int p0 = band * R;
@@ -69,12 +68,12 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
             const unsigned valid = m2d_valid_mask<R, K>(nrow, nk);
             float dt[R][K], dtu[R][K], yacc[R][K], bq[R][K], cq[R][K];
             // state n0's B and C, in flight with u and delta
-            m2d_load_band<R, K>(Bbp, sB_h, sB_w, irow, jcol, valid, bq);
-            m2d_load_band<R, K>(Cbp, sC_h, sC_w, irow, jcol, cload ? valid : 0u, cq);
+            m2d_load_band<R, K>(Bbp, sB_h, sB_w, irow, cols, valid, bq);
+            m2d_load_band<R, K>(Cbp, sC_h, sC_w, irow, cols, cload ? valid : 0u, cq);
             {
                 float uu[R][K], dl[R][K];
-                m2d_load_band<R, K>(ubp, su_h, su_w, irow, jcol, valid, uu);
-                m2d_load_band<R, K>(dbp_, sd_h, sd_w, irow, jcol, valid, dl);
+                m2d_load_band<R, K>(ubp, su_h, su_w, irow, cols, valid, uu);
+                m2d_load_band<R, K>(dbp_, sd_h, sd_w, irow, cols, valid, dl);
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -100,8 +99,8 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
                 const float An2 = c.slot_ok ? A[(m2d_i64)d * N + n] * M2D_LOG2E : 0.f;
                 float a[R][K], v[R][K];
                 if (ln > 0) {
-                    m2d_load_band<R, K>(Bbp + ln * sB_n, sB_h, sB_w, irow, jcol, valid, bq);
-                    m2d_load_band<R, K>(Cbp + ln * sC_n, sC_h, sC_w, irow, jcol, cload ? valid : 0u, cq);
+                    m2d_load_band<R, K>(Bbp + ln * sB_n, sB_h, sB_w, irow, cols, valid, bq);
+                    m2d_load_band<R, K>(Cbp + ln * sC_n, sC_h, sC_w, irow, cols, cload ? valid : 0u, cq);
                 }
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
@@ -113,10 +112,8 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
                 }
                 float cv[K];
 #pragma unroll
-                for (int k = 0; k < K; ++k) {
-                    cv[k] = carry[(ln * K + k) * c.nthr + c.tid];
-                    if (ckvp != nullptr && k < nk) ckvp[(band * N + n) * W + q + k] = cv[k];
-                }
+                for (int k = 0; k < K; ++k) cv[k] = carry[(ln * K + k) * c.nthr + c.tid];
+                if (ckvp != nullptr) m2d_store_row<K>(ckvp + (band * N + n) * W, q, nk, cols.vout, cv);
                 if (LAYOUT == M2D_WIDE) {  // one row scan in the code (wide rows: a smaller state loop ran faster)
                     if (vh) m2d_colscan_fwd<R, K>(a, v, cv);
                     m2d_rowscan_fwd<R, K, LAYOUT>(c, a, v, aggM, aggV, cinb, ckh, true, tile, n, p0);
@@ -137,17 +134,16 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
                 }
             }
             if (y != nullptr) {
-                float zz[R][K];
-                if (HAS_Z) m2d_load_band<R, K>(zbp, sz_h, sz_w, irow, jcol, valid, zz);
+                if (HAS_Z) {
+                    float zz[R][K];
+                    m2d_load_band<R, K>(zbp, sz_h, sz_w, irow, cols, valid, zz);
 #pragma unroll
-                for (int r = 0; r < R; ++r) {
+                    for (int r = 0; r < R; ++r) {
 #pragma unroll
-                    for (int k = 0; k < K; ++k) {
-                        float out = yacc[r][k];
-                        if (HAS_Z) out *= zz[r][k] * m2d_sigmoid(zz[r][k]);
-                        if (m2d_is_valid(valid, r * K + k)) ybp[irow[r] * W + jcol[k]] = m2d_from_f<TO>(out);
+                        for (int k = 0; k < K; ++k) yacc[r][k] *= zz[r][k] * m2d_sigmoid(zz[r][k]);
                     }
                 }
+                m2d_store_band<R, K>(ybp, W, irow, cols, valid, yacc);
             }
         }
     }
@@ -165,7 +161,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
     m2d_i64 su_b, m2d_i64 su_d, int su_h, int su_w, m2d_i64 sd_b, m2d_i64 sd_d, int sd_h, int sd_w,
     m2d_i64 sz_b, m2d_i64 sz_d, int sz_h, int sz_w, m2d_i64 so_b, m2d_i64 so_d, int so_h, int so_w,
     m2d_i64 sB_b, m2d_i64 sB_g, int sB_n, int sB_h, int sB_w, m2d_i64 sC_b, m2d_i64 sC_g, int sC_n,
-    int sC_h, int sC_w, int S, int WPM, int CH, int ntiles, int nbands, int NP, m2d_i64 nmaps) {
+    int sC_h, int sC_w, int S, int WPM, int CH, int ntiles, int nbands, int NP, m2d_i64 nmaps, int vec) {
     extern __shared__ float m2d_smem[];
     const M2DCtx c = m2d_make_ctx(dim, H, W, G, N, S, WPM, CH, K, ntiles, nbands);
     // States n0 .. n1 - 1 (blockIdx.y: the part of a state split; du, ddelta, dD, d(delta_bias) are then per-part
@@ -179,7 +175,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
     // dB/dC of each channel slot before the sum over the block's channels (only when CH > 1): [CH][R][TWs] each,
     // two buffers used in turn so that one barrier per (band, state) suffices (a thread writing the next buffer
     // cannot overtake one still reading the other: both pass the next barrier first).
-    float* redB0 = cinb + CH * WPM * R;
+    float* redB0 = cinb + M2D_PAD4(CH * WPM * R);  // 16-byte aligned for the K-wide stores
     int rbuf = 0;
 
     const int d = c.g * c.dg + (c.slot_ok ? c.chunk * CH + c.slot : 0);
@@ -212,10 +208,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
         const int q = tile * c.TWs + c.col * K;  // scan-frame column of the thread's first column
         const int nk = c.slot_ok ? min(K, W - q) : 0;  // valid columns of the thread (<= 0: none)
         const int j = fc ? (W - 1 - q) : q;
-        int jcol[K], qcol[K];  // memory and scan-frame columns, clamped into the map
-        m2d_columns<K>(q, W, fc, jcol);
-#pragma unroll
-        for (int k = 0; k < K; ++k) qcol[k] = min(q + k, W - 1);
+        const M2DCols<K> cols = m2d_columns<K>(q, W, fc, vec);
         for (int e = 0; e < (n1 - n0) * K; ++e) vcar[e * c.nthr + c.tid] = 0.f;
         for (int band = nbands - 1; band >= 0; --band) {
             const int p0 = band * R;
@@ -227,12 +220,12 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
             float sg[R][K];  // d softplus / d(delta) (1 without softplus), kept from the first pass
             {
                 float dl[R][K];
-                m2d_load_band<R, K>(ubp, su_h, su_w, irow, jcol, valid, uu);
-                m2d_load_band<R, K>(dbp_, sd_h, sd_w, irow, jcol, valid, dl);
-                m2d_load_band<R, K>(obp, so_h, so_w, irow, jcol, valid, dy);
+                m2d_load_band<R, K>(ubp, su_h, su_w, irow, cols, valid, uu);
+                m2d_load_band<R, K>(dbp_, sd_h, sd_w, irow, cols, valid, dl);
+                m2d_load_band<R, K>(obp, so_h, so_w, irow, cols, valid, dy);
                 if (HAS_Z) {
                     float zz[R][K];
-                    m2d_load_band<R, K>(zbp, sz_h, sz_w, irow, jcol, valid, zz);
+                    m2d_load_band<R, K>(zbp, sz_h, sz_w, irow, cols, valid, zz);
 #pragma unroll
                     for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -268,8 +261,8 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                 const float An = c.slot_ok ? A[(m2d_i64)d * N + n] : 0.f;
                 const float An2 = An * M2D_LOG2E;
                 float a[R][K], bv[R][K], g[R][K], h[R][K], dh[R][K], dg[R][K];
-                m2d_load_band<R, K>(Bbp + n * sB_n, sB_h, sB_w, irow, jcol, valid, bv);
-                m2d_load_band<R, K>(Cbp + n * sC_n, sC_h, sC_w, irow, jcol, valid, dh);  // C, for now
+                m2d_load_band<R, K>(Bbp + n * sB_n, sB_h, sB_w, irow, cols, valid, bv);
+                m2d_load_band<R, K>(Cbp + n * sC_n, sC_h, sC_w, irow, cols, valid, dh);  // C, for now
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -277,10 +270,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                 }
                 // Recompute the forward states of this band from the checkpoints.
                 float cv[K];
-#pragma unroll
-                for (int k = 0; k < K; ++k) {
-                    cv[k] = m2d_select(k < nk, ckvp[(band * N + n) * W + qcol[k]], 0.f);
-                }
+                m2d_load_row<K>(ckvp + (band * N + n) * W, q, W, nk, cols.vout, cv);
                 // g: the state after the first pass, h: after both.
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
@@ -350,28 +340,22 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
                 }
                 dAacc[ln * c.nthr + c.tid] += (double)dAl;
                 if (CH == 1) {
-                    float* pB = dBpp + (m2d_i64)n * HW;
-                    float* pC = dCpp + (m2d_i64)n * HW;
-#pragma unroll
-                    for (int r = 0; r < R; ++r) {
-#pragma unroll
-                        for (int k = 0; k < K; ++k) {
-                            if (m2d_is_valid(valid, r * K + k)) {
-                                pB[irow[r] * W + jcol[k]] = g[r][k];
-                                pC[irow[r] * W + jcol[k]] = h[r][k];
-                            }
-                        }
-                    }
+                    m2d_store_band<R, K>(dBpp + (m2d_i64)n * HW, W, irow, cols, valid, g);
+                    m2d_store_band<R, K>(dCpp + (m2d_i64)n * HW, W, irow, cols, valid, h);
                 } else {
                     float* redB = redB0 + rbuf * (2 * CH * R * c.TWs);
                     float* redC = redB + CH * R * c.TWs;
 #pragma unroll
-                    for (int r = 0; r < R; ++r) {
+                    for (int r = 0; r < R; ++r) {  // K values per store (aligned: see redB0)
+                        const int o = (c.slot * R + r) * c.TWs + c.col * K;
+                        m2d_vec<float, K> vb, vc;
 #pragma unroll
                         for (int k = 0; k < K; ++k) {
-                            redB[(c.slot * R + r) * c.TWs + c.col * K + k] = g[r][k];
-                            redC[(c.slot * R + r) * c.TWs + c.col * K + k] = h[r][k];
+                            vb.e[k] = g[r][k];
+                            vc.e[k] = h[r][k];
                         }
+                        *reinterpret_cast<m2d_vec<float, K>*>(redB + o) = vb;
+                        *reinterpret_cast<m2d_vec<float, K>*>(redC + o) = vc;
                     }
                     __syncthreads();
                     for (int e = c.tid; e < R * c.TWs; e += c.nthr) {
@@ -399,28 +383,28 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
             {
                 float zz[R][K], go[R][K];
                 if (HAS_Z) {  // d z needs the raw dout and z again (reloaded: L1/L2 hits, fewer live registers)
-                    m2d_load_band<R, K>(zbp, sz_h, sz_w, irow, jcol, valid, zz);
-                    m2d_load_band<R, K>(obp, so_h, so_w, irow, jcol, valid, go);
+                    m2d_load_band<R, K>(zbp, sz_h, sz_w, irow, cols, valid, zz);
+                    m2d_load_band<R, K>(obp, so_h, so_w, irow, cols, valid, go);
                 }
                 float dD_band = 0.f, db_band = 0.f;  // a band's few terms in float, the long sums in double
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
 #pragma unroll
                     for (int k = 0; k < K; ++k) {
+                        ddt[r][k] *= sg[r][k];  // d(delta)
+                        if (HAS_Z) {
+                            const float s = m2d_sigmoid(zz[r][k]);
+                            yrec[r][k] = go[r][k] * yrec[r][k] * s * (1.f + zz[r][k] * (1.f - s));  // dz
+                        }
                         if (m2d_is_valid(valid, r * K + k)) {
-                            const int o = irow[r] * W + jcol[k];
-                            const float ddl = ddt[r][k] * sg[r][k];
-                            dup[o] = m2d_from_f<TG>(dux[r][k]);
-                            ddp[o] = m2d_from_f<TG>(ddl);
-                            if (HAS_Z) {
-                                const float s = m2d_sigmoid(zz[r][k]);
-                                dzp[o] = m2d_from_f<T>(go[r][k] * yrec[r][k] * s * (1.f + zz[r][k] * (1.f - s)));
-                            }
                             dD_band = fmaf(dy[r][k], uu[r][k], dD_band);
-                            db_band += ddl;
+                            db_band += ddt[r][k];
                         }
                     }
                 }
+                m2d_store_band<R, K>(dup, W, irow, cols, valid, dux);
+                m2d_store_band<R, K>(ddp, W, irow, cols, valid, ddt);
+                if (HAS_Z) m2d_store_band<R, K>(dzp, W, irow, cols, valid, yrec);
                 dD_acc += (double)dD_band;
                 db_acc += (double)db_band;
             }

@@ -74,6 +74,8 @@ __device__ __forceinline__ void m2d_prefetch_rows(const T* p, int st, int nrow) 
 }
 
 #define M2D_FULL 0xffffffffu
+// n rounded up to a multiple of 4 (shared-memory offsets in floats that K-wide vector accesses follow).
+#define M2D_PAD4(n) (((n) + 3) & ~3)
 // Default rows of a band held in registers per thread for one column per thread (must match ROWS_PER_BAND in
 // cuda_build.py); the kernels take rows per band R and columns per thread K as template arguments.
 #ifndef M2D_R
@@ -139,16 +141,38 @@ __device__ __forceinline__ float m2d_softplus_with_grad(float v, float& grad) {
 __device__ __forceinline__ float m2d_exp2(float x) { return exp2f(x); }
 __device__ __forceinline__ float m2d_sigmoid(float v) { return __fdividef(1.f, 1.f + exp2f(-v * M2D_LOG2E)); }
 
-// A thread's K columns (scan-frame q .. q + K - 1) and a band's R rows (p0 .. p0 + R - 1) as memory indices, clamped
-// into the map: every load reads a valid address without a branch, and the values outside the map are masked to zero
-// with bit r * K + k of the band's valid mask (one select per value instead of a predicated block per pixel).
+// K consecutive values of a map row as one aligned vector access (8 or 16 bytes for K = 2, 4 in float32).
+template <typename P, int K>
+struct alignas(sizeof(P) * K) m2d_vec {
+    P e[K];
+};
+
+// A thread's K columns (scan-frame q .. q + K - 1) as memory columns, clamped into the map: every load reads a valid
+// address without a branch, and the values outside the map are masked to zero with bit r * K + k of the band's valid
+// mask (one select per value instead of a predicated block per pixel). Where W % K == 0 (`vout`: the outputs, which
+// the launcher allocates contiguous) and also the inputs' strides and addresses allow it (`vin`), the K values are
+// one vector access at memory column jv, their order reversed when the scan runs right to left (`rev`): one load
+// instead of K, each using whole sectors.
 template <int K>
-__device__ __forceinline__ void m2d_columns(int q, int W, bool fc, int (&jcol)[K]) {
+struct M2DCols {
+    int j[K];
+    int jv;
+    bool rev, vin, vout;
+};
+// vec: bit 0 the inputs allow vector loads, bit 1 the outputs vector stores (launcher's _vector_flags).
+template <int K>
+__device__ __forceinline__ M2DCols<K> m2d_columns(int q, int W, bool fc, int vec) {
+    M2DCols<K> cols;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
         const int qq = min(q + k, W - 1);
-        jcol[k] = fc ? W - 1 - qq : qq;
+        cols.j[k] = fc ? W - 1 - qq : qq;
     }
+    cols.jv = max(0, min(W - K, fc ? W - K - q : q));  // aligned when W % K == 0 (q is a multiple of K)
+    cols.rev = fc;
+    cols.vin = K > 1 && (vec & 1);
+    cols.vout = K > 1 && (vec & 2);
+    return cols;
 }
 template <int R>
 __device__ __forceinline__ void m2d_rows(int p0, int H, bool fr, int (&irow)[R]) {
@@ -172,13 +196,74 @@ __device__ __forceinline__ bool m2d_is_valid(unsigned mask, int bit) { return (m
 // The band's values of a (.., H, W) map with in-map strides (sh, sw), as float, zero outside the map.
 template <int R, int K, typename P>
 __device__ __forceinline__ void m2d_load_band(const P* base, int sh, int sw, const int (&irow)[R],
-                                              const int (&jcol)[K], unsigned valid, float (&out)[R][K]) {
+                                              const M2DCols<K>& cols, unsigned valid, float (&out)[R][K]) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         const int row = irow[r] * sh;
+        float f[K];
+        if (K > 1 && cols.vin) {
+            const m2d_vec<P, K> v = *reinterpret_cast<const m2d_vec<P, K>*>(base + (row + cols.jv));
+            float e[K];
+#pragma unroll
+            for (int k = 0; k < K; ++k) e[k] = m2d_to_f(v.e[k]);
+#pragma unroll
+            for (int k = 0; k < K; ++k) f[k] = m2d_select(cols.rev, e[K - 1 - k], e[k]);
+        } else {
+#pragma unroll
+            for (int k = 0; k < K; ++k) f[k] = m2d_to_f(base[row + cols.j[k] * sw]);
+        }
+#pragma unroll
+        for (int k = 0; k < K; ++k) out[r][k] = m2d_select(m2d_is_valid(valid, r * K + k), f[k], 0.f);
+    }
+}
+// Store the band's values (those inside the map) into a contiguous (.., H, W) map.
+template <int R, int K, typename P>
+__device__ __forceinline__ void m2d_store_band(P* base, int W, const int (&irow)[R], const M2DCols<K>& cols,
+                                               unsigned valid, const float (&val)[R][K]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int row = irow[r] * W;
+        if (K > 1 && cols.vout) {
+            if (m2d_is_valid(valid, r * K)) {  // W % K == 0: a thread's columns are all in the map or none
+                m2d_vec<P, K> v;
+#pragma unroll
+                for (int k = 0; k < K; ++k) v.e[k] = m2d_from_f<P>(m2d_select(cols.rev, val[r][K - 1 - k], val[r][k]));
+                *reinterpret_cast<m2d_vec<P, K>*>(base + (row + cols.jv)) = v;
+            }
+        } else {
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+                if (m2d_is_valid(valid, r * K + k)) base[row + cols.j[k]] = m2d_from_f<P>(val[r][k]);
+            }
+        }
+    }
+}
+// A thread's K values of a scan-frame row (a checkpoint row: columns q .. q + K - 1 of a W-wide float row, nk of
+// them inside the map), read (zero outside) or written.
+template <int K>
+__device__ __forceinline__ void m2d_load_row(const float* row, int q, int W, int nk, bool vec, float (&v)[K]) {
+    if (K > 1 && vec) {
+        const m2d_vec<float, K> e = *reinterpret_cast<const m2d_vec<float, K>*>(row + min(q, W - K));
+#pragma unroll
+        for (int k = 0; k < K; ++k) v[k] = m2d_select(k < nk, e.e[k], 0.f);
+    } else {
+#pragma unroll
+        for (int k = 0; k < K; ++k) v[k] = m2d_select(k < nk, row[min(q + k, W - 1)], 0.f);
+    }
+}
+template <int K>
+__device__ __forceinline__ void m2d_store_row(float* row, int q, int nk, bool vec, const float (&v)[K]) {
+    if (K > 1 && vec) {
+        if (nk > 0) {
+            m2d_vec<float, K> e;
+#pragma unroll
+            for (int k = 0; k < K; ++k) e.e[k] = v[k];
+            *reinterpret_cast<m2d_vec<float, K>*>(row + q) = e;
+        }
+    } else {
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-            out[r][k] = m2d_select(m2d_is_valid(valid, r * K + k), m2d_to_f(base[row + jcol[k] * sw]), 0.f);
+            if (k < nk) row[q + k] = v[k];
         }
     }
 }

@@ -200,6 +200,30 @@ def test_non_contiguous_inputs():
         assert rel_err(grads[name], grads_ref[name]) <= 1e-5, name
 
 
+@pytest.mark.parametrize("layout,dtype", [("contiguous", torch.float32), ("contiguous", torch.bfloat16),
+                                          ("misaligned", torch.float32), ("channels_last", torch.bfloat16)])
+@pytest.mark.parametrize("H,W", [(5, 128), (7, 14), (9, 56), (3, 300), (6, 300), (1, 256)])
+def test_vector_access_layouts(layout, dtype, H, W):
+    """K-wide vector loads and stores (W % K == 0: narrow, warp-row, wide and 1D layouts) in all eight directions,
+    with inputs that allow vector loads and with inputs that do not (an address one element off, strided columns):
+    then only the stores are vectors."""
+    G = 4
+    inputs = make_inputs(2, 8, H, W, G, 2, dtype=dtype, z=W % 4 == 0)
+    if layout == "misaligned":
+        for name in ("u", "B"):
+            t = inputs[name]
+            wide = torch.zeros(*t.shape[:-1], W + 1, dtype=t.dtype, device=t.device)
+            wide[..., 1:] = t
+            inputs[name] = wide[..., 1:]
+    elif layout == "channels_last":
+        inputs["delta"] = inputs["delta"].contiguous(memory_format=torch.channels_last)
+    cfg = cuda_build.launch_config(2, 8, H, W, G, 2)
+    flags = cuda_scan._vector_flags(cfg, W, tuple(inputs[n] for n in ("u", "delta", "z", "B", "C")))
+    assert cfg.K > 1 and flags == (3 if layout == "contiguous" else 2)
+    for offset in (0, 4):
+        check_against_reference(inputs, group_directions(G, offset))
+
+
 @pytest.mark.parametrize("H,W,G,dim,N", [(37, 70, 1, 256, 4), (3, 1000, 2, 8, 8), (14, 14, 4, 64, 1),
                                          (20, 300, 1, 16, 16)])
 def test_deterministic_bitwise(H, W, G, dim, N):

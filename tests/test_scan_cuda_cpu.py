@@ -126,6 +126,26 @@ def test_state_split_fills_the_gpu_only_when_blocks_are_few():
             assert 1 < parts <= n and -(-n // per_part) == parts
 
 
+def test_vector_flags_follow_width_strides_and_alignment():
+    """K-wide vector stores need W % K == 0 (the outputs are ours, contiguous); vector loads also need every input's
+    columns contiguous and its address and other strides multiples of K (a dimension of size one does not count)."""
+    def flags(u, B, tensors=None):
+        batch, dim, H, W = u.shape
+        cfg = cuda_build.launch_config(batch, dim, H, W, B.shape[1], B.shape[2])
+        return cfg.K, cuda_scan._vector_flags(cfg, W, tensors or (u, B))
+
+    B = torch.zeros(2, 4, 1, 9, 128)
+    assert flags(torch.zeros(2, 8, 9, 128), B) == (4, 3)
+    assert flags(torch.zeros(2, 8, 9, 128).to(memory_format=torch.channels_last), B) == (4, 2)  # columns strided
+    assert flags(torch.zeros(2, 8, 9, 129)[..., 1:], B) == (4, 2)  # misaligned by one element
+    assert flags(torch.zeros(2, 8, 9, 130)[..., :128], B) == (4, 2)  # rows 130 apart
+    assert flags(torch.zeros(1, 8, 9, 128), B[:1, :, :, :, :].expand(1, 4, 1, 9, 128)) == (4, 3)
+    assert flags(torch.zeros(2, 8, 9, 126), torch.zeros(2, 4, 1, 9, 126)) == (4, 0)  # W % K != 0
+    assert flags(torch.zeros(2, 8, 9, 14), torch.zeros(2, 4, 1, 9, 14)) == (2, 3)  # two columns per thread
+    assert flags(torch.zeros(2, 8, 9, 7), torch.zeros(2, 4, 1, 9, 7))[1] == 0  # one column per thread
+    assert flags(torch.zeros(2, 8, 9, 14), torch.zeros(2, 4, 1, 9, 14), tensors=(None,)) == (2, 3)
+
+
 def test_supports_dtypes_and_states():
     u = torch.zeros(1, 2, 3, 4)
     assert cuda_scan.supports(u, torch.zeros(1, 1, 64, 3, 4))

@@ -53,20 +53,25 @@ NARROW_BWD_MAX_THREADS = 128
 SPLIT_TARGET_BLOCKS = 1024
 
 
-def _tuning() -> tuple[int, int, int, int, int, int, int, bool, tuple[str, ...]]:
+#: A thread's K columns move as one 8/16-byte vector access where the map rows allow it (W % K == 0, unit column
+#: stride, aligned addresses): fewer load/store instructions and whole sectors per access.
+VECTOR_ACCESS = True
+
+
+def _tuning() -> tuple[int, int, int, int, int, int, int, bool, bool, tuple[str, ...]]:
     """Benchmark-only override, e.g. MAMBA2D_SCAN_TUNE="R=4,FWD=3,BWD=2,KMAX=2": rows per band (one column per
     thread), occupancy targets, most columns per thread (KMAX=1: one column per thread everywhere), LANES (maps wider
     than this take several columns per thread), DBUF=0 (one dB/dC reduction buffer, two barriers), BTHR (most
     threads per backward block; narrow maps take at most NARROW_BWD_MAX_THREADS), SPLIT (SPLIT_TARGET_BLOCKS; 0:
     never split the states), WIDEK (WIDE_COLS_PER_THREAD; 1: one column per thread on every wide map, as up to v10),
-    PAIRS=0 (one column per thread on maps 9-16 wide, as up to v10), PF=0 (no L1 prefetch of the next band) and
+    PAIRS=0 (one column per thread on maps 9-16 wide, as up to v10), VEC=0 (no vector accesses, as up to v11), PF=0 (no L1 prefetch of the next band) and
     LEAN=0 (v8's pointer arithmetic; the softplus stays branch-free)."""
     import os
 
     spec = os.environ.get("MAMBA2D_SCAN_TUNE", "")
     if not spec:
         return (ROWS_PER_BAND, MAX_COLS_PER_THREAD, 32, 3, MAX_THREADS, SPLIT_TARGET_BLOCKS, WIDE_COLS_PER_THREAD,
-                NARROW_PAIRS, ())
+                NARROW_PAIRS, VECTOR_ACCESS, ())
     vals = dict(item.split("=") for item in spec.split(",") if item)
     rows = int(vals.get("R", ROWS_PER_BAND))
     kmax = int(vals.get("KMAX", MAX_COLS_PER_THREAD))
@@ -81,7 +86,7 @@ def _tuning() -> tuple[int, int, int, int, int, int, int, bool, tuple[str, ...]]
         defines.append(f"-DM2D_LEAN={int(vals['LEAN'])}")
     return (rows, kmax, int(vals.get("LANES", 32)), int(vals.get("FWD", 3)), int(vals.get("BTHR", MAX_THREADS)),
             int(vals.get("SPLIT", SPLIT_TARGET_BLOCKS)), int(vals.get("WIDEK", WIDE_COLS_PER_THREAD)),
-            vals.get("PAIRS", "1") != "0", tuple(defines))
+            vals.get("PAIRS", "1") != "0", vals.get("VEC", "1") != "0", tuple(defines))
 
 
 #: FWD_MIN_BLOCKS: forward occupancy target (blocks per SM; caps its registers at 80), a template argument of the
@@ -89,7 +94,7 @@ def _tuning() -> tuple[int, int, int, int, int, int, int, bool, tuple[str, ...]]
 #: FWD_MIN_BLOCKS_LARGE_STATE from LARGE_STATE states on (shape c: fwd+bwd 13.7 -> 11.5 ms).
 #: ROW_LANES: maps wider than this many columns take K > 1 columns per thread (up to 32 * MAX_COLS_PER_THREAD).
 (ROWS_PER_BAND, MAX_COLS_PER_THREAD, ROW_LANES, FWD_MIN_BLOCKS, BWD_MAX_THREADS, SPLIT_TARGET_BLOCKS,
- WIDE_COLS_PER_THREAD, NARROW_PAIRS, TUNING_OPTIONS) = _tuning()
+ WIDE_COLS_PER_THREAD, NARROW_PAIRS, VECTOR_ACCESS, TUNING_OPTIONS) = _tuning()
 FWD_MIN_BLOCKS_LARGE_STATE = 2
 LARGE_STATE = 8
 
@@ -297,8 +302,9 @@ def _launch_config(batch: int, dim: int, height: int, width: int, groups: int, d
     nbands = _ceil_div(height, R)
     cpg = _ceil_div(dg, CH)
     agg = 3 * CH * WPM * R
+    agg_padded = agg - CH * WPM * R + _ceil_div(CH * WPM * R, 4) * 4  # the dB/dC buffers start 16-byte aligned
     smem_fwd = 4 * (states * K * threads + agg)
-    smem_bwd = 4 * (states * K * threads + 2 * states * threads + agg + (4 * CH * R * tws if CH > 1 else 0))
+    smem_bwd = 4 * (states * K * threads + 2 * states * threads + agg_padded + (4 * CH * R * tws if CH > 1 else 0))
     smem_bwd = max(smem_bwd, 16 * threads)  # the final reduction reuses the start as [2][threads] doubles
     fwd_min_blocks = FWD_MIN_BLOCKS_LARGE_STATE if states >= LARGE_STATE else FWD_MIN_BLOCKS
     return LaunchConfig(S=S, WPM=WPM, R=R, K=K, parts=parts, states_per_part=states, fwd_min_blocks=fwd_min_blocks,

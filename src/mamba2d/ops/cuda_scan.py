@@ -147,6 +147,22 @@ def _strides(t: torch.Tensor | None, ndim: int):
     return tuple(np.int64(s) for s in st[:2]) + tuple(np.int32(s) for s in st[2:])
 
 
+def _vector_flags(cfg: cuda_build.LaunchConfig, width: int, inputs) -> int:
+    """The kernels' `vec` argument: bit 1 when a thread's K columns go out as one vector store (W a multiple of K;
+    the launcher allocates the outputs contiguous), bit 0 when every input allows the same vector loads."""
+    if cfg.K == 1 or width % cfg.K or not cuda_build.VECTOR_ACCESS:
+        return 0
+    return 2 | int(all(t is None or _vector_loads_ok(t, cfg.K) for t in inputs))
+
+
+def _vector_loads_ok(t: torch.Tensor, k: int) -> bool:
+    """K consecutive columns are one aligned access: unit column stride, the address and every other stride (of a
+    dimension longer than one) multiples of K elements."""
+    if t.stride(-1) != 1 or t.data_ptr() % (k * t.element_size()):
+        return False
+    return all(stride % k == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size > 1)
+
+
 def _in_map_span(t: torch.Tensor) -> int:
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[2:], t.stride()[2:]))
 
@@ -245,6 +261,7 @@ def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, ou
         *_ints(dim, height, width, groups, d_state, int(bool(delta_softplus))),
         *_strides(u, 4), *_strides(delta, 4), *_strides(kz, 4), *_strides(B, 5), *_strides(C, 5),
         *_ints(cfg.S, cfg.WPM, cfg.CH, cfg.ntiles, cfg.nbands, cfg.states_per_part), _i64(batch * dim),
+        *_ints(_vector_flags(cfg, width, (u, delta, kz, B, C))),
     )
     _launch(fwd_fn, device, (cfg.blocks, cfg.parts), cfg.threads, cfg.smem_fwd, args)
     if split and y is not None:
@@ -302,7 +319,7 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
         *_ints(dim, height, width, groups, d_state, int(bool(delta_softplus))),
         *_strides(u, 4), *_strides(delta, 4), *_strides(kz, 4), *_strides(dout, 4), *_strides(B, 5),
         *_strides(C, 5), *_ints(cfg.S, cfg.WPM, cfg.CH, cfg.ntiles, cfg.nbands, cfg.states_per_part),
-        _i64(batch * dim),
+        _i64(batch * dim), *_ints(_vector_flags(cfg, width, (u, delta, kz, dout, B, C))),
     )
     _launch(bwd_fn, device, (cfg.blocks, cfg.parts), cfg.threads, cfg.smem_bwd, args)
     # Fixed-order reductions of the per-block and per-part partial sums (no atomics: bitwise reproducible).
