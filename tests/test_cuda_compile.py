@@ -15,9 +15,11 @@ NVCC = shutil.which("nvcc")
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_kernels_compile_with_nvcc(arch, tmp_path):
-    source = tmp_path / "scan2d_all_variants.cu"
-    source.write_text(cuda_build.nvcc_translation_unit())
+@pytest.mark.parametrize("unit", ["scan2d", "layer_norm"])
+def test_kernels_compile_with_nvcc(arch, unit, tmp_path):
+    source = tmp_path / f"{unit}_all_variants.cu"
+    text = cuda_build.nvcc_translation_unit() if unit == "scan2d" else cuda_build.nvcc_layer_norm_translation_unit()
+    source.write_text(text)
     cmd = [NVCC, *cuda_build.COMPILE_OPTIONS, f"-arch={arch}", "-c", str(source), "-o", str(tmp_path / "k.o"),
            "-Werror", "all-warnings"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -27,7 +29,8 @@ def test_kernels_compile_with_nvcc(arch, tmp_path):
 def test_source_is_self_contained():
     """NVRTC gets one text: local includes are spliced in and no system header is needed."""
     text = cuda_build.kernel_source()
-    assert not re.search(r"^\s*#\s*include", text, re.MULTILINE)
+    for source in (text, cuda_build.kernel_source(cuda_build.LAYER_NORM_SOURCE)):
+        assert not re.search(r"^\s*#\s*include", source, re.MULTILINE)
     assert "mamba2d_scan2d_fwd" in text and "mamba2d_scan2d_bwd" in text
     assert f"#define M2D_R {cuda_build.ROWS_PER_BAND}" in text
     assert f"#define M2D_MAX_THREADS {cuda_build.MAX_THREADS}" in text

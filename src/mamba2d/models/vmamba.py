@@ -21,7 +21,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models._registry import generate_default_cfgs
 
-from ..ops import selective_scan_2d
+from ..ops import cuda_layer_norm, selective_scan_2d
 
 __all__ = ["VSSM", "SS2D", "VSSBlock", "SCAN_DIRECTIONS"]
 
@@ -63,16 +63,38 @@ class Linear2d(nn.Linear):
         return F.conv2d(x, self.weight[:, :, None, None], self.bias)
 
 
-class GemmInputLayerNorm2d(LayerNorm2d):
-    """timm's LayerNorm2d for a norm whose output only feeds a GEMM (a block's norm, norm2 and out_norm): under
-    autocast it normalises in the autocast dtype (timm's `fast_layer_norm`, as Apex does) instead of returning
-    float32, which the GEMM would cast down anyway; PyTorch's kernel still accumulates the statistics in float32.
-    The norms that start a residual stream (stem, downsampling) stay LayerNorm2d, so the stream keeps float32
-    under autocast. Without autocast this is LayerNorm2d; same parameters and checkpoints."""
+class ChannelsLastLayerNorm2d(LayerNorm2d):
+    """timm's LayerNorm2d (same parameters, checkpoints and output dtype: float32 under autocast). Where no gradient
+    is wanted (inference) and the map is a CUDA channels_last tensor, it normalises on the short-row layer-norm
+    kernel (`mamba2d.ops.cuda_layer_norm`): PyTorch's kernel idles most of its threads on rows of 48-768 channels."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = fast_layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+        rows = x.permute(0, 2, 3, 1)
+        if cuda_layer_norm.usable(rows, self.weight, self.bias):
+            out = cuda_layer_norm.layer_norm(rows, self.weight, self.bias, self.eps, self._out_dtype(x))
+            return out.permute(0, 3, 1, 2)
+        return self._pytorch_norm(rows).permute(0, 3, 1, 2)
+
+    def _out_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+    def _pytorch_norm(self, rows: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(rows, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class GemmInputLayerNorm2d(ChannelsLastLayerNorm2d):
+    """The layer norm of a block whose output only feeds a GEMM (a block's norm, norm2 and out_norm): under
+    autocast it normalises in the autocast dtype (timm's `fast_layer_norm`, as Apex does) instead of returning
+    float32, which the GEMM would cast down anyway; the statistics stay float32. The norms that start a residual
+    stream (stem, downsampling) return float32, so the stream keeps float32 under autocast. Without autocast this
+    is LayerNorm2d; same parameters and checkpoints."""
+
+    def _out_dtype(self, x: torch.Tensor) -> torch.dtype:
+        device = x.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+    def _pytorch_norm(self, rows: torch.Tensor) -> torch.Tensor:
+        return fast_layer_norm(rows, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class Mlp(nn.Module):
@@ -267,8 +289,9 @@ class VSSM(nn.Module):
         # Index layout (conv, -, norm, -, act, conv, -, norm) mirrors VMamba's channel-last variant so that
         # checkpoint keys (patch_embed.0/2/5/7) match without renaming.
         self.patch_embed = nn.Sequential(
-            nn.Conv2d(in_chans, dims[0] // 2, 3, 2, 1), nn.Identity(), LayerNorm2d(dims[0] // 2), nn.Identity(),
-            nn.GELU(), nn.Conv2d(dims[0] // 2, dims[0], 3, 2, 1), nn.Identity(), LayerNorm2d(dims[0]),
+            nn.Conv2d(in_chans, dims[0] // 2, 3, 2, 1), nn.Identity(), ChannelsLastLayerNorm2d(dims[0] // 2),
+            nn.Identity(), nn.GELU(), nn.Conv2d(dims[0] // 2, dims[0], 3, 2, 1), nn.Identity(),
+            ChannelsLastLayerNorm2d(dims[0]),
         )
         ssm_kwargs = dict(
             d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank, d_conv=d_conv, conv_bias=conv_bias, scan=scan,
@@ -285,7 +308,7 @@ class VSSM(nn.Module):
             )
             downsample = (
                 nn.Sequential(nn.Identity(), nn.Conv2d(dims[i], dims[i + 1], 3, 2, 1), nn.Identity(),
-                              LayerNorm2d(dims[i + 1]))
+                              ChannelsLastLayerNorm2d(dims[i + 1]))
                 if i < len(depths) - 1
                 else nn.Identity()
             )
@@ -293,9 +316,9 @@ class VSSM(nn.Module):
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"layers.{i}.blocks"))
         if feature_norms:  # the per-stage norms of VMamba's dense-prediction backbone
             for i, dim in enumerate(dims):
-                self.add_module(f"outnorm{i}", LayerNorm2d(dim))
+                self.add_module(f"outnorm{i}", ChannelsLastLayerNorm2d(dim))
         self.classifier = nn.Sequential(OrderedDict(
-            norm=LayerNorm2d(self.num_features), permute=nn.Identity(),
+            norm=ChannelsLastLayerNorm2d(self.num_features), permute=nn.Identity(),
             avgpool=nn.AdaptiveAvgPool2d(1) if global_pool else nn.Identity(),
             flatten=nn.Flatten(1) if global_pool else nn.Identity(),
             head=nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity(),

@@ -64,7 +64,8 @@ def _tuning() -> tuple[int, int, int, int, int, int, int, bool, bool, tuple[str,
     than this take several columns per thread), DBUF=0 (one dB/dC reduction buffer, two barriers), BTHR (most
     threads per backward block; narrow maps take at most NARROW_BWD_MAX_THREADS), SPLIT (SPLIT_TARGET_BLOCKS; 0:
     never split the states), WIDEK (WIDE_COLS_PER_THREAD; 1: one column per thread on every wide map, as up to v10),
-    PAIRS=0 (one column per thread on maps 9-16 wide, as up to v10), VEC=0 (no vector accesses, as up to v11), PF=0 (no L1 prefetch of the next band) and
+    PAIRS=0 (one column per thread on maps 9-16 wide, as up to v10), VEC=0 (no vector accesses, as up to v11), PF
+    (bands of at most this many rows prefetch the next band into L1: 0 never, 4 always as up to v11; default 1) and
     LEAN=0 (v8's pointer arithmetic; the softplus stays branch-free)."""
     import os
 
@@ -198,6 +199,38 @@ def nvcc_translation_unit() -> str:
     names = list(dict.fromkeys(names))  # the backward does not depend on the forward's occupancy target
     refs = ",\n    ".join(f"(void*)&{name}" for name in names)
     return kernel_source() + f"\n\nvoid* mamba2d_force_instantiation[] = {{\n    {refs}\n}};\n"
+
+
+#: Source of the short-row layer norm (forward only; mamba2d.ops.cuda_layer_norm) and the longest row it takes (32
+#: lanes x 32 values in registers); longer rows go to PyTorch's kernel.
+LAYER_NORM_SOURCE = "layer_norm.cu"
+LAYER_NORM_MAX_C = 1024
+LAYER_NORM_THREADS = 256  # the kernel's __launch_bounds__
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def layer_norm_lanes(channels: int) -> tuple[int, int]:
+    """(lanes per row, values per lane) of the layer-norm kernel for rows of `channels` values: about 8 values per
+    lane, lanes a power of two up to 32 (several rows per warp for short rows), values a power of two from 4."""
+    lanes = min(32, _pow2_at_least(_ceil_div(channels, 8)))
+    return lanes, max(4, _pow2_at_least(_ceil_div(channels, lanes)))
+
+
+def layer_norm_kernel_name(in_tag: str, out_tag: str, channels: int) -> str:
+    lanes, values = layer_norm_lanes(channels)
+    return f"mamba2d_layer_norm_fwd<{in_tag}, {out_tag}, {lanes}, {values}>"
+
+
+def nvcc_layer_norm_translation_unit() -> str:
+    """The layer-norm kernel with every instantiation a row length up to LAYER_NORM_MAX_C and a dtype pair use."""
+    tags = list(DTYPE_TAGS.values())
+    names = dict.fromkeys(layer_norm_kernel_name(i, o, c) for i in tags for o in tags
+                          for c in range(1, LAYER_NORM_MAX_C + 1))
+    refs = ",\n    ".join(f"(void*)&{name}" for name in names)
+    return kernel_source(LAYER_NORM_SOURCE) + f"\n\nvoid* mamba2d_force_instantiation[] = {{\n    {refs}\n}};\n"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ POISON_OUTPUTS = False
 
 _cupy = None
 _cupy_error: BaseException | None = None
-_lock = threading.Lock()
+compile_lock = threading.Lock()
 _kernels: dict[tuple[int, str, str, int, int, int, bool, int, bool], tuple[object, object]] = {}
 _dirs_cache: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
 
@@ -82,7 +82,7 @@ def _get_kernels(device: torch.device, dtype: torch.dtype, out_fp32: bool, cfg: 
     fns = _kernels.get(key)
     if fns is None:
         cupy = require_cupy()
-        with _lock:
+        with compile_lock:
             fns = _kernels.get(key)
             if fns is None:
                 names = cuda_build.kernel_names(in_tag, out_tag, cfg.R, cfg.K, cfg.layout, has_z,
@@ -115,7 +115,7 @@ def _cupy_stream(cupy, index: int, ptr: int):
     return stream
 
 
-def _launch(fn, device: torch.device, blocks: tuple[int, int], threads: int, smem: int, args: tuple) -> None:
+def launch_kernel(fn, device: torch.device, blocks: tuple[int, int], threads: int, smem: int, args: tuple) -> None:
     cupy = require_cupy()
     index = device.index if device.index is not None else torch.cuda.current_device()
     with cupy.cuda.Device(index):
@@ -128,7 +128,7 @@ def _launch(fn, device: torch.device, blocks: tuple[int, int], threads: int, sme
             fn(blocks, (threads,), args, shared_mem=smem)
 
 
-def _ptr(t: torch.Tensor | None):
+def pointer_arg(t: torch.Tensor | None):
     import numpy as np
 
     return np.uint64(0 if t is None else t.data_ptr())
@@ -256,14 +256,14 @@ def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, ou
     kz = None if split else z
     fwd_fn, _ = _get_kernels(device, u.dtype, out_fp32 or split, cfg, kz is not None)
     args = (
-        _ptr(u), _ptr(delta), _ptr(kz), _ptr(B), _ptr(C), _ptr(A), _ptr(D), _ptr(delta_bias),
-        _ptr(_dirs_tensor(directions, device)), _ptr(y), _ptr(ckv if keep else None), _ptr(ckh if ckh_n else None),
+        *(pointer_arg(t) for t in (u, delta, kz, B, C, A, D, delta_bias, _dirs_tensor(directions, device), y,
+                                   ckv if keep else None, ckh if ckh_n else None)),
         *_ints(dim, height, width, groups, d_state, int(bool(delta_softplus))),
         *_strides(u, 4), *_strides(delta, 4), *_strides(kz, 4), *_strides(B, 5), *_strides(C, 5),
         *_ints(cfg.S, cfg.WPM, cfg.CH, cfg.ntiles, cfg.nbands, cfg.states_per_part), _i64(batch * dim),
         *_ints(_vector_flags(cfg, width, (u, delta, kz, B, C))),
     )
-    _launch(fwd_fn, device, (cfg.blocks, cfg.parts), cfg.threads, cfg.smem_fwd, args)
+    launch_kernel(fwd_fn, device, (cfg.blocks, cfg.parts), cfg.threads, cfg.smem_fwd, args)
     if split and y is not None:
         y = y.sum(dim=0)
         if z is not None:
@@ -312,16 +312,15 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
     _poison(du, ddelta, dz if kz is not None else None, dBp, dCp, dAp, dDp, dbp, dck)
     _, bwd_fn = _get_kernels(device, u.dtype, out_fp32, cfg, kz is not None)
     args = (
-        _ptr(u), _ptr(delta), _ptr(kz), _ptr(dout), _ptr(B), _ptr(C), _ptr(A), _ptr(D), _ptr(delta_bias),
-        _ptr(_dirs_tensor(directions, device)), _ptr(ckv), _ptr(ckh if ckh.numel() else None),
-        _ptr(dck if dck.numel() else None), _ptr(du), _ptr(ddelta), _ptr(dz if kz is not None else None),
-        _ptr(dBp), _ptr(dCp), _ptr(dAp), _ptr(dDp), _ptr(dbp),
+        *(pointer_arg(t) for t in (u, delta, kz, dout, B, C, A, D, delta_bias, _dirs_tensor(directions, device), ckv,
+                                   ckh if ckh.numel() else None, dck if dck.numel() else None, du, ddelta,
+                                   dz if kz is not None else None, dBp, dCp, dAp, dDp, dbp)),
         *_ints(dim, height, width, groups, d_state, int(bool(delta_softplus))),
         *_strides(u, 4), *_strides(delta, 4), *_strides(kz, 4), *_strides(dout, 4), *_strides(B, 5),
         *_strides(C, 5), *_ints(cfg.S, cfg.WPM, cfg.CH, cfg.ntiles, cfg.nbands, cfg.states_per_part),
         _i64(batch * dim), *_ints(_vector_flags(cfg, width, (u, delta, kz, dout, B, C))),
     )
-    _launch(bwd_fn, device, (cfg.blocks, cfg.parts), cfg.threads, cfg.smem_bwd, args)
+    launch_kernel(bwd_fn, device, (cfg.blocks, cfg.parts), cfg.threads, cfg.smem_bwd, args)
     # Fixed-order reductions of the per-block and per-part partial sums (no atomics: bitwise reproducible).
     if split:
         du, ddelta = du.sum(dim=0).to(u.dtype), ddelta.sum(dim=0).to(u.dtype)
