@@ -1,5 +1,5 @@
 // Layer norm over the last, contiguous dimension of short rows (a channels-last feature map's pixels, C <= 1024),
-// forward only. PyTorch's kernel gives every row a block of 128 threads, most of them idle when C is 48 or 96 (an
+// forward (PyTorch's backward takes the mean and 1/std it can write). PyTorch's kernel gives every row a block of 128 threads, most of them idle when C is 48 or 96 (an
 // H100 moved a 128 x 112 x 112 x 48 float32 map at a tenth of its bandwidth). Here L lanes share a row (a power of
 // two up to 32, several rows per warp), each keeping V of its values in registers: the row is read once and written
 // once, mean and variance come from the registers in two passes (the variance from deviations to the mean, as exact
@@ -13,11 +13,13 @@ __device__ __forceinline__ float m2d_row_sum(float v) {
     return v;
 }
 
-// x: rows x C (row-major), weight/bias: C floats or null, y: rows x C. Lane l of a row holds columns l + L * i.
+// x: rows x C (row-major), weight/bias: C floats or null, y: rows x C, mean/rstd: one float per row or null (for
+// the backward). Lane l of a row holds columns l + L * i.
 template <typename T, typename TO, int L, int V>
-__global__ void __launch_bounds__(256) mamba2d_layer_norm_fwd(const T* __restrict__ x, const float* __restrict__ weight,
-                                                              const float* __restrict__ bias, TO* __restrict__ y,
-                                                              m2d_i64 rows, int C, float eps) {
+__global__ void __launch_bounds__(256)
+    mamba2d_layer_norm_fwd(const T* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
+                           TO* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out, m2d_i64 rows,
+                           int C, float eps) {
     const m2d_i64 row = ((m2d_i64)blockIdx.x * blockDim.x + threadIdx.x) / L;
     const int lane = threadIdx.x % L;
     const bool row_ok = row < rows;  // a whole row's lanes agree, so the shuffles below see only their own row
@@ -39,6 +41,10 @@ __global__ void __launch_bounds__(256) mamba2d_layer_norm_fwd(const T* __restric
     }
     const float rstd = rsqrtf(m2d_row_sum<L>(sq) / C + eps);
     if (!row_ok) return;
+    if (mean_out != nullptr && lane == 0) {
+        mean_out[row] = mean;
+        rstd_out[row] = rstd;
+    }
     TO* yr = y + row * C;
 #pragma unroll
     for (int i = 0; i < V; ++i) {

@@ -21,6 +21,13 @@ pytestmark = [
 BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """Model comparisons: TF32 GEMMs and convolutions would differ by more than the norms do."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     assert torch.isfinite(out).all()
@@ -54,24 +61,44 @@ def test_dtypes_on_a_channels_last_map(dtype, out_dtype):
     assert _rel(out, ref) <= max(BOUND[dtype], BOUND[out_dtype])
 
 
-def test_usable_only_without_gradients_and_for_contiguous_rows():
+def test_usable_only_for_contiguous_rows_of_matching_parameters():
     x = torch.randn(2, 5, 7, 48, device="cuda")
-    weight = torch.ones(48, device="cuda", requires_grad=True)
-    assert cuda_layer_norm.usable(x, None, None)
-    assert not cuda_layer_norm.usable(x, weight, None)  # autograd needs PyTorch's kernel
-    with torch.no_grad():
-        assert cuda_layer_norm.usable(x, weight, None)
+    assert cuda_layer_norm.usable(x, torch.ones(48, device="cuda", requires_grad=True), None)
     assert not cuda_layer_norm.usable(x.transpose(1, 2), None, None)
     assert not cuda_layer_norm.usable(torch.randn(3, cuda_build.LAYER_NORM_MAX_C + 1, device="cuda"), None, None)
     assert not cuda_layer_norm.usable(x.cpu(), None, None)
-    with pytest.raises(ValueError, match="weight has shape"):
-        cuda_layer_norm.layer_norm(x, torch.ones(47, device="cuda"), None, 1e-6, torch.float32)
+    assert not cuda_layer_norm.usable(x, torch.ones(47, device="cuda"), None)  # F.layer_norm raises its own error
+    assert not cuda_layer_norm.usable(x, None, torch.ones(48))
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                             (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+@pytest.mark.parametrize("channels,affine", [(48, True), (96, False), (384, True), (1000, True)])
+def test_gradients_match_pytorch(dtype, out_dtype, channels, affine):
+    """Input, weight and bias gradients (PyTorch's backward from the kernel's mean and 1/std) against F.layer_norm's
+    autograd in float64 on the same rounded inputs; also through a permuted channels-last view."""
+    gen = torch.Generator().manual_seed(channels)
+    x = (torch.randn(2, 9, 5, channels, generator=gen) * 2 + 0.5).to(dtype).cuda()
+    params = [torch.randn(channels, generator=gen).cuda() if affine else None for _ in range(2)]
+    dy = torch.randn(x.shape, generator=gen).cuda().to(out_dtype)
+
+    def grads(fn, reference):
+        leaves = [None if t is None else (t.double() if reference else t.clone()).requires_grad_()
+                  for t in (x, *params)]
+        fn(*leaves).backward(dy.double() if reference else dy)
+        return [t.grad for t in leaves if t is not None]
+
+    ours = grads(lambda r, w, b: cuda_layer_norm.layer_norm(r, w, b, 1e-6, out_dtype), False)
+    ref = grads(lambda r, w, b: F.layer_norm(r, (channels,), w, b, 1e-6), True)
+    assert [g.dtype for g in ours] == [dtype] + [torch.float32] * (2 if affine else 0)
+    bound = 1e-5 if dtype == out_dtype == torch.float32 else 2e-2
+    for name, g, r in zip(("x", "weight", "bias"), ours, ref):
+        assert _rel(g, r) <= bound, name
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_backbone_inference_matches_pytorch_norms(monkeypatch, precision):
+def test_backbone_inference_matches_pytorch_norms(monkeypatch, no_tf32, precision):
     """vmamba2d_nano's eval forward with the kernel norms equals the one with PyTorch's (same output dtype)."""
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     model = timm.create_model("vmamba2d_nano", num_classes=10).cuda().eval()
     x = torch.randn(4, 3, 64, 64, device="cuda")
     low = torch.bfloat16 if precision == "bf16" else None
@@ -89,3 +116,25 @@ def test_backbone_inference_matches_pytorch_norms(monkeypatch, precision):
     plain = forward()
     assert fast.dtype == plain.dtype
     assert _rel(fast, plain) <= (1e-4 if low is None else 3e-2)
+
+
+def test_backbone_training_gradients_match_pytorch_norms(monkeypatch, no_tf32):
+    """One fp32 training step of vmamba2d_nano: loss and every parameter gradient with the kernel norms against
+    PyTorch's norms (TF32 off)."""
+    model = timm.create_model("vmamba2d_nano", num_classes=10).cuda().train()
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    target = torch.randint(0, 10, (4,), device="cuda")
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same drop-path draws in both steps
+        loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = step()
+    monkeypatch.setattr(cuda_layer_norm, "usable", lambda *a: False)
+    loss_ref, grads_ref = step()
+    assert _rel(loss, loss_ref) <= 1e-5 and grads.keys() == grads_ref.keys()
+    bad = {n: _rel(grads[n], grads_ref[n]) for n in grads if not _rel(grads[n], grads_ref[n]) <= 1e-4}
+    assert not bad, bad

@@ -64,9 +64,9 @@ class Linear2d(nn.Linear):
 
 
 class ChannelsLastLayerNorm2d(LayerNorm2d):
-    """timm's LayerNorm2d (same parameters, checkpoints and output dtype: float32 under autocast). Where no gradient
-    is wanted (inference) and the map is a CUDA channels_last tensor, it normalises on the short-row layer-norm
-    kernel (`mamba2d.ops.cuda_layer_norm`): PyTorch's kernel idles most of its threads on rows of 48-768 channels."""
+    """timm's LayerNorm2d (same parameters, checkpoints and output dtype: float32 under autocast). On a CUDA
+    channels_last map it normalises on the short-row layer-norm kernel (`mamba2d.ops.cuda_layer_norm`; PyTorch's
+    kernel idles most of its threads on rows of 48-768 channels), with PyTorch's layer-norm backward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.permute(0, 2, 3, 1)

@@ -1,11 +1,13 @@
-"""Layer norm over the channels of channels-last maps, forward only, on the short-row CUDA kernel of
-cuda_ops/layer_norm.cu (NVRTC through CuPy, like the scan kernels).
+"""Layer norm over the channels of channels-last maps on the short-row CUDA kernel of cuda_ops/layer_norm.cu
+(NVRTC through CuPy, like the scan kernels), with PyTorch's own layer-norm backward.
 
 PyTorch's layer-norm kernel gives every row a block of 128 threads; on a channels-last feature map a row is one
 pixel's 48-768 channels, so most of those threads idle (on an H100, a 128 x 112 x 112 x 48 float32 map took 2.4 ms,
 a tenth of its memory bandwidth). The kernel here packs several rows into a warp and reads and writes each value
-once. It has no backward: `usable` says whether a call may take it (no gradient wanted, a CUDA tensor whose rows
-are contiguous, CuPy present, not under torch.compile); everything else stays with PyTorch.
+once. When a gradient is wanted it also writes each row's mean and 1/std, and the backward is
+`aten::native_layer_norm_backward`, the kernel F.layer_norm's autograd runs (first-order gradients only).
+`usable` says whether a call may take the kernel (a CUDA tensor whose rows are contiguous, CuPy present, not under
+torch.compile); everything else stays with F.layer_norm.
 """
 
 from __future__ import annotations
@@ -14,40 +16,68 @@ import torch
 
 from . import cuda_build, cuda_scan
 
-_kernels: dict[tuple[int, str, str, int], object] = {}
+_kernels: dict[tuple[int, str, str, tuple[int, int]], object] = {}
 
 
 def usable(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
     """Whether layer_norm(rows, ...) over the last dimension can run on the kernel."""
-    if not (rows.is_cuda and rows.dtype in cuda_build.DTYPE_TAGS and 0 < rows.shape[-1] <= cuda_build.LAYER_NORM_MAX_C
+    channels = rows.shape[-1] if rows.dim() else 0
+    if not (rows.is_cuda and rows.dtype in cuda_build.DTYPE_TAGS and 0 < channels <= cuda_build.LAYER_NORM_MAX_C
             and rows.is_contiguous() and rows.numel() > 0):
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (rows, weight, bias)):
+    if any(t is not None and (t.device != rows.device or t.shape != (channels,)) for t in (weight, bias)):
         return False
     return not torch.compiler.is_compiling() and cuda_scan.cupy_importable()
 
 
 def layer_norm(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                out_dtype: torch.dtype) -> torch.Tensor:
-    """F.layer_norm over the last dimension of `rows` (statistics in float32), output in `out_dtype`. The caller
-    checks `usable` first."""
+    """F.layer_norm over the last dimension of `rows` (statistics in float32, weight and bias applied in float32),
+    output in `out_dtype`; differentiable. The caller checks `usable` first."""
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (rows, weight, bias))
+    if wants_grad:
+        return _LayerNorm.apply(rows, weight, bias, eps, out_dtype)
+    return _forward(rows, weight, bias, eps, out_dtype, keep_stats=False)[0]
+
+
+def _forward(rows, weight, bias, eps, out_dtype, keep_stats):
+    import numpy as np
+
     channels = rows.shape[-1]
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.shape != (channels,):
-            raise ValueError(f"layer_norm: {name} has shape {tuple(t.shape)}, expected ({channels},)")
     out = torch.empty(rows.shape, dtype=out_dtype, device=rows.device)
+    stats = [torch.empty((*rows.shape[:-1], 1), dtype=torch.float32, device=rows.device) if keep_stats else None
+             for _ in range(2)]
     fn = _kernel(rows.device, rows.dtype, out_dtype, channels)
-    weight, bias = (None if t is None else t.detach().to(torch.float32).contiguous() for t in (weight, bias))
+    w32, b32 = (None if t is None else t.detach().to(torch.float32).contiguous() for t in (weight, bias))
     count = rows.numel() // channels
     lanes, _ = cuda_build.layer_norm_lanes(channels)
     threads = cuda_build.LAYER_NORM_THREADS
-    blocks = -(-count * lanes // threads)
-    import numpy as np
-
-    args = (*(cuda_scan.pointer_arg(t) for t in (rows, weight, bias, out)), np.int64(count), np.int32(channels),
+    args = (*(cuda_scan.pointer_arg(t) for t in (rows, w32, b32, out, *stats)), np.int64(count), np.int32(channels),
             np.float32(eps))
-    cuda_scan.launch_kernel(fn, rows.device, (blocks, 1), threads, 0, args)
-    return out
+    cuda_scan.launch_kernel(fn, rows.device, (-(-count * lanes // threads), 1), threads, 0, args)
+    return out, stats[0], stats[1]
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, weight, bias, eps, out_dtype):
+        out, mean, rstd = _forward(rows, weight, bias, eps, out_dtype, keep_stats=True)
+        ctx.save_for_backward(rows, weight, bias, mean, rstd)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        rows, weight, bias, mean, rstd = ctx.saved_tensors
+        # PyTorch's backward wants one dtype: the input's (what F.layer_norm would have been called with)
+        weight_c, bias_c = (None if t is None else t.to(rows.dtype) for t in (weight, bias))
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[2]]
+        d_rows, d_weight, d_bias = torch.ops.aten.native_layer_norm_backward(
+            grad_out.to(rows.dtype).contiguous(), rows, [rows.shape[-1]], mean, rstd, weight_c, bias_c, mask)
+        d_weight = d_weight.to(weight.dtype) if d_weight is not None else None
+        d_bias = d_bias.to(bias.dtype) if d_bias is not None else None
+        return d_rows, d_weight, d_bias, None, None
 
 
 def _kernel(device: torch.device, dtype: torch.dtype, out_dtype: torch.dtype, channels: int):
