@@ -14,12 +14,13 @@ __device__ __forceinline__ float m2d_row_sum(float v) {
 }
 
 // x: rows x C (row-major), weight/bias: C floats or null, y: rows x C, mean/rstd: one float per row or null (for
-// the backward). Lane l of a row holds columns l + L * i.
+// the backward), x_low: null or rows x C, x rounded to the output type (what the backward keeps when the output is
+// of lower precision than x: half the memory, the precision of the output). Lane l of a row holds columns l + L * i.
 template <typename T, typename TO, int L, int V>
 __global__ void __launch_bounds__(256)
     mamba2d_layer_norm_fwd(const T* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
-                           TO* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out, m2d_i64 rows,
-                           int C, float eps) {
+                           TO* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                           TO* __restrict__ x_low, m2d_i64 rows, int C, float eps) {
     const m2d_i64 row = ((m2d_i64)blockIdx.x * blockDim.x + threadIdx.x) / L;
     const int lane = threadIdx.x % L;
     const bool row_ok = row < rows;  // a whole row's lanes agree, so the shuffles below see only their own row
@@ -46,10 +47,12 @@ __global__ void __launch_bounds__(256)
         rstd_out[row] = rstd;
     }
     TO* yr = y + row * C;
+    TO* xlr = x_low != nullptr ? x_low + row * C : nullptr;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
         const int c = lane + L * i;
         if (c < C) {
+            if (xlr != nullptr) xlr[c] = m2d_from_f<TO>(v[i]);
             float out = (v[i] - mean) * rstd;
             if (weight != nullptr) out *= weight[c];
             if (bias != nullptr) out += bias[c];

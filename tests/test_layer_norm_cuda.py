@@ -91,6 +91,9 @@ def test_gradients_match_pytorch(dtype, out_dtype, channels, affine):
     ours = grads(lambda r, w, b: cuda_layer_norm.layer_norm(r, w, b, 1e-6, out_dtype), False)
     ref = grads(lambda r, w, b: F.layer_norm(r, (channels,), w, b, 1e-6), True)
     assert [g.dtype for g in ours] == [dtype] + [torch.float32] * (2 if affine else 0)
+    out = cuda_layer_norm.layer_norm(x.clone().requires_grad_(), *params, 1e-6, out_dtype)
+    kept = out.grad_fn.saved_tensors[0]
+    assert kept.dtype == min(dtype, out_dtype, key=lambda t: t.itemsize)  # a lower-precision output keeps less
     bound = 1e-5 if dtype == out_dtype == torch.float32 else 2e-2
     for name, g, r in zip(("x", "weight", "bias"), ours, ref):
         assert _rel(g, r) <= bound, name

@@ -4,8 +4,10 @@
 PyTorch's layer-norm kernel gives every row a block of 128 threads; on a channels-last feature map a row is one
 pixel's 48-768 channels, so most of those threads idle (on an H100, a 128 x 112 x 112 x 48 float32 map took 2.4 ms,
 a tenth of its memory bandwidth). The kernel here packs several rows into a warp and reads and writes each value
-once. When a gradient is wanted it also writes each row's mean and 1/std, and the backward is
-`aten::native_layer_norm_backward`, the kernel F.layer_norm's autograd runs (first-order gradients only).
+once. When a gradient is wanted it also writes each row's mean and 1/std (and, for an output of lower precision
+than the input, as under autocast, the input rounded to the output's dtype, which the backward keeps instead of the
+input: half the memory), and the backward is `aten::native_layer_norm_backward`, the kernel F.layer_norm's autograd
+runs (first-order gradients only).
 `usable` says whether a call may take the kernel (a CUDA tensor whose rows are contiguous, CuPy present, not under
 torch.compile); everything else stays with F.layer_norm.
 """
@@ -37,44 +39,49 @@ def layer_norm(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (rows, weight, bias))
     if wants_grad:
         return _LayerNorm.apply(rows, weight, bias, eps, out_dtype)
-    return _forward(rows, weight, bias, eps, out_dtype, keep_stats=False)[0]
+    return _forward(rows, weight, bias, eps, out_dtype, for_backward=False)[0]
 
 
-def _forward(rows, weight, bias, eps, out_dtype, keep_stats):
+def _forward(rows, weight, bias, eps, out_dtype, for_backward):
+    """(output, mean, 1/std, input as kept for the backward); the last three are None unless `for_backward`."""
     import numpy as np
 
     channels = rows.shape[-1]
     out = torch.empty(rows.shape, dtype=out_dtype, device=rows.device)
-    stats = [torch.empty((*rows.shape[:-1], 1), dtype=torch.float32, device=rows.device) if keep_stats else None
+    stats = [torch.empty((*rows.shape[:-1], 1), dtype=torch.float32, device=rows.device) if for_backward else None
              for _ in range(2)]
+    lower = for_backward and out_dtype.itemsize < rows.dtype.itemsize
+    rows_low = torch.empty(rows.shape, dtype=out_dtype, device=rows.device) if lower else None
     fn = _kernel(rows.device, rows.dtype, out_dtype, channels)
     w32, b32 = (None if t is None else t.detach().to(torch.float32).contiguous() for t in (weight, bias))
     count = rows.numel() // channels
     lanes, _ = cuda_build.layer_norm_lanes(channels)
     threads = cuda_build.LAYER_NORM_THREADS
-    args = (*(cuda_scan.pointer_arg(t) for t in (rows, w32, b32, out, *stats)), np.int64(count), np.int32(channels),
-            np.float32(eps))
+    args = (*(cuda_scan.pointer_arg(t) for t in (rows, w32, b32, out, *stats, rows_low)), np.int64(count),
+            np.int32(channels), np.float32(eps))
     cuda_scan.launch_kernel(fn, rows.device, (-(-count * lanes // threads), 1), threads, 0, args)
-    return out, stats[0], stats[1]
+    return out, stats[0], stats[1], (rows_low if lower else rows) if for_backward else None
 
 
 class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weight, bias, eps, out_dtype):
-        out, mean, rstd = _forward(rows, weight, bias, eps, out_dtype, keep_stats=True)
-        ctx.save_for_backward(rows, weight, bias, mean, rstd)
+        out, mean, rstd, kept = _forward(rows, weight, bias, eps, out_dtype, for_backward=True)
+        ctx.save_for_backward(kept, weight, bias, mean, rstd)
+        ctx.input_dtype = rows.dtype
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         rows, weight, bias, mean, rstd = ctx.saved_tensors
-        # PyTorch's backward wants one dtype: the input's (what F.layer_norm would have been called with)
+        # PyTorch's backward wants one dtype: the kept input's (what F.layer_norm would have been called with)
         weight_c, bias_c = (None if t is None else t.to(rows.dtype) for t in (weight, bias))
         mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
                 bias is not None and ctx.needs_input_grad[2]]
         d_rows, d_weight, d_bias = torch.ops.aten.native_layer_norm_backward(
             grad_out.to(rows.dtype).contiguous(), rows, [rows.shape[-1]], mean, rstd, weight_c, bias_c, mask)
+        d_rows = d_rows.to(ctx.input_dtype) if d_rows is not None else None
         d_weight = d_weight.to(weight.dtype) if d_weight is not None else None
         d_bias = d_bias.to(bias.dtype) if d_bias is not None else None
         return d_rows, d_weight, d_bias, None, None
