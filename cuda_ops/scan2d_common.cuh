@@ -69,10 +69,11 @@ __device__ __forceinline__ P* m2d_base(P* p) {
 // cache line), so that the band's loads, issued when it is scanned, find their data close by; costs no registers.
 template <typename T, int R>
 __device__ __forceinline__ void m2d_prefetch_rows(const T* p, int st, int nrow) {
-    if (R > M2D_PREFETCH) return;
+    if constexpr (R <= M2D_PREFETCH) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-        if (r < nrow) asm volatile("prefetch.global.L1 [%0];" ::"l"(p + r * st));
+        for (int r = 0; r < R; ++r) {
+            if (r < nrow) asm volatile("prefetch.global.L1 [%0];" ::"l"(p + r * st));
+        }
     }
 }
 

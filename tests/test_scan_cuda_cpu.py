@@ -93,8 +93,8 @@ def test_launch_config_invariants(H, W, N, dim, G):
 @pytest.mark.parametrize("H,W,N,dim,G", [(56, 56, 1, 384, 4), (14, 14, 1, 1536, 4), (200, 300, 16, 256, 1),
                                          (5, 2048, 4, 8, 2), (1, 4_000_000, 1, 4, 1), (7, 3, 64, 6, 3)])
 def test_backward_geometry_shares_the_forward_tiles(monkeypatch, bwd_threads, H, W, N, dim, G):
-    """A smaller backward block (the BTHR knob) changes only its channel slots: the bands and tiles, and so the
-    checkpoints the forward writes, stay the forward's."""
+    """Forward and backward blocks take their own channel slots (FWD_MAX_THREADS, the BTHR knob): the bands and
+    tiles, and so the checkpoints the forward writes, stay the forward's."""
     monkeypatch.setattr(cuda_build, "BWD_MAX_THREADS", bwd_threads)
     cuda_build.launch_config.cache_clear()
     try:
@@ -104,7 +104,8 @@ def test_backward_geometry_shares_the_forward_tiles(monkeypatch, bwd_threads, H,
         cuda_build.launch_config.cache_clear()
     assert (bwd.S, bwd.WPM, bwd.R, bwd.K, bwd.ntiles, bwd.nbands, bwd.parts, bwd.states_per_part) == (
         fwd.S, fwd.WPM, fwd.R, fwd.K, fwd.ntiles, fwd.nbands, fwd.parts, fwd.states_per_part)
-    assert bwd.threads <= max(bwd_threads, bwd.S * bwd.WPM, 32 // bwd.S * bwd.S) and bwd.threads <= fwd.threads
+    assert bwd.threads <= max(bwd_threads, bwd.S * bwd.WPM, 32 // bwd.S * bwd.S)
+    assert fwd.threads <= max(cuda_build.FWD_MAX_THREADS, fwd.S * fwd.WPM, 32)
     assert bwd.CH * bwd.cpg >= dim // G and bwd.blocks == 2 * G * bwd.cpg
     if bwd.S < 32:  # narrow maps: a shorter chain of slots in the backward's dB/dC channel sum
         assert bwd.threads <= max(cuda_build.NARROW_BWD_MAX_THREADS, 32)

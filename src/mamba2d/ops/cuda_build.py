@@ -48,6 +48,12 @@ NARROW_PAIRS = True
 #: fwd+bwd 1.119 -> 1.034 ms fp32, 1.010 -> 0.944 ms bf16 with 16 slots; shapes a and d, 8 slots, lose with fewer).
 NARROW_BWD_MAX_THREADS = 128
 
+#: Most threads per forward block, as channel slots (a wide row's own warps are never split): 128-thread blocks fill
+#: the register file in finer steps (shape b's forward, 72 registers a thread: 7 blocks of 4 warps per SM instead of
+#: 3 of 8; H100, in-process A/B against 256: b 0.250 -> 0.233 ms fp32, 0.238 -> 0.222 bf16, a and d 1-2 % faster).
+#: The backward keeps larger blocks on warp-row maps (a and d lost 4-5 % with 128).
+FWD_MAX_THREADS = 128
+
 #: A launch with fewer (batch, group, channel chunk) blocks than this splits the N states over several blocks when
 #: N > R (one block per channel of a batch-1 map with 16 states leaves most of the GPU idle).
 SPLIT_TARGET_BLOCKS = 1024
@@ -58,21 +64,22 @@ SPLIT_TARGET_BLOCKS = 1024
 VECTOR_ACCESS = True
 
 
-def _tuning() -> tuple[int, int, int, int, int, int, int, bool, bool, tuple[str, ...]]:
+def _tuning() -> tuple[int, int, int, int, int, int, int, int, bool, bool, tuple[str, ...]]:
     """Benchmark-only override, e.g. MAMBA2D_SCAN_TUNE="R=4,FWD=3,BWD=2,KMAX=2": rows per band (one column per
     thread), occupancy targets, most columns per thread (KMAX=1: one column per thread everywhere), LANES (maps wider
     than this take several columns per thread), DBUF=0 (one dB/dC reduction buffer, two barriers), BTHR (most
-    threads per backward block; narrow maps take at most NARROW_BWD_MAX_THREADS), SPLIT (SPLIT_TARGET_BLOCKS; 0:
-    never split the states), WIDEK (WIDE_COLS_PER_THREAD; 1: one column per thread on every wide map, as up to v10),
-    PAIRS=0 (one column per thread on maps 9-16 wide, as up to v10), VEC=0 (no vector accesses, as up to v11), PF
-    (bands of at most this many rows prefetch the next band into L1: 0 never, 4 always as up to v11; default 1) and
+    threads per backward block; narrow maps take at most NARROW_BWD_MAX_THREADS), FTHR (FWD_MAX_THREADS; 256: as up
+    to v12), SPLIT (SPLIT_TARGET_BLOCKS; 0: never split the states), WIDEK (WIDE_COLS_PER_THREAD; 1: one column per
+    thread on every wide map, as up to v10), PAIRS=0 (one column per thread on maps 9-16 wide, as up to v10), VEC=0
+    (no vector accesses, as up to v11), PF (bands of at most this many rows prefetch the next band into L1: 0 never,
+    4 always as up to v11; default 1) and
     LEAN=0 (v8's pointer arithmetic; the softplus stays branch-free)."""
     import os
 
     spec = os.environ.get("MAMBA2D_SCAN_TUNE", "")
     if not spec:
-        return (ROWS_PER_BAND, MAX_COLS_PER_THREAD, 32, 3, MAX_THREADS, SPLIT_TARGET_BLOCKS, WIDE_COLS_PER_THREAD,
-                NARROW_PAIRS, VECTOR_ACCESS, ())
+        return (ROWS_PER_BAND, MAX_COLS_PER_THREAD, 32, 3, MAX_THREADS, FWD_MAX_THREADS, SPLIT_TARGET_BLOCKS,
+                WIDE_COLS_PER_THREAD, NARROW_PAIRS, VECTOR_ACCESS, ())
     vals = dict(item.split("=") for item in spec.split(",") if item)
     rows = int(vals.get("R", ROWS_PER_BAND))
     kmax = int(vals.get("KMAX", MAX_COLS_PER_THREAD))
@@ -86,16 +93,17 @@ def _tuning() -> tuple[int, int, int, int, int, int, int, bool, bool, tuple[str,
     if "LEAN" in vals:
         defines.append(f"-DM2D_LEAN={int(vals['LEAN'])}")
     return (rows, kmax, int(vals.get("LANES", 32)), int(vals.get("FWD", 3)), int(vals.get("BTHR", MAX_THREADS)),
-            int(vals.get("SPLIT", SPLIT_TARGET_BLOCKS)), int(vals.get("WIDEK", WIDE_COLS_PER_THREAD)),
-            vals.get("PAIRS", "1") != "0", vals.get("VEC", "1") != "0", tuple(defines))
+            int(vals.get("FTHR", FWD_MAX_THREADS)), int(vals.get("SPLIT", SPLIT_TARGET_BLOCKS)),
+            int(vals.get("WIDEK", WIDE_COLS_PER_THREAD)), vals.get("PAIRS", "1") != "0", vals.get("VEC", "1") != "0",
+            tuple(defines))
 
 
 #: FWD_MIN_BLOCKS: forward occupancy target (blocks per SM; caps its registers at 80), a template argument of the
 #: forward kernel. With many states per block the forward loops over them per band and prefers more registers:
 #: FWD_MIN_BLOCKS_LARGE_STATE from LARGE_STATE states on (shape c: fwd+bwd 13.7 -> 11.5 ms).
 #: ROW_LANES: maps wider than this many columns take K > 1 columns per thread (up to 32 * MAX_COLS_PER_THREAD).
-(ROWS_PER_BAND, MAX_COLS_PER_THREAD, ROW_LANES, FWD_MIN_BLOCKS, BWD_MAX_THREADS, SPLIT_TARGET_BLOCKS,
- WIDE_COLS_PER_THREAD, NARROW_PAIRS, VECTOR_ACCESS, TUNING_OPTIONS) = _tuning()
+(ROWS_PER_BAND, MAX_COLS_PER_THREAD, ROW_LANES, FWD_MIN_BLOCKS, BWD_MAX_THREADS, FWD_MAX_THREADS,
+ SPLIT_TARGET_BLOCKS, WIDE_COLS_PER_THREAD, NARROW_PAIRS, VECTOR_ACCESS, TUNING_OPTIONS) = _tuning()
 FWD_MIN_BLOCKS_LARGE_STATE = 2
 LARGE_STATE = 8
 
@@ -201,8 +209,8 @@ def nvcc_translation_unit() -> str:
     return kernel_source() + f"\n\nvoid* mamba2d_force_instantiation[] = {{\n    {refs}\n}};\n"
 
 
-#: Source of the short-row layer norm (forward only; mamba2d.ops.cuda_layer_norm) and the longest row it takes (32
-#: lanes x 32 values in registers); longer rows go to PyTorch's kernel.
+#: Source of the short-row layer-norm forward (mamba2d.ops.cuda_layer_norm; the backward is PyTorch's) and the
+#: longest row it takes (32 lanes x 32 values in registers); longer rows go to PyTorch's kernel.
 LAYER_NORM_SOURCE = "layer_norm.cu"
 LAYER_NORM_MAX_C = 1024
 LAYER_NORM_THREADS = 256  # the kernel's __launch_bounds__
@@ -312,8 +320,9 @@ def _launch_config(batch: int, dim: int, height: int, width: int, groups: int, d
     # Shared memory per thread in the backward: an [N][K] float and an [N] double array (+ the two dB/dC reduction
     # buffers); keep a block under ~96 KB so that two blocks fit an SM. MAX_THREADS is the kernels' __launch_bounds__.
     max_threads = max(64, min(MAX_THREADS, (98304 // ((4 * K + 8) * states + 16 * R * K + 48)) // 32 * 32))
-    # The backward may take fewer channel slots per block (BTHR); its tiles stay the forward's (shared checkpoints).
-    slot_threads = min(max_threads, BWD_MAX_THREADS) if backward else max_threads
+    # Forward and backward take their own channel slots per block (FTHR, BTHR); the tiles depend on max_threads only,
+    # so the backward walks the forward's (shared checkpoints).
+    slot_threads = min(max_threads, BWD_MAX_THREADS if backward else FWD_MAX_THREADS)
     if cols <= 16:
         S = 1 << (cols - 1).bit_length()
         WPM = 1
