@@ -1,9 +1,10 @@
 // Layer norm over the last, contiguous dimension of short rows (a channels-last feature map's pixels, C <= 1024),
-// forward (PyTorch's backward takes the mean and 1/std it can write). PyTorch's kernel gives every row a block of 128 threads, most of them idle when C is 48 or 96 (an
-// H100 moved a 128 x 112 x 112 x 48 float32 map at a tenth of its bandwidth). Here L lanes share a row (a power of
-// two up to 32, several rows per warp), each keeping V of its values in registers: the row is read once and written
-// once, mean and variance come from the registers in two passes (the variance from deviations to the mean, as exact
-// as PyTorch's Welford sums), summed across the row's lanes with shuffles.
+// forward; PyTorch's backward runs from the mean and 1/std it writes. PyTorch's own kernel gives every row a block
+// of 128 threads, most of them idle when C is 48 or 96 (an H100 moved a 128 x 112 x 112 x 48 float32 map at a tenth
+// of its bandwidth). Here L lanes share a row (a power of two up to 32, several rows per warp), each keeping V of its
+// values in registers: the row is read once and written once, mean and variance come from the registers in two
+// passes (the variance from deviations to the mean, as exact as PyTorch's Welford sums), summed across the row's
+// lanes with shuffles.
 #include "scan2d_common.cuh"
 
 template <int L>
