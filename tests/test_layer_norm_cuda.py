@@ -1,5 +1,5 @@
 """GPU tests of the short-row layer-norm kernel (mamba2d.ops.cuda_layer_norm) against PyTorch's layer norm in
-float64, and of the backbone using it for inference."""
+float64 (outputs and gradients), and of the backbone using it in inference and training."""
 
 from __future__ import annotations
 
