@@ -88,15 +88,9 @@ class _LayerNorm(torch.autograd.Function):
 
 
 def _kernel(device: torch.device, dtype: torch.dtype, out_dtype: torch.dtype, channels: int):
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = cuda_scan.device_index(device)
     in_tag, out_tag = cuda_build.DTYPE_TAGS[dtype], cuda_build.DTYPE_TAGS[out_dtype]
     key = (index, in_tag, out_tag, cuda_build.layer_norm_lanes(channels))
-    fn = _kernels.get(key)
-    if fn is None:
-        cupy = cuda_scan.require_cupy()
-        name = cuda_build.layer_norm_kernel_name(in_tag, out_tag, channels)
-        with cuda_scan.compile_lock, cupy.cuda.Device(index):
-            module = cupy.RawModule(code=cuda_build.kernel_source(cuda_build.LAYER_NORM_SOURCE),
-                                    options=cuda_build.COMPILE_OPTIONS, name_expressions=[name])
-            fn = _kernels.setdefault(key, module.get_function(name))
-    return fn
+    return cuda_scan.compiled_kernels(
+        _kernels, key, index, cuda_build.LAYER_NORM_SOURCE,
+        lambda: [cuda_build.layer_norm_kernel_name(in_tag, out_tag, channels)])[0]

@@ -10,7 +10,7 @@ is allocated by PyTorch. The autograd-aware entry point is `selective_scan_2d_cu
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -73,29 +73,40 @@ def supports(u: torch.Tensor, B: torch.Tensor) -> bool:
 # Compilation and launch
 
 
-def _get_kernels(device: torch.device, dtype: torch.dtype, out_fp32: bool, cfg: cuda_build.LaunchConfig,
-                 has_z: bool):
-    device_index = device.index if device.index is not None else torch.cuda.current_device()
-    in_tag, out_tag = cuda_build.variant_tags(dtype, out_fp32)
-    split = cfg.parts > 1
-    key = (device_index, in_tag, out_tag, cfg.R, cfg.K, cfg.layout, has_z, cfg.fwd_min_blocks, split)
-    fns = _kernels.get(key)
+def device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def compiled_kernels(cache: dict, key: tuple, index: int, source: str, names: Callable[[], Sequence[str]],
+                     options: tuple[str, ...] = cuda_build.COMPILE_OPTIONS) -> tuple:
+    """The kernels `names()` of cuda_ops/`source` on device `index`, compiled by NVRTC once per `key` of `cache`
+    (CuPy caches the binaries on disk); shared by the scan and the layer-norm launchers."""
+    fns = cache.get(key)
     if fns is None:
         cupy = require_cupy()
         with compile_lock:
-            fns = _kernels.get(key)
+            fns = cache.get(key)
             if fns is None:
-                names = cuda_build.kernel_names(in_tag, out_tag, cfg.R, cfg.K, cfg.layout, has_z,
-                                                cfg.fwd_min_blocks, split)
-                with cupy.cuda.Device(device_index):
-                    module = cupy.RawModule(
-                        code=cuda_build.kernel_source(),
-                        options=cuda_build.COMPILE_OPTIONS + cuda_build.TUNING_OPTIONS,
-                        name_expressions=list(names),
-                    )
-                    fns = tuple(module.get_function(name) for name in names)
-                _kernels[key] = fns
+                wanted = list(names())
+                with cupy.cuda.Device(index):
+                    module = cupy.RawModule(code=cuda_build.kernel_source(source), options=options,
+                                            name_expressions=wanted)
+                    fns = tuple(module.get_function(name) for name in wanted)
+                cache[key] = fns
     return fns
+
+
+def _get_kernels(device: torch.device, dtype: torch.dtype, out_fp32: bool, cfg: cuda_build.LaunchConfig,
+                 has_z: bool):
+    index = device_index(device)
+    in_tag, out_tag = cuda_build.variant_tags(dtype, out_fp32)
+    split = cfg.parts > 1
+    key = (index, in_tag, out_tag, cfg.R, cfg.K, cfg.layout, has_z, cfg.fwd_min_blocks, split)
+    return compiled_kernels(
+        _kernels, key, index, cuda_build.KERNEL_SOURCE,
+        lambda: cuda_build.kernel_names(in_tag, out_tag, cfg.R, cfg.K, cfg.layout, has_z, cfg.fwd_min_blocks, split),
+        cuda_build.COMPILE_OPTIONS + cuda_build.TUNING_OPTIONS,
+    )
 
 
 _smem_limits: dict[tuple[int, int], int] = {}
@@ -117,7 +128,7 @@ def _cupy_stream(cupy, index: int, ptr: int):
 
 def launch_kernel(fn, device: torch.device, blocks: tuple[int, int], threads: int, smem: int, args: tuple) -> None:
     cupy = require_cupy()
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device_index(device)
     with cupy.cuda.Device(index):
         key = (index, id(fn))
         if smem > 48 * 1024 and _smem_limits.get(key, 0) < smem:
@@ -190,7 +201,7 @@ def _check_sizes(u: torch.Tensor, B: torch.Tensor, cfg) -> None:
 
 
 def _dirs_tensor(codes: Sequence[int], device: torch.device) -> torch.Tensor:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device_index(device)
     key = (index, tuple(int(c) for c in codes))
     t = _dirs_cache.get(key)
     if t is None:
@@ -289,7 +300,7 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
         raise TypeError(f"selective_scan_2d backward: gradient dtype {dout.dtype} is neither float32 nor {u.dtype}")
     split = cfg.parts > 1
     shape = (batch, dim, height, width)
-    kz, dz = z, torch.empty(shape if z is not None else (0,), dtype=u.dtype, device=device)
+    kz, dz = z, torch.empty((0,), dtype=u.dtype, device=device)  # the custom op returns a tensor either way
     if ckv.numel() == 0 or (split and z is not None):
         y_pre, ckv, ckh = fwd_impl(u, delta, A, B, C, D, None, delta_bias, delta_softplus, directions, True, True,
                                    y_needed=split and z is not None, rebuild=True)
@@ -299,6 +310,8 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
             gout = dout.float()
             dz = (gout * y_pre * sig * (1.0 + zf * (1.0 - sig))).to(u.dtype)
             dout, kz = gout * (zf * sig), None  # not in place: gout may be the caller's dout
+    if kz is not None:  # the kernel writes dz (a split's came from the summed output above)
+        dz = torch.empty(shape, dtype=u.dtype, device=device)
     out_fp32 = dout.dtype == torch.float32
     grad_shape, grad_dtype = ((cfg.parts, *shape), torch.float32) if split else (shape, u.dtype)
     du = torch.empty(grad_shape, dtype=grad_dtype, device=device)
