@@ -440,3 +440,256 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
         }
     }
 }
+
+// Wavefront forward for maps with many states (shape c: one 200 x 300 map per channel, 16 states). The per-band
+// kernels above spend most of a pixel's instructions on the lane scan along the row (five shuffle steps and a
+// cross-warp combine per state and row); here no pass needs a parallel scan. A warp owns 32 consecutive scan-frame
+// rows of one map (a band), lane r one row, and walks the columns with lane r lagging r steps behind lane 0: at step
+// t lane r holds pixel (p0 + r, t - r), so the horizontal recurrence is the lane's own running value and the vertical
+// one needs only the value lane r - 1 computed a step earlier (one shuffle per pixel and state; lane 0 takes the
+// band above's last row, kept in `tops`). The block is one map; warp w owns states w * NS .. w * NS + NS - 1 (all
+// NS at once: independent chains per step), and the warps' partial y are added in shared memory in a fixed order.
+// Per chunk of M2D_WAVE_T steps the block stages the skewed window of every input in shared memory with coalesced
+// loads (lane r's pixels of the chunk lie along its own row) and writes y and the checkpoints from it coalesced.
+//
+// The checkpoints are those of the per-band kernels (their bands of ck_rows rows and tiles of ck_tile columns), so
+// that their backward runs unchanged: ckv = the vertical pass's state above each band start row, ckh = the
+// horizontal pass's state left of each tile start column (only with several tiles).
+#ifndef M2D_WAVE_T
+#define M2D_WAVE_T 8
+#endif
+#define M2D_WAVE_TP (M2D_WAVE_T + 1)  // padded row of a staged tile: lane r's column tt hits bank (r + tt) % 32
+
+// One element of a map, or zero where `ok` is false (a predicated load: no branch, nothing read).
+template <typename T>
+__device__ __forceinline__ float m2d_load_or_zero(const T* p, bool ok) {
+    T v;
+    reinterpret_cast<unsigned short&>(v) = ok ? *reinterpret_cast<const unsigned short*>(p) : (unsigned short)0;
+    return m2d_to_f(v);
+}
+template <>
+__device__ __forceinline__ float m2d_load_or_zero<float>(const float* p, bool ok) {
+    return ok ? *p : 0.f;
+}
+
+template <typename T, typename TO, int NS, bool HAS_Z>
+__global__ void __launch_bounds__(M2D_MAX_THREADS, 2)
+    mamba2d_scan2d_fwd_wave(const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z,
+                            const T* __restrict__ Bm, const T* __restrict__ Cm, const float* __restrict__ A,
+                            const float* __restrict__ Dv, const float* __restrict__ dbias,
+                            const int* __restrict__ dirs, TO* __restrict__ y, float* __restrict__ ckv,
+                            float* __restrict__ ckh, float* __restrict__ tops, int dim, int H, int W, int G, int N,
+                            int softplus, m2d_i64 su_b, m2d_i64 su_d, int su_h, int su_w, m2d_i64 sd_b,
+                            m2d_i64 sd_d, int sd_h, int sd_w, m2d_i64 sz_b, m2d_i64 sz_d, int sz_h, int sz_w,
+                            m2d_i64 sB_b, m2d_i64 sB_g, int sB_n, int sB_h, int sB_w, m2d_i64 sC_b, m2d_i64 sC_g,
+                            int sC_n, int sC_h, int sC_w, int ck_shift, int ck_bands, int ck_tile, int ck_tiles) {
+    constexpr int TQ = M2D_WAVE_T, TP = M2D_WAVE_TP, TILE = 32 * TP;
+    static_assert(32 % TQ == 0, "M2D_WAVE_T must divide 32");
+    extern __shared__ float m2d_smem[];
+    const int tid = threadIdx.x, nthr = blockDim.x, lane = tid & 31, warp = tid >> 5, nwarps = nthr >> 5;
+    const m2d_i64 map = blockIdx.x;
+    const int b = (int)(map / dim), d = (int)(map - (m2d_i64)b * dim), g = d / (dim / G);
+    const int code = dirs[g];
+    const bool fr = code & 1, fc = (code >> 1) & 1, vh = (code >> 2) & 1;
+    // Shared memory (cuda_build.WaveConfig.smem). State tiles have one more state, N: zeros (B and C) for the
+    // states past N of the last warp, which then add nothing to y and need no test in the scan.
+    float* sdt = m2d_smem;              // [32][TP] dt of the chunk's skewed window
+    float* sdtu = sdt + TILE;           // [32][TP] dt * u
+    float* sy0 = sdtu + TILE;           // [32][TP] D * u
+    float* sB = sy0 + TILE;             // [N + 1][32][TP]
+    float* sC = sB + (N + 1) * TILE;    // [N + 1][32][TP]
+    float* sck = sC + (N + 1) * TILE;   // [N + 1][32][TP] the vertical state above each pixel (checkpoints)
+    float* sy = sck + (N + 1) * TILE;   // [nwarps][32][TP] each warp's partial y
+    float* sup = sy + nwarps * TILE;    // [N + 1][TP] the state above the band at lane 0's column of each step
+    float* sbot = sup + (N + 1) * TP;   // [N + 1][TP] lane 31's vertical state of each step (the next band's top)
+    for (int e = tid; e < TILE; e += nthr) sB[N * TILE + e] = sC[N * TILE + e] = 0.f;
+
+    const float Dd = Dv != nullptr ? Dv[d] : 0.f;
+    const float bias = dbias != nullptr ? dbias[d] : 0.f;
+    const T* ubp = m2d_base(u + (b * su_b + d * su_d));
+    const T* dbp_ = m2d_base(delta + (b * sd_b + d * sd_d));
+    const T* Bbp = m2d_base(Bm + (b * sB_b + g * sB_g));
+    const T* Cbp = m2d_base(Cm + (b * sC_b + g * sC_g));
+    const T* zbp = HAS_Z ? m2d_base(z + (b * sz_b + d * sz_d)) : nullptr;
+    TO* ybp = y != nullptr ? m2d_base(y + map * ((m2d_i64)H * W)) : nullptr;
+    float* topp = m2d_base(tops + map * N * W);  // [N][W]: the last row of the band above
+    const bool cload = y != nullptr, keep = ckv != nullptr, row_ck = ckh != nullptr;
+    int sn[NS];  // the warp's states (N: past the last state)
+    float An2[NS];
+#pragma unroll
+    for (int k = 0; k < NS; ++k) {
+        sn[k] = min(warp * NS + k, N);
+        An2[k] = sn[k] < N ? A[(m2d_i64)d * N + sn[k]] * M2D_LOG2E : 0.f;
+    }
+
+    // A chunk's inputs are loaded into registers one chunk ahead (their latency hides behind the scan of the chunk
+    // before) and stored into shared memory when that chunk is done. Lane l's element m of a tile is row
+    // r = l / TQ + m * RSTEP, step tt = l % TQ: the pixel (p0 + r, t0 + tt - r). Each warp stages B and C of its own
+    // states, and the elements m of u and delta with m % nwarps == warp (bit m of `own`). From element m to m + 1
+    // the pixel moves RSTEP rows down and RSTEP columns left in the scan frame: a fixed step of each offset.
+    constexpr int RSTEP = 32 / TQ;
+    const int lr = lane / TQ, ltt = lane % TQ;
+    unsigned own = 0;
+#pragma unroll
+    for (int m = 0; m < TQ; ++m) own |= (m % nwarps == warp) ? 1u << m : 0u;
+    const int di = fr ? -RSTEP : RSTEP, dj = fc ? RSTEP : -RSTEP;
+    const int su_m = di * su_h + dj * su_w, sd_m = di * sd_h + dj * sd_w;
+    const int sB_m = di * sB_h + dj * sB_w, sC_m = di * sC_h + dj * sC_w;
+    float lu[TQ] = {}, ld[TQ] = {}, lb[NS][TQ], lc[NS][TQ], lt = 0.f;
+    auto load_tops = [&](int p0, int t0) {  // lane l: the warp's state l / TQ, step l % TQ
+        const int k = lane / TQ, n = warp * NS + k, q = t0 + ltt;
+        lt = (p0 > 0 && k < NS && n < N && q < W) ? topp[n * W + q] : 0.f;
+    };
+    auto load_chunk = [&](int p0, int t0, bool with_tops) {
+        const int p = p0 + lr, q = t0 + ltt - lr;  // element 0
+        const int i = fr ? H - 1 - p : p, j = fc ? W - 1 - q : q;
+        int ou = i * su_h + j * su_w, od = i * sd_h + j * sd_w, ob = i * sB_h + j * sB_w, oc = i * sC_h + j * sC_w;
+#pragma unroll
+        for (int m = 0; m < TQ; ++m) {
+            const int pm = p + m * RSTEP, qm = q - m * RSTEP;
+            const bool ok = pm < H && qm >= 0 && qm < W;
+#pragma unroll
+            for (int k = 0; k < NS; ++k) {
+                const bool okk = ok && sn[k] < N;
+                lb[k][m] = m2d_load_or_zero(Bbp + (sn[k] * sB_n + ob), okk);
+                lc[k][m] = m2d_load_or_zero(Cbp + (sn[k] * sC_n + oc), okk && cload);
+            }
+            if ((own >> m) & 1u) {  // the same for the whole warp
+                lu[m] = m2d_load_or_zero(ubp + ou, ok);
+                ld[m] = m2d_load_or_zero(dbp_ + od, ok);
+            }
+            ou += su_m;
+            od += sd_m;
+            ob += sB_m;
+            oc += sC_m;
+        }
+        if (with_tops) load_tops(p0, t0);
+    };
+    auto store_chunk = [&](int p0, int t0) {
+#pragma unroll
+        for (int m = 0; m < TQ; ++m) {
+            const int at = (lr + m * RSTEP) * TP + ltt;
+#pragma unroll
+            for (int k = 0; k < NS; ++k) {  // (zeros into the zero state for the states past N)
+                sB[sn[k] * TILE + at] = lb[k][m];
+                sC[sn[k] * TILE + at] = lc[k][m];
+            }
+            if ((own >> m) & 1u) {
+                const int pm = p0 + lr + m * RSTEP, qm = t0 + ltt - lr - m * RSTEP;
+                const bool ok = pm < H && qm >= 0 && qm < W;
+                const float v = ld[m] + bias;
+                const float dt = m2d_select(ok, softplus ? m2d_softplus(v) : v, 0.f);
+                sdt[at] = dt;
+                sdtu[at] = __fmul_rn(dt, lu[m]);
+                sy0[at] = Dd * lu[m];
+            }
+        }
+        const int k = lane / TQ;
+        if (k < NS && warp * NS + k < N) sup[(warp * NS + k) * TP + ltt] = lt;
+    };
+
+    float hz[NS], vtl[NS];  // the lane's horizontal state, and its vertical state of the step before
+    int p0 = 0, t0 = 0;
+    bool tops_late = false;  // the chunk's band-top states were not safe to load ahead: load them now
+    load_chunk(0, 0, true);
+    while (p0 < H) {
+        const int nsteps = W + min(32, H - p0) - 1;
+        if (t0 == 0) {
+#pragma unroll
+            for (int k = 0; k < NS; ++k) hz[k] = vtl[k] = 0.f;
+        }
+        if (tops_late) {  // the last chunk's writes of the band's top row are complete past this barrier
+            __syncthreads();
+            load_tops(p0, t0);
+        }
+        store_chunk(p0, t0);
+        __syncthreads();
+        // The next chunk's loads. Its band-top states are this band's last row when it starts the next band; that
+        // row's column q is written out after the chunk holding step q + 31, so the first TQ columns are complete
+        // only once the chunks before this one are (otherwise they are read after this chunk).
+        int p1 = p0, t1 = t0 + TQ;
+        if (t1 >= nsteps) {
+            p1 = p0 + 32;
+            t1 = 0;
+        }
+        const bool tops_early = p1 == p0 || TQ + 30 < t0;
+        if (p1 < H) load_chunk(p1, t1, tops_early);
+
+        const int p = p0 + lane;
+        int qmod = 0;  // (q mod ck_tile) of the lane's pixel, for the row checkpoints
+        if (row_ck) qmod = (((t0 - lane) % ck_tile) + ck_tile) % ck_tile;
+#pragma unroll
+        for (int tt = 0; tt < TQ; ++tt) {
+            const int q = t0 + tt - lane;
+            const float dt = sdt[lane * TP + tt], dtu = sdtu[lane * TP + tt];
+            float ys = warp == 0 ? sy0[lane * TP + tt] : 0.f;
+            if (row_ck) {
+                if (qmod == 0 && q > 0 && q < W && p < H) {
+#pragma unroll
+                    for (int k = 0; k < NS; ++k) {
+                        if (sn[k] < N) ckh[((map * ck_tiles + q / ck_tile) * N + sn[k]) * H + p] = hz[k];
+                    }
+                }
+                qmod = qmod + 1 == ck_tile ? 0 : qmod + 1;
+            }
+#pragma unroll
+            for (int k = 0; k < NS; ++k) {
+                const int at = sn[k] * TILE + lane * TP + tt;
+                const float a = m2d_exp2(dt * An2[k]);
+                const float x = __fmul_rn(dtu, sB[at]);
+                float up = __shfl_up_sync(M2D_FULL, vtl[k], 1);
+                if (lane == 0) up = sup[sn[k] * TP + tt];
+                float out;
+                if (vh) {
+                    vtl[k] = fmaf(a, up, x);
+                    hz[k] = fmaf(a, hz[k], vtl[k]);
+                    out = hz[k];
+                } else {
+                    hz[k] = fmaf(a, hz[k], x);
+                    vtl[k] = fmaf(a, up, hz[k]);
+                    out = vtl[k];
+                }
+                ys = fmaf(sC[at], out, ys);
+                sck[at] = up;
+                if (lane == 31) sbot[sn[k] * TP + tt] = vtl[k];
+            }
+            sy[(warp * 32 + lane) * TP + tt] = ys;
+        }
+        __syncthreads();
+        // y (the warps' partial sums in a fixed order, then the gate), the band's last row for the next band, and
+        // the checkpoint rows: coalesced along rows.
+        if (ybp != nullptr) {
+            for (int e = tid; e < 32 * TQ; e += nthr) {
+                const int r = e / TQ, tt = e - r * TQ, pp = p0 + r, q = t0 + tt - r;
+                if (pp < H && q >= 0 && q < W) {
+                    const int i = fr ? H - 1 - pp : pp, j = fc ? W - 1 - q : q;
+                    float acc = 0.f;
+                    for (int w = 0; w < nwarps; ++w) acc += sy[(w * 32 + r) * TP + tt];
+                    if (HAS_Z) {
+                        const float zz = m2d_to_f(zbp[i * sz_h + j * sz_w]);
+                        acc *= zz * m2d_sigmoid(zz);
+                    }
+                    ybp[i * W + j] = m2d_from_f<TO>(acc);
+                }
+            }
+        }
+        if (p0 + 32 < H) {
+            for (int e = tid; e < N * TQ; e += nthr) {
+                const int n = e / TQ, tt = e - n * TQ, q = t0 + tt - 31;
+                if (q >= 0 && q < W) topp[n * W + q] = sbot[n * TP + tt];
+            }
+        }
+        if (keep) {  // rows p0 + r with r a multiple of the per-band kernels' rows per band
+            float* ckvp = m2d_base(ckv + map * ck_bands * N * W);
+            const int rows = 32 >> ck_shift;
+            for (int e = tid; e < N * rows * TQ; e += nthr) {
+                const int n = e / (rows * TQ), rem = e - n * (rows * TQ), rr = rem / TQ, tt = rem - rr * TQ;
+                const int r = rr << ck_shift, pp = p0 + r, q = t0 + tt - r;
+                if (pp < H && q >= 0 && q < W) ckvp[((pp >> ck_shift) * N + n) * W + q] = sck[(n * 32 + r) * TP + tt];
+            }
+        }
+        tops_late = p1 < H && !tops_early;
+        p0 = p1;
+        t0 = t1;
+    }
+}

@@ -146,15 +146,31 @@ def split_target(monkeypatch, blocks):
         cuda_build.launch_config.cache_clear()
 
 
+@contextlib.contextmanager
+def wavefront_forward(monkeypatch, states_per_lane=None):
+    """The wavefront forward on every shape whose tiles fit, inside the block."""
+    with monkeypatch.context() as patch:
+        patch.setattr(cuda_build, "WAVE_FORCE", True)
+        if states_per_lane is not None:
+            patch.setattr(cuda_build, "WAVE_STATES_PER_LANE", states_per_lane)
+        yield
+
+
+@pytest.mark.parametrize("wave", [False, True])
 @pytest.mark.parametrize("target,parts", [(0, 1), (12, 6), (10**9, 16)])
 @pytest.mark.parametrize("dtype,z", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True),
                                      (torch.float16, False)])
 @pytest.mark.parametrize("H,W,G", [(37, 70, 2), (20, 300, 1), (14, 14, 2)])
-def test_state_split(monkeypatch, target, parts, dtype, z, H, W, G):
+def test_state_split(monkeypatch, wave, target, parts, dtype, z, H, W, G):
     """N = 16 states unsplit, in parts of 3 (the last one smaller) and one per block: partial y / du / ddelta / dD /
-    d(delta_bias) summed by the launcher, the z gate applied outside the kernel; all against the reference."""
+    d(delta_bias) summed by the launcher, the z gate applied outside the kernel; all against the reference. The
+    forward (and the backward's checkpoint rebuild) per-band or wavefront (`wave`)."""
     batch, dim, N = 1, 2 * G, 16
+    monkeypatch.setattr(cuda_build, "WAVE_FORCE", wave)
+    if not wave:
+        monkeypatch.setattr(cuda_build, "WAVE_MIN_STATES", cuda_build.MAX_D_STATE + 1)
     with split_target(monkeypatch, target):
+        assert cuda_build.uses_wave(batch, dim, H, W, G, N) == wave
         cfg = cuda_build.launch_config(batch, dim, H, W, G, N)
         assert cfg.blocks == 2 and cfg.parts == parts  # the targets above assume two blocks
         assert cuda_build.launch_config(batch, dim, H, W, G, N, backward=True).parts == parts
@@ -240,11 +256,13 @@ def test_deterministic_bitwise(H, W, G, dim, N):
             assert torch.equal(g, first[name]), f"d{name} differs between runs"
 
 
-def test_extreme_values_finite():
+@pytest.mark.parametrize("wave", [False, True])
+def test_extreme_values_finite(monkeypatch, wave):
     inputs = make_inputs(1, 2, 64, 64, 1, 4, z=True)
     inputs["delta"] = torch.linspace(-30, 30, 64 * 64, device="cuda").reshape(1, 1, 64, 64).expand(1, 2, 64, 64)
     inputs["A"] = torch.tensor([[-1e4, -1.0, -1e-4, -30.0]], device="cuda").expand(2, 4).contiguous()
-    y, grads, _ = run(inputs, "cuda", direction="br_hv")
+    with wavefront_forward(monkeypatch) if wave else contextlib.nullcontext():
+        y, grads, _ = run(inputs, "cuda", direction="br_hv")
     assert torch.isfinite(y).all()
     for name, g in grads.items():
         assert torch.isfinite(g).all(), name
@@ -252,8 +270,11 @@ def test_extreme_values_finite():
     assert rel_err(y, y_ref) <= 1e-5
 
 
-def test_big_map_2048():
-    inputs = make_inputs(1, 2, 2048, 2048, 2, 1, z=False, delta_scale=3.0)
+@pytest.mark.parametrize("N", [1, 8])
+def test_big_map_2048(N):
+    """2048 x 2048 maps: the per-band kernels (N = 1) and the wavefront forward (N = 8)."""
+    assert cuda_build.uses_wave(1, 2, 2048, 2048, 2, N) == (N == 8)
+    inputs = make_inputs(1, 2, 2048, 2048, 2, N, z=False, delta_scale=3.0)
     inputs["delta"][0, 0, :8, :8] = 30.0
     check_against_reference(inputs, ["tl_hv", "br_vh"])
 
@@ -366,3 +387,75 @@ def test_torch_compile_fullgraph():
     out.square().sum().backward()
     assert rel_err(out, ref) <= 1e-5
     assert rel_err(x.grad, ref_grad) <= 1e-5
+
+
+@pytest.mark.parametrize("H,W", SHAPES + [(33, 9), (64, 31), (65, 700)])
+def test_wavefront_forward_shapes(monkeypatch, H, W):
+    """The wavefront forward against the reference on every test shape (one, several and a partial band of 32
+    rows; 65 x 700: three column tiles of the per-band backward, whose row checkpoints it then writes), 8 and 16
+    states; the backward reads its checkpoints (or rebuilds them with it)."""
+    G = 4
+    with wavefront_forward(monkeypatch):
+        for N in (8, 16) if H * W < 20000 else (16,):
+            assert cuda_build.uses_wave(1, 8, H, W, G, N)
+            inputs = make_inputs(2 if H * W < 10000 else 1, 8, H, W, G, N, z=(H + W + N) % 2 == 0)
+            check_against_reference(inputs, group_directions(G, offset=H % 8 + N))
+    if (H, W) == (65, 700):
+        assert cuda_build.launch_config(1, 8, H, W, G, 16).ntiles > 1
+
+
+@pytest.mark.parametrize("states_per_lane", cuda_build.WAVE_LANE_STATES)
+@pytest.mark.parametrize("N", [1, 3, 4, 16, 23])
+def test_wavefront_forward_states(monkeypatch, states_per_lane, N):
+    """Every instantiated states-per-lane count, with N not a multiple of it (idle states in the last warp) and up
+    to the largest N whose tiles fit (at most eight warps a block); checkpoints kept by the forward (N <= R) and
+    rebuilt (N > R). Larger N take the per-band kernels."""
+    with wavefront_forward(monkeypatch, states_per_lane=states_per_lane):
+        assert cuda_build.uses_wave(1, 4, 40, 45, 2, N) and not cuda_build.uses_wave(1, 4, 40, 45, 2, 64)
+        cfg = cuda_build.wave_config(N)
+        assert cfg.warps <= cuda_build.MAX_THREADS // 32 and cfg.warps * cfg.states_per_lane >= N
+        inputs = make_inputs(1, 4, 40, 45, 2, N, z=N % 2 == 0)
+        check_against_reference(inputs, ["tr_vh", "bl_hv"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("out_fp32", [False, True])
+@pytest.mark.parametrize("z", [False, True])
+def test_wavefront_forward_low_precision(monkeypatch, dtype, out_fp32, z):
+    with wavefront_forward(monkeypatch):
+        inputs = make_inputs(2, 8, 37, 70, 4, 16, dtype=dtype, z=z)
+        check_against_reference(inputs, ["tl_hv", "tl_vh", "br_hv", "br_vh"],
+                                out_dtype=torch.float32 if out_fp32 else None)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_wavefront_forward_directions_non_contiguous(direction):
+    """Every direction on inputs of every layout: u channels-last, delta a strided slice, B column-major, C shared
+    across the batch (stride 0)."""
+    b, dim, H, W, G, N = 2, 4, 60, 90, 1, 16
+    base = make_inputs(b, dim, H, W, G, N)
+    inputs = dict(base)
+    inputs["u"] = base["u"].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    wide = torch.randn(b, dim, H, 2 * W, device="cuda")
+    wide[..., ::2] = base["delta"]
+    inputs["delta"] = wide[..., ::2]
+    inputs["B"] = base["B"].transpose(-1, -2).contiguous().transpose(-1, -2)
+    inputs["C"] = base["C"][:1].expand(b, G, N, H, W)
+    assert cuda_build.uses_wave(b, dim, H, W, G, N)  # the default rule: many states, few maps
+    check_against_reference(inputs, direction)
+
+
+def test_wavefront_forward_deterministic_and_inference(monkeypatch):
+    """Bitwise-equal outputs and gradients over repeated runs, and the same y without gradients (no checkpoints)."""
+    inputs = make_inputs(1, 32, 70, 90, 1, 16)
+    dy = torch.randn(1, 32, 70, 90, device="cuda")
+    with wavefront_forward(monkeypatch):
+        first_y, first, _ = run(inputs, "cuda", dy=dy, direction="br_hv")
+        for _ in range(3):
+            y, grads, _ = run(inputs, "cuda", dy=dy, direction="br_hv")
+            assert torch.equal(y, first_y)
+            for name, g in grads.items():
+                assert torch.equal(g, first[name]), f"d{name} differs between runs"
+        with torch.no_grad():
+            y_inf, _, _ = run(inputs, "cuda", direction="br_hv", grad=False)
+    assert torch.equal(y_inf, first_y)

@@ -127,6 +127,23 @@ def test_state_split_fills_the_gpu_only_when_blocks_are_few():
             assert 1 < parts <= n and -(-n // per_part) == parts
 
 
+def test_wavefront_forward_only_for_few_large_maps_with_many_states():
+    """The wavefront forward takes shape c and a 2DMambaMIL slide grid (many states, a split per-band launch), not
+    the backbone shapes (N = 1), many small maps, short maps, or N whose staged tiles exceed the shared memory cap."""
+    assert cuda_build.uses_wave(1, 256, 200, 300, 1, 16)
+    assert cuda_build.uses_wave(1, 256, 100, 150, 1, 16) and cuda_build.uses_wave(1, 256, 200, 300, 1, 8)
+    assert not cuda_build.uses_wave(128, 384, 56, 56, 4, 1) and not cuda_build.uses_wave(1, 256, 200, 300, 1, 4)
+    assert not cuda_build.uses_wave(64, 128, 14, 14, 1, 16)  # thousands of blocks: no split
+    assert not cuda_build.uses_wave(1, 256, 4, 300, 1, 16)  # fewer rows than WAVE_MIN_ROWS
+    assert not cuda_build.uses_wave(1, 256, 200, 300, 1, 64)
+    for n in range(1, cuda_build.MAX_D_STATE + 1):
+        cfg = cuda_build.wave_config(n)
+        assert cfg.states_per_lane in cuda_build.WAVE_LANE_STATES or cfg.smem(n) > cuda_build.WAVE_MAX_SMEM
+        assert cfg.warps * cfg.states_per_lane >= n and cfg.threads <= cuda_build.MAX_THREADS
+        if cfg.smem(n) <= cuda_build.WAVE_MAX_SMEM:
+            assert (cfg.warps - 1) * cfg.states_per_lane < n  # no idle warp
+
+
 def test_vector_flags_follow_width_strides_and_alignment():
     """K-wide vector stores need W % K == 0 (the outputs are ours, contiguous); vector loads also need every input's
     columns contiguous and its address and other strides multiples of K (a dimension of size one does not count)."""

@@ -64,6 +64,24 @@ SPLIT_TARGET_BLOCKS = 1024
 VECTOR_ACCESS = True
 
 
+#: The wavefront forward (`mamba2d_scan2d_fwd_wave`: one block per map, one lane per row, no lane scans; it writes
+#: the checkpoints of the per-band kernels for their backward) takes maps with at least WAVE_MIN_STATES states and
+#: WAVE_MIN_ROWS rows when the per-band forward would run short of blocks (it splits its states: few, large maps such
+#: as shape c or a slide's grid in 2DMambaMIL). Many small maps stay with the per-band kernels (H100, N = 16, fwd ms
+#: per-band / wavefront: 1 x 256 x 200 x 300 2.15 / 1.10, 1 x 512 x 100 x 150 1.35 / 0.65; 32 x 96 x 56 x 56
+#: 0.86 / 0.88, 64 x 128 x 14 x 14 0.14 / 0.44), and only where at least WAVE_MIN_BUSY of its lane-steps hold a
+#: pixel (a band of 32 rows takes W + 31 steps for W columns; 14 x 14 maps keep 14 % of them busy, shape c 81 %).
+#: WAVE_FORCE (tests, benchmarks): every shape whose tiles fit. WAVE_STATES_PER_LANE: fewest states a lane scans at
+#: once (a block has at most MAX_THREADS / 32 warps).
+WAVE_MIN_STATES = 8
+WAVE_MIN_ROWS = 8
+WAVE_MIN_BUSY = 0.5
+WAVE_FORCE = False
+WAVE_STATES_PER_LANE = 2
+#: Steps of the wavefront staged in shared memory at once (M2D_WAVE_T in scan2d.cu).
+WAVE_STEPS = 8
+
+
 def _tuning() -> tuple[int, int, int, int, int, int, int, int, bool, bool, tuple[str, ...]]:
     """Benchmark-only override, e.g. MAMBA2D_SCAN_TUNE="R=4,FWD=3,BWD=2,KMAX=2": rows per band (one column per
     thread), occupancy targets, most columns per thread (KMAX=1: one column per thread everywhere), LANES (maps wider
@@ -73,7 +91,8 @@ def _tuning() -> tuple[int, int, int, int, int, int, int, int, bool, bool, tuple
     thread on every wide map, as up to v10), PAIRS=0 (one column per thread on maps 9-16 wide, as up to v10), VEC=0
     (no vector accesses, as up to v11), PF (bands of at most this many rows prefetch the next band into L1: 0 never,
     4 always as up to v11; default 1) and
-    LEAN=0 (v8's pointer arithmetic; the softplus stays branch-free)."""
+    LEAN=0 (v8's pointer arithmetic; the softplus stays branch-free). WAVE (0: never the wavefront forward, 1: on
+    every shape whose tiles fit), WNS (WAVE_STATES_PER_LANE) and WT (WAVE_STEPS) are read by `_wave_tuning`."""
     import os
 
     spec = os.environ.get("MAMBA2D_SCAN_TUNE", "")
@@ -106,6 +125,21 @@ def _tuning() -> tuple[int, int, int, int, int, int, int, int, bool, bool, tuple
  SPLIT_TARGET_BLOCKS, WIDE_COLS_PER_THREAD, NARROW_PAIRS, VECTOR_ACCESS, TUNING_OPTIONS) = _tuning()
 FWD_MIN_BLOCKS_LARGE_STATE = 2
 LARGE_STATE = 8
+
+
+def _wave_tuning() -> tuple[int, bool, int, int]:
+    import os
+
+    vals = dict(item.split("=") for item in os.environ.get("MAMBA2D_SCAN_TUNE", "").split(",") if item)
+    wave = vals.get("WAVE")
+    return (MAX_D_STATE + 1 if wave == "0" else WAVE_MIN_STATES, wave == "1",
+            int(vals.get("WNS", WAVE_STATES_PER_LANE)), int(vals.get("WT", WAVE_STEPS)))
+
+
+MAX_D_STATE = 64  # the kernels' largest N
+WAVE_MIN_STATES, WAVE_FORCE, WAVE_STATES_PER_LANE, WAVE_STEPS = _wave_tuning()
+if WAVE_STEPS != 8:
+    TUNING_OPTIONS += (f"-DM2D_WAVE_T={WAVE_STEPS}",)
 
 
 def band_shapes() -> tuple[tuple[int, int], ...]:
@@ -204,6 +238,8 @@ def nvcc_translation_unit() -> str:
              for has_z in (False, True) for minb in fwd_min_blocks_options()
              for split in ((False, True) if not has_z else (False,))
              for name in kernel_names(*variant, *shape, layout, has_z, minb, split)]
+    names += [wave_kernel_name(*variant, ns, has_z) for variant in all_variants() for ns in WAVE_LANE_STATES
+              for has_z in (False, True)]
     names = list(dict.fromkeys(names))  # the backward does not depend on the forward's occupancy target
     refs = ",\n    ".join(f"(void*)&{name}" for name in names)
     return kernel_source() + f"\n\nvoid* mamba2d_force_instantiation[] = {{\n    {refs}\n}};\n"
@@ -352,6 +388,56 @@ def _launch_config(batch: int, dim: int, height: int, width: int, groups: int, d
     return LaunchConfig(S=S, WPM=WPM, R=R, K=K, parts=parts, states_per_part=states, fwd_min_blocks=fwd_min_blocks,
                         CH=CH, ntiles=ntiles, nbands=nbands, threads=threads, blocks=batch * groups * cpg, cpg=cpg,
                         smem_fwd=smem_fwd, smem_bwd=smem_bwd)
+
+
+def uses_wave(batch: int, dim: int, height: int, width: int, groups: int, d_state: int) -> bool:
+    """Whether the forward of this launch runs as a wavefront (`mamba2d_scan2d_fwd_wave`; see WAVE_MIN_STATES)."""
+    if wave_config(d_state).smem(d_state) > WAVE_MAX_SMEM:
+        return False
+    if WAVE_FORCE:
+        return True
+    return (d_state >= WAVE_MIN_STATES and height >= WAVE_MIN_ROWS and wave_busy(height, width) >= WAVE_MIN_BUSY
+            and launch_config(batch, dim, height, width, groups, d_state).parts > 1)
+
+
+def wave_busy(height: int, width: int) -> float:
+    """Share of the wavefront's lane-steps that hold a pixel: rows over 32-row bands, columns over steps."""
+    bands = _ceil_div(height, 32)
+    return height / (32 * bands) * width / (width + min(32, height) - 1)
+
+
+@dataclass(frozen=True)
+class WaveConfig:
+    """Launch of the wavefront forward: one block of `warps` warps per map, `states_per_lane` states per warp."""
+
+    states_per_lane: int
+    warps: int
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    def smem(self, d_state: int) -> int:
+        """Bytes of the staged tiles: dt, dt * u and D * u; B, C and the checkpoint values per state (and a zero
+        state); each warp's partial y; the band's top and bottom rows per state (layout at the top of the kernel)."""
+        row = WAVE_STEPS + 1
+        return 4 * ((3 + 3 * (d_state + 1) + self.warps) * 32 * row + 2 * (d_state + 1) * row)
+
+
+#: States per lane the wavefront kernel is instantiated for (each adds 2 * WAVE_STEPS registers of staged loads).
+WAVE_LANE_STATES = (1, 2, 4)
+#: Most shared memory a wavefront block takes (two blocks an SM on H100 and A100): N up to about 24 states.
+WAVE_MAX_SMEM = 96 * 1024
+
+
+def wave_config(d_state: int) -> WaveConfig:
+    per_lane = max(min(WAVE_STATES_PER_LANE, _pow2_at_least(d_state)),
+                   _pow2_at_least(_ceil_div(d_state, MAX_THREADS // 32)))
+    return WaveConfig(states_per_lane=per_lane, warps=_ceil_div(d_state, per_lane))
+
+
+def wave_kernel_name(in_tag: str, out_tag: str, states_per_lane: int, has_z: bool) -> str:
+    return f"mamba2d_scan2d_fwd_wave<{in_tag}, {out_tag}, {states_per_lane}, {'true' if has_z else 'false'}>"
 
 
 def checkpoint_sizes(batch: int, dim: int, height: int, width: int, groups: int, d_state: int) -> tuple[int, int]:

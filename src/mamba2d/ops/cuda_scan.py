@@ -17,7 +17,7 @@ import torch
 from . import cuda_build, library  # noqa: F401  (library registers the custom ops; it needs no CuPy)
 from .contract import check_scan_inputs, parse_directions
 
-MAX_D_STATE = 64
+MAX_D_STATE = cuda_build.MAX_D_STATE
 SUPPORTED_DTYPES = tuple(cuda_build.DTYPE_TAGS)
 INSTALL_HINT = "pip install 'mamba2d[cuda12]' (CUDA 12) or 'mamba2d[cuda13]' (CUDA 13)"
 
@@ -107,6 +107,19 @@ def _get_kernels(device: torch.device, dtype: torch.dtype, out_fp32: bool, cfg: 
         lambda: cuda_build.kernel_names(in_tag, out_tag, cfg.R, cfg.K, cfg.layout, has_z, cfg.fwd_min_blocks, split),
         cuda_build.COMPILE_OPTIONS + cuda_build.TUNING_OPTIONS,
     )
+
+
+_wave_kernels: dict[tuple[int, str, str, int, bool], tuple[object]] = {}
+
+
+def _get_wave_kernel(device: torch.device, dtype: torch.dtype, out_fp32: bool, states_per_lane: int, has_z: bool):
+    index = device_index(device)
+    in_tag, out_tag = cuda_build.variant_tags(dtype, out_fp32)
+    return compiled_kernels(
+        _wave_kernels, (index, in_tag, out_tag, states_per_lane, has_z), index, cuda_build.KERNEL_SOURCE,
+        lambda: (cuda_build.wave_kernel_name(in_tag, out_tag, states_per_lane, has_z),),
+        cuda_build.COMPILE_OPTIONS + cuda_build.TUNING_OPTIONS,
+    )[0]
 
 
 _smem_limits: dict[tuple[int, int], int] = {}
@@ -252,6 +265,9 @@ def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, ou
     cfg = _geometry(u, B)
     _check_sizes(u, B, cfg)
     u, delta, z, B, C = (_fit_int32(t, n) for t, n in ((u, "u"), (delta, "delta"), (z, "z"), (B, "B"), (C, "C")))
+    if cuda_build.uses_wave(batch, dim, height, width, groups, d_state):
+        return _wave_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32,
+                         rebuild or (save_ckpt and saves_checkpoint(cfg, d_state)), y_needed, cfg)
     device = u.device
     split = cfg.parts > 1
     ckv_n, ckh_n = cuda_build.checkpoint_sizes(batch, dim, height, width, groups, d_state)
@@ -280,6 +296,34 @@ def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, ou
         if z is not None:
             y = y.mul_(torch.nn.functional.silu(z.float()))
         y = y.to(out_dtype)
+    return y, ckv, ckh
+
+
+def _wave_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, keep, y_needed, cfg):
+    """The wavefront forward (cuda_build.uses_wave): y gated in the kernel, never split over states; the checkpoints
+    in the per-band kernels' geometry `cfg`, so that their backward reads them as its own forward's."""
+    batch, dim, height, width = u.shape
+    groups, d_state = B.shape[1], B.shape[2]
+    device = u.device
+    wave = cuda_build.wave_config(d_state)
+    ckv_n, ckh_n = cuda_build.checkpoint_sizes(batch, dim, height, width, groups, d_state)
+    y = torch.empty((batch, dim, height, width), dtype=torch.float32 if out_fp32 else u.dtype,
+                    device=device) if y_needed else None
+    ckv = torch.empty((ckv_n if keep else 0,), dtype=torch.float32, device=device)
+    ckh = torch.empty((ckh_n,), dtype=torch.float32, device=device)
+    band_tops = torch.empty((batch * dim * d_state * width if height > 32 else 0,), dtype=torch.float32,
+                            device=device)  # scratch: each band's last row for the next band
+    _poison(y, ckv, ckh, band_tops)
+    fn = _get_wave_kernel(device, u.dtype, out_fp32, wave.states_per_lane, z is not None)
+    args = (
+        *(pointer_arg(t) for t in (u, delta, z, B, C, A, D, delta_bias, _dirs_tensor(directions, device), y,
+                                   ckv if keep else None, ckh if ckh_n else None,
+                                   band_tops if band_tops.numel() else None)),
+        *_ints(dim, height, width, groups, d_state, int(bool(delta_softplus))),
+        *_strides(u, 4), *_strides(delta, 4), *_strides(z, 4), *_strides(B, 5), *_strides(C, 5),
+        *_ints(cfg.R.bit_length() - 1, cfg.nbands, cfg.tile_width, cfg.ntiles),
+    )
+    launch_kernel(fn, device, (batch * dim, 1), wave.threads, wave.smem(d_state), args)
     return y, ckv, ckh
 
 
