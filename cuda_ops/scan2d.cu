@@ -452,9 +452,10 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
 // Per chunk of M2D_WAVE_T steps the block stages the skewed window of every input in shared memory with coalesced
 // loads (lane r's pixels of the chunk lie along its own row) and writes y and the checkpoints from it coalesced.
 //
-// The checkpoints are those of the per-band kernels (their bands of ck_rows rows and tiles of ck_tile columns), so
-// that their backward runs unchanged: ckv = the vertical pass's state above each band start row, ckh = the
-// horizontal pass's state left of each tile start column (only with several tiles).
+// The checkpoints are those of the per-band kernels (their bands of 1 << ck_shift rows and tiles of ck_tile
+// columns), so that their backward runs unchanged: ckv = the vertical pass's state above each band start row, ckh =
+// the horizontal pass's state left of each tile start column (only with several tiles). Each state is computed in
+// the same order as the reference's sequential scans: bitwise reproducible, no atomics.
 #ifndef M2D_WAVE_T
 #define M2D_WAVE_T 8
 #endif
@@ -491,18 +492,18 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, 2)
     const int b = (int)(map / dim), d = (int)(map - (m2d_i64)b * dim), g = d / (dim / G);
     const int code = dirs[g];
     const bool fr = code & 1, fc = (code >> 1) & 1, vh = (code >> 2) & 1;
-    // Shared memory (cuda_build.WaveConfig.smem). State tiles have one more state, N: zeros (B and C) for the
-    // states past N of the last warp, which then add nothing to y and need no test in the scan.
+    // Shared memory (cuda_build.WaveConfig.smem). State tiles have one more state, N: zeros (B, C and the band top)
+    // for the states past N of the last warp, which then add nothing to y and need no test in the scan.
     float* sdt = m2d_smem;              // [32][TP] dt of the chunk's skewed window
     float* sdtu = sdt + TILE;           // [32][TP] dt * u
     float* sy0 = sdtu + TILE;           // [32][TP] D * u
     float* sB = sy0 + TILE;             // [N + 1][32][TP]
     float* sC = sB + (N + 1) * TILE;    // [N + 1][32][TP]
-    float* sck = sC + (N + 1) * TILE;   // [N + 1][32][TP] the vertical state above each pixel (checkpoints)
-    float* sy = sck + (N + 1) * TILE;   // [nwarps][32][TP] each warp's partial y
+    float* svt = sC + (N + 1) * TILE;   // [N + 1][32][TP] the vertical pass's state at each pixel
+    float* sy = svt + (N + 1) * TILE;   // [nwarps][32][TP] each warp's partial y
     float* sup = sy + nwarps * TILE;    // [N + 1][TP] the state above the band at lane 0's column of each step
-    float* sbot = sup + (N + 1) * TP;   // [N + 1][TP] lane 31's vertical state of each step (the next band's top)
     for (int e = tid; e < TILE; e += nthr) sB[N * TILE + e] = sC[N * TILE + e] = 0.f;
+    for (int e = tid; e < TP; e += nthr) sup[N * TP + e] = 0.f;  // (a NaN left there would reach y through 0 * NaN)
 
     const float Dd = Dv != nullptr ? Dv[d] : 0.f;
     const float bias = dbias != nullptr ? dbias[d] : 0.f;
@@ -650,14 +651,14 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, 2)
                     out = vtl[k];
                 }
                 ys = fmaf(sC[at], out, ys);
-                sck[at] = up;
-                if (lane == 31) sbot[sn[k] * TP + tt] = vtl[k];
+                svt[at] = vtl[k];
             }
             sy[(warp * 32 + lane) * TP + tt] = ys;
         }
         __syncthreads();
         // y (the warps' partial sums in a fixed order, then the gate), the band's last row for the next band, and
-        // the checkpoint rows: coalesced along rows.
+        // the checkpoints (the vertical state of the row above each band start row of the per-band kernels; zero
+        // above the first row): coalesced along rows.
         if (ybp != nullptr) {
             for (int e = tid; e < 32 * TQ; e += nthr) {
                 const int r = e / TQ, tt = e - r * TQ, pp = p0 + r, q = t0 + tt - r;
@@ -676,16 +677,17 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, 2)
         if (p0 + 32 < H) {
             for (int e = tid; e < N * TQ; e += nthr) {
                 const int n = e / TQ, tt = e - n * TQ, q = t0 + tt - 31;
-                if (q >= 0 && q < W) topp[n * W + q] = sbot[n * TP + tt];
+                if (q >= 0 && q < W) topp[n * W + q] = svt[(n * 32 + 31) * TP + tt];
             }
         }
-        if (keep) {  // rows p0 + r with r a multiple of the per-band kernels' rows per band
+        if (keep) {  // rows r of the tile whose next row starts a band of the per-band kernels
             float* ckvp = m2d_base(ckv + map * ck_bands * N * W);
             const int rows = 32 >> ck_shift;
             for (int e = tid; e < N * rows * TQ; e += nthr) {
                 const int n = e / (rows * TQ), rem = e - n * (rows * TQ), rr = rem / TQ, tt = rem - rr * TQ;
-                const int r = rr << ck_shift, pp = p0 + r, q = t0 + tt - r;
-                if (pp < H && q >= 0 && q < W) ckvp[((pp >> ck_shift) * N + n) * W + q] = sck[(n * 32 + r) * TP + tt];
+                const int r = ((rr + 1) << ck_shift) - 1, pp = p0 + r + 1, q = t0 + tt - r;
+                if (pp < H && q >= 0 && q < W) ckvp[((pp >> ck_shift) * N + n) * W + q] = svt[(n * 32 + r) * TP + tt];
+                if (p0 == 0 && rr == 0 && t0 + tt < W) ckvp[n * W + t0 + tt] = 0.f;  // above row 0
             }
         }
         tops_late = p1 < H && !tops_early;

@@ -418,10 +418,10 @@ class WaveConfig:
         return 32 * self.warps
 
     def smem(self, d_state: int) -> int:
-        """Bytes of the staged tiles: dt, dt * u and D * u; B, C and the checkpoint values per state (and a zero
-        state); each warp's partial y; the band's top and bottom rows per state (layout at the top of the kernel)."""
+        """Bytes of the staged tiles: dt, dt * u and D * u; B, C and the vertical states per state (and a zero
+        state); each warp's partial y; the band's top row per state (layout at the top of the kernel)."""
         row = WAVE_STEPS + 1
-        return 4 * ((3 + 3 * (d_state + 1) + self.warps) * 32 * row + 2 * (d_state + 1) * row)
+        return 4 * ((3 + 3 * (d_state + 1) + self.warps) * 32 * row + (d_state + 1) * row)
 
 
 #: States per lane the wavefront kernel is instantiated for (each adds 2 * WAVE_STEPS registers of staged loads).
