@@ -68,9 +68,9 @@ VECTOR_ACCESS = True
 #: the checkpoints of the per-band kernels for their backward) takes maps with at least WAVE_MIN_STATES states and
 #: WAVE_MIN_ROWS rows when the per-band forward would run short of blocks (it splits its states: few, large maps such
 #: as shape c or a slide's grid in 2DMambaMIL). Many small maps stay with the per-band kernels (H100, N = 16, fwd ms
-#: per-band / wavefront: 1 x 256 x 200 x 300 2.15 / 1.10, 1 x 512 x 100 x 150 1.35 / 0.65; 32 x 96 x 56 x 56
+#: per-band / wavefront: 1 x 256 x 200 x 300 2.15 / 0.96, 1 x 512 x 100 x 150 1.35 / 0.58; 32 x 96 x 56 x 56
 #: 0.86 / 0.88, 64 x 128 x 14 x 14 0.14 / 0.44), and only where at least WAVE_MIN_BUSY of its lane-steps hold a
-#: pixel (a band of 32 rows takes W + 31 steps for W columns; 14 x 14 maps keep 14 % of them busy, shape c 81 %).
+#: pixel (a band of 32 rows takes W + 31 steps for W columns; 14 x 14 maps keep 23 % of them busy, shape c 81 %).
 #: WAVE_FORCE (tests, benchmarks): every shape whose tiles fit. WAVE_STATES_PER_LANE: fewest states a lane scans at
 #: once (a block has at most MAX_THREADS / 32 warps).
 WAVE_MIN_STATES = 8
@@ -426,7 +426,8 @@ class WaveConfig:
 
 #: States per lane the wavefront kernel is instantiated for (each adds 2 * WAVE_STEPS registers of staged loads).
 WAVE_LANE_STATES = (1, 2, 4)
-#: Most shared memory a wavefront block takes (two blocks an SM on H100 and A100): N up to about 24 states.
+#: Most shared memory a wavefront block takes (under every sm_80+ card's per-block limit, 99 KB on sm_86; two
+#: blocks an SM on H100): N up to 24 states.
 WAVE_MAX_SMEM = 96 * 1024
 
 
