@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""2DMambaMIL on one slide with the CUDA scan's wavefront forward on (the default) and off (WAVE=0: the per-band
+forward), interleaved in one process: GPU ms of an inference forward and of a training step (forward,
+cross-entropy, backward), fp32 and bf16 autocast. The model has the paper's defaults (dim 128, expand 2: 256 scan
+channels, 16 states); the slide is `--patches` random 1024-dim features on random cells of an H x W grid.
+
+    python tools/bench_mil_scan.py --grid 200 300 --patches 40000
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from mamba2d.models.mil import create_mil_model  # noqa: E402
+from mamba2d.ops import cuda_build  # noqa: E402
+
+
+def gpu_ms(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", type=int, nargs=2, default=(200, 300), metavar=("H", "W"))
+    parser.add_argument("--patches", type=int, default=40_000)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    height, width = args.grid
+    if not 0 < args.patches <= height * width:
+        parser.error(f"--patches must be between 1 and H * W = {height * width}, got {args.patches}")
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    torch.manual_seed(0)
+    cells = torch.randperm(height * width)[: args.patches]
+    positions = torch.stack([cells // width, cells % width], 1).cuda()
+    features = torch.randn(args.patches, 1024, device="cuda")
+    label = torch.tensor([1], device="cuda")
+    model = create_mil_model("mamba_mil_2d", 1024, 2).cuda()
+
+    def train_step(amp: bool) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            logits = model(features, positions).logits
+        torch.nn.functional.cross_entropy(logits.float().reshape(1, -1), label).backward()
+
+    def inference(amp: bool) -> None:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            model(features, positions)
+
+    default = cuda_build.WAVE_MIN_STATES
+    times: dict[tuple[str, str, str], list[float]] = {}
+    for _ in range(args.rounds):
+        for forward, min_states in (("wavefront", default), ("per-band", cuda_build.MAX_D_STATE + 1)):
+            cuda_build.WAVE_MIN_STATES = min_states
+            for precision, amp in (("fp32", False), ("bf16 autocast", True)):
+                times.setdefault((forward, precision, "inference"), []).append(
+                    gpu_ms(lambda: inference(amp), args.reps))
+                times.setdefault((forward, precision, "training step"), []).append(
+                    gpu_ms(lambda: train_step(amp), args.reps))
+    cuda_build.WAVE_MIN_STATES = default
+    print(f"{torch.cuda.get_device_name()}: 2DMambaMIL, {height} x {width} grid, {args.patches} patches "
+          f"(wavefront forward used: {cuda_build.uses_wave(1, 256, height, width, 1, 16)})")
+    for (forward, precision, mode), values in sorted(times.items()):
+        print(f"{forward:<10} {precision:<14} {mode:<14} {statistics.median(values):8.3f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
