@@ -190,15 +190,25 @@ def test_no_softplus_no_optional_inputs():
     check_against_reference(inputs, ["tl_hv", "br_vh", "tr_vh"], softplus=False)
 
 
+def channels_last_view(t):
+    """The same values stored channels-last (the channel stride is 1)."""
+    return t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
+def strided_columns(t):
+    """The same values as every other column of a map twice as wide (column stride 2)."""
+    wide = torch.randn(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
 def test_non_contiguous_inputs():
     b, dim, H, W, G, N = 2, 8, 19, 45, 4, 3
     base = make_inputs(b, dim, H, W, G, N)
     inputs = dict(base)
     # u channels-last, delta a strided slice, B/C with a stride-0 group dimension, z transposed storage.
-    inputs["u"] = base["u"].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-    wide = torch.randn(b, dim, H, 2 * W, device="cuda")
-    wide[..., ::2] = base["delta"]
-    inputs["delta"] = wide[..., ::2]
+    inputs["u"] = channels_last_view(base["u"])
+    inputs["delta"] = strided_columns(base["delta"])
     inputs["B"] = base["B"][:, :1].expand(b, G, N, H, W)
     inputs["C"] = base["C"][:, 1:2].expand(b, G, N, H, W)
     inputs["z"] = base["z"].transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -435,10 +445,8 @@ def test_wavefront_forward_directions_non_contiguous(direction):
     b, dim, H, W, G, N = 2, 4, 60, 90, 1, 16
     base = make_inputs(b, dim, H, W, G, N)
     inputs = dict(base)
-    inputs["u"] = base["u"].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-    wide = torch.randn(b, dim, H, 2 * W, device="cuda")
-    wide[..., ::2] = base["delta"]
-    inputs["delta"] = wide[..., ::2]
+    inputs["u"] = channels_last_view(base["u"])
+    inputs["delta"] = strided_columns(base["delta"])
     inputs["B"] = base["B"].transpose(-1, -2).contiguous().transpose(-1, -2)
     inputs["C"] = base["C"][:1].expand(b, G, N, H, W)
     assert cuda_build.uses_wave(b, dim, H, W, G, N)  # the default rule: many states, few maps

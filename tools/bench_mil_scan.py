@@ -23,6 +23,8 @@ from mamba2d.ops import cuda_build  # noqa: E402
 
 
 def gpu_ms(fn, reps: int) -> float:
+    """Mean event-timed milliseconds of `reps` back-to-back calls: a model step's throughput, host gaps between its
+    many kernels included (bench_scan.time_ms times single calls with a sync after each)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
