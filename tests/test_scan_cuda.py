@@ -321,6 +321,39 @@ def test_auto_backend_and_streams():
     assert y64.dtype == torch.float64
 
 
+def test_backward_first_on_fresh_autograd_and_python_threads():
+    """A scan whose backward is the first node autograd runs, in a fresh process: its backward thread has no CUDA
+    context current yet (a driver launch there fails with CUDA_ERROR_INVALID_CONTEXT unless the launcher makes the
+    device's context current); the same from a new Python thread."""
+    import subprocess
+    import sys
+
+    code = """
+import threading, torch
+from mamba2d.ops import selective_scan_2d, selective_scan_2d_ref
+def step(out):
+    g = torch.Generator().manual_seed(0)
+    u, delta = (torch.randn(2, 4, 9, 11, generator=g) for _ in range(2))
+    B, C = (torch.randn(2, 2, 3, 9, 11, generator=g) for _ in range(2))
+    A, dy = -torch.rand(4, 3, generator=g), torch.randn(2, 4, 9, 11, generator=g)
+    grads = []
+    for backend, device, dtype in (("cuda", "cuda", torch.float32), ("reference", "cpu", torch.float64)):
+        leaves = [t.to(device, dtype).requires_grad_() for t in (u, delta, A, B, C)]
+        selective_scan_2d(*leaves, backend=backend).backward(dy.to(device, dtype))
+        grads.append([t.grad.double().cpu() for t in leaves])
+    out.append(max(((a - b).norm() / b.norm()).item() for a, b in zip(*grads)))
+errors = []
+step(errors)
+thread = threading.Thread(target=step, args=(errors,))
+thread.start()
+thread.join()
+print("errors", errors)
+assert len(errors) == 2 and max(errors) < 1e-5, errors
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_autocast_bf16():
     inputs = make_inputs(2, 8, 24, 40, 4, 2)
     directions = group_directions(4)

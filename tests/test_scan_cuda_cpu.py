@@ -169,3 +169,52 @@ def test_supports_dtypes_and_states():
     assert cuda_scan.supports(u, torch.zeros(1, 1, 64, 3, 4))
     assert not cuda_scan.supports(u, torch.zeros(1, 1, 65, 3, 4))
     assert not cuda_scan.supports(u.double(), torch.zeros(1, 1, 4, 3, 4))
+
+
+def test_kernel_args_pack_each_value_at_its_aligned_offset():
+    import ctypes
+
+    import numpy as np
+
+    from mamba2d.ops.cuda_launch import KernelArgs
+
+    t = torch.zeros(2, 3, 4, 5)[:, :, 1:, ::2]
+    args = KernelArgs()
+    args.pointers(t, None)
+    args.int32(7, -3)
+    args.float32(0.25)
+    args.int64(2**40 + 3)
+    args.strides(t, 4)
+    args.strides(None, 5)
+    args.int32(9)
+    buffer, params = args.packed()
+    assert args.format == "QQiifq" + "qqii" + "qqiii" + "i"
+    addresses = (ctypes.c_void_p * len(args.format)).from_address(params)
+    offsets = [address - ctypes.addressof(buffer) for address in addresses]
+    assert offsets == [0, 8, 16, 20, 24, 32, 40, 48, 56, 60, 64, 72, 80, 84, 88, 92]
+    expect = [("u8", t.data_ptr()), ("u8", 0), ("i4", 7), ("i4", -3), ("f4", 0.25), ("i8", 2**40 + 3),
+              *(("i8" if i < 2 else "i4", s) for i, s in enumerate(t.stride())), ("i8", 0), ("i8", 0),
+              ("i4", 0), ("i4", 0), ("i4", 0), ("i4", 9)]
+    for offset, (dtype, value) in zip(offsets, expect):
+        assert np.frombuffer(buffer, dtype=dtype, count=1, offset=offset)[0] == value
+    args = KernelArgs()  # the same argument list again reuses this thread's buffer
+    args.pointers(None, None)
+    args.int32(8, -3)
+    args.float32(0.5)
+    args.int64(1)
+    args.strides(t, 4)
+    args.strides(None, 5)
+    args.int32(9)
+    assert args.packed() == (buffer, params)
+    assert np.frombuffer(buffer, dtype="i4", count=1, offset=16)[0] == 8
+
+
+def test_kernel_args_reject_integers_out_of_their_c_type():
+    import struct
+
+    from mamba2d.ops.cuda_launch import KernelArgs
+
+    args = KernelArgs()
+    args.int32(2**31)
+    with pytest.raises(struct.error):
+        args.packed()

@@ -392,11 +392,13 @@ def _launch_config(batch: int, dim: int, height: int, width: int, groups: int, d
 
 def uses_wave(batch: int, dim: int, height: int, width: int, groups: int, d_state: int) -> bool:
     """Whether the forward of this launch runs as a wavefront (`mamba2d_scan2d_fwd_wave`; see WAVE_MIN_STATES)."""
+    if not WAVE_FORCE and (d_state < WAVE_MIN_STATES or height < WAVE_MIN_ROWS):
+        return False
     if wave_config(d_state).smem(d_state) > WAVE_MAX_SMEM:
         return False
     if WAVE_FORCE:
         return True
-    return (d_state >= WAVE_MIN_STATES and height >= WAVE_MIN_ROWS and wave_busy(height, width) >= WAVE_MIN_BUSY
+    return (wave_busy(height, width) >= WAVE_MIN_BUSY
             and launch_config(batch, dim, height, width, groups, d_state).parts > 1)
 
 

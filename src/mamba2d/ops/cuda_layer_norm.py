@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from . import cuda_build, cuda_scan
+from . import cuda_build
+from .cuda_launch import KernelArgs, compiled_kernels, cupy_importable, device_index, launch_kernel
 
 _kernels: dict[tuple[int, str, str, tuple[int, int]], object] = {}
 
@@ -29,7 +30,7 @@ def usable(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor |
         return False
     if any(t is not None and (t.device != rows.device or t.shape != (channels,)) for t in (weight, bias)):
         return False
-    return not torch.compiler.is_compiling() and cuda_scan.cupy_importable()
+    return not torch.compiler.is_compiling() and cupy_importable()
 
 
 def layer_norm(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
@@ -44,8 +45,6 @@ def layer_norm(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
 
 def _forward(rows, weight, bias, eps, out_dtype, for_backward):
     """(output, mean, 1/std, input as kept for the backward); the last three are None unless `for_backward`."""
-    import numpy as np
-
     channels = rows.shape[-1]
     out = torch.empty(rows.shape, dtype=out_dtype, device=rows.device)
     stats = [torch.empty((*rows.shape[:-1], 1), dtype=torch.float32, device=rows.device) if for_backward else None
@@ -57,9 +56,12 @@ def _forward(rows, weight, bias, eps, out_dtype, for_backward):
     count = rows.numel() // channels
     lanes, _ = cuda_build.layer_norm_lanes(channels)
     threads = cuda_build.LAYER_NORM_THREADS
-    args = (*(cuda_scan.pointer_arg(t) for t in (rows, w32, b32, out, *stats, rows_low)), np.int64(count),
-            np.int32(channels), np.float32(eps))
-    cuda_scan.launch_kernel(fn, rows.device, (-(-count * lanes // threads), 1), threads, 0, args)
+    args = KernelArgs()
+    args.pointers(rows, w32, b32, out, *stats, rows_low)
+    args.int64(count)
+    args.int32(channels)
+    args.float32(eps)
+    launch_kernel(fn, rows.device, (-(-count * lanes // threads), 1), threads, 0, args)
     return out, stats[0], stats[1], (rows_low if lower else rows) if for_backward else None
 
 
@@ -88,9 +90,9 @@ class _LayerNorm(torch.autograd.Function):
 
 
 def _kernel(device: torch.device, dtype: torch.dtype, out_dtype: torch.dtype, channels: int):
-    index = cuda_scan.device_index(device)
+    index = device_index(device)
     in_tag, out_tag = cuda_build.DTYPE_TAGS[dtype], cuda_build.DTYPE_TAGS[out_dtype]
     key = (index, in_tag, out_tag, cuda_build.layer_norm_lanes(channels))
-    return cuda_scan.compiled_kernels(
+    return compiled_kernels(
         _kernels, key, index, cuda_build.LAYER_NORM_SOURCE,
         lambda: [cuda_build.layer_norm_kernel_name(in_tag, out_tag, channels)])[0]

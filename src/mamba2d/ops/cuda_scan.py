@@ -1,67 +1,39 @@
 """CUDA backend of the 2D selective scan: NVRTC-compiled kernels (cuda_ops/scan2d.cu) launched through CuPy.
 
-CuPy is imported lazily, on the first CUDA call (never at import or model construction). Kernels compile once per
-(device arch, input dtype, output dtype) and are cached on disk by CuPy (`CUPY_CACHE_DIR`); sizes and strides are
-kernel arguments. Launches go to PyTorch's current stream of the tensors' device; every output and scratch buffer
-is allocated by PyTorch. The autograd-aware entry point is `selective_scan_2d_cuda`, which goes through the
-`torch.library` custom ops of `mamba2d.ops.library` (so `torch.compile` sees no graph break).
+Kernels compile once per (device arch, input dtype, output dtype, variant) and are cached on disk by CuPy
+(`CUPY_CACHE_DIR`); sizes and strides are kernel arguments. Launches (`cuda_launch`) go to PyTorch's current stream
+of the tensors' device; every output and scratch buffer is allocated by PyTorch. The autograd-aware entry point is
+`selective_scan_2d_cuda`: eager calls take `_EagerScan2d`, torch.compile traces the `torch.library` custom ops of
+`mamba2d.ops.library` (no graph break); both run the launchers here.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 
 from . import cuda_build, library  # noqa: F401  (library registers the custom ops; it needs no CuPy)
 from .contract import check_scan_inputs, parse_directions
+from .cuda_launch import (  # noqa: F401  (INSTALL_HINT, cupy_importable: the public face of the CUDA backend)
+    INSTALL_HINT,
+    KernelArgs,
+    compiled_kernels,
+    cupy_importable,
+    device_index,
+    launch_kernel,
+    require_cupy,
+)
 
 MAX_D_STATE = cuda_build.MAX_D_STATE
 SUPPORTED_DTYPES = tuple(cuda_build.DTYPE_TAGS)
-INSTALL_HINT = "pip install 'mamba2d[cuda12]' (CUDA 12) or 'mamba2d[cuda13]' (CUDA 13)"
 
 #: Testing hook: fill every output and scratch buffer with NaN before each launch (catches unwritten elements).
 POISON_OUTPUTS = False
 
-_cupy = None
-_cupy_error: BaseException | None = None
-compile_lock = threading.Lock()
 _kernels: dict[tuple[int, str, str, int, int, int, bool, int, bool], tuple[object, object]] = {}
 _dirs_cache: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
-
-
-def _import_cupy():
-    global _cupy, _cupy_error
-    if _cupy is None and _cupy_error is None:
-        try:
-            import cupy
-
-            _cupy = cupy
-        except Exception as exc:  # ImportError, or CuPy failing to find its CUDA libraries
-            _cupy_error = exc
-    return _cupy
-
-
-@torch.compiler.assume_constant_result
-def cupy_importable() -> bool:
-    return _import_cupy() is not None
-
-
-@torch.compiler.assume_constant_result
-def is_available() -> bool:
-    """True when CuPy imports and a CUDA device is visible."""
-    return torch.cuda.is_available() and _import_cupy() is not None
-
-
-def require_cupy():
-    cupy = _import_cupy()
-    if cupy is None:
-        raise RuntimeError(
-            "selective_scan_2d(backend='cuda') needs CuPy, which could not be imported "
-            f"({type(_cupy_error).__name__}: {_cupy_error}). Install the extra for your CUDA version: {INSTALL_HINT}"
-        )
-    return cupy
 
 
 def supports(u: torch.Tensor, B: torch.Tensor) -> bool:
@@ -71,29 +43,6 @@ def supports(u: torch.Tensor, B: torch.Tensor) -> bool:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Compilation and launch
-
-
-def device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def compiled_kernels(cache: dict, key: tuple, index: int, source: str, names: Callable[[], Sequence[str]],
-                     options: tuple[str, ...] = cuda_build.COMPILE_OPTIONS) -> tuple:
-    """The kernels `names()` of cuda_ops/`source` on device `index`, compiled by NVRTC once per `key` of `cache`
-    (CuPy caches the binaries on disk); shared by the scan and the layer-norm launchers."""
-    fns = cache.get(key)
-    if fns is None:
-        cupy = require_cupy()
-        with compile_lock:
-            fns = cache.get(key)
-            if fns is None:
-                wanted = list(names())
-                with cupy.cuda.Device(index):
-                    module = cupy.RawModule(code=cuda_build.kernel_source(source), options=options,
-                                            name_expressions=wanted)
-                    fns = tuple(module.get_function(name) for name in wanted)
-                cache[key] = fns
-    return fns
 
 
 def _get_kernels(device: torch.device, dtype: torch.dtype, out_fp32: bool, cfg: cuda_build.LaunchConfig,
@@ -122,53 +71,7 @@ def _get_wave_kernel(device: torch.device, dtype: torch.dtype, out_fp32: bool, s
     )[0]
 
 
-_smem_limits: dict[tuple[int, int], int] = {}
-_streams: dict[tuple[int, int], object] = {}
-
-
-def _cupy_stream(cupy, index: int, ptr: int):
-    """CuPy view of a PyTorch stream (cached per device and handle; it only wraps the handle)."""
-    stream = _streams.get((index, ptr))
-    if stream is None:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # CuPy 14 prefers Stream.from_external
-            stream = cupy.cuda.ExternalStream(ptr, index)
-        _streams[(index, ptr)] = stream
-    return stream
-
-
-def launch_kernel(fn, device: torch.device, blocks: tuple[int, int], threads: int, smem: int, args: tuple) -> None:
-    cupy = require_cupy()
-    index = device_index(device)
-    with cupy.cuda.Device(index):
-        key = (index, id(fn))
-        if smem > 48 * 1024 and _smem_limits.get(key, 0) < smem:
-            fn.max_dynamic_shared_size_bytes = smem
-            _smem_limits[key] = smem
-        stream = _cupy_stream(cupy, index, torch.cuda.current_stream(device).cuda_stream)
-        with stream:
-            fn(blocks, (threads,), args, shared_mem=smem)
-
-
-def pointer_arg(t: torch.Tensor | None):
-    import numpy as np
-
-    return np.uint64(0 if t is None else t.data_ptr())
-
-
 _INT32_MAX = 2**31 - 1
-
-
-def _strides(t: torch.Tensor | None, ndim: int):
-    """Kernel stride arguments: the leading two (batch, channel/group) as int64, the in-map ones as int32."""
-    import numpy as np
-
-    if t is None:
-        return tuple(np.int64(0) for _ in range(2)) + tuple(np.int32(0) for _ in range(ndim - 2))
-    st = t.stride()
-    return tuple(np.int64(s) for s in st[:2]) + tuple(np.int32(s) for s in st[2:])
 
 
 def _vector_flags(cfg: cuda_build.LaunchConfig, width: int, inputs) -> int:
@@ -176,15 +79,26 @@ def _vector_flags(cfg: cuda_build.LaunchConfig, width: int, inputs) -> int:
     the launcher allocates the outputs contiguous), bit 0 when every input allows the same vector loads."""
     if cfg.K == 1 or width % cfg.K or not cuda_build.VECTOR_ACCESS:
         return 0
-    return 2 | int(all(t is None or _vector_loads_ok(t, cfg.K) for t in inputs))
+    for t in inputs:
+        if t is not None and not _vector_loads_ok(t, cfg.K):
+            return 2
+    return 3
 
 
 def _vector_loads_ok(t: torch.Tensor, k: int) -> bool:
     """K consecutive columns are one aligned access: unit column stride, the address and every other stride (of a
     dimension longer than one) multiples of K elements."""
-    if t.stride(-1) != 1 or t.data_ptr() % (k * t.element_size()):
+    if t.data_ptr() % (k * t.element_size()):
         return False
-    return all(stride % k == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size > 1)
+    if t.is_contiguous():  # every stride a multiple of W, and the caller checked that K divides W
+        return True
+    strides = t.stride()
+    if strides[-1] != 1:
+        return False
+    for size, stride in zip(t.shape[:-1], strides[:-1]):
+        if stride % k and size > 1:
+            return False
+    return True
 
 
 def _in_map_span(t: torch.Tensor) -> int:
@@ -193,7 +107,7 @@ def _in_map_span(t: torch.Tensor) -> int:
 
 def _fit_int32(t: torch.Tensor | None, name: str) -> torch.Tensor | None:
     """The kernels index within one (batch, channel) map with 32-bit offsets: copy exotic layouts that overflow."""
-    if t is None or _in_map_span(t) <= _INT32_MAX:
+    if t is None or (t.numel() <= _INT32_MAX and t.is_contiguous()) or _in_map_span(t) <= _INT32_MAX:
         return t
     t = t.contiguous()
     if _in_map_span(t) > _INT32_MAX:
@@ -215,7 +129,7 @@ def _check_sizes(u: torch.Tensor, B: torch.Tensor, cfg) -> None:
 
 def _dirs_tensor(codes: Sequence[int], device: torch.device) -> torch.Tensor:
     index = device_index(device)
-    key = (index, tuple(int(c) for c in codes))
+    key = (index, tuple(codes))
     t = _dirs_cache.get(key)
     if t is None:
         t = torch.tensor(key[1], dtype=torch.int32, device=device)
@@ -223,23 +137,18 @@ def _dirs_tensor(codes: Sequence[int], device: torch.device) -> torch.Tensor:
     return t
 
 
+def _checkpoints(ckv_n: int, ckh_n: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Float32 checkpoint buffers of these sizes, None for an empty one (the custom ops turn None into empty)."""
+    ckv = torch.empty((ckv_n,), dtype=torch.float32, device=device) if ckv_n else None
+    ckh = torch.empty((ckh_n,), dtype=torch.float32, device=device) if ckh_n else None
+    return ckv, ckh
+
+
 def _poison(*tensors) -> None:
     if POISON_OUTPUTS:
         for t in tensors:
             if t is not None and t.numel():
                 t.fill_(float("nan"))
-
-
-def _ints(*values):
-    import numpy as np
-
-    return tuple(np.int32(v) for v in values)
-
-
-def _i64(value):
-    import numpy as np
-
-    return np.int64(value)
 
 
 def _geometry(u: torch.Tensor, B: torch.Tensor, backward: bool = False):
@@ -255,8 +164,9 @@ def saves_checkpoint(cfg: cuda_build.LaunchConfig, d_state: int) -> bool:
 
 def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt, y_needed=True,
              rebuild=False):
-    """Launch the forward kernel. Returns (y, ckv, ckh); ckv is empty unless checkpoints are kept for backward
-    (`save_ckpt` and no larger than u in float32) or `rebuild` asks for them (the backward's recomputation).
+    """Launch the forward kernel. Returns (y, ckv, ckh); ckv is None unless checkpoints are kept for backward
+    (`save_ckpt` and no larger than u in float32) or `rebuild` asks for them (the backward's recomputation), ckh
+    None where the map is one column tile.
 
     With the states split over blocks (cfg.parts > 1) the kernel writes one float32 partial y per part, without the
     z gate; they are summed here in a fixed order and gated after the sum."""
@@ -277,19 +187,18 @@ def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, ou
         y = torch.empty((cfg.parts, batch, dim, height, width) if split else (batch, dim, height, width),
                         dtype=torch.float32 if split else out_dtype, device=device)
     keep = rebuild or (save_ckpt and saves_checkpoint(cfg, d_state))
-    ckv = torch.empty((ckv_n if keep else 0,), dtype=torch.float32, device=device)
-    ckh = torch.empty((ckh_n,), dtype=torch.float32, device=device)
+    ckv, ckh = _checkpoints(ckv_n if keep else 0, ckh_n, device)
     _poison(y, ckv, ckh)
     kz = None if split else z
     fwd_fn, _ = _get_kernels(device, u.dtype, out_fp32 or split, cfg, kz is not None)
-    args = (
-        *(pointer_arg(t) for t in (u, delta, kz, B, C, A, D, delta_bias, _dirs_tensor(directions, device), y,
-                                   ckv if keep else None, ckh if ckh_n else None)),
-        *_ints(dim, height, width, groups, d_state, int(bool(delta_softplus))),
-        *_strides(u, 4), *_strides(delta, 4), *_strides(kz, 4), *_strides(B, 5), *_strides(C, 5),
-        *_ints(cfg.S, cfg.WPM, cfg.CH, cfg.ntiles, cfg.nbands, cfg.states_per_part), _i64(batch * dim),
-        *_ints(_vector_flags(cfg, width, (u, delta, kz, B, C))),
-    )
+    args = KernelArgs()
+    args.pointers(u, delta, kz, B, C, A, D, delta_bias, _dirs_tensor(directions, device), y, ckv, ckh)
+    args.int32(dim, height, width, groups, d_state, int(bool(delta_softplus)))
+    for t, ndim in ((u, 4), (delta, 4), (kz, 4), (B, 5), (C, 5)):
+        args.strides(t, ndim)
+    args.int32(cfg.S, cfg.WPM, cfg.CH, cfg.ntiles, cfg.nbands, cfg.states_per_part)
+    args.int64(batch * dim)
+    args.int32(_vector_flags(cfg, width, (u, delta, kz, B, C)))
     launch_kernel(fwd_fn, device, (cfg.blocks, cfg.parts), cfg.threads, cfg.smem_fwd, args)
     if split and y is not None:
         y = y.sum(dim=0)
@@ -309,20 +218,17 @@ def _wave_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, o
     ckv_n, ckh_n = cuda_build.checkpoint_sizes(batch, dim, height, width, groups, d_state)
     y = torch.empty((batch, dim, height, width), dtype=torch.float32 if out_fp32 else u.dtype,
                     device=device) if y_needed else None
-    ckv = torch.empty((ckv_n if keep else 0,), dtype=torch.float32, device=device)
-    ckh = torch.empty((ckh_n,), dtype=torch.float32, device=device)
-    band_tops = torch.empty((batch * dim * d_state * width if height > 32 else 0,), dtype=torch.float32,
-                            device=device)  # scratch: each band's last row for the next band
+    ckv, ckh = _checkpoints(ckv_n if keep else 0, ckh_n, device)
+    band_tops = torch.empty((batch * dim * d_state * width,), dtype=torch.float32,
+                            device=device) if height > 32 else None  # scratch: each band's last row for the next
     _poison(y, ckv, ckh, band_tops)
     fn = _get_wave_kernel(device, u.dtype, out_fp32, wave.states_per_lane, z is not None)
-    args = (
-        *(pointer_arg(t) for t in (u, delta, z, B, C, A, D, delta_bias, _dirs_tensor(directions, device), y,
-                                   ckv if keep else None, ckh if ckh_n else None,
-                                   band_tops if band_tops.numel() else None)),
-        *_ints(dim, height, width, groups, d_state, int(bool(delta_softplus))),
-        *_strides(u, 4), *_strides(delta, 4), *_strides(z, 4), *_strides(B, 5), *_strides(C, 5),
-        *_ints(cfg.R.bit_length() - 1, cfg.nbands, cfg.tile_width, cfg.ntiles),
-    )
+    args = KernelArgs()
+    args.pointers(u, delta, z, B, C, A, D, delta_bias, _dirs_tensor(directions, device), y, ckv, ckh, band_tops)
+    args.int32(dim, height, width, groups, d_state, int(bool(delta_softplus)))
+    for t, ndim in ((u, 4), (delta, 4), (z, 4), (B, 5), (C, 5)):
+        args.strides(t, ndim)
+    args.int32(cfg.R.bit_length() - 1, cfg.nbands, cfg.tile_width, cfg.ntiles)
     launch_kernel(fn, device, (batch * dim, 1), wave.threads, wave.smem(d_state), args)
     return y, ckv, ckh
 
@@ -344,8 +250,8 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
         raise TypeError(f"selective_scan_2d backward: gradient dtype {dout.dtype} is neither float32 nor {u.dtype}")
     split = cfg.parts > 1
     shape = (batch, dim, height, width)
-    kz, dz = z, torch.empty((0,), dtype=u.dtype, device=device)  # the custom op returns a tensor either way
-    if ckv.numel() == 0 or (split and z is not None):
+    kz, dz = z, None
+    if ckv is None or ckv.numel() == 0 or (split and z is not None):
         y_pre, ckv, ckh = fwd_impl(u, delta, A, B, C, D, None, delta_bias, delta_softplus, directions, True, True,
                                    y_needed=split and z is not None, rebuild=True)
         if y_pre is not None:  # z gate of a split, y = y_pre * silu(z): its gradients here, the scan's below
@@ -365,24 +271,25 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
     dAp = torch.empty((batch, dim, d_state), dtype=torch.float32, device=device)
     dDp = torch.empty((cfg.parts, batch, dim), dtype=torch.float32, device=device)
     dbp = torch.empty((cfg.parts, batch, dim), dtype=torch.float32, device=device)
-    dck = torch.empty((batch * dim * d_state * height if cfg.ntiles > 1 else 0,), dtype=torch.float32, device=device)
+    dck = torch.empty((batch * dim * d_state * height,), dtype=torch.float32, device=device) if cfg.ntiles > 1 else None
     _poison(du, ddelta, dz if kz is not None else None, dBp, dCp, dAp, dDp, dbp, dck)
     _, bwd_fn = _get_kernels(device, u.dtype, out_fp32, cfg, kz is not None)
-    args = (
-        *(pointer_arg(t) for t in (u, delta, kz, dout, B, C, A, D, delta_bias, _dirs_tensor(directions, device), ckv,
-                                   ckh if ckh.numel() else None, dck if dck.numel() else None, du, ddelta,
-                                   dz if kz is not None else None, dBp, dCp, dAp, dDp, dbp)),
-        *_ints(dim, height, width, groups, d_state, int(bool(delta_softplus))),
-        *_strides(u, 4), *_strides(delta, 4), *_strides(kz, 4), *_strides(dout, 4), *_strides(B, 5),
-        *_strides(C, 5), *_ints(cfg.S, cfg.WPM, cfg.CH, cfg.ntiles, cfg.nbands, cfg.states_per_part),
-        _i64(batch * dim), *_ints(_vector_flags(cfg, width, (u, delta, kz, dout, B, C))),
-    )
+    args = KernelArgs()
+    args.pointers(u, delta, kz, dout, B, C, A, D, delta_bias, _dirs_tensor(directions, device), ckv,
+                  ckh if ckh is not None and ckh.numel() else None, dck, du, ddelta, dz if kz is not None else None,
+                  dBp, dCp, dAp, dDp, dbp)
+    args.int32(dim, height, width, groups, d_state, int(bool(delta_softplus)))
+    for t, ndim in ((u, 4), (delta, 4), (kz, 4), (dout, 4), (B, 5), (C, 5)):
+        args.strides(t, ndim)
+    args.int32(cfg.S, cfg.WPM, cfg.CH, cfg.ntiles, cfg.nbands, cfg.states_per_part)
+    args.int64(batch * dim)
+    args.int32(_vector_flags(cfg, width, (u, delta, kz, dout, B, C)))
     launch_kernel(bwd_fn, device, (cfg.blocks, cfg.parts), cfg.threads, cfg.smem_bwd, args)
     # Fixed-order reductions of the per-block and per-part partial sums (no atomics: bitwise reproducible).
     if split:
         du, ddelta = du.sum(dim=0).to(u.dtype), ddelta.sum(dim=0).to(u.dtype)
-    dB = dBp.sum(dim=2).to(B.dtype)
-    dC = dCp.sum(dim=2).to(C.dtype)
+    dB = (dBp.sum(dim=2) if cfg.cpg > 1 else dBp.squeeze(2)).to(B.dtype)
+    dC = (dCp.sum(dim=2) if cfg.cpg > 1 else dCp.squeeze(2)).to(C.dtype)
     # every part sums the same dout * u for dD: part 0's
     return du, ddelta, dAp.sum(dim=0), dB, dC, dDp[0].sum(dim=0), dz, dbp.sum(dim=(0, 1))
 
@@ -434,10 +341,10 @@ def selective_scan_2d_cuda(
             f"selective_scan_2d(backend='cuda'): B/C have N={shape.d_state} states (B.shape[2]); "
             f"the CUDA kernels support N <= {MAX_D_STATE}"
         )
-    codes = [cuda_build.direction_code(name) for name in parse_directions(direction, shape.groups)]
+    codes = _direction_codes(direction if isinstance(direction, str) else tuple(direction), shape.groups)
     out_fp32 = (out_dtype or u.dtype) == torch.float32
-    params = [t if t is None else t.to(torch.float32).contiguous() for t in (A, D, delta_bias)]
-    A32, D32, bias32 = params
+    A32, D32, bias32 = (t if t is None or (t.dtype == torch.float32 and t.is_contiguous())
+                        else t.to(torch.float32).contiguous() for t in (A, D, delta_bias))
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)
     )
@@ -445,6 +352,11 @@ def selective_scan_2d_cuda(
     if torch.compiler.is_compiling():
         return torch.ops.mamba2d.scan2d_fwd(*args)[0]
     return _EagerScan2d.apply(*args)
+
+
+@lru_cache(maxsize=256)
+def _direction_codes(direction: str | tuple[str, ...], groups: int) -> tuple[int, ...]:
+    return tuple(cuda_build.direction_code(name) for name in parse_directions(direction, groups))
 
 
 class _EagerScan2d(torch.autograd.Function):

@@ -33,7 +33,12 @@ def scan2d_fwd(
     from .cuda_scan import fwd_impl
 
     y, ckv, ckh = fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt)
-    return y, ckv, ckh
+    return y, _tensor(ckv, u, torch.float32), _tensor(ckh, u, torch.float32)
+
+
+def _tensor(t: Optional[Tensor], like: Tensor, dtype: torch.dtype) -> Tensor:
+    """A custom op returns tensors: an empty one for a launcher's None (an absent checkpoint or gradient)."""
+    return t if t is not None else like.new_empty((0,), dtype=dtype)
 
 
 def _ckpt_numels(u: Tensor, B: Tensor, save_ckpt: bool) -> tuple[int, int]:
@@ -74,7 +79,7 @@ def scan2d_bwd(
     du, ddelta, dA, dB, dC, dD, dz, dbias = bwd_impl(
         dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus, directions
     )
-    return du, ddelta, dA, dB, dC, dD, dz, dbias
+    return du, ddelta, dA, dB, dC, dD, _tensor(dz, u, u.dtype), dbias
 
 
 @scan2d_bwd.register_fake

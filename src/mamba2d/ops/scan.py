@@ -18,7 +18,7 @@ def cuda_backend_available(u: torch.Tensor, B: torch.Tensor | None = None) -> bo
         return False
     if B is not None and not cuda_scan.supports(u, B):
         return False
-    return cuda_scan.is_available()
+    return cuda_scan.cupy_importable()  # a tensor on a GPU: CUDA is there
 
 
 def selective_scan_2d(
