@@ -10,7 +10,6 @@ of the tensors' device; every output and scratch buffer is allocated by PyTorch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
 
 import torch
 
@@ -341,7 +340,7 @@ def selective_scan_2d_cuda(
             f"selective_scan_2d(backend='cuda'): B/C have N={shape.d_state} states (B.shape[2]); "
             f"the CUDA kernels support N <= {MAX_D_STATE}"
         )
-    codes = _direction_codes(direction if isinstance(direction, str) else tuple(direction), shape.groups)
+    codes = tuple(cuda_build.direction_code(name) for name in parse_directions(direction, shape.groups))
     out_fp32 = (out_dtype or u.dtype) == torch.float32
     A32, D32, bias32 = (t if t is None or (t.dtype == torch.float32 and t.is_contiguous())
                         else t.to(torch.float32).contiguous() for t in (A, D, delta_bias))
@@ -352,11 +351,6 @@ def selective_scan_2d_cuda(
     if torch.compiler.is_compiling():
         return torch.ops.mamba2d.scan2d_fwd(*args)[0]
     return _EagerScan2d.apply(*args)
-
-
-@lru_cache(maxsize=256)
-def _direction_codes(direction: str | tuple[str, ...], groups: int) -> tuple[int, ...]:
-    return tuple(cuda_build.direction_code(name) for name in parse_directions(direction, groups))
 
 
 class _EagerScan2d(torch.autograd.Function):
