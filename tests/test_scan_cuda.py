@@ -147,8 +147,8 @@ def split_target(monkeypatch, blocks):
 
 
 @contextlib.contextmanager
-def wavefront_forward(monkeypatch, states_per_lane=None):
-    """The wavefront forward on every shape whose tiles fit, inside the block."""
+def wavefront(monkeypatch, states_per_lane=None):
+    """The wavefront kernels on every shape whose tiles fit, inside the block."""
     with monkeypatch.context() as patch:
         patch.setattr(cuda_build, "WAVE_FORCE", True)
         if states_per_lane is not None:
@@ -164,7 +164,7 @@ def wavefront_forward(monkeypatch, states_per_lane=None):
 def test_state_split(monkeypatch, wave, target, parts, dtype, z, H, W, G):
     """N = 16 states unsplit, in parts of 3 (the last one smaller) and one per block: partial y / du / ddelta / dD /
     d(delta_bias) summed by the launcher, the z gate applied outside the kernel; all against the reference. The
-    forward (and the backward's checkpoint rebuild) per-band or wavefront (`wave`)."""
+    kernels per-band or wavefront (`wave`: never split)."""
     batch, dim, N = 1, 2 * G, 16
     monkeypatch.setattr(cuda_build, "WAVE_FORCE", wave)
     if not wave:
@@ -271,7 +271,7 @@ def test_extreme_values_finite(monkeypatch, wave):
     inputs = make_inputs(1, 2, 64, 64, 1, 4, z=True)
     inputs["delta"] = torch.linspace(-30, 30, 64 * 64, device="cuda").reshape(1, 1, 64, 64).expand(1, 2, 64, 64)
     inputs["A"] = torch.tensor([[-1e4, -1.0, -1e-4, -30.0]], device="cuda").expand(2, 4).contiguous()
-    with wavefront_forward(monkeypatch) if wave else contextlib.nullcontext():
+    with wavefront(monkeypatch) if wave else contextlib.nullcontext():
         y, grads, _ = run(inputs, "cuda", direction="br_hv")
     assert torch.isfinite(y).all()
     for name, g in grads.items():
@@ -433,27 +433,23 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.parametrize("H,W", SHAPES + [(33, 9), (64, 31), (65, 700)])
-def test_wavefront_forward_shapes(monkeypatch, H, W):
-    """The wavefront forward against the reference on every test shape (one, several and a partial band of 32
-    rows; 65 x 700: three column tiles of the per-band backward, whose row checkpoints it then writes), 8 and 16
-    states; the backward reads its checkpoints (or rebuilds them with it)."""
+def test_wavefront_shapes(monkeypatch, H, W):
+    """The wavefront kernels against the reference on every test shape (one, several and a partial band of 32
+    rows, chunks of a band cut anywhere), 8 and 16 states."""
     G = 4
-    with wavefront_forward(monkeypatch):
+    with wavefront(monkeypatch):
         for N in (8, 16) if H * W < 20000 else (16,):
             assert cuda_build.uses_wave(1, 8, H, W, G, N)
             inputs = make_inputs(2 if H * W < 10000 else 1, 8, H, W, G, N, z=(H + W + N) % 2 == 0)
             check_against_reference(inputs, group_directions(G, offset=H % 8 + N))
-    if (H, W) == (65, 700):
-        assert cuda_build.launch_config(1, 8, H, W, G, 16).ntiles > 1
 
 
 @pytest.mark.parametrize("states_per_lane", cuda_build.WAVE_LANE_STATES)
 @pytest.mark.parametrize("N", [1, 3, 4, 16, 23])
-def test_wavefront_forward_states(monkeypatch, states_per_lane, N):
+def test_wavefront_states(monkeypatch, states_per_lane, N):
     """Every instantiated states-per-lane count, with N not a multiple of it (idle states in the last warp) and up
-    to the largest N whose tiles fit (at most eight warps a block); checkpoints kept by the forward (N <= R) and
-    rebuilt (N > R). Larger N take the per-band kernels."""
-    with wavefront_forward(monkeypatch, states_per_lane=states_per_lane):
+    to the largest N whose tiles fit (at most eight warps a block). Larger N take the per-band kernels."""
+    with wavefront(monkeypatch, states_per_lane=states_per_lane):
         assert cuda_build.uses_wave(1, 4, 40, 45, 2, N) and not cuda_build.uses_wave(1, 4, 40, 45, 2, 64)
         cfg = cuda_build.wave_config(N)
         assert cfg.warps <= cuda_build.MAX_THREADS // 32 and cfg.warps * cfg.states_per_lane >= N
@@ -464,15 +460,15 @@ def test_wavefront_forward_states(monkeypatch, states_per_lane, N):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("out_fp32", [False, True])
 @pytest.mark.parametrize("z", [False, True])
-def test_wavefront_forward_low_precision(monkeypatch, dtype, out_fp32, z):
-    with wavefront_forward(monkeypatch):
+def test_wavefront_low_precision(monkeypatch, dtype, out_fp32, z):
+    with wavefront(monkeypatch):
         inputs = make_inputs(2, 8, 37, 70, 4, 16, dtype=dtype, z=z)
         check_against_reference(inputs, ["tl_hv", "tl_vh", "br_hv", "br_vh"],
                                 out_dtype=torch.float32 if out_fp32 else None)
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_wavefront_forward_directions_non_contiguous(direction):
+def test_wavefront_directions_non_contiguous(direction):
     """Every direction on inputs of every layout: u channels-last, delta a strided slice, B column-major, C shared
     across the batch (stride 0)."""
     b, dim, H, W, G, N = 2, 4, 60, 90, 1, 16
@@ -486,12 +482,11 @@ def test_wavefront_forward_directions_non_contiguous(direction):
     check_against_reference(inputs, direction)
 
 
-def test_wavefront_forward_deterministic_and_inference(monkeypatch):
-    """Bitwise-equal outputs and gradients over repeated runs (the forward and the backward's checkpoint rebuild
-    both wavefront), and the same y under torch.no_grad."""
+def test_wavefront_deterministic_and_inference(monkeypatch):
+    """Bitwise-equal outputs and gradients over repeated runs, and the same y under torch.no_grad."""
     inputs = make_inputs(1, 32, 70, 90, 1, 16)
     dy = torch.randn(1, 32, 70, 90, device="cuda")
-    with wavefront_forward(monkeypatch):
+    with wavefront(monkeypatch):
         first_y, first, _ = run(inputs, "cuda", dy=dy, direction="br_hv")
         for _ in range(3):
             y, grads, _ = run(inputs, "cuda", dy=dy, direction="br_hv")
@@ -501,3 +496,28 @@ def test_wavefront_forward_deterministic_and_inference(monkeypatch):
         with torch.no_grad():
             y_inf, _, _ = run(inputs, "cuda", direction="br_hv", grad=False)
     assert torch.equal(y_inf, first_y)
+
+
+def test_wavefront_256_channels_share_B_C(monkeypatch):
+    """G = 1: dB and dC summed over 256 channels' tiles (and over a batch of two), gathered into place."""
+    with wavefront(monkeypatch):
+        inputs = make_inputs(2, 256, 40, 45, 1, 16, z=True)
+        check_against_reference(inputs, "br_vh")
+
+
+@pytest.mark.parametrize("H", [70, 20])
+def test_wavefront_backward_without_saved_band_tops(monkeypatch, H):
+    """A backward whose forward kept nothing (torch.compile's custom op without grad, say) recomputes the band tops:
+    the same gradients, bit for bit, as from the forward's (none exist for one band, H <= 32)."""
+    b, dim, W, G, N = 1, 4, 50, 2, 16
+    monkeypatch.setattr(cuda_build, "WAVE_FORCE", True)
+    inputs = make_inputs(b, dim, H, W, G, N)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    directions = (cuda_build.direction_code("tr_hv"), cuda_build.direction_code("bl_vh"))
+    dy = torch.randn(b, dim, H, W, device="cuda")
+    _, tops, ckh = cuda_scan.fwd_impl(*args, True, directions, True, True)
+    assert ckh is None and (tops is None) == (H <= 32)
+    saved = cuda_scan.bwd_impl(dy, *args, tops, None, True, directions)
+    rebuilt = cuda_scan.bwd_impl(dy, *args, None, None, True, directions)
+    for name, g, g2 in zip(GRAD_NAMES, saved, rebuilt):
+        assert torch.equal(g, g2), f"d{name} differs"

@@ -127,13 +127,15 @@ def test_state_split_fills_the_gpu_only_when_blocks_are_few():
             assert 1 < parts <= n and -(-n // per_part) == parts
 
 
-def test_wavefront_forward_only_for_few_large_maps_with_many_states():
-    """The wavefront forward takes shape c and a 2DMambaMIL slide grid (many states, a split per-band launch), not
-    the backbone shapes (N = 1), many small maps, short maps, or N whose staged tiles exceed the shared memory cap."""
+def test_wavefront_only_for_few_large_maps_with_many_states():
+    """The wavefront kernels take shape c and a 2DMambaMIL slide grid (many states, a split per-band launch), not
+    the backbone shapes (N = 1), many small maps, many maps, short maps, or N whose staged tiles exceed the shared
+    memory cap (the forward's and the backward's, with the z gate, fit wherever the kernels are used)."""
     assert cuda_build.uses_wave(1, 256, 200, 300, 1, 16)
     assert cuda_build.uses_wave(1, 256, 100, 150, 1, 16) and cuda_build.uses_wave(1, 256, 200, 300, 1, 8)
     assert not cuda_build.uses_wave(128, 384, 56, 56, 4, 1) and not cuda_build.uses_wave(1, 256, 200, 300, 1, 4)
     assert not cuda_build.uses_wave(64, 128, 14, 14, 1, 16)  # thousands of blocks: no split
+    assert cuda_build.uses_wave(4, 128, 64, 64, 1, 16) and not cuda_build.uses_wave(32, 96, 56, 56, 1, 16)  # maps
     assert not cuda_build.uses_wave(1, 256, 4, 300, 1, 16)  # fewer rows than WAVE_MIN_ROWS
     assert not cuda_build.uses_wave(1, 256, 200, 300, 1, 64)
     for n in range(1, cuda_build.MAX_D_STATE + 1):
@@ -142,6 +144,19 @@ def test_wavefront_forward_only_for_few_large_maps_with_many_states():
         assert cfg.warps * cfg.states_per_lane >= n and cfg.threads <= cuda_build.MAX_THREADS
         if cfg.smem(n) <= cuda_build.WAVE_MAX_SMEM:
             assert (cfg.warps - 1) * cfg.states_per_lane < n  # no idle warp
+        fits = max(cfg.smem(n), cfg.smem_bwd(n, True)) <= cuda_build.WAVE_MAX_SMEM
+        assert cuda_build.uses_wave(1, 256, 200, 300, 1, n) == (fits and n >= cuda_build.WAVE_MIN_STATES)
+    assert cuda_build.wave_config(16).smem_bwd(16, False) < cuda_build.wave_config(16).smem_bwd(16, True)
+
+
+def test_wavefront_checkpoint_is_the_band_tops():
+    """What the wavefront forward keeps for its backward: the last row of every band but the bottom one, N floats
+    per column (at most N / 32 per pixel: less than u in float32 for any N the kernels take); nothing for one band."""
+    assert cuda_build.checkpoint_sizes(1, 256, 200, 300, 1, 16) == (256 * 6 * 16 * 300, 0)
+    assert cuda_build.checkpoint_sizes(2, 8, 32, 300, 1, 16) == (0, 0)
+    assert cuda_build.checkpoint_sizes(2, 8, 63, 300, 1, 16) == (2 * 8 * 16 * 300, 0)
+    assert cuda_build.wave_chunks(200, 300) == -(-331 // cuda_build.WAVE_STEPS)
+    assert cuda_build.wave_chunks(5, 300) == -(-304 // cuda_build.WAVE_STEPS)
 
 
 def test_vector_flags_follow_width_strides_and_alignment():
@@ -218,3 +233,27 @@ def test_kernel_args_reject_integers_out_of_their_c_type():
     args.int32(2**31)
     with pytest.raises(struct.error):
         args.packed()
+
+
+@pytest.mark.parametrize("H,W", [(1, 1), (5, 7), (40, 45), (70, 9), (200, 300)])
+def test_wave_tile_index_matches_the_kernels_tiles(H, W):
+    """Every (state, pixel) of a map has one place in the wavefront backward's dB / dC tiles, the one the kernel
+    writes: band b's tile of chunk c, lane r at step tt holds scan-frame pixel (32 b + r, c * T + tt - r)."""
+    T, N = cuda_build.WAVE_STEPS, 3
+    chunks = cuda_build.wave_chunks(H, W)
+    for code in (0, 1, 2, 3, 4, 7):
+        fr, fc = code & 1, (code >> 1) & 1
+        index = cuda_build.wave_tile_index(H, W, N, code).view(N, H, W)
+        expected = torch.full((N, H, W), -1, dtype=torch.long)
+        for band in range(-(-H // 32)):
+            steps = W + min(32, H - 32 * band) - 1
+            assert steps <= chunks * T
+            for t in range(steps):
+                for r in range(min(32, H - 32 * band)):
+                    p, q = 32 * band + r, t - r
+                    if 0 <= q < W:
+                        i, j = (H - 1 - p if fr else p), (W - 1 - q if fc else q)
+                        for n in range(N):
+                            expected[n, i, j] = ((band * chunks + t // T) * N + n) * 32 * T + r * T + t % T
+        assert (expected >= 0).all() and torch.equal(index, expected)
+        assert index.max() < cuda_build.wave_tile_elements(H, W, N)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""2DMambaMIL on one slide with the CUDA scan's wavefront forward on (the default) and off (WAVE=0: the per-band
-forward), interleaved in one process: GPU ms of an inference forward and of a training step (forward,
+"""2DMambaMIL on one slide with the CUDA scan's wavefront kernels on (the default) and off (WAVE=0: the per-band
+kernels), interleaved in one process: GPU ms of an inference forward and of a training step (forward,
 cross-entropy, backward), fp32 and bf16 autocast. The model has the paper's defaults (dim 128, expand 2: 256 scan
 channels, 16 states); the slide is `--patches` random 1024-dim features on random cells of an H x W grid.
 
@@ -68,18 +68,18 @@ def main(argv=None) -> int:
     default = cuda_build.WAVE_MIN_STATES
     times: dict[tuple[str, str, str], list[float]] = {}
     for _ in range(args.rounds):
-        for forward, min_states in (("wavefront", default), ("per-band", cuda_build.MAX_D_STATE + 1)):
+        for kernels, min_states in (("wavefront", default), ("per-band", cuda_build.MAX_D_STATE + 1)):
             cuda_build.WAVE_MIN_STATES = min_states
             for precision, amp in (("fp32", False), ("bf16 autocast", True)):
-                times.setdefault((forward, precision, "inference"), []).append(
+                times.setdefault((kernels, precision, "inference"), []).append(
                     gpu_ms(lambda: inference(amp), args.reps))
-                times.setdefault((forward, precision, "training step"), []).append(
+                times.setdefault((kernels, precision, "training step"), []).append(
                     gpu_ms(lambda: train_step(amp), args.reps))
     cuda_build.WAVE_MIN_STATES = default
     print(f"{torch.cuda.get_device_name()}: 2DMambaMIL, {height} x {width} grid, {args.patches} patches "
-          f"(wavefront forward used: {cuda_build.uses_wave(1, 256, height, width, 1, 16)})")
-    for (forward, precision, mode), values in sorted(times.items()):
-        print(f"{forward:<10} {precision:<14} {mode:<14} {statistics.median(values):8.3f} ms")
+          f"(wavefront kernels used: {cuda_build.uses_wave(1, 256, height, width, 1, 16)})")
+    for (kernels, precision, mode), values in sorted(times.items()):
+        print(f"{kernels:<10} {precision:<14} {mode:<14} {statistics.median(values):8.3f} ms")
     return 0
 
 

@@ -64,18 +64,23 @@ SPLIT_TARGET_BLOCKS = 1024
 VECTOR_ACCESS = True
 
 
-#: The wavefront forward (`mamba2d_scan2d_fwd_wave`: one block per map, one lane per row, no lane scans; it writes
-#: the checkpoints of the per-band kernels for their backward) takes maps with at least WAVE_MIN_STATES states and
-#: WAVE_MIN_ROWS rows when the per-band forward would run short of blocks (it splits its states: few, large maps such
-#: as shape c or a slide's grid in 2DMambaMIL). Many small maps stay with the per-band kernels (H100, N = 16, fwd ms
-#: per-band / wavefront: 1 x 256 x 200 x 300 2.15 / 0.96, 1 x 512 x 100 x 150 1.35 / 0.58; 32 x 96 x 56 x 56
-#: 0.86 / 0.88, 64 x 128 x 14 x 14 0.14 / 0.44), and only where at least WAVE_MIN_BUSY of its lane-steps hold a
-#: pixel (a band of 32 rows takes W + 31 steps for W columns; 14 x 14 maps keep 23 % of them busy, shape c 81 %).
+#: The wavefront kernels (`mamba2d_scan2d_fwd_wave` and `_bwd_wave`: one block per map, one lane per row, no lane
+#: scans) take maps with at least WAVE_MIN_STATES states and WAVE_MIN_ROWS rows when the per-band forward would run
+#: short of blocks (it splits its states: few, large maps such as shape c or a slide's grid in 2DMambaMIL). Many
+#: small maps stay with the per-band kernels (H100, N = 16, fwd ms per-band / wavefront: 1 x 256 x 200 x 300
+#: 2.15 / 0.96, 1 x 512 x 100 x 150 1.35 / 0.58; 32 x 96 x 56 x 56 0.86 / 0.88, 64 x 128 x 14 x 14 0.14 / 0.44), and
+#: only where at least WAVE_MIN_BUSY of its lane-steps hold a pixel (a band of 32 rows takes W + 31 steps for W
+#: columns; 14 x 14 maps keep 23 % of them busy, shape c 81 %), and for at most WAVE_MAX_MAPS maps (batch x
+#: channels): many maps fill the GPU with per-band blocks, and the wavefront backward's per-map costs (a second,
+#: forward pass per band; the skewed chunks' idle pixels) then lose (H100, fwd+bwd ms wavefront / per-band, fp32:
+#: 32 x 96 x 56 x 56 3.96 / 3.27, 4 x 128 x 64 x 64 0.81 / 0.78, 1 x 256 x 400 x 400 12.3 / 25.7). A launch takes
+#: both wavefront kernels or neither.
 #: WAVE_FORCE (tests, benchmarks): every shape whose tiles fit. WAVE_STATES_PER_LANE: fewest states a lane scans at
 #: once (a block has at most MAX_THREADS / 32 warps).
 WAVE_MIN_STATES = 8
 WAVE_MIN_ROWS = 8
 WAVE_MIN_BUSY = 0.5
+WAVE_MAX_MAPS = 2048
 WAVE_FORCE = False
 WAVE_STATES_PER_LANE = 2
 #: Steps of the wavefront staged in shared memory at once (M2D_WAVE_T in scan2d.cu).
@@ -238,8 +243,8 @@ def nvcc_translation_unit() -> str:
              for has_z in (False, True) for minb in fwd_min_blocks_options()
              for split in ((False, True) if not has_z else (False,))
              for name in kernel_names(*variant, *shape, layout, has_z, minb, split)]
-    names += [wave_kernel_name(*variant, ns, has_z) for variant in all_variants() for ns in WAVE_LANE_STATES
-              for has_z in (False, True)]
+    names += [name for variant in all_variants() for ns in WAVE_LANE_STATES for has_z in (False, True)
+              for name in wave_kernel_names(*variant, ns, has_z)]
     names = list(dict.fromkeys(names))  # the backward does not depend on the forward's occupancy target
     refs = ",\n    ".join(f"(void*)&{name}" for name in names)
     return kernel_source() + f"\n\nvoid* mamba2d_force_instantiation[] = {{\n    {refs}\n}};\n"
@@ -394,11 +399,12 @@ def uses_wave(batch: int, dim: int, height: int, width: int, groups: int, d_stat
     """Whether the forward of this launch runs as a wavefront (`mamba2d_scan2d_fwd_wave`; see WAVE_MIN_STATES)."""
     if not WAVE_FORCE and (d_state < WAVE_MIN_STATES or height < WAVE_MIN_ROWS):
         return False
-    if wave_config(d_state).smem(d_state) > WAVE_MAX_SMEM:
+    wave = wave_config(d_state)
+    if max(wave.smem(d_state), wave.smem_bwd(d_state, True)) > WAVE_MAX_SMEM:
         return False
     if WAVE_FORCE:
         return True
-    return (wave_busy(height, width) >= WAVE_MIN_BUSY
+    return (wave_busy(height, width) >= WAVE_MIN_BUSY and batch * dim <= WAVE_MAX_MAPS
             and launch_config(batch, dim, height, width, groups, d_state).parts > 1)
 
 
@@ -420,10 +426,18 @@ class WaveConfig:
         return 32 * self.warps
 
     def smem(self, d_state: int) -> int:
-        """Bytes of the staged tiles: dt, dt * u and D * u; B, C and the vertical states per state (and a zero
-        state); each warp's partial y; the band's top row per state (layout at the top of the kernel)."""
+        """Bytes of the forward's staged tiles: dt, dt * u and D * u; B, C and the vertical states per state (and a
+        zero state); each warp's partial y; the band's top row per state (layout at the top of the kernel)."""
         row = WAVE_STEPS + 1
         return 4 * ((3 + 3 * (d_state + 1) + self.warps) * 32 * row + (d_state + 1) * row)
+
+    def smem_bwd(self, d_state: int, has_z: bool) -> int:
+        """Bytes of the backward's tiles: dt, dt * u, u, dy and the softplus slope; B and C per state (and a zero
+        state); each warp's shares of d u, d dt (with z: and of the ungated y, and dz's factor); three rows per
+        state of band edges."""
+        row = WAVE_STEPS + 1
+        tiles = 5 + 2 * (d_state + 1) + 2 * self.warps + (self.warps + 1 if has_z else 0)
+        return 4 * (tiles * 32 * row + 3 * (d_state + 1) * row)
 
 
 #: States per lane the wavefront kernel is instantiated for (each adds 2 * WAVE_STEPS registers of staged loads).
@@ -439,12 +453,50 @@ def wave_config(d_state: int) -> WaveConfig:
     return WaveConfig(states_per_lane=per_lane, warps=_ceil_div(d_state, per_lane))
 
 
-def wave_kernel_name(in_tag: str, out_tag: str, states_per_lane: int, has_z: bool) -> str:
-    return f"mamba2d_scan2d_fwd_wave<{in_tag}, {out_tag}, {states_per_lane}, {'true' if has_z else 'false'}>"
+def wave_kernel_names(in_tag: str, out_tag: str, states_per_lane: int, has_z: bool) -> tuple[str, str]:
+    """Name expressions of the wavefront forward and backward kernels of one variant."""
+    args = f"{in_tag}, {out_tag}, {states_per_lane}, {'true' if has_z else 'false'}"
+    return f"mamba2d_scan2d_fwd_wave<{args}>", f"mamba2d_scan2d_bwd_wave<{args}>"
+
+
+def wave_band_tops(height: int, width: int, d_state: int) -> int:
+    """Float32 elements per map of the wavefront forward's band tops (the vertical states of each band's last row
+    but the bottom band's), which its backward restarts every band from."""
+    return (height - 1) // 32 * d_state * width
+
+
+def wave_chunks(height: int, width: int) -> int:
+    """Staged chunks of the longest band of the wavefront kernels (W + 31 steps for a full band of 32 rows)."""
+    return _ceil_div(width + min(32, height) - 1, WAVE_STEPS)
+
+
+def wave_tile_index(height: int, width: int, d_state: int, code: int, device=None) -> torch.Tensor:
+    """Where the wavefront backward's tile-ordered dB / dC of a map ([band][chunk][N][32 rows][WAVE_STEPS steps],
+    `wave_chunks` chunks a band) holds each (state, row, column) of the map in direction `code`: an int64 index of
+    N * H * W entries (on `device`). Lane r of a band's tile at step t holds the scan-frame pixel (32 * band + r,
+    t - r)."""
+    fr, fc = code & 1, (code >> 1) & 1
+    i = torch.arange(height, device=device).view(-1, 1)
+    j = torch.arange(width, device=device).view(1, -1)
+    p = height - 1 - i if fr else i
+    q = width - 1 - j if fc else j
+    band, r = p // 32, p % 32
+    chunk, step = (q + r) // WAVE_STEPS, (q + r) % WAVE_STEPS
+    tile = 32 * WAVE_STEPS
+    base = (band * wave_chunks(height, width) + chunk) * d_state * tile + r * WAVE_STEPS + step
+    return (base.reshape(1, -1) + torch.arange(d_state, device=device).view(-1, 1) * tile).reshape(-1)
+
+
+def wave_tile_elements(height: int, width: int, d_state: int) -> int:
+    """Float32 elements per map of the wavefront backward's tile-ordered dB (or dC)."""
+    return _ceil_div(height, 32) * wave_chunks(height, width) * d_state * 32 * WAVE_STEPS
 
 
 def checkpoint_sizes(batch: int, dim: int, height: int, width: int, groups: int, d_state: int) -> tuple[int, int]:
-    """Float32 elements of the two backward checkpoints: vertical state per band start, row state per tile start."""
+    """Float32 elements of the two backward checkpoints: vertical state per band start, row state per tile start
+    (the per-band kernels); the band tops and nothing (the wavefront kernels)."""
+    if uses_wave(batch, dim, height, width, groups, d_state):
+        return batch * dim * wave_band_tops(height, width, d_state), 0
     cfg = launch_config(batch, dim, height, width, groups, d_state)
     ckv = batch * dim * cfg.nbands * d_state * width
     ckh = batch * dim * cfg.ntiles * d_state * height if cfg.ntiles > 1 else 0

@@ -10,6 +10,7 @@ of the tensors' device; every output and scratch buffer is allocated by PyTorch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 
@@ -57,17 +58,17 @@ def _get_kernels(device: torch.device, dtype: torch.dtype, out_fp32: bool, cfg: 
     )
 
 
-_wave_kernels: dict[tuple[int, str, str, int, bool], tuple[object]] = {}
+_wave_kernels: dict[tuple[int, str, str, int, bool], tuple[object, object]] = {}
 
 
-def _get_wave_kernel(device: torch.device, dtype: torch.dtype, out_fp32: bool, states_per_lane: int, has_z: bool):
+def _get_wave_kernels(device: torch.device, dtype: torch.dtype, out_fp32: bool, states_per_lane: int, has_z: bool):
     index = device_index(device)
     in_tag, out_tag = cuda_build.variant_tags(dtype, out_fp32)
     return compiled_kernels(
         _wave_kernels, (index, in_tag, out_tag, states_per_lane, has_z), index, cuda_build.KERNEL_SOURCE,
-        lambda: (cuda_build.wave_kernel_name(in_tag, out_tag, states_per_lane, has_z),),
+        lambda: cuda_build.wave_kernel_names(in_tag, out_tag, states_per_lane, has_z),
         cuda_build.COMPILE_OPTIONS + cuda_build.TUNING_OPTIONS,
-    )[0]
+    )
 
 
 _INT32_MAX = 2**31 - 1
@@ -157,15 +158,17 @@ def _geometry(u: torch.Tensor, B: torch.Tensor, backward: bool = False):
 
 
 def saves_checkpoint(cfg: cuda_build.LaunchConfig, d_state: int) -> bool:
-    """The forward keeps its band checkpoints for backward only while they are no larger than u in float32."""
+    """The per-band forward keeps its band checkpoints for backward only while they are no larger than u in float32
+    (the wavefront forward's band tops always are: N / 32 floats per pixel at most)."""
     return d_state <= cfg.R
 
 
 def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt, y_needed=True,
              rebuild=False):
-    """Launch the forward kernel. Returns (y, ckv, ckh); ckv is None unless checkpoints are kept for backward
-    (`save_ckpt` and no larger than u in float32) or `rebuild` asks for them (the backward's recomputation), ckh
-    None where the map is one column tile.
+    """Launch the forward kernel. Returns (y, ckv, ckh): what the backward restarts from, if `save_ckpt` asks for it
+    and it is no larger than u in float32, or `rebuild` (the backward's recomputation): ckv the vertical states
+    at each band start and ckh the row states at each tile start (None where the map is one tile) of the per-band
+    kernels, or ckv the band tops and ckh None of the wavefront kernels.
 
     With the states split over blocks (cfg.parts > 1) the kernel writes one float32 partial y per part, without the
     z gate; they are summed here in a fixed order and gated after the sum."""
@@ -176,7 +179,7 @@ def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, ou
     u, delta, z, B, C = (_fit_int32(t, n) for t, n in ((u, "u"), (delta, "delta"), (z, "z"), (B, "B"), (C, "C")))
     if cuda_build.uses_wave(batch, dim, height, width, groups, d_state):
         return _wave_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32,
-                         rebuild or (save_ckpt and saves_checkpoint(cfg, d_state)), y_needed, cfg)
+                         rebuild or save_ckpt, y_needed)
     device = u.device
     split = cfg.parts > 1
     ckv_n, ckh_n = cuda_build.checkpoint_sizes(batch, dim, height, width, groups, d_state)
@@ -207,29 +210,80 @@ def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, ou
     return y, ckv, ckh
 
 
-def _wave_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, keep, y_needed, cfg):
-    """The wavefront forward (cuda_build.uses_wave): y gated in the kernel, never split over states; the checkpoints
-    in the per-band kernels' geometry `cfg`, so that their backward reads them as its own forward's."""
+def _wave_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, keep, y_needed):
+    """The wavefront forward (cuda_build.uses_wave): y gated in the kernel, never split over states. Each band's
+    last row is the next band's input; with `keep` every band's is kept (ckv) for the wavefront backward."""
+    batch, dim, height, width = u.shape
+    d_state = B.shape[2]
+    device = u.device
+    wave = cuda_build.wave_config(d_state)
+    y = torch.empty((batch, dim, height, width), dtype=torch.float32 if out_fp32 else u.dtype,
+                    device=device) if y_needed else None
+    tops_n = batch * dim * (cuda_build.wave_band_tops(height, width, d_state) if keep else d_state * width)
+    tops = torch.empty((tops_n,), dtype=torch.float32, device=device) if height > 32 else None
+    _poison(y, tops)
+    fn, _ = _get_wave_kernels(device, u.dtype, out_fp32, wave.states_per_lane, z is not None)
+    args = KernelArgs()
+    args.pointers(u, delta, z, B, C, A, D, delta_bias, _dirs_tensor(directions, device), y, tops)
+    args.int32(dim, height, width, B.shape[1], d_state, int(bool(delta_softplus)))
+    for t, ndim in ((u, 4), (delta, 4), (z, 4), (B, 5), (C, 5)):
+        args.strides(t, ndim)
+    args.int32(int(keep))
+    launch_kernel(fn, device, (batch * dim, 1), wave.threads, wave.smem(d_state), args)
+    return y, (tops if keep else None), None
+
+
+def _wave_bwd(dout, u, delta, A, B, C, D, z, delta_bias, tops, delta_softplus, directions):
+    """The wavefront backward (cuda_build.uses_wave), from the forward's band tops (recomputed when absent). dB and
+    dC come out of the kernel per channel in tile order; here they are summed over each group's channels, in a fixed
+    order, and gathered into place."""
     batch, dim, height, width = u.shape
     groups, d_state = B.shape[1], B.shape[2]
     device = u.device
+    if height > 32 and (tops is None or tops.numel() == 0):
+        _, tops, _ = _wave_fwd(u, delta, A, B, C, D, None, delta_bias, delta_softplus, directions, True, True, False)
     wave = cuda_build.wave_config(d_state)
-    ckv_n, ckh_n = cuda_build.checkpoint_sizes(batch, dim, height, width, groups, d_state)
-    y = torch.empty((batch, dim, height, width), dtype=torch.float32 if out_fp32 else u.dtype,
-                    device=device) if y_needed else None
-    ckv, ckh = _checkpoints(ckv_n if keep else 0, ckh_n, device)
-    band_tops = torch.empty((batch * dim * d_state * width,), dtype=torch.float32,
-                            device=device) if height > 32 else None  # scratch: each band's last row for the next
-    _poison(y, ckv, ckh, band_tops)
-    fn = _get_wave_kernel(device, u.dtype, out_fp32, wave.states_per_lane, z is not None)
+    shape = (batch, dim, height, width)
+    du = torch.empty(shape, dtype=u.dtype, device=device)
+    ddelta = torch.empty(shape, dtype=u.dtype, device=device)
+    dz = torch.empty(shape, dtype=u.dtype, device=device) if z is not None else None
+    tiles = cuda_build.wave_tile_elements(height, width, d_state)
+    dBp = torch.empty((batch, groups, dim // groups, tiles), dtype=torch.float32, device=device)
+    dCp = torch.empty_like(dBp)
+    dAp = torch.empty((batch, dim, d_state), dtype=torch.float32, device=device)
+    dDp = torch.empty((batch, dim), dtype=torch.float32, device=device)
+    dbp = torch.empty((batch, dim), dtype=torch.float32, device=device)
+    chunks = cuda_build.wave_chunks(height, width)
+    # scratch: each lane's states at every chunk end of a band, and the column adjoint leaving a band's top row
+    ck = torch.empty((batch * dim * chunks * d_state * 64,), dtype=torch.float32, device=device)
+    bot = torch.empty((batch * dim * d_state * width,), dtype=torch.float32, device=device) if height > 32 else None
+    _poison(du, ddelta, dz, dBp, dCp, dAp, dDp, dbp, ck, bot)
+    _, fn = _get_wave_kernels(device, u.dtype, dout.dtype == torch.float32, wave.states_per_lane, z is not None)
     args = KernelArgs()
-    args.pointers(u, delta, z, B, C, A, D, delta_bias, _dirs_tensor(directions, device), y, ckv, ckh, band_tops)
+    args.pointers(u, delta, z, dout, B, C, A, D, delta_bias, _dirs_tensor(directions, device), tops, ck, bot, du,
+                  ddelta, dz, dBp, dCp, dAp, dDp, dbp)
     args.int32(dim, height, width, groups, d_state, int(bool(delta_softplus)))
-    for t, ndim in ((u, 4), (delta, 4), (z, 4), (B, 5), (C, 5)):
+    for t, ndim in ((u, 4), (delta, 4), (z, 4), (dout, 4), (B, 5), (C, 5)):
         args.strides(t, ndim)
-    args.int32(cfg.R.bit_length() - 1, cfg.nbands, cfg.tile_width, cfg.ntiles)
-    launch_kernel(fn, device, (batch * dim, 1), wave.threads, wave.smem(d_state), args)
-    return y, ckv, ckh
+    args.int32(chunks)
+    launch_kernel(fn, device, (batch * dim, 1), wave.threads, wave.smem_bwd(d_state, z is not None), args)
+    index = _wave_tile_index(B.shape, directions, device).expand(batch, -1, -1)
+    dB, dC = ((t.sum(dim=2) if dim > groups else t.squeeze(2)).gather(2, index).view(B.shape).to(B.dtype)
+              for t in (dBp, dCp))
+    return du, ddelta, dAp.sum(dim=0), dB, dC, dDp.sum(dim=0), dz, dbp.sum(dim=0)
+
+
+def _wave_tile_index(shape, directions: Sequence[int], device: torch.device) -> torch.Tensor:
+    """(1, G, N * H * W) positions of each group's map pixels in the wavefront backward's dB / dC tiles."""
+    _, _, d_state, height, width = shape
+    return _wave_tile_index_on(device_index(device), height, width, d_state, tuple(directions))
+
+
+@lru_cache(maxsize=16)  # a few shapes at a time (a slide's grid changes from slide to slide: computed on the GPU)
+def _wave_tile_index_on(index: int, height: int, width: int, d_state: int, directions: tuple[int, ...]):
+    device = torch.device("cuda", index)
+    return torch.stack([cuda_build.wave_tile_index(height, width, d_state, code, device)
+                        for code in directions]).unsqueeze(0)
 
 
 def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus, directions):
@@ -247,6 +301,8 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
     device = u.device
     if dout.dtype not in (torch.float32, u.dtype):
         raise TypeError(f"selective_scan_2d backward: gradient dtype {dout.dtype} is neither float32 nor {u.dtype}")
+    if cuda_build.uses_wave(batch, dim, height, width, groups, d_state):
+        return _wave_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ckv, delta_softplus, directions)
     split = cfg.parts > 1
     shape = (batch, dim, height, width)
     kz, dz = z, None

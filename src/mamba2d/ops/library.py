@@ -1,7 +1,7 @@
 """torch.library registration of the CUDA 2D selective scan: forward and backward custom ops, fake kernels, autograd.
 
-`mamba2d::scan2d_fwd` returns (y, ckv, ckh): the output and the backward checkpoints (vertical state at each band
-start, row state at each tile start; float32, flat). `mamba2d::scan2d_bwd` returns every input gradient. Both are
+`mamba2d::scan2d_fwd` returns (y, ckv, ckh): the output and the backward checkpoints (float32, flat: see
+`cuda_scan.fwd_impl`). `mamba2d::scan2d_bwd` returns every input gradient. Both are
 opaque to torch.compile (no graph break) and pass `torch.library.opcheck`. Registering needs no CuPy and no GPU.
 """
 
@@ -48,7 +48,8 @@ def _ckpt_numels(u: Tensor, B: Tensor, save_ckpt: bool) -> tuple[int, int]:
     groups, d_state = int(B.shape[1]), int(B.shape[2])
     ckv_n, ckh_n = cuda_build.checkpoint_sizes(batch, dim, height, width, groups, d_state)
     cfg = cuda_build.launch_config(batch, dim, height, width, groups, d_state)
-    return (ckv_n if save_ckpt and saves_checkpoint(cfg, d_state) else 0), ckh_n
+    wave = cuda_build.uses_wave(batch, dim, height, width, groups, d_state)
+    return (ckv_n if save_ckpt and (wave or saves_checkpoint(cfg, d_state)) else 0), ckh_n
 
 
 @scan2d_fwd.register_fake
