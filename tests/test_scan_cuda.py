@@ -282,7 +282,7 @@ def test_extreme_values_finite(monkeypatch, wave):
 
 @pytest.mark.parametrize("N", [1, 8])
 def test_big_map_2048(N):
-    """2048 x 2048 maps: the per-band kernels (N = 1) and the wavefront forward (N = 8)."""
+    """2048 x 2048 maps: the per-band kernels (N = 1) and the wavefront kernels (N = 8)."""
     assert cuda_build.uses_wave(1, 2, 2048, 2048, 2, N) == (N == 8)
     inputs = make_inputs(1, 2, 2048, 2048, 2, N, z=False, delta_scale=3.0)
     inputs["delta"][0, 0, :8, :8] = 30.0

@@ -96,7 +96,7 @@ def _tuning() -> tuple[int, int, int, int, int, int, int, int, bool, bool, tuple
     thread on every wide map, as up to v10), PAIRS=0 (one column per thread on maps 9-16 wide, as up to v10), VEC=0
     (no vector accesses, as up to v11), PF (bands of at most this many rows prefetch the next band into L1: 0 never,
     4 always as up to v11; default 1) and
-    LEAN=0 (v8's pointer arithmetic; the softplus stays branch-free). WAVE (0: never the wavefront forward, 1: on
+    LEAN=0 (v8's pointer arithmetic; the softplus stays branch-free). WAVE (0: never the wavefront kernels, 1: on
     every shape whose tiles fit), WNS (WAVE_STATES_PER_LANE) and WT (WAVE_STEPS) are read by `_wave_tuning`."""
     import os
 
@@ -416,7 +416,7 @@ def wave_busy(height: int, width: int) -> float:
 
 @dataclass(frozen=True)
 class WaveConfig:
-    """Launch of the wavefront forward: one block of `warps` warps per map, `states_per_lane` states per warp."""
+    """Launch of the wavefront kernels: one block of `warps` warps per map, `states_per_lane` states per warp."""
 
     states_per_lane: int
     warps: int
@@ -440,7 +440,8 @@ class WaveConfig:
         return 4 * (tiles * 32 * row + 3 * (d_state + 1) * row)
 
 
-#: States per lane the wavefront kernel is instantiated for (each adds 2 * WAVE_STEPS registers of staged loads).
+#: States per lane the wavefront kernels are instantiated for (each adds 2 * WAVE_STEPS registers: the forward's
+#: staged loads, the backward's recomputed states).
 WAVE_LANE_STATES = (1, 2, 4)
 #: Most shared memory a wavefront block takes (under every sm_80+ card's per-block limit, 99 KB on sm_86; two
 #: blocks an SM on H100): N up to 24 states.
