@@ -60,20 +60,42 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
         const int j = fc ? (W - 1 - q) : q;
         const M2DCols<K> cols = m2d_columns<K>(q, W, fc, vec);
         for (int e = 0; e < (n1 - n0) * K; ++e) carry[e * c.nthr + c.tid] = 0.f;
+        // With `ahead`, a band's u, delta and state n0's B and C are loaded a band ahead of their use (in flight
+        // while the band before is scanned; `raw`: as loaded), else at the top of their own band.
+        constexpr bool ahead = M2D_FWD_AHEAD && sizeof(T) == 4 && LAYOUT == M2D_WARP_ROW && MINB >= 3;
+        T raw[4][R][K];
+        auto fetch = [&](const int(&rows)[R]) {
+            m2d_fetch_band<R, K>(Bbp, sB_h, sB_w, rows, cols, raw[0]);
+            m2d_fetch_band<R, K>(Cbp, sC_h, sC_w, rows, cols, raw[1]);
+            m2d_fetch_band<R, K>(ubp, su_h, su_w, rows, cols, raw[2]);
+            m2d_fetch_band<R, K>(dbp_, sd_h, sd_w, rows, cols, raw[3]);
+        };
+        int irow[R];
+        if constexpr (ahead) {
+            m2d_rows<R>(0, H, fr, irow);
+            fetch(irow);
+        }
         for (int band = 0; band < nbands; ++band) {
             const int p0 = band * R;
             const int nrow = nk > 0 ? min(R, H - p0) : 0;
-            int irow[R];
-            m2d_rows<R>(p0, H, fr, irow);
+            if constexpr (!ahead) m2d_rows<R>(p0, H, fr, irow);
+            int irow_next[R];  // with `ahead`: the next band's rows, fetched now
             const unsigned valid = m2d_valid_mask<R, K>(nrow, nk);
-            float dt[R][K], dtu[R][K], yacc[R][K], bq[R][K], cq[R][K];
-            // state n0's B and C, in flight with u and delta
-            m2d_load_band<R, K>(Bbp, sB_h, sB_w, irow, cols, valid, bq);
-            m2d_load_band<R, K>(Cbp, sC_h, sC_w, irow, cols, cload ? valid : 0u, cq);
-            {
-                float uu[R][K], dl[R][K];
+            float dt[R][K], dtu[R][K], yacc[R][K], bq[R][K], cq[R][K], uu[R][K], dl[R][K];
+            if constexpr (ahead) {
+                m2d_unpack_band<R, K>(raw[0], cols, valid, bq);
+                m2d_unpack_band<R, K>(raw[1], cols, cload ? valid : 0u, cq);
+                m2d_unpack_band<R, K>(raw[2], cols, valid, uu);
+                m2d_unpack_band<R, K>(raw[3], cols, valid, dl);
+                m2d_rows<R>(p0 + R, H, fr, irow_next);
+                if (band + 1 < nbands) fetch(irow_next);
+            } else {  // state n0's B and C in flight with u and delta
+                m2d_load_band<R, K>(Bbp, sB_h, sB_w, irow, cols, valid, bq);
+                m2d_load_band<R, K>(Cbp, sC_h, sC_w, irow, cols, cload ? valid : 0u, cq);
                 m2d_load_band<R, K>(ubp, su_h, su_w, irow, cols, valid, uu);
                 m2d_load_band<R, K>(dbp_, sd_h, sd_w, irow, cols, valid, dl);
+            }
+            {
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -86,7 +108,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
                     }
                 }
             }
-            if (band + 1 < nbands) {  // the next band's inputs into L1 while this one is scanned
+            if (!ahead && band + 1 < nbands) {  // the next band's inputs into L1 while this one is scanned
                 const int p1 = p0 + R, nrow1 = nk > 0 ? min(R, H - p1) : 0, i1 = fr ? (H - 1 - p1) : p1;
                 const int stb = fr ? -sB_h : sB_h;
                 m2d_prefetch_rows<T, R>(ubp + (i1 * su_h + j * su_w), fr ? -su_h : su_h, nrow1);
@@ -144,6 +166,10 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
                     }
                 }
                 m2d_store_band<R, K>(ybp, W, irow, cols, valid, yacc);
+            }
+            if constexpr (ahead) {
+#pragma unroll
+                for (int r = 0; r < R; ++r) irow[r] = irow_next[r];
             }
         }
     }
@@ -726,6 +752,32 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, 2)
     }
 }
 
+// Thread-block clusters (sm_90+): the wavefront backward adds the dB/dC tiles of a cluster's channels (blocks of
+// consecutive channels of one group) in shared memory across the cluster before they leave the SMs. A launch on an
+// older card takes clusters of one block (the launcher never asks for more there), which need no attribute.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define M2D_CLUSTER_DIMS(n)
+#else
+#define M2D_CLUSTER_DIMS(n) __cluster_dims__(n, 1, 1)
+#endif
+__device__ __forceinline__ unsigned m2d_cluster_rank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+// Split cluster barrier: arrive (releasing this thread's shared-memory writes and reads) ... wait (acquiring every
+// other thread's of the cluster).
+__device__ __forceinline__ void m2d_cluster_arrive() {
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void m2d_cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
+// The address of this block's shared `p` in the cluster's block `rank` (a generic pointer: plain loads read it).
+__device__ __forceinline__ const float* m2d_cluster_map(const float* p, unsigned rank) {
+    unsigned long long r;
+    asm volatile("mapa.u64 %0, %1, %2;" : "=l"(r) : "l"(p), "r"(rank));
+    return reinterpret_cast<const float*>(r);
+}
+
 // Wavefront backward, for the maps the wavefront forward takes (same block, warp and lane roles). Bands run bottom
 // to top, each in two passes over its steps:
 //  1. forward, chunk by chunk from the band's top row (kept by the forward in `tops`), saving each lane's row state
@@ -738,11 +790,12 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, 2)
 //     (p0 + r, t - r); the row adjoint comes from the lane's own step t + 1 and the column adjoint from lane r + 1's
 //     (one shuffle per pixel and state; lane 31 takes the band below's top row, kept in `bot`).
 // Per pixel, the states' shares of d u and d delta (and of the ungated y, for d z) are summed over the warps in
-// shared memory in a fixed order; dB and dC of the block's channel go out tile by tile, contiguous (the launcher adds
-// a group's channels in a fixed order and puts the tiles' pixels in place); dA, dD and d(delta_bias) are reduced in
-// the block in a fixed order.
-template <typename T, typename TO, int NS, bool HAS_Z>
-__global__ void __launch_bounds__(M2D_MAX_THREADS, 2) mamba2d_scan2d_bwd_wave(
+// shared memory in a fixed order; dB and dC go out tile by tile, contiguous: with clusters of CL > 1 blocks (CL
+// consecutive channels of one group) each block adds its share of the tile over the cluster's channels in rank
+// order first, so one tile per cluster leaves the SMs instead of CL (the launcher adds the clusters' tiles in a fixed
+// order and puts the tiles' pixels in place); dA, dD and d(delta_bias) are reduced in the block in a fixed order.
+template <typename T, typename TO, int NS, bool HAS_Z, int CL>
+__global__ void M2D_CLUSTER_DIMS(CL) __launch_bounds__(M2D_MAX_THREADS, 2) mamba2d_scan2d_bwd_wave(
     const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z, const TO* __restrict__ dout,
     const T* __restrict__ Bm, const T* __restrict__ Cm, const float* __restrict__ A, const float* __restrict__ Dv,
     const float* __restrict__ dbias, const int* __restrict__ dirs, const float* __restrict__ tops,
@@ -786,10 +839,11 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, 2) mamba2d_scan2d_bwd_wave(
     T* dup = m2d_base(du + map * HW);
     T* ddp = m2d_base(ddelta + map * HW);
     T* dzp = HAS_Z ? m2d_base(dz + map * HW) : nullptr;
-    // The channel's dB and dC in tile order: [band][chunk][N][32][TQ] (rows of the band, steps of the chunk)
+    // The cluster's (with CL = 1 the channel's) dB and dC in tile order: [band][chunk][N][32][TQ] (rows of the
+    // band, steps of the chunk)
     const m2d_i64 tile_chunk = (m2d_i64)N * 32 * TQ;
-    float* dBpp = m2d_base(dBp + map * ((H + 31) / 32) * ck_chunks * tile_chunk);
-    float* dCpp = m2d_base(dCp + map * ((H + 31) / 32) * ck_chunks * tile_chunk);
+    float* dBpp = m2d_base(dBp + map / CL * ((H + 31) / 32) * ck_chunks * tile_chunk);
+    float* dCpp = m2d_base(dCp + map / CL * ((H + 31) / 32) * ck_chunks * tile_chunk);
     const float* topp = m2d_base(tops + map * ((H - 1) / 32) * N * W);
     float* botp = m2d_base(bot + map * N * W);
     float* ckp = m2d_base(ck + map * ck_chunks * N * 64);  // [chunk][N][2][32]: row and vertical state per lane
@@ -827,15 +881,16 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, 2) mamba2d_scan2d_bwd_wave(
             const float v = m2d_load_or_zero(dbp_ + (x.i * sd_h + x.j * sd_w), x.ok) + bias;
             const float go = m2d_load_or_zero(obp + (x.i * so_h + x.j * so_w), x.ok && full);
             const float zz = HAS_Z ? m2d_load_or_zero(zbp + (x.i * sz_h + x.j * sz_w), x.ok && full) : 0.f;
-            const T* pb = Bbp + (x.i * sB_h + x.j * sB_w);
-            const T* pc = Cbp + (x.i * sC_h + x.j * sC_w);
+            int ob = x.i * sB_h + x.j * sB_w, oc = x.i * sC_h + x.j * sC_w;
             for (int n0 = 0; n0 < N; n0 += SB) {
                 float vb[SB], vc[SB];
 #pragma unroll
                 for (int k = 0; k < SB; ++k) {
                     const bool ok = x.ok && n0 + k < N;
-                    vb[k] = m2d_load_or_zero(pb + (n0 + k) * sB_n, ok);
-                    vc[k] = m2d_load_or_zero(pc + (n0 + k) * sC_n, ok && full);
+                    vb[k] = m2d_load_or_zero(Bbp + ob, ok);
+                    vc[k] = m2d_load_or_zero(Cbp + oc, ok && full);
+                    ob += sB_n;
+                    oc += sC_n;
                 }
 #pragma unroll
                 for (int k = 0; k < SB; ++k) {
@@ -978,19 +1033,47 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, 2) mamba2d_scan2d_bwd_wave(
 #pragma unroll
             for (int k = 0; k < NS; ++k) dA_acc[k] += (double)dAl[k];
             __syncthreads();
-            // The chunk's gradients: d u, d delta, d z coalesced along rows (the warps' shares summed in a fixed
-            // order); dB and dC of every state as the tiles they are (contiguous writes; the launcher's sum over
-            // channels puts them in place). Pixels outside the map hold zeros there and are never read.
+            // The chunk's gradients: dB and dC of every state as the tiles they are (contiguous writes; the
+            // launcher's sum over clusters puts them in place; pixels outside the map hold zeros there and are
+            // never read), then d u, d delta, d z coalesced along rows (the warps' shares summed in a fixed order).
             float dD_chunk = 0.f, db_chunk = 0.f;
             float* tB = dBpp + (band * ck_chunks + c) * tile_chunk;
             float* tC = dCpp + (band * ck_chunks + c) * tile_chunk;
+            if constexpr (CL > 1) {
+                // Every block of the cluster has its channel's tiles; this one adds pixels [rank * P, (rank + 1) *
+                // P) of them, every state, over the cluster's blocks in rank order.
+                constexpr unsigned P = 32 * TQ / CL;
+                m2d_cluster_arrive();
+                m2d_cluster_wait();
+                const unsigned pe0 = m2d_cluster_rank() * P;
+                const float* rB[CL];
+#pragma unroll
+                for (int j = 0; j < CL; ++j) rB[j] = m2d_cluster_map(sB, j);
+                const int c_off = (int)(sC - sB);
+#pragma unroll 2
+                for (unsigned e = tid; e < N * P; e += nthr) {
+                    const unsigned n = e / P, pe = pe0 + e % P;
+                    const int at = (int)(n * TILE + pe / TQ * TP + pe % TQ);
+                    float sb = rB[0][at], sc = rB[0][c_off + at];
+#pragma unroll
+                    for (int j = 1; j < CL; ++j) {
+                        sb += rB[j][at];
+                        sc += rB[j][c_off + at];
+                    }
+                    tB[n * (32 * TQ) + pe] = sb;
+                    tC[n * (32 * TQ) + pe] = sc;
+                }
+                m2d_cluster_arrive();  // this block's reads are done (waited for before the tiles are restaged)
+            }
             for (int e = tid; e < 32 * TQ; e += nthr) {
                 const Px x = pixel(e, p0, t0);
                 const int at = x.at;
+                if constexpr (CL == 1) {
 #pragma unroll 4
-                for (int n = 0; n < N; ++n) {
-                    tB[n * (32 * TQ) + e] = sB[n * TILE + at];
-                    tC[n * (32 * TQ) + e] = sC[n * TILE + at];
+                    for (int n = 0; n < N; ++n) {
+                        tB[n * (32 * TQ) + e] = sB[n * TILE + at];
+                        tC[n * (32 * TQ) + e] = sC[n * TILE + at];
+                    }
                 }
                 if (!x.ok) continue;
                 const int o = x.i * W + x.j;
@@ -1019,6 +1102,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, 2) mamba2d_scan2d_bwd_wave(
                 }
             }
             __syncthreads();  // the staged tiles are overwritten next
+            if constexpr (CL > 1) m2d_cluster_wait();  // ... and the cluster's reads of them are done
         }
     }
     // dA per state (the lanes' sums in a fixed tree order), dD and d(delta_bias) per channel (the threads' in order).

@@ -18,7 +18,8 @@ NVCC = shutil.which("nvcc")
 @pytest.mark.parametrize("unit", ["scan2d", "layer_norm"])
 def test_kernels_compile_with_nvcc(arch, unit, tmp_path):
     source = tmp_path / f"{unit}_all_variants.cu"
-    text = cuda_build.nvcc_translation_unit() if unit == "scan2d" else cuda_build.nvcc_layer_norm_translation_unit()
+    text = (cuda_build.nvcc_translation_unit(int(arch[3:])) if unit == "scan2d"
+            else cuda_build.nvcc_layer_norm_translation_unit())
     source.write_text(text)
     cmd = [NVCC, *cuda_build.COMPILE_OPTIONS, f"-arch={arch}", "-c", str(source), "-o", str(tmp_path / "k.o"),
            "-Werror", "all-warnings"]

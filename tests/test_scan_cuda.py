@@ -505,6 +505,35 @@ def test_wavefront_256_channels_share_B_C(monkeypatch):
         check_against_reference(inputs, "br_vh")
 
 
+def _device_arch() -> int:
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor
+
+
+@pytest.mark.parametrize("H,W", [(5, 7), (33, 9), (37, 70), (130, 33), (200, 300)])
+def test_wavefront_clusters(monkeypatch, H, W):
+    """sm_90: the backward's blocks of consecutive channels of a group form a cluster that adds their dB/dC tiles in
+    shared memory. Two groups of 16 channels (several clusters each, added by the launcher), a batch of two, every
+    gradient; also N = 3 (a cluster's share of a tile cuts through a state)."""
+    dim, G = 32, 2
+    with wavefront(monkeypatch):
+        assert cuda_build.wave_cluster(dim, G, _device_arch()) == (
+            cuda_build.WAVE_CLUSTER if _device_arch() >= 90 else 1)
+        for N in (3, 16) if H * W < 10000 else (16,):
+            inputs = make_inputs(2 if H * W < 10000 else 1, dim, H, W, G, N, z=(H + N) % 2 == 1)
+            check_against_reference(inputs, group_directions(G, offset=H % 8 + N))
+
+
+@pytest.mark.parametrize("states_per_lane", cuda_build.WAVE_LANE_STATES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_wavefront_clusters_states_and_dtypes(monkeypatch, states_per_lane, dtype):
+    """Clusters with every states-per-lane count (N = 23: idle states in the last warp) and every input dtype, in
+    one group of 24 channels."""
+    with wavefront(monkeypatch, states_per_lane=states_per_lane):
+        inputs = make_inputs(1, 24, 40, 45, 1, 23, dtype=dtype, z=True)
+        check_against_reference(inputs, "tr_vh")
+
+
 @pytest.mark.parametrize("H", [70, 20])
 def test_wavefront_backward_without_saved_band_tops(monkeypatch, H):
     """A backward whose forward kept nothing (torch.compile's custom op without grad, say) recomputes the band tops:

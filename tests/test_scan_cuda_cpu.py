@@ -159,6 +159,22 @@ def test_wavefront_checkpoint_is_the_band_tops():
     assert cuda_build.wave_chunks(5, 300) == -(-304 // cuda_build.WAVE_STEPS)
 
 
+def test_wavefront_clusters_only_on_sm90_and_whole_clusters():
+    """The backward's clusters: WAVE_CLUSTER consecutive channels of a group on sm_90+ cards where each group's
+    channels fill whole clusters (shape c, a 2DMambaMIL grid), one block a cluster otherwise; the nvcc check builds
+    the cluster kernels for sm_90 only (sm_80 has no clusters)."""
+    size = cuda_build.WAVE_CLUSTER
+    assert size > 1
+    assert cuda_build.wave_cluster(256, 1, 90) == size and cuda_build.wave_cluster(512, 1, 100) == size
+    assert cuda_build.wave_cluster(2 * 8 * size, 2, 90) == size  # two groups
+    assert cuda_build.wave_cluster(256, 1, 80) == 1 and cuda_build.wave_cluster(256, 1, 86) == 1
+    assert cuda_build.wave_cluster(2 * (size + 1), 2, 90) == 1 and cuda_build.wave_cluster(size - 1, 1, 90) == 1
+    cluster_name = cuda_build.wave_kernel_names("float", "float", 2, False, size)[1]
+    assert cluster_name.endswith(f", {size}>")
+    assert cluster_name not in cuda_build.nvcc_translation_unit(80)
+    assert cluster_name in cuda_build.nvcc_translation_unit(90)
+
+
 def test_vector_flags_follow_width_strides_and_alignment():
     """K-wide vector stores need W % K == 0 (the outputs are ours, contiguous); vector loads also need every input's
     columns contiguous and its address and other strides multiples of K (a dimension of size one does not count)."""

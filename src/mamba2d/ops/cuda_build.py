@@ -85,6 +85,14 @@ WAVE_FORCE = False
 WAVE_STATES_PER_LANE = 2
 #: Steps of the wavefront staged in shared memory at once (M2D_WAVE_T in scan2d.cu).
 WAVE_STEPS = 8
+#: Blocks of a thread-block cluster of the wavefront backward on sm_90+ cards (consecutive channels of one group; the
+#: cluster adds their dB/dC tiles in shared memory before they leave the SMs: half the per-channel traffic with 2).
+#: Launches whose channels per group are not a multiple, and older cards, take one block a cluster. Larger clusters
+#: cost more than they save on an H100 (fwd+bwd ms at shape c, fp32, clusters of 1 / 2 / 4 / 8: 5.02 / 4.47 / 6.54 /
+#: 6.53): with two blocks an SM, only 240 blocks fit at once in clusters of 4 or 8 against 264 in clusters of 1 or 2,
+#: and c's 256 maps then take two waves.
+WAVE_CLUSTER = 2
+WAVE_CLUSTER_MIN_ARCH = 90
 
 
 def _tuning() -> tuple[int, int, int, int, int, int, int, int, bool, bool, tuple[str, ...]]:
@@ -97,7 +105,8 @@ def _tuning() -> tuple[int, int, int, int, int, int, int, int, bool, bool, tuple
     (no vector accesses, as up to v11), PF (bands of at most this many rows prefetch the next band into L1: 0 never,
     4 always as up to v11; default 1) and
     LEAN=0 (v8's pointer arithmetic; the softplus stays branch-free). WAVE (0: never the wavefront kernels, 1: on
-    every shape whose tiles fit), WNS (WAVE_STATES_PER_LANE) and WT (WAVE_STEPS) are read by `_wave_tuning`."""
+    every shape whose tiles fit), WNS (WAVE_STATES_PER_LANE), WT (WAVE_STEPS) and WCL (WAVE_CLUSTER; 1: no clusters,
+    as up to v15) are read by `_wave_tuning`."""
     import os
 
     spec = os.environ.get("MAMBA2D_SCAN_TUNE", "")
@@ -132,17 +141,18 @@ FWD_MIN_BLOCKS_LARGE_STATE = 2
 LARGE_STATE = 8
 
 
-def _wave_tuning() -> tuple[int, bool, int, int]:
+def _wave_tuning() -> tuple[int, bool, int, int, int]:
     import os
 
     vals = dict(item.split("=") for item in os.environ.get("MAMBA2D_SCAN_TUNE", "").split(",") if item)
     wave = vals.get("WAVE")
     return (MAX_D_STATE + 1 if wave == "0" else WAVE_MIN_STATES, wave == "1",
-            int(vals.get("WNS", WAVE_STATES_PER_LANE)), int(vals.get("WT", WAVE_STEPS)))
+            int(vals.get("WNS", WAVE_STATES_PER_LANE)), int(vals.get("WT", WAVE_STEPS)),
+            int(vals.get("WCL", WAVE_CLUSTER)))
 
 
 MAX_D_STATE = 64  # the kernels' largest N
-WAVE_MIN_STATES, WAVE_FORCE, WAVE_STATES_PER_LANE, WAVE_STEPS = _wave_tuning()
+WAVE_MIN_STATES, WAVE_FORCE, WAVE_STATES_PER_LANE, WAVE_STEPS, WAVE_CLUSTER = _wave_tuning()
 if WAVE_STEPS != 8:
     TUNING_OPTIONS += (f"-DM2D_WAVE_T={WAVE_STEPS}",)
 
@@ -236,15 +246,16 @@ def all_variants() -> list[tuple[str, str]]:
     return out
 
 
-def nvcc_translation_unit() -> str:
-    """Source for an nvcc check: the kernels plus host code taking each instantiation's address (forces codegen)."""
+def nvcc_translation_unit(arch: int = 90) -> str:
+    """Source for an nvcc check for sm_`arch`: the kernels plus host code taking each instantiation's address (forces
+    codegen)."""
     # a state split runs without the z gate (the launcher applies it) and with float32 partial gradients
     names = [name for variant in all_variants() for shape in band_shapes() for layout in layout_options(shape[1])
              for has_z in (False, True) for minb in fwd_min_blocks_options()
              for split in ((False, True) if not has_z else (False,))
              for name in kernel_names(*variant, *shape, layout, has_z, minb, split)]
     names += [name for variant in all_variants() for ns in WAVE_LANE_STATES for has_z in (False, True)
-              for name in wave_kernel_names(*variant, ns, has_z)]
+              for cluster in wave_cluster_options(arch) for name in wave_kernel_names(*variant, ns, has_z, cluster)]
     names = list(dict.fromkeys(names))  # the backward does not depend on the forward's occupancy target
     refs = ",\n    ".join(f"(void*)&{name}" for name in names)
     return kernel_source() + f"\n\nvoid* mamba2d_force_instantiation[] = {{\n    {refs}\n}};\n"
@@ -454,10 +465,24 @@ def wave_config(d_state: int) -> WaveConfig:
     return WaveConfig(states_per_lane=per_lane, warps=_ceil_div(d_state, per_lane))
 
 
-def wave_kernel_names(in_tag: str, out_tag: str, states_per_lane: int, has_z: bool) -> tuple[str, str]:
-    """Name expressions of the wavefront forward and backward kernels of one variant."""
+def wave_kernel_names(in_tag: str, out_tag: str, states_per_lane: int, has_z: bool,
+                      cluster: int = 1) -> tuple[str, str]:
+    """Name expressions of the wavefront forward and backward kernels of one variant (`cluster`: blocks of the
+    backward's thread-block clusters)."""
     args = f"{in_tag}, {out_tag}, {states_per_lane}, {'true' if has_z else 'false'}"
-    return f"mamba2d_scan2d_fwd_wave<{args}>", f"mamba2d_scan2d_bwd_wave<{args}>"
+    return f"mamba2d_scan2d_fwd_wave<{args}>", f"mamba2d_scan2d_bwd_wave<{args}, {cluster}>"
+
+
+def wave_cluster_options(arch: int) -> tuple[int, ...]:
+    """Cluster sizes of the wavefront backward compiled for sm_`arch` (clusters need sm_90)."""
+    return (1, WAVE_CLUSTER) if arch >= WAVE_CLUSTER_MIN_ARCH and WAVE_CLUSTER > 1 else (1,)
+
+
+def wave_cluster(dim: int, groups: int, arch: int) -> int:
+    """Blocks per thread-block cluster of a wavefront backward launch on an sm_`arch` card: WAVE_CLUSTER where the
+    card has clusters and each group's channels fill whole clusters, else 1."""
+    cluster = max(wave_cluster_options(arch))
+    return cluster if (dim // groups) % cluster == 0 else 1
 
 
 def wave_band_tops(height: int, width: int, d_state: int) -> int:

@@ -58,17 +58,24 @@ def _get_kernels(device: torch.device, dtype: torch.dtype, out_fp32: bool, cfg: 
     )
 
 
-_wave_kernels: dict[tuple[int, str, str, int, bool], tuple[object, object]] = {}
+_wave_kernels: dict[tuple[int, str, str, int, bool, int], tuple[object, object]] = {}
 
 
-def _get_wave_kernels(device: torch.device, dtype: torch.dtype, out_fp32: bool, states_per_lane: int, has_z: bool):
+def _get_wave_kernels(device: torch.device, dtype: torch.dtype, out_fp32: bool, states_per_lane: int, has_z: bool,
+                      cluster: int = 1):
     index = device_index(device)
     in_tag, out_tag = cuda_build.variant_tags(dtype, out_fp32)
     return compiled_kernels(
-        _wave_kernels, (index, in_tag, out_tag, states_per_lane, has_z), index, cuda_build.KERNEL_SOURCE,
-        lambda: cuda_build.wave_kernel_names(in_tag, out_tag, states_per_lane, has_z),
+        _wave_kernels, (index, in_tag, out_tag, states_per_lane, has_z, cluster), index, cuda_build.KERNEL_SOURCE,
+        lambda: cuda_build.wave_kernel_names(in_tag, out_tag, states_per_lane, has_z, cluster),
         cuda_build.COMPILE_OPTIONS + cuda_build.TUNING_OPTIONS,
     )
+
+
+@lru_cache(maxsize=None)
+def _device_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
 
 
 _INT32_MAX = 2**31 - 1
@@ -235,8 +242,8 @@ def _wave_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, o
 
 def _wave_bwd(dout, u, delta, A, B, C, D, z, delta_bias, tops, delta_softplus, directions):
     """The wavefront backward (cuda_build.uses_wave), from the forward's band tops (recomputed when absent). dB and
-    dC come out of the kernel per channel in tile order; here they are summed over each group's channels, in a fixed
-    order, and gathered into place."""
+    dC come out of the kernel per cluster of channels (cuda_build.wave_cluster) in tile order; here they are summed
+    over each group's clusters, in a fixed order, and gathered into place."""
     batch, dim, height, width = u.shape
     groups, d_state = B.shape[1], B.shape[2]
     device = u.device
@@ -248,7 +255,8 @@ def _wave_bwd(dout, u, delta, A, B, C, D, z, delta_bias, tops, delta_softplus, d
     ddelta = torch.empty(shape, dtype=u.dtype, device=device)
     dz = torch.empty(shape, dtype=u.dtype, device=device) if z is not None else None
     tiles = cuda_build.wave_tile_elements(height, width, d_state)
-    dBp = torch.empty((batch, groups, dim // groups, tiles), dtype=torch.float32, device=device)
+    cluster = cuda_build.wave_cluster(dim, groups, _device_arch(device_index(device)))
+    dBp = torch.empty((batch, groups, dim // groups // cluster, tiles), dtype=torch.float32, device=device)
     dCp = torch.empty_like(dBp)
     dAp = torch.empty((batch, dim, d_state), dtype=torch.float32, device=device)
     dDp = torch.empty((batch, dim), dtype=torch.float32, device=device)
@@ -258,7 +266,8 @@ def _wave_bwd(dout, u, delta, A, B, C, D, z, delta_bias, tops, delta_softplus, d
     ck = torch.empty((batch * dim * chunks * d_state * 64,), dtype=torch.float32, device=device)
     bot = torch.empty((batch * dim * d_state * width,), dtype=torch.float32, device=device) if height > 32 else None
     _poison(du, ddelta, dz, dBp, dCp, dAp, dDp, dbp, ck, bot)
-    _, fn = _get_wave_kernels(device, u.dtype, dout.dtype == torch.float32, wave.states_per_lane, z is not None)
+    _, fn = _get_wave_kernels(device, u.dtype, dout.dtype == torch.float32, wave.states_per_lane, z is not None,
+                              cluster)
     args = KernelArgs()
     args.pointers(u, delta, z, dout, B, C, A, D, delta_bias, _dirs_tensor(directions, device), tops, ck, bot, du,
                   ddelta, dz, dBp, dCp, dAp, dDp, dbp)
@@ -268,7 +277,7 @@ def _wave_bwd(dout, u, delta, A, B, C, D, z, delta_bias, tops, delta_softplus, d
     args.int32(chunks)
     launch_kernel(fn, device, (batch * dim, 1), wave.threads, wave.smem_bwd(d_state, z is not None), args)
     index = _wave_tile_index(B.shape, directions, device).expand(batch, -1, -1)
-    dB, dC = ((t.sum(dim=2) if dim > groups else t.squeeze(2)).gather(2, index).view(B.shape).to(B.dtype)
+    dB, dC = ((t.sum(dim=2) if t.shape[2] > 1 else t.squeeze(2)).gather(2, index).view(B.shape).to(B.dtype)
               for t in (dBp, dCp))
     return du, ddelta, dAp.sum(dim=0), dB, dC, dDp.sum(dim=0), dz, dbp.sum(dim=0)
 
