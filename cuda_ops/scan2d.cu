@@ -276,11 +276,12 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_s
             if (band > 0) {  // the next band's (the one above) inputs into L1 while this one is scanned
                 const int p1 = p0 - R, i1 = fr ? (H - 1 - p1) : p1;
                 const int nrow1 = nk > 0 ? R : 0;
-                m2d_prefetch_rows<T, R>(ubp + (i1 * su_h + j * su_w), fr ? -su_h : su_h, nrow1);
-                m2d_prefetch_rows<T, R>(dbp_ + (i1 * sd_h + j * sd_w), fr ? -sd_h : sd_h, nrow1);
-                m2d_prefetch_rows<TO, R>(obp + (i1 * so_h + j * so_w), fr ? -so_h : so_h, nrow1);
-                m2d_prefetch_rows<T, R>(Bbp + (i1 * sB_h + j * sB_w), fr ? -sB_h : sB_h, nrow1);
-                m2d_prefetch_rows<T, R>(Cbp + (i1 * sC_h + j * sC_w), fr ? -sC_h : sC_h, nrow1);
+                constexpr int PF = sizeof(T) == 4 && LAYOUT == M2D_WARP_ROW ? M2D_PREFETCH_BWD_F32 : M2D_PREFETCH;
+                m2d_prefetch_rows<T, R, PF>(ubp + (i1 * su_h + j * su_w), fr ? -su_h : su_h, nrow1);
+                m2d_prefetch_rows<T, R, PF>(dbp_ + (i1 * sd_h + j * sd_w), fr ? -sd_h : sd_h, nrow1);
+                m2d_prefetch_rows<TO, R, PF>(obp + (i1 * so_h + j * so_w), fr ? -so_h : so_h, nrow1);
+                m2d_prefetch_rows<T, R, PF>(Bbp + (i1 * sB_h + j * sB_w), fr ? -sB_h : sB_h, nrow1);
+                m2d_prefetch_rows<T, R, PF>(Cbp + (i1 * sC_h + j * sC_w), fr ? -sC_h : sC_h, nrow1);
             }
             for (int n = n0; n < n1; ++n) {
                 const int ln = n - n0;  // the state's index within the block's part
@@ -779,7 +780,9 @@ __device__ __forceinline__ unsigned m2d_cluster_rank() {
 __device__ __forceinline__ void m2d_cluster_arrive() {
     asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
 }
-__device__ __forceinline__ void m2d_cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
+__device__ __forceinline__ void m2d_cluster_wait() {
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
 // The address of this block's shared `p` in the cluster's block `rank` (a generic pointer: plain loads read it).
 __device__ __forceinline__ const float* m2d_cluster_map(const float* p, unsigned rank) {
     unsigned long long r;
