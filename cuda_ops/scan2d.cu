@@ -177,7 +177,9 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
 
 // TG: type of du and ddelta (float for the per-part partial sums of a state split).
 template <typename T, typename TO, int R, int K, int LAYOUT, bool HAS_Z, typename TG>
-__global__ void __launch_bounds__(M2D_MAX_THREADS, M2D_BWD_MIN_BLOCKS) mamba2d_scan2d_bwd(
+__global__ void __launch_bounds__(LAYOUT == M2D_NARROW ? M2D_NARROW_BWD_MAX_THREADS : M2D_MAX_THREADS,
+                                  LAYOUT == M2D_NARROW ? M2D_NARROW_BWD_MIN_BLOCKS : M2D_BWD_MIN_BLOCKS)
+    mamba2d_scan2d_bwd(
     const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z, const TO* __restrict__ dout,
     const T* __restrict__ Bm, const T* __restrict__ Cm, const float* __restrict__ A, const float* __restrict__ Dv,
     const float* __restrict__ dbias, const int* __restrict__ dirs, const float* __restrict__ ckv,

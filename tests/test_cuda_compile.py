@@ -35,5 +35,6 @@ def test_source_is_self_contained():
     assert "mamba2d_scan2d_fwd" in text and "mamba2d_scan2d_bwd" in text
     assert f"#define M2D_R {cuda_build.ROWS_PER_BAND}" in text
     assert f"#define M2D_MAX_THREADS {cuda_build.MAX_THREADS}" in text
+    assert f"#define M2D_NARROW_BWD_MAX_THREADS {cuda_build.NARROW_BWD_MAX_THREADS}" in text
     for name, value in cuda_build.LAYOUTS.items():
         assert f"#define M2D_{name.upper()} {value}" in text

@@ -87,6 +87,9 @@ def test_launch_config_invariants(H, W, N, dim, G):
     assert cfg.CH * cfg.cpg >= dg and cfg.blocks == 2 * G * cfg.cpg
     assert cfg.threads == cfg.CH * cfg.S * cfg.WPM
     assert cfg.smem_bwd <= 160 * 1024 and cfg.smem_fwd <= 160 * 1024
+    bwd = cuda_build.launch_config(2, dim, H, W, G, N, backward=True)
+    if bwd.layout == cuda_build.LAYOUTS["narrow"]:  # within the narrow backward's __launch_bounds__
+        assert bwd.threads <= cuda_build.NARROW_BWD_MAX_THREADS
 
 
 @pytest.mark.parametrize("bwd_threads", [64, 128, 256])

@@ -46,6 +46,7 @@ NARROW_PAIRS = True
 #: Most threads per backward block on narrow maps (several slots per warp): the backward sums dB/dC over a block's
 #: channel slots one after another, and 32 slots per 256 threads made that chain the long pole (shape b, H100:
 #: fwd+bwd 1.119 -> 1.034 ms fp32, 1.010 -> 0.944 ms bf16 with 16 slots; shapes a and d, 8 slots, lose with fewer).
+#: Must equal M2D_NARROW_BWD_MAX_THREADS (the narrow backward's __launch_bounds__, 5 such blocks an SM).
 NARROW_BWD_MAX_THREADS = 128
 
 #: Most threads per forward block, as channel slots (a wide row's own warps are never split): 128-thread blocks fill
@@ -97,7 +98,7 @@ WAVE_CLUSTER_MIN_ARCH = 90
 
 def _tuning() -> tuple[int, int, int, int, int, int, int, int, bool, bool, tuple[str, ...]]:
     """Benchmark-only override, e.g. MAMBA2D_SCAN_TUNE="R=4,FWD=3,BWD=2,KMAX=2": rows per band (one column per
-    thread), occupancy targets, most columns per thread (KMAX=1: one column per thread everywhere), LANES (maps wider
+    thread), occupancy targets (BWDN: the narrow backward's, in blocks of 128 threads; 4 as up to v16), most columns per thread (KMAX=1: one column per thread everywhere), LANES (maps wider
     than this take several columns per thread), DBUF=0 (one dB/dC reduction buffer, two barriers), BTHR (most
     threads per backward block; narrow maps take at most NARROW_BWD_MAX_THREADS), FTHR (FWD_MAX_THREADS; 256: as up
     to v12), SPLIT (SPLIT_TARGET_BLOCKS; 0: never split the states), WIDEK (WIDE_COLS_PER_THREAD; 1: one column per
@@ -121,6 +122,8 @@ def _tuning() -> tuple[int, int, int, int, int, int, int, int, bool, bool, tuple
         defines.append(f"-DM2D_BWD_MIN_BLOCKS={int(vals['BWD'])}")
     if "DBUF" in vals:
         defines.append(f"-DM2D_RED_DBUF={int(vals['DBUF'])}")
+    if "BWDN" in vals:
+        defines.append(f"-DM2D_NARROW_BWD_MIN_BLOCKS={int(vals['BWDN'])}")
     if "PF" in vals:
         defines.append(f"-DM2D_PREFETCH={int(vals['PF'])}")
     if "LEAN" in vals:

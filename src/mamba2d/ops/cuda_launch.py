@@ -163,13 +163,24 @@ def _current_stream(index: int) -> int:
     return raw(index) if raw is not None else torch.cuda.current_stream(index).cuda_stream
 
 
+_api = None  # (driver, runtime) of cupy_backends, imported by the first launch
+
+
+def _cuda_api():
+    global _api
+    if _api is None:
+        require_cupy()
+        from cupy_backends.cuda.api import driver, runtime
+
+        _api = driver, runtime
+    return _api
+
+
 def launch_kernel(fn, device: torch.device, blocks: tuple[int, int], threads: int, smem: int,
                   args: KernelArgs) -> None:
     """Launch CuPy kernel `fn` on a (blocks[0], blocks[1]) grid of `threads`-thread blocks with `smem` bytes of
     dynamic shared memory, on PyTorch's current stream of `device`."""
-    require_cupy()
-    from cupy_backends.cuda.api import driver, runtime
-
+    driver, runtime = _cuda_api()
     index = device_index(device)
     previous = runtime.getDevice()
     # Always set, even where already the current device: that also makes the device's primary context current for
