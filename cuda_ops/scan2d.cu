@@ -62,8 +62,8 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
         for (int e = 0; e < (n1 - n0) * K; ++e) carry[e * c.nthr + c.tid] = 0.f;
         // With `ahead`, a band's u, delta and state n0's B and C are loaded a band ahead of their use (in flight
         // while the band before is scanned; `raw`: as loaded), else at the top of their own band.
-        constexpr bool ahead = M2D_FWD_AHEAD && sizeof(T) == 4 && LAYOUT == M2D_WARP_ROW && MINB >= 3;
-        T raw[4][R][K];
+        constexpr bool ahead = M2D_FWD_AHEAD && (sizeof(T) == 4 || K == 1) && LAYOUT == M2D_WARP_ROW && MINB >= 3;
+        m2d_vec<T, K> raw[4][R];
         auto fetch = [&](const int(&rows)[R]) {
             m2d_fetch_band<R, K>(Bbp, sB_h, sB_w, rows, cols, raw[0]);
             m2d_fetch_band<R, K>(Cbp, sC_h, sC_w, rows, cols, raw[1]);

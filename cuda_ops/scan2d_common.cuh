@@ -59,10 +59,12 @@ __device__ __forceinline__ P* m2d_base(P* p) {
 }
 
 // The forward issues a band's loads of u, delta, B and C one band ahead (in registers), so that they are in flight
-// while the band before is scanned: for float32 inputs on rows of one warp and few states (MINB = 3). H100, forward
-// ms: a 0.877 -> 0.843, d 0.596 -> 0.480, 128 x 192 x 28 x 28 0.145 -> 0.124. Narrow maps (b), 16-bit inputs and
-// the many-state forward ran 3-20 % slower with it (their registers spill) and keep their loads at the top of their
-// own band, as all did up to v15. 0: nowhere.
+// while the band before is scanned: on rows of one warp with few states (MINB = 3), for float32 inputs and, since
+// v17, 16-bit inputs with one column per thread (maps 17-32 wide). H100, forward ms: a 0.877 -> 0.843, d 0.596 ->
+// 0.480, 128 x 192 x 28 x 28 0.145 -> 0.124 (fp32), 0.130 -> 0.120 (bf16 and fp16). Narrow maps (b), 16-bit inputs
+// with 2 or 4 columns per thread (a, d: 9-12 % slower, even with their values kept packed) and the many-state
+// forward ran slower with it (their registers spill) and keep their loads at the top of their own band, as all did
+// up to v15. 0: nowhere.
 #ifndef M2D_FWD_AHEAD
 #define M2D_FWD_AHEAD 1
 #endif
@@ -242,32 +244,31 @@ __device__ __forceinline__ void m2d_load_band(const P* base, int sh, int sw, con
         for (int k = 0; k < K; ++k) out[r][k] = m2d_select(m2d_is_valid(valid, r * K + k), f[k], 0.f);
     }
 }
-// m2d_load_band in two steps, so that the loads can be issued a band ahead of their use: the raw values (a vector's
-// elements in memory order), then as float in the thread's column order, zero outside the map.
+// m2d_load_band in two steps, so that the loads can be issued a band ahead of their use: the raw values (a thread's
+// K values of a row in memory order, as one vector: 16-bit values stay packed two to a register until unpacked),
+// then as float in the thread's column order, zero outside the map.
 template <int R, int K, typename P>
 __device__ __forceinline__ void m2d_fetch_band(const P* base, int sh, int sw, const int (&irow)[R],
-                                               const M2DCols<K>& cols, P (&raw)[R][K]) {
+                                               const M2DCols<K>& cols, m2d_vec<P, K> (&raw)[R]) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         const int row = irow[r] * sh;
         if (K > 1 && cols.vin) {
-            const m2d_vec<P, K> v = *reinterpret_cast<const m2d_vec<P, K>*>(base + (row + cols.jv));
-#pragma unroll
-            for (int k = 0; k < K; ++k) raw[r][k] = v.e[k];
+            raw[r] = *reinterpret_cast<const m2d_vec<P, K>*>(base + (row + cols.jv));
         } else {
 #pragma unroll
-            for (int k = 0; k < K; ++k) raw[r][k] = base[row + cols.j[k] * sw];
+            for (int k = 0; k < K; ++k) raw[r].e[k] = base[row + cols.j[k] * sw];
         }
     }
 }
 template <int R, int K, typename P>
-__device__ __forceinline__ void m2d_unpack_band(const P (&raw)[R][K], const M2DCols<K>& cols, unsigned valid,
-                                                float (&out)[R][K]) {
+__device__ __forceinline__ void m2d_unpack_band(const m2d_vec<P, K> (&raw)[R], const M2DCols<K>& cols,
+                                                unsigned valid, float (&out)[R][K]) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         float e[K], f[K];
 #pragma unroll
-        for (int k = 0; k < K; ++k) e[k] = m2d_to_f(raw[r][k]);
+        for (int k = 0; k < K; ++k) e[k] = m2d_to_f(raw[r].e[k]);
 #pragma unroll
         for (int k = 0; k < K; ++k) f[k] = K > 1 && cols.vin ? m2d_select(cols.rev, e[K - 1 - k], e[k]) : e[k];
 #pragma unroll

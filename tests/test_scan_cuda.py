@@ -121,8 +121,10 @@ def test_every_direction(direction, H, W, N):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("out_fp32", [False, True])
 @pytest.mark.parametrize("z", [False, True])
-@pytest.mark.parametrize("H,W", [(56, 56), (130, 33), (14, 14)])
+@pytest.mark.parametrize("H,W", [(56, 56), (130, 33), (14, 14), (29, 28), (5, 17)])
 def test_low_precision_dtypes(dtype, out_fp32, z, H, W):
+    """16-bit inputs on every row layout: narrow, one warp with 1 column per thread (17-32 wide: loads a band ahead)
+    or 2, several warps."""
     inputs = make_inputs(2, 8, H, W, 4, 4, dtype=dtype, z=z)
     check_against_reference(inputs, ["tl_hv", "tl_vh", "br_hv", "br_vh"], out_dtype=torch.float32 if out_fp32 else None)
 
