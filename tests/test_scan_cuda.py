@@ -500,6 +500,24 @@ def test_wavefront_deterministic_and_inference(monkeypatch):
     assert torch.equal(y_inf, first_y)
 
 
+@pytest.mark.parametrize("H,W,N,dtype", [(14, 14, 1, torch.float32), (5, 300, 16, torch.float32),
+                                         (29, 28, 4, torch.bfloat16)])
+def test_calls_without_gradients_match_training_forward(H, W, N, dtype):
+    """A call that needs no gradient (torch.no_grad, or no input requiring one) skips the autograd.Function and runs
+    the launcher directly: bit for bit the training call's y, also for a state split (5 x 300, 16 states: partial
+    outputs summed and the z gate applied by the launcher)."""
+    inputs = make_inputs(2, 16, H, W, 2, N, dtype=dtype, z=True)
+    if N == 16:
+        assert cuda_build.launch_config(2, 16, H, W, 2, N).parts > 1 and not cuda_build.uses_wave(2, 16, H, W, 2, N)
+    directions = group_directions(2, offset=N)
+    y_train, _, _ = run(inputs, "cuda", direction=directions)
+    with torch.no_grad():
+        y_no_grad, _, _ = run(inputs, "cuda", direction=directions, grad=False)
+    y_plain, _, _ = run(inputs, "cuda", direction=directions, grad=False)  # grad mode on, no leaf requires grad
+    assert not y_plain.requires_grad and y_train.requires_grad
+    assert torch.equal(y_no_grad, y_train.detach()) and torch.equal(y_plain, y_train.detach())
+
+
 def test_wavefront_256_channels_share_B_C(monkeypatch):
     """G = 1: dB and dC summed over 256 channels' tiles (and over a batch of two), gathered into place."""
     with wavefront(monkeypatch):

@@ -98,8 +98,9 @@ WAVE_CLUSTER_MIN_ARCH = 90
 
 def _tuning() -> tuple[int, int, int, int, int, int, int, int, bool, bool, tuple[str, ...]]:
     """Benchmark-only override, e.g. MAMBA2D_SCAN_TUNE="R=4,FWD=3,BWD=2,KMAX=2": rows per band (one column per
-    thread), occupancy targets (BWDN: the narrow backward's, in blocks of 128 threads; 4 as up to v16), most columns per thread (KMAX=1: one column per thread everywhere), LANES (maps wider
-    than this take several columns per thread), DBUF=0 (one dB/dC reduction buffer, two barriers), BTHR (most
+    thread), occupancy targets (BWDN: the narrow backward's, in blocks of 128 threads; 4 as up to v16), most columns
+    per thread (KMAX=1: one column per thread everywhere), LANES (maps wider than this take several columns per
+    thread), DBUF=0 (one dB/dC reduction buffer, two barriers), BTHR (most
     threads per backward block; narrow maps take at most NARROW_BWD_MAX_THREADS), FTHR (FWD_MAX_THREADS; 256: as up
     to v12), SPLIT (SPLIT_TARGET_BLOCKS; 0: never split the states), WIDEK (WIDE_COLS_PER_THREAD; 1: one column per
     thread on every wide map, as up to v10), PAIRS=0 (one column per thread on maps 9-16 wide, as up to v10), VEC=0
