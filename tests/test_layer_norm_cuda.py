@@ -10,6 +10,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from mamba2d.models import vmamba
 from mamba2d.ops import cuda_build, cuda_layer_norm, cuda_scan
 
 pytestmark = [
@@ -141,3 +142,30 @@ def test_backbone_training_gradients_match_pytorch_norms(monkeypatch, no_tf32):
     assert _rel(loss, loss_ref) <= 1e-5 and grads.keys() == grads_ref.keys()
     bad = {n: _rel(grads[n], grads_ref[n]) for n in grads if not _rel(grads[n], grads_ref[n]) <= 1e-4}
     assert not bad, bad
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize("module", ["ChannelsLastLayerNorm2d", "GemmInputLayerNorm2d"])
+def test_backbone_norms_use_upstream_eps_in_every_path(memory_format, module):
+    """On the kernel (channels_last) and on PyTorch's norm (NCHW) the backbone's norms normalise with their own eps,
+    upstream's 1e-5 by default, checked where eps decides the result: inputs with a variance near eps."""
+    norm = getattr(vmamba, module)(96).cuda()
+    assert norm.eps == 1e-5
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(96, generator=gen))
+        norm.bias.copy_(0.1 * torch.randn(96, generator=gen))
+    x = (3e-3 * torch.randn(2, 96, 9, 11, generator=gen)).cuda().contiguous(memory_format=memory_format)
+    assert cuda_layer_norm.usable(x.permute(0, 2, 3, 1), norm.weight, norm.bias) == (
+        memory_format == torch.channels_last)
+
+    def expected(eps):
+        rows = x.double().permute(0, 2, 3, 1)
+        mean = rows.mean(-1, keepdim=True)
+        var = (rows - mean).pow(2).mean(-1, keepdim=True)
+        return ((rows - mean) / torch.sqrt(var + eps) * norm.weight.double() + norm.bias.double()).permute(0, 3, 1, 2)
+
+    with torch.no_grad():
+        out = norm(x)
+    assert _rel(out, expected(1e-5)) <= BOUND[torch.float32]
+    assert _rel(expected(1e-6), expected(1e-5)) > 1e-2  # eps matters at this scale

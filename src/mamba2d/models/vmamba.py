@@ -23,7 +23,10 @@ from timm.models._registry import generate_default_cfgs
 
 from ..ops import cuda_layer_norm, selective_scan_2d
 
-__all__ = ["VSSM", "SS2D", "VSSBlock", "SCAN_DIRECTIONS"]
+__all__ = ["VSSM", "SS2D", "VSSBlock", "SCAN_DIRECTIONS", "DEFAULT_NORM_EPS"]
+
+# Upstream VMamba and 2DVMamba build all their norms with nn.LayerNorm, whose eps is 1e-5.
+DEFAULT_NORM_EPS = 1e-5
 
 SCAN_DIRECTIONS = {
     "2d": ("tl_hv", "tl_vh", "br_hv", "br_vh"),
@@ -64,9 +67,20 @@ class Linear2d(nn.Linear):
 
 
 class ChannelsLastLayerNorm2d(LayerNorm2d):
-    """timm's LayerNorm2d (same parameters, checkpoints and output dtype: float32 under autocast). On a CUDA
-    channels_last map it normalises on the short-row layer-norm kernel (`mamba2d.ops.cuda_layer_norm`; PyTorch's
-    kernel idles most of its threads on rows of 48-768 channels), with PyTorch's layer-norm backward."""
+    """Layer norm over the channels of an NCHW map: timm's LayerNorm2d (same parameters, checkpoints and output
+    dtype: float32 under autocast) with VMamba's eps. On a CUDA channels_last map it normalises on the short-row
+    layer-norm kernel (`mamba2d.ops.cuda_layer_norm`; PyTorch's kernel idles most of its threads on rows of 48-768
+    channels), with PyTorch's layer-norm backward.
+
+    Args:
+        num_channels: Channels normalised per pixel.
+        eps: Added to the variance. The default is upstream VMamba's and 2DVMamba's (they build every norm with
+            `nn.LayerNorm`, eps 1e-5), not timm LayerNorm2d's 1e-6: SS2D's out_norm sees inputs of very small
+            variance, where the two give different models.
+    """
+
+    def __init__(self, num_channels: int, eps: float = DEFAULT_NORM_EPS):
+        super().__init__(num_channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.permute(0, 2, 3, 1)
@@ -110,7 +124,26 @@ class Mlp(nn.Module):
 
 
 class SS2D(nn.Module):
-    """VMamba's SS2D (v05_noz: no z gate, depthwise conv before the scan), channel-first, with four scan routes."""
+    """VMamba's SS2D (v05_noz: no z gate, depthwise conv before the scan), channel-first, with four scan routes.
+
+    in_proj -> depthwise conv -> SiLU -> per route: x_proj (dt, B, C), dt_proj, selective scan with D skip and
+    softplus(dt + bias) -> routes summed -> out_norm -> out_proj.
+
+    Args:
+        d_model: Channels in and out.
+        d_state: SSM states per channel.
+        ssm_ratio: Inner channels per model channel.
+        dt_rank: Rank of the dt projection; "auto" is ceil(d_model / 16).
+        d_conv: Kernel size of the depthwise convolution.
+        conv_bias: Whether that convolution has a bias.
+        dropout: Dropout after out_proj.
+        scan: "2d" (2DVMamba's four 2D directions) or "cross1d" (VMamba's 1D cross-scan).
+        dt_min: Smallest initial softplus(dt bias).
+        dt_max: Largest initial softplus(dt bias).
+        dt_init_floor: Floor of the initial dt.
+        scan_backend: "auto", "cuda" or "reference" (see `mamba2d.ops.selective_scan_2d`).
+        norm_eps: eps of out_norm (upstream: 1e-5).
+    """
 
     n_routes = 4
 
@@ -128,6 +161,7 @@ class SS2D(nn.Module):
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
         scan_backend: str = "auto",
+        norm_eps: float = DEFAULT_NORM_EPS,
     ):
         super().__init__()
         if scan not in SCAN_DIRECTIONS:
@@ -145,7 +179,7 @@ class SS2D(nn.Module):
         self.dt_projs_bias = nn.Parameter(torch.empty(k, d_inner))
         self.A_logs = nn.Parameter(torch.empty(k * d_inner, d_state))
         self.Ds = nn.Parameter(torch.empty(k * d_inner))
-        self.out_norm = GemmInputLayerNorm2d(d_inner)
+        self.out_norm = GemmInputLayerNorm2d(d_inner, norm_eps)
         self.out_proj = Linear2d(d_inner, d_model, bias=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._dt_init = (dt_min, dt_max, dt_init_floor)
@@ -236,12 +270,23 @@ def _unflatten_routes(y: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 class VSSBlock(nn.Module):
-    def __init__(self, dim: int, drop_path: float = 0.0, mlp_ratio: float = 4.0, **ssm_kwargs):
+    """VMamba's block: x + SS2D(norm(x)), then x + MLP(norm2(x)), each branch with drop path.
+
+    Args:
+        dim: Channels.
+        drop_path: Drop-path probability of both branches.
+        mlp_ratio: Hidden channels of the MLP per channel.
+        norm_eps: eps of norm, norm2 and SS2D's out_norm (upstream: 1e-5).
+        **ssm_kwargs: Passed to `SS2D`.
+    """
+
+    def __init__(self, dim: int, drop_path: float = 0.0, mlp_ratio: float = 4.0,
+                 norm_eps: float = DEFAULT_NORM_EPS, **ssm_kwargs):
         super().__init__()
-        self.norm = GemmInputLayerNorm2d(dim)
-        self.op = SS2D(dim, **ssm_kwargs)
+        self.norm = GemmInputLayerNorm2d(dim, norm_eps)
+        self.op = SS2D(dim, norm_eps=norm_eps, **ssm_kwargs)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = GemmInputLayerNorm2d(dim)
+        self.norm2 = GemmInputLayerNorm2d(dim, norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,6 +298,26 @@ class VSSM(nn.Module):
     """Hierarchical VMamba v2 backbone. Stage i outputs dims[i] channels at stride 4 * 2**i.
 
     Feature maps are NCHW tensors stored channels_last (see `_embed`).
+
+    Args:
+        in_chans: Image channels.
+        num_classes: Classes of the head; 0 for none.
+        dims: Channels per stage, or the first stage's (doubled at each stage).
+        depths: Blocks per stage.
+        d_state: SSM states per channel.
+        ssm_ratio: SS2D inner channels per channel.
+        dt_rank: Rank of SS2D's dt projection ("auto": ceil(dim / 16)).
+        d_conv: SS2D's depthwise convolution size.
+        conv_bias: Whether that convolution has a bias.
+        mlp_ratio: MLP hidden channels per channel.
+        drop_rate: Dropout before the head.
+        drop_path_rate: Largest drop-path rate (linear over the blocks).
+        scan: "2d" (2DVMamba) or "cross1d" (VMamba).
+        scan_backend: "auto", "cuda" or "reference".
+        global_pool: "avg" or "" (no pooling).
+        feature_norms: Add the per-stage norms outnorm0..3 of VMamba's dense backbone.
+        norm_eps: eps of every layer norm (stem, downsampling, blocks, out_norm, stage and head norms). The
+            default, 1e-5, is upstream's; official checkpoints compute what they were trained to only with it.
     """
 
     def __init__(
@@ -273,6 +338,7 @@ class VSSM(nn.Module):
         scan_backend: str = "auto",
         global_pool: str = "avg",
         feature_norms: bool = False,
+        norm_eps: float = DEFAULT_NORM_EPS,
     ):
         super().__init__()
         if global_pool not in ("avg", ""):
@@ -285,17 +351,17 @@ class VSSM(nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
+        norm = partial(ChannelsLastLayerNorm2d, eps=norm_eps)
 
         # Index layout (conv, -, norm, -, act, conv, -, norm) mirrors VMamba's channel-last variant so that
         # checkpoint keys (patch_embed.0/2/5/7) match without renaming.
         self.patch_embed = nn.Sequential(
-            nn.Conv2d(in_chans, dims[0] // 2, 3, 2, 1), nn.Identity(), ChannelsLastLayerNorm2d(dims[0] // 2),
-            nn.Identity(), nn.GELU(), nn.Conv2d(dims[0] // 2, dims[0], 3, 2, 1), nn.Identity(),
-            ChannelsLastLayerNorm2d(dims[0]),
+            nn.Conv2d(in_chans, dims[0] // 2, 3, 2, 1), nn.Identity(), norm(dims[0] // 2),
+            nn.Identity(), nn.GELU(), nn.Conv2d(dims[0] // 2, dims[0], 3, 2, 1), nn.Identity(), norm(dims[0]),
         )
         ssm_kwargs = dict(
             d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank, d_conv=d_conv, conv_bias=conv_bias, scan=scan,
-            scan_backend=scan_backend,
+            scan_backend=scan_backend, norm_eps=norm_eps,
         )
         total = sum(depths)
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
@@ -308,7 +374,7 @@ class VSSM(nn.Module):
             )
             downsample = (
                 nn.Sequential(nn.Identity(), nn.Conv2d(dims[i], dims[i + 1], 3, 2, 1), nn.Identity(),
-                              ChannelsLastLayerNorm2d(dims[i + 1]))
+                              norm(dims[i + 1]))
                 if i < len(depths) - 1
                 else nn.Identity()
             )
@@ -316,9 +382,9 @@ class VSSM(nn.Module):
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"layers.{i}.blocks"))
         if feature_norms:  # the per-stage norms of VMamba's dense-prediction backbone
             for i, dim in enumerate(dims):
-                self.add_module(f"outnorm{i}", ChannelsLastLayerNorm2d(dim))
+                self.add_module(f"outnorm{i}", norm(dim))
         self.classifier = nn.Sequential(OrderedDict(
-            norm=ChannelsLastLayerNorm2d(self.num_features), permute=nn.Identity(),
+            norm=norm(self.num_features), permute=nn.Identity(),
             avgpool=nn.AdaptiveAvgPool2d(1) if global_pool else nn.Identity(),
             flatten=nn.Flatten(1) if global_pool else nn.Identity(),
             head=nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity(),
