@@ -138,3 +138,67 @@ def test_bad_bags_are_rejected_with_the_model_name():
         model(torch.randn(0, 12), torch.zeros(0, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="unknown MIL model"):
         create_mil_model("clam", 12, 2)
+
+
+def _norm_eps(model: torch.nn.Module) -> dict[str, tuple[str, float]]:
+    return {name: (type(m).__name__, m.eps) for name, m in model.named_modules() if hasattr(m, "eps")}
+
+
+def test_mamba_mil_norms_and_pooling_are_upstreams():
+    """2DMambaMIL: RMSNorm (eps 1e-5) before each layer, as mamba.py's ResidualBlock; MambaMIL: nn.LayerNorm
+    (eps 1e-5) before each layer; both: a final nn.LayerNorm (eps 1e-5) and tanh attention of width 128, no gate."""
+    two_d = create_mil_model("mamba_mil_2d", in_dim=12, num_outputs=2, num_layers=2)
+    one_d = create_mil_model("mamba_mil_1d", in_dim=12, num_outputs=2)
+    assert _norm_eps(two_d) == {"layers.0.norm": ("RMSNorm2d", 1e-5), "layers.1.norm": ("RMSNorm2d", 1e-5),
+                                "norm": ("LayerNorm", 1e-5)}
+    assert _norm_eps(one_d) == {"layers.0.norm": ("LayerNorm2d", 1e-5), "layers.1.norm": ("LayerNorm2d", 1e-5),
+                                "norm": ("LayerNorm", 1e-5)}
+    assert one_d.norm.normalized_shape == (512,) and len(one_d.layers) == 2  # MambaMIL's defaults
+    for model in (two_d, one_d):
+        assert model.pool.gate is None and model.pool.score.in_features == 128
+    transmil = create_mil_model("transmil", in_dim=12, num_outputs=2, **SMALL["transmil"])
+    assert {eps for _, eps in _norm_eps(transmil).values()} == {1e-5}
+    assert _norm_eps(create_mil_model("abmil", in_dim=12, num_outputs=2)) == {}
+
+
+def test_mamba_mil_layer_norms_compute_the_equations():
+    torch.manual_seed(0)
+    x = 1e-3 * torch.randn(1, 16, 3, 5, dtype=torch.float64)
+    rms = MambaMIL2D(in_dim=4, dim=16).layers[0].norm.double()
+    ln = MambaMIL1D(in_dim=4, dim=16).layers[0].norm.double()
+    with torch.no_grad():
+        rms.weight.uniform_(0.5, 1.5)
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-0.1, 0.1)
+        w = rms.weight[:, None, None]
+        torch.testing.assert_close(rms(x), x / torch.sqrt(x.pow(2).mean(1, keepdim=True) + 1e-5) * w)
+        mean, var = x.mean(1, keepdim=True), x.var(1, unbiased=False, keepdim=True)
+        expected = (x - mean) / torch.sqrt(var + 1e-5) * ln.weight[:, None, None] + ln.bias[:, None, None]
+        torch.testing.assert_close(ln(x), expected)
+
+
+def test_mamba_mil_initialisation_is_upstreams():
+    """Every Linear xavier-normal with zero bias (dt_proj's bias included), pad token in [0, 1)."""
+    torch.manual_seed(0)
+    model = MambaMIL2D(in_dim=64, dim=64)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 8  # embed, in_proj, x_proj, dt_proj, out_proj, two of the pool, head
+    for m in linears:
+        assert m.bias is None or not m.bias.any()
+        expected_std = (2 / (m.in_features + m.out_features)) ** 0.5
+        assert 0.7 * expected_std < m.weight.std() < 1.3 * expected_std
+    assert 0 <= model.pad_token.min() and model.pad_token.max() < 1 and model.pad_token.std() > 0.1
+
+
+def test_mamba_mil_variant_options():
+    """attention="gated" and init="mamba": ABMIL-style pooling, Mamba's dt initialisation, a small pad token."""
+    torch.manual_seed(0)
+    model = MambaMIL2D(in_dim=8, dim=32, attention="gated", init="mamba", attn_dim=16)
+    assert model.pool.gate is not None and model.pool.score.in_features == 16
+    dt = torch.nn.functional.softplus(model.layers[0].mixer.dt_proj.bias)
+    assert 1e-3 <= dt.min() and dt.max() <= 0.1
+    assert model.pad_token.std() < 0.04 and model.pad_token.abs().max() < 0.1
+    with pytest.raises(ValueError, match="attention must be one of .*got 'softmax'"):
+        MambaMIL2D(in_dim=8, dim=32, attention="softmax")
+    with pytest.raises(ValueError, match="init must be one of .*got 'xavier'"):
+        MambaMIL1D(in_dim=8, dim=32, init="xavier")

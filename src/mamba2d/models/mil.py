@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .mil_baselines import ABMIL, MaxPoolMIL, MeanPoolMIL, TransMIL
-from .mil_layers import GatedAttentionPool, MILOutput
+from .mil_layers import AttentionPool, MILOutput
 from .mil_mamba import MambaBlock, MambaMIL1D, MambaMIL2D
 
-__all__ = ["MIL_MODELS", "create_mil_model", "MILOutput", "GatedAttentionPool", "MambaBlock", "MambaMIL2D",
+__all__ = ["MIL_MODELS", "create_mil_model", "MILOutput", "AttentionPool", "MambaBlock", "MambaMIL2D",
            "MambaMIL1D", "ABMIL", "TransMIL", "MeanPoolMIL", "MaxPoolMIL"]
 
 MIL_MODELS: dict[str, type[nn.Module]] = {

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .mil_layers import GatedAttentionPool, MILOutput, check_bag, instance_embedding
+from .mil_layers import AttentionPool, MILOutput, check_bag, instance_embedding
 
 __all__ = ["ABMIL", "TransMIL", "MeanPoolMIL", "MaxPoolMIL", "NystromAttention"]
 
@@ -25,7 +25,7 @@ class ABMIL(nn.Module):
         super().__init__()
         self.in_dim = in_dim
         self.embed = instance_embedding(in_dim, dim, dropout, act=nn.ReLU)
-        self.pool = GatedAttentionPool(dim, attn_dim, dropout)
+        self.pool = AttentionPool(dim, attn_dim, gated=True, dropout=dropout)
         self.head = nn.Linear(dim, num_outputs)
 
     def forward(self, features: torch.Tensor, positions: torch.Tensor | None = None,

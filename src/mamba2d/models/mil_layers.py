@@ -22,23 +22,37 @@ class MILOutput:
     scores: torch.Tensor
 
 
-class GatedAttentionPool(nn.Module):
-    """Gated attention pooling (Ilse et al. 2018): w_i = softmax_i(W (tanh(V h_i) * sigmoid(U h_i)))."""
+class AttentionPool(nn.Module):
+    """Attention pooling over a bag (Ilse et al. 2018): w_i = softmax_i(W tanh(V h_i)), or with `gated`
+    w_i = softmax_i(W (tanh(V h_i) * sigmoid(U h_i))); returns sum_i w_i h_i and the weights.
 
-    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+    Args:
+        dim: Channels of each instance.
+        hidden: Width of the attention MLP.
+        gated: Add the sigmoid gate (ABMIL's gated attention). MambaMIL and 2DMambaMIL use the plain tanh form.
+        dropout: Dropout after the tanh (and the gate).
+    """
+
+    def __init__(self, dim: int, hidden: int, gated: bool = True, dropout: float = 0.0):
         super().__init__()
         self.value = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Dropout(dropout))
-        self.gate = nn.Sequential(nn.Linear(dim, hidden), nn.Sigmoid(), nn.Dropout(dropout))
+        self.gate = nn.Sequential(nn.Linear(dim, hidden), nn.Sigmoid(), nn.Dropout(dropout)) if gated else None
         self.score = nn.Linear(hidden, 1)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h: (N, dim) of real patches only -> pooled (dim,), weights (N,) summing to 1."""
-        weights = torch.softmax(self.score(self.value(h) * self.gate(h)).squeeze(-1), dim=0)
+        hidden = self.value(h) if self.gate is None else self.value(h) * self.gate(h)
+        weights = torch.softmax(self.score(hidden).squeeze(-1), dim=0)
         return weights @ h, weights
 
 
 class RMSNorm2d(nn.Module):
-    """RMSNorm over the channel axis of (B, C, H, W) maps."""
+    """RMSNorm over the channel axis of (B, C, H, W) maps: x / sqrt(mean(x^2) + eps) * weight.
+
+    Args:
+        dim: Channels.
+        eps: Added to the mean square; 1e-5 as in the Mamba blocks 2DMambaMIL builds (mamba.py's RMSNorm).
+    """
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -93,6 +107,28 @@ def scatter_to_grid(h: torch.Tensor, flat: torch.Tensor, height: int, width: int
 def gather_from_grid(grid: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """(1, C, H, W) grid -> (n, C) at the cells of the real patches."""
     return grid.flatten(2)[0].index_select(1, flat).t()
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """nn.LayerNorm (eps 1e-5, as MambaMIL's) over the channel axis of (B, C, H, W) maps."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def xavier_init(module: nn.Module) -> None:
+    """The initialisation MambaMIL and 2DMambaMIL apply to the whole model: every nn.Linear xavier-normal with a zero
+    bias, every nn.LayerNorm weight 1 and bias 0. It reaches the Mamba blocks' projections too, so dt_proj's bias
+    starts at 0 (softplus 0.69), not at Mamba's own dt initialisation."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def instance_embedding(in_dim: int, dim: int, dropout: float, act: type[nn.Module] = nn.GELU) -> nn.Sequential:

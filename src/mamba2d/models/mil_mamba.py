@@ -1,8 +1,9 @@
 """2DMambaMIL and the 1D MambaMIL baseline: Mamba blocks over a slide's patch grid (2D scan) or raster order (1D).
 
-2DMambaMIL (DESIGN.md §5): features -> Linear -> GELU -> dropout -> per-slide grid (bounding box of the slide's
-patches, empty cells hold a learnable pad token) -> U x [RMSNorm -> Mamba block with a 2D scan, gated by silu(z)]
-+ residual -> LayerNorm -> gated attention pooling over the REAL patches only -> head.
+2DMambaMIL: features -> Linear -> GELU -> dropout -> per-slide grid (bounding box of the slide's patches, empty
+cells hold a learnable pad token) -> U x [RMSNorm -> Mamba block with a 2D scan, gated by silu(z)] + residual ->
+LayerNorm -> attention pooling over the REAL patches only -> head. Where and why this differs from the upstream
+code: docs/wsi.md, "Fidelity to the published models".
 
 Memory. The grid costs H x W cells per slide, not a dataset-wide canvas. The CUDA scan keeps the state in
 registers; the pure-PyTorch reference (CPU) materialises (channels, d_state, H, W) float32 tensors, so the block
@@ -23,7 +24,8 @@ from torch.utils.checkpoint import checkpoint
 from ..ops import selective_scan_2d
 from ..ops.scan import cuda_backend_available
 from .mil_layers import (
-    GatedAttentionPool,
+    AttentionPool,
+    LayerNorm2d,
     MILOutput,
     RMSNorm2d,
     check_bag,
@@ -33,9 +35,13 @@ from .mil_layers import (
     linear_1x1,
     scatter_to_grid,
     split_segments,
+    xavier_init,
 )
 
-__all__ = ["MambaBlock", "MambaMIL2D", "MambaMIL1D"]
+__all__ = ["MambaBlock", "MambaMIL2D", "MambaMIL1D", "ATTENTIONS", "INITS"]
+
+ATTENTIONS = ("tanh", "gated")
+INITS = ("upstream", "mamba")
 
 
 
@@ -152,9 +158,11 @@ class MambaBlock(nn.Module):
 
 
 class _ResidualMamba(nn.Module):
-    def __init__(self, dim: int, **block_kwargs):
+    """x + Mamba(norm(x)), a pre-norm residual Mamba layer."""
+
+    def __init__(self, dim: int, norm: type[nn.Module], **block_kwargs):
         super().__init__()
-        self.norm = RMSNorm2d(dim)
+        self.norm = norm(dim)
         self.mixer = MambaBlock(dim, **block_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,9 +170,36 @@ class _ResidualMamba(nn.Module):
 
 
 class _MambaMIL(nn.Module):
-    """Shared body of the 2D and 1D models; subclasses say how a slide's patches become a map and back."""
+    """Shared body of the 2D and 1D models; subclasses say how a slide's patches become a map and back and which
+    norm starts each layer (the one their upstream model uses).
+
+    Both follow their upstream models in what they compute around the mixer: features -> Linear -> GELU ->
+    dropout, pre-norm residual Mamba layers, a final nn.LayerNorm (eps 1e-5), attention pooling and a linear head.
+    By default the pooling and the initialisation are upstream's too: Linear(dim, 128) -> tanh -> Linear(128, 1),
+    and xavier-normal on every Linear (`xavier_init`, upstream's `initialize_weights`, which also zeroes the Mamba
+    blocks' dt bias). `attention="gated"` and `init="mamba"` give the ABMIL-style gated pooling and Mamba's own
+    initialisation (dt log-uniform in [0.001, 0.1], PyTorch's Linear defaults) instead; docs/wsi.md shows where
+    that matters.
+
+    Args:
+        in_dim: Feature size of a patch.
+        num_outputs: Logits per bag (classes, or survival time bins).
+        dim: Channels of the Mamba layers.
+        num_layers: Residual Mamba layers.
+        d_state: SSM states per channel.
+        expand: Inner channels of a Mamba block per channel.
+        d_conv: Size of the block's depthwise convolution.
+        dropout: Dropout after the instance embedding.
+        directions: Scan direction of each channel group (2D only).
+        scan_backend: "auto", "cuda" or "reference".
+        scan_memory_mb: Budget of one reference-scan call (CPU); None for no chunking.
+        attn_dim: Width of the attention pooling MLP (128 upstream).
+        attention: "tanh" (upstream's) or "gated" (ABMIL's gated attention).
+        init: "upstream" (xavier-normal everywhere) or "mamba" (Mamba's dt initialisation, PyTorch's defaults).
+    """
 
     layout = "2d"
+    layer_norm: type[nn.Module] = RMSNorm2d
 
     def __init__(
         self,
@@ -179,20 +214,29 @@ class _MambaMIL(nn.Module):
         directions: Sequence[str] = ("tl_hv",),
         scan_backend: str = "auto",
         scan_memory_mb: float | None = 1024.0,
+        attn_dim: int = 128,
+        attention: str = "tanh",
+        init: str = "upstream",
     ):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"{type(self).__name__}: num_layers must be >= 1, got {num_layers}")
+        for name, value, allowed in (("attention", attention, ATTENTIONS), ("init", init, INITS)):
+            if value not in allowed:
+                raise ValueError(f"{type(self).__name__}: {name} must be one of {allowed}, got {value!r}")
+        self.init = init
         self.in_dim = in_dim
         self.embed = instance_embedding(in_dim, dim, dropout)
         self.layers = nn.ModuleList(
-            _ResidualMamba(dim, d_state=d_state, expand=expand, d_conv=d_conv, layout=self.layout,
+            _ResidualMamba(dim, self.layer_norm, d_state=d_state, expand=expand, d_conv=d_conv, layout=self.layout,
                            directions=directions, scan_backend=scan_backend, scan_memory_mb=scan_memory_mb)
             for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(dim)
-        self.pool = GatedAttentionPool(dim, dim)
+        self.pool = AttentionPool(dim, attn_dim, gated=attention == "gated")
         self.head = nn.Linear(dim, num_outputs)
+        if init == "upstream":
+            xavier_init(self)
 
     def _mix_slide(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -208,14 +252,29 @@ class _MambaMIL(nn.Module):
 
 
 class MambaMIL2D(_MambaMIL):
-    """2DMambaMIL: Mamba layers with the 2D selective scan over each slide's patch grid (see the module docstring)."""
+    """2DMambaMIL: Mamba layers with the 2D selective scan over each slide's patch grid (see the module docstring).
+
+    Each layer starts with an RMSNorm (eps 1e-5) and empty grid cells hold a trainable pad token, drawn from
+    U[0, 1) as upstream's (with `init="mamba"`: N(0, 0.02²), truncated). Defaults are the paper's: dim 128, 1 layer,
+    d_state 16, dropout 0.25.
+
+    Args:
+        in_dim: Feature size of a patch.
+        num_outputs: Logits per bag.
+        dim: Channels of the Mamba layers.
+        **kwargs: See `_MambaMIL`.
+    """
 
     layout = "2d"
+    layer_norm = RMSNorm2d
 
     def __init__(self, in_dim: int = 1024, num_outputs: int = 2, dim: int = 128, **kwargs):
         super().__init__(in_dim, num_outputs, dim, **kwargs)
-        self.pad_token = nn.Parameter(torch.zeros(dim))
-        nn.init.trunc_normal_(self.pad_token, std=0.02)
+        self.pad_token = nn.Parameter(torch.empty(dim))
+        if self.init == "mamba":
+            nn.init.trunc_normal_(self.pad_token, std=0.02)
+        else:
+            nn.init.uniform_(self.pad_token, 0.0, 1.0)
 
     def no_weight_decay(self) -> set[str]:
         return {"pad_token"}
@@ -229,13 +288,28 @@ class MambaMIL2D(_MambaMIL):
 
 
 class MambaMIL1D(_MambaMIL):
-    """MambaMIL baseline: the same Mamba layers with a 1D scan over the slide's patches in raster order
-    (row by row, left to right), real patches only; positions set the order, not a 2D neighbourhood."""
+    """MambaMIL baseline: Mamba layers with a 1D scan over the slide's patches in raster order (row by row, left
+    to right), real patches only; positions set the order, not a 2D neighbourhood.
+
+    As MambaMIL (Yang et al. 2024) with its plain `Mamba` layers: each layer starts with an nn.LayerNorm
+    (eps 1e-5), a causal depthwise convolution of width 4; defaults dim 512 and 2 layers. MambaMIL's SRMamba
+    (a second scan over a reordered sequence) is not built.
+
+    Args:
+        in_dim: Feature size of a patch.
+        num_outputs: Logits per bag.
+        dim: Channels of the Mamba layers.
+        num_layers: Residual Mamba layers.
+        d_conv: Width of the causal depthwise convolution.
+        **kwargs: See `_MambaMIL`.
+    """
 
     layout = "1d"
+    layer_norm = LayerNorm2d
 
-    def __init__(self, in_dim: int = 1024, num_outputs: int = 2, dim: int = 128, d_conv: int = 4, **kwargs):
-        super().__init__(in_dim, num_outputs, dim, d_conv=d_conv, **kwargs)
+    def __init__(self, in_dim: int = 1024, num_outputs: int = 2, dim: int = 512, num_layers: int = 2,
+                 d_conv: int = 4, **kwargs):
+        super().__init__(in_dim, num_outputs, dim, num_layers=num_layers, d_conv=d_conv, **kwargs)
 
     def _mix_slide(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         flat, _, _ = grid_layout(positions)
