@@ -161,3 +161,15 @@ def test_overfits_simple_shapes_to_box_ap50_090(in_tmp):
           f"box AP {metrics['val/bbox_map']:.3f}, mask AP50 {metrics['val/segm_map_50']:.3f}, "
           f"mask AP {metrics['val/segm_map']:.3f}")
     assert metrics["val/bbox_map_50"] >= 0.9
+
+
+def test_fpn_is_initialised_as_mmdetections():
+    torch.manual_seed(0)
+    fpn = TimmFPNBackbone("vmamba2d_nano").fpn
+    convs = [m for m in fpn.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 8  # a lateral 1x1 and an output 3x3 per stage
+    for conv in convs:
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        assert conv.weight.abs().max() <= bound and conv.weight.abs().max() > 0.9 * bound and not conv.bias.any()

@@ -42,6 +42,10 @@ class TimmFPNBackbone(nn.Module):
         if len(in_channels) != 4:
             raise ValueError(f"TimmFPNBackbone: backbone {backbone!r} must give 4 feature maps, got {len(in_channels)}")
         self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=LastLevelMaxPool())
+        for conv in self.fpn.modules():  # mmdetection's FPN init (xavier uniform), which VMamba's detector uses
+            if isinstance(conv, nn.Conv2d):
+                nn.init.xavier_uniform_(conv.weight)
+                nn.init.zeros_(conv.bias)
         self.out_channels = out_channels  # read by torchvision's detection heads
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:

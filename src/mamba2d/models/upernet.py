@@ -21,12 +21,28 @@ __all__ = ["ConvBNReLU", "PyramidPooling", "UperNetHead", "FCNHead", "UperNet"]
 
 
 class ConvBNReLU(nn.Sequential):
+    """mmcv's ConvModule as mmseg builds it for UperNet: a convolution without bias, BatchNorm2d (eps 1e-5,
+    momentum 0.1, PyTorch's defaults and mmseg's) and ReLU; the convolution initialised as ConvModule does
+    (Kaiming normal, fan_out, for ReLU).
+
+    Args:
+        in_chs: Input channels.
+        out_chs: Output channels.
+        kernel_size: Square kernel size ('same' padding).
+    """
+
     def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 3):
-        super().__init__(
-            nn.Conv2d(in_chs, out_chs, kernel_size, padding=kernel_size // 2, bias=False),
-            nn.BatchNorm2d(out_chs),
-            nn.ReLU(inplace=True),
-        )
+        conv = nn.Conv2d(in_chs, out_chs, kernel_size, padding=kernel_size // 2, bias=False)
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        super().__init__(conv, nn.BatchNorm2d(out_chs), nn.ReLU(inplace=True))
+
+
+def _classifier(channels: int, num_classes: int) -> nn.Conv2d:
+    """The 1x1 classifier of an mmseg decode head (conv_seg), initialised as mmseg does: normal, std 0.01, bias 0."""
+    conv = nn.Conv2d(channels, num_classes, 1)
+    nn.init.normal_(conv.weight, std=0.01)
+    nn.init.zeros_(conv.bias)
+    return conv
 
 
 class PyramidPooling(nn.Module):
@@ -62,7 +78,7 @@ class UperNetHead(nn.Module):
         self.smooth = nn.ModuleList(ConvBNReLU(channels, channels, 3) for _ in in_channels[:-1])
         self.fuse = ConvBNReLU(len(in_channels) * channels, channels, 3)
         self.dropout = nn.Dropout2d(dropout)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.classifier = _classifier(channels, num_classes)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         levels = [lateral(f) for lateral, f in zip(self.lateral, features[:-1])] + [self.ppm(features[-1])]
@@ -80,7 +96,7 @@ class FCNHead(nn.Sequential):
     """Auxiliary head: one 3x3 conv block and a classifier on a single feature map."""
 
     def __init__(self, in_chs: int, num_classes: int, channels: int = 256, dropout: float = 0.1):
-        super().__init__(ConvBNReLU(in_chs, channels, 3), nn.Dropout2d(dropout), nn.Conv2d(channels, num_classes, 1))
+        super().__init__(ConvBNReLU(in_chs, channels, 3), nn.Dropout2d(dropout), _classifier(channels, num_classes))
 
 
 class UperNet(nn.Module):
