@@ -258,3 +258,50 @@ def test_home_defaults_to_the_user_cache(monkeypatch):
         assert zoo.home() == Path("/somewhere/cache/mamba2d")
     monkeypatch.setenv(zoo.HOME_ENV, "/data/m2d")
     assert zoo.home() == Path("/data/m2d")
+
+
+def test_verify_checks_a_downloaded_official_file(private_zoo, capsys):
+    """The converter self-check on a file in VMamba's official layout: strict load, sha256 against the manifest,
+    norm eps, and the published metric to compare an evaluation with."""
+    _, home, write = private_zoo
+    url = "https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls/vssm_nano_ckpt_epoch_1.pth"
+    write([_entry("vmamba_nano.in1k", url=url, status=zoo.UNVERIFIED, layout="vmamba-classification",
+                  provenance="official", kwargs={}, metrics={"top1": 12.3, "data": "ImageNet-1K val"})])
+    path = home / "checkpoints" / "vssm_nano_ckpt_epoch_1.pth"
+    path.parent.mkdir(parents=True)
+    torch.save({"model": vmamba_v2_layout(**NANO), "epoch": 1}, path)
+
+    result = zoo.check_file(path)
+    assert result.ok and (result.layout, result.arch) == ("vmamba-classification", "vmamba_nano")
+    assert result.entry.name == "vmamba_nano.in1k" and result.sha256 == zoo.sha256sum(path)
+    assert result.norm_eps == [1e-5] and not (result.missing or result.unexpected or result.shapes)
+    assert zoo.main(["verify", "vmamba_nano.in1k"]) == 0
+    out = capsys.readouterr().out
+    for text in (result.sha256, "sha256 not yet verified", "strict load OK", "norm eps    1e-05",
+                 "top1 12.3 on ImageNet-1K val", "result      OK"):
+        assert text in out, text
+
+    # The same file loaded into the 2D-scan twin, and a file the zoo has never heard of (arch from its shapes).
+    assert zoo.check_file(path, arch="vmamba2d_nano").ok
+    other = home / "renamed.pth"
+    other.write_bytes(path.read_bytes())
+    assert zoo.check_file(other).arch == "vmamba_nano"
+
+
+def test_verify_fails_loudly_on_bad_files(tmp_path, capsys):
+    state = vmamba_v2_layout(**NANO)
+    del state["layers.1.blocks.0.op.Ds"]
+    broken = tmp_path / "broken.pth"
+    torch.save({"model": state}, broken)
+    result = zoo.check_file(broken, arch="vmamba_nano")
+    assert not result.ok and result.missing == ["layers.1.blocks.0.op.Ds"]
+    assert zoo.main(["verify", "--file", str(broken), "--arch", "vmamba_nano"]) == 1
+    assert "FAILED: 1 missing keys: layers.1.blocks.0.op.Ds" in capsys.readouterr().out
+
+    unknown = tmp_path / "unknown.pth"
+    torch.save({"weights": {"a": torch.zeros(1)}, "step": 3}, unknown)
+    with pytest.raises(zoo.ZooError, match=rf"{unknown}: unknown checkpoint layout \(top-level keys: \['step', "
+                                           r"'weights'\]\)"):
+        zoo.check_file(unknown)
+    assert zoo.main(["verify", "--file", str(unknown)]) == 2
+    assert "unknown checkpoint layout" in capsys.readouterr().err

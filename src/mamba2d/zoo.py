@@ -46,9 +46,10 @@ from safetensors.torch import load_file, save_file
 from .resources import resource_dir
 
 __all__ = [
-    "CheckpointMismatch", "Entry", "ZooError", "ZooFileMissing", "ZooHashMismatch", "check_state_dict",
-    "convert_mmengine_dense", "convert_vmamba_classification", "export", "fetch", "get", "home", "list", "load",
-    "load_into", "load_state_dict", "load_weights", "read_checkpoint", "read_model_weights", "verify",
+    "CheckpointMismatch", "Entry", "FileCheck", "ZooError", "ZooFileMissing", "ZooHashMismatch", "check_file",
+    "check_state_dict", "convert_mmengine_dense", "convert_vmamba_classification", "detect_layout", "export", "fetch",
+    "get", "home", "infer_backbone_arch", "list", "load", "load_into", "load_state_dict", "load_weights",
+    "read_checkpoint", "read_model_weights", "verify",
 ]
 
 logger = logging.getLogger(__name__)
@@ -374,25 +375,57 @@ def convert(entry: Entry, checkpoint: Mapping[str, Any]) -> dict[str, torch.Tens
     return _tensor_dict(checkpoint, entry.name)
 
 
+def detect_layout(checkpoint: Mapping[str, Any], source: str) -> str:
+    """The layout of a checkpoint read by `read_checkpoint`, from its keys; ZooError naming the file and its
+    top-level keys for a layout the zoo does not know.
+
+    `vmamba-classification`: a mapping under `model`. `mmengine-dense`: `state_dict` with `backbone.*` keys.
+    `lightning`: `state_dict` with `model.*` keys (a mamba2d task's checkpoint). `mamba2d`: a plain state dict.
+    """
+    if isinstance(checkpoint.get("model"), Mapping):
+        return "vmamba-classification"
+    state = checkpoint.get("state_dict")
+    if isinstance(state, Mapping):
+        for prefix, layout in (("backbone.", "mmengine-dense"), ("model.", "lightning")):
+            if any(str(k).startswith(prefix) for k in state):
+                return layout
+    elif checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return "mamba2d"
+    keys = sorted(map(str, checkpoint))
+    raise ZooError(
+        f"{source}: unknown checkpoint layout (top-level keys: {keys[:10]}{' ...' if len(keys) > 10 else ''}). "
+        "Known: a VMamba classification checkpoint ({'model': state_dict}), an mmengine dense checkpoint "
+        "({'state_dict': {'backbone.*', ...}}), a mamba2d Lightning checkpoint ({'state_dict': {'model.*', ...}}) "
+        "or a plain state dict of tensors"
+    )
+
+
+def _split_weights(checkpoint: Mapping[str, Any], layout: str, source: str
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(model weights, other tensors that are not the model's) of a checkpoint in `layout`."""
+    if layout == "vmamba-classification":
+        return convert_vmamba_classification(checkpoint), {}
+    if layout in ("mmengine-dense", "lightning"):
+        return convert_mmengine_dense(checkpoint, prefix="backbone." if layout == "mmengine-dense" else "model.")
+    return _tensor_dict(checkpoint, source), {}
+
+
 def read_model_weights(path: Path | str) -> dict[str, torch.Tensor]:
     """Our model's state dict from a checkpoint in any layout the zoo knows, detected from its keys.
 
     Plain state dict or safetensors (`mamba2d`); VMamba classification (`model`); mmengine dense (`state_dict` with
     `backbone.*`, heads reported); a Lightning checkpoint of a mamba2d task (`state_dict` with `model.*`, the
     task's other tensors such as EMA copies reported).
+
+    Args:
+        path: The checkpoint file.
     """
     checkpoint = read_checkpoint(path)
-    if isinstance(checkpoint.get("model"), Mapping):
-        return convert_vmamba_classification(checkpoint)
-    state = checkpoint.get("state_dict")
-    if isinstance(state, Mapping):
-        prefix = "backbone." if any(k.startswith("backbone.") for k in state) else "model."
-        weights, others = convert_mmengine_dense(checkpoint, prefix=prefix)
-        if others:
-            logger.warning("%s: %d tensors outside %r (%s) are not model weights and are not loaded", path,
-                           len(others), prefix, ", ".join(sorted({k.split(".", 1)[0] for k in others})))
-        return weights
-    return _tensor_dict(checkpoint, str(path))
+    weights, others = _split_weights(checkpoint, detect_layout(checkpoint, str(path)), str(path))
+    if others:
+        logger.warning("%s: %d tensors that are not model weights (%s) are not loaded", path, len(others),
+                       ", ".join(sorted({k.split(".", 1)[0] for k in others})))
+    return weights
 
 
 def load_state_dict(name: str) -> dict[str, torch.Tensor]:
@@ -401,10 +434,9 @@ def load_state_dict(name: str) -> dict[str, torch.Tensor]:
     return convert(entry, read_checkpoint(fetch(name)))
 
 
-def check_state_dict(
-    model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, missing_ok: Iterable[str] = ()
-) -> None:
-    """Raise CheckpointMismatch naming every missing, unexpected and wrongly shaped key (no partial loads)."""
+def _mismatches(model: nn.Module, state_dict: Mapping[str, torch.Tensor], missing_ok: Iterable[str] = ()
+                ) -> tuple[list[str], list[str], list[str]]:
+    """(missing keys, unexpected keys, shape mismatches) of `state_dict` against `model`."""
     expected = model.state_dict()
     missing_ok = set(missing_ok)
     missing = [k for k in expected if k not in state_dict and k not in missing_ok]
@@ -413,11 +445,26 @@ def check_state_dict(
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
         for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)
     ]
-    problems = [
-        f"{len(items)} {what}: {', '.join(items[:12])}{' ...' if len(items) > 12 else ''}"
-        for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
-        if items
-    ]
+    return missing, unexpected, shapes
+
+
+def _listing(what: str, items: list[str], limit: int = 12) -> str:
+    return f"{len(items)} {what}: {', '.join(items[:limit])}{' ...' if len(items) > limit else ''}"
+
+
+def check_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, missing_ok: Iterable[str] = ()
+) -> None:
+    """Raise CheckpointMismatch naming every missing, unexpected and wrongly shaped key (no partial loads).
+
+    Args:
+        model: The model to load into.
+        state_dict: The weights.
+        source: What the weights are, for the message (a file, a zoo entry).
+        missing_ok: Model keys the weights may lack.
+    """
+    found = zip(("missing keys", "unexpected keys", "shape mismatches"), _mismatches(model, state_dict, missing_ok))
+    problems = [_listing(what, items) for what, items in found if items]
     if problems:
         raise CheckpointMismatch(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
 
@@ -461,6 +508,135 @@ def load(name: str, arch: str | None = None, **kwargs) -> nn.Module:
     else:
         model = timm.create_model(arch or entry.arch, **{**entry.kwargs, **kwargs})
     return load_weights(model, name).eval()
+
+
+def _entry_for_file(path: Path, sha256: str) -> Entry | None:
+    """The manifest entry whose sha256 (else file name) is this file's."""
+    entries = _entries().values()
+    return next((e for e in entries if e.sha256 == sha256), None) or next(
+        (e for e in entries if e.filename == path.name), None)
+
+
+def infer_backbone_arch(state_dict: Mapping[str, torch.Tensor], source: str) -> str:
+    """`vmamba_<size>` whose dims, depths and SS2D width a VSSM state dict has (the scan, 1D or 2D, leaves no trace
+    in the weights: the same file loads into `vmamba2d_<size>`)."""
+    from .models.vmamba import MODEL_SIZES
+
+    if "patch_embed.5.weight" not in state_dict:
+        raise ZooError(f"{source}: not a VMamba / 2DVMamba backbone (no patch_embed.5.weight); pass the arch")
+    depths = []
+    while any(k.startswith(f"layers.{len(depths)}.blocks.") for k in state_dict):
+        i = len(depths)
+        depths.append(len({k.split(".")[3] for k in state_dict if k.startswith(f"layers.{i}.blocks.")}))
+    dim = state_dict["patch_embed.5.weight"].shape[0]
+    inner = state_dict["layers.0.blocks.0.op.in_proj.weight"].shape[0] if depths else 0
+    for size, cfg in MODEL_SIZES.items():
+        if (cfg["dims"], tuple(cfg["depths"]), cfg["ssm_ratio"]) == (dim, tuple(depths), inner / dim):
+            return f"vmamba_{size}"
+    raise ZooError(f"{source}: a VSSM with dims[0]={dim}, depths={tuple(depths)}, SS2D width {inner} matches no "
+                   f"registered size ({', '.join(MODEL_SIZES)}); pass the arch")
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """What `check_file` found: the file's identity, how it loads and what to compare its model with."""
+
+    path: Path
+    sha256: str
+    layout: str
+    arch: str
+    entry: Entry | None
+    missing: list[str]
+    unexpected: list[str]
+    shapes: list[str]
+    not_loaded: list[str]
+    norm_eps: list[float]
+
+    @property
+    def hash_ok(self) -> bool:
+        return self.entry is None or not self.entry.sha256 or self.entry.sha256 == self.sha256
+
+    @property
+    def ok(self) -> bool:
+        return self.hash_ok and not (self.missing or self.unexpected or self.shapes)
+
+    def describe(self) -> str:
+        entry = self.entry
+        if entry is None:
+            identity = "not in the zoo's manifest"
+        elif not entry.sha256:
+            identity = f"file of zoo entry {entry.name} ({UNVERIFIED}: confirm this hash with the publisher)"
+        else:
+            identity = f"zoo entry {entry.name}: " + ("matches the manifest" if self.hash_ok else
+                                                      f"DIFFERS from the manifest's {entry.sha256}")
+        loads = [_listing(what, items) for what, items in (
+            ("missing keys", self.missing), ("unexpected keys", self.unexpected), ("shape mismatches", self.shapes))
+            if items]
+        metrics = {k: v for k, v in entry.metrics.items() if k != "data"} if entry else {}
+        compare = (f"{', '.join(f'{k} {v}' for k, v in metrics.items())} on {entry.metrics.get('data', '?')}"
+                   if metrics else "nothing published in the manifest")
+        lines = [
+            f"file        {self.path}",
+            f"sha256      {self.sha256} ({identity})",
+            f"layout      {self.layout}",
+            f"model       {self.arch}",
+            "strict load " + ("OK: every key and shape matches" if not loads else "FAILED: " + "; ".join(loads)),
+        ]
+        if self.not_loaded:
+            lines.append(f"not loaded  {_listing('tensors outside the model (heads, EMA copies, ...)', self.not_loaded, 6)}")
+        lines += [
+            f"norm eps    {', '.join(f'{e:g}' for e in self.norm_eps) or 'no normalisation layers'}",
+            f"compare     {compare}",
+            f"result      {'OK' if self.ok else 'FAILED'}",
+        ]
+        return "\n".join(lines)
+
+
+def check_file(path: Path | str, arch: str | None = None) -> FileCheck:
+    """Converter self-check of a checkpoint file, e.g. an official one just downloaded.
+
+    Detects the layout (ZooError on one the zoo does not know), converts it, builds the model (the zoo entry's arch
+    and kwargs when the file is an entry's, else `arch`, else the VMamba size its shapes give) and loads it
+    strictly, and reports the sha256 against the manifest, every missing / unexpected / wrongly shaped key, the
+    tensors left out, the eps of the model's norms and the published metrics to compare an evaluation with.
+
+    Args:
+        path: The checkpoint file (safetensors or a torch checkpoint, read without unpickling code).
+        arch: The architecture to load into; overrides the manifest's (e.g. `vmamba2d_tiny` for a VMamba file).
+    """
+    import timm
+
+    from . import models  # noqa: F401  (registers the backbones with timm)
+    from .models.mil import MIL_MODELS, create_mil_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise ZooError(f"{path}: no such file")
+    sha256 = sha256sum(path)
+    entry = _entry_for_file(path, sha256)
+    checkpoint = read_checkpoint(path)
+    layout = detect_layout(checkpoint, str(path))
+    state, others = _split_weights(checkpoint, layout, str(path))
+    dense = any(k.startswith("outnorm") for k in state)
+    arch = arch or (entry.arch if entry else infer_backbone_arch(state, str(path)))
+    kwargs = dict(entry.kwargs) if entry else {}
+    missing_ok = entry.missing_ok if entry else ()
+    if arch in MIL_MODELS:
+        if not entry:
+            raise ZooError(f"{path}: a MIL model's kwargs are not in the file; check it as a zoo entry")
+        model = create_mil_model(arch, **kwargs)
+    else:
+        if not entry:
+            head = state.get("classifier.head.weight")
+            kwargs = {"features_only": True} if dense else {"num_classes": head.shape[0] if head is not None else 0}
+            missing_ok = ("classifier.norm.weight", "classifier.norm.bias") if dense else ()
+        model = timm.create_model(arch, **kwargs)
+    target = model.model if kwargs.get("features_only") else model
+    missing, unexpected, shapes = _mismatches(target, state, missing_ok)
+    if not (missing or unexpected or shapes):
+        target.load_state_dict(state, strict=not missing_ok)
+    norm_eps = sorted({float(m.eps) for m in model.modules() if isinstance(getattr(m, "eps", None), float)})
+    return FileCheck(path, sha256, layout, arch, entry, missing, unexpected, shapes, sorted(others), norm_eps)
 
 
 def timm_pretrained_cfg(variant: str, requested: Any = None, overlay: Mapping[str, Any] | None = None) -> Any:
@@ -519,11 +695,14 @@ def main(argv: Iterable[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="list entries")
     p_list.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'vmamba2d_*'")
-    for command, text in (("info", "show an entry"), ("fetch", "download an entry into the cache and verify it"),
-                          ("verify", "check local files against the manifest's sha256")):
-        p = sub.add_parser(command, help=text)
-        p.add_argument("names", nargs="*" if command == "verify" else "+",
-                       help="entry names" + (" (default: all)" if command == "verify" else ""))
+    for command, text in (("info", "show an entry"), ("fetch", "download an entry into the cache and verify it")):
+        sub.add_parser(command, help=text).add_argument("names", nargs="+", help="entry names")
+    p_verify = sub.add_parser(
+        "verify", help="check local files: sha256 against the manifest, then the converter self-check (strict load, "
+        "norm eps, the published metrics to compare with)")
+    p_verify.add_argument("names", nargs="*", help="entry names (default: every entry whose file is present)")
+    p_verify.add_argument("--file", type=Path, help="a checkpoint file to check instead, e.g. a downloaded official one")
+    p_verify.add_argument("--arch", help="architecture to load the file into (default: the entry's, else inferred)")
     args = parser.parse_args(None if argv is None else [*argv])
 
     if args.command == "list":
@@ -540,10 +719,30 @@ def main(argv: Iterable[str] | None = None) -> int:
         for n in args.names:
             print(f"{n}: {fetch(n)}")
         return 0
-    results = [verify(n) for n in (args.names or list())]
-    for result in results:
-        print(result.describe())
-    return 0 if all(r.ok or (r.present and r.expected is None) for r in results) else 1
+    return _verify_command(args.names, args.file, args.arch)
+
+
+def _verify_command(names: Iterable[str], file: Path | None, arch: str | None) -> int:
+    """`mamba2d-zoo verify`: 0 when every check passes, 1 when one fails, 2 on a file the zoo cannot read."""
+    try:
+        if file is not None:
+            result = check_file(file, arch)
+            print(result.describe())
+            return 0 if result.ok else 1
+        ok = True
+        for name in names or [n for n in list() if local_path(get(n)).exists()]:
+            hashed = verify(name)
+            if not hashed.present or (hashed.expected and not hashed.ok):
+                print(hashed.describe())
+                ok = False
+                continue
+            result = check_file(hashed.path, arch)
+            print(f"{name}\n{result.describe()}\n")
+            ok = ok and result.ok
+        return 0 if ok else 1
+    except ZooError as exc:
+        print(f"mamba2d-zoo verify: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
