@@ -10,11 +10,12 @@ def test_cpu_throughput_table(capsys):
     assert lines[1] == throughput.HEADER
     rows = lines[2:]
     assert [(r.split()[1], r.split()[2]) for r in rows] == [
-        ("inference", "fp32"), ("inference", "amp"), ("training", "fp32"), ("training", "amp")]
+        ("inference", "fp32"), ("inference", "fp16"), ("training", "fp32"), ("training", "fp16")]
     for row in rows:
-        images_per_s, peak_mb = float(row.split()[5]), float(row.split()[6])
-        assert images_per_s > 0 and peak_mb > 0
+        images_per_s, peak_gb = float(row.split()[5]), float(row.split()[6])
+        assert images_per_s > 0 and 0.01 < peak_gb < 100  # GB = 10^9 bytes: a small CPU process
         assert row.endswith("process peak RSS")
+    assert "fp32 = float32 (TF32 off)" in lines[0] and "GB = 10^9 bytes" in lines[0]
 
 
 def test_bf16_precision_is_selectable(capsys):

@@ -60,7 +60,7 @@ summarize
 
 budget_left 330 && recipe recipe_vmamba_1gpu vmamba 1 128 2
 budget_left 390 && python3 -m mamba2d.analysis.throughput vmamba2d_tiny vmamba_tiny --batch 128 --modes inference \
-  --precisions fp32 amp --warmup 10 --iters 10 2>&1 | tail -8 | tee "$OUT/throughput.txt"
+  --precisions fp32 fp16 --warmup 10 --iters 10 2>&1 | tail -8 | tee "$OUT/throughput.txt"
 
 summarize; cat "$OUT/summary.txt"
 tar czf "$OUT/logs.tgz" -C "$WORK" runs $(cd "$WORK" && ls *.log)

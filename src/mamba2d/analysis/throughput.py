@@ -1,13 +1,14 @@
-"""Inference and training throughput (images/s) and peak memory, fp32 and AMP, following VMamba's protocol.
+"""Inference and training throughput (images/s) and peak memory per precision, following VMamba's protocol.
 
 Protocol: `warmup` untimed iterations (default 50), then `iters` timed iterations (default 30) on a random batch,
 with the device synchronised before and after the timed loop; throughput = iters * batch / seconds. Inference runs
 the forward pass under `torch.inference_mode`; training runs forward, cross-entropy and backward (no optimiser
-step, as VMamba's train throughput excludes the optimiser). AMP is float16 autocast on CUDA and bfloat16 on CPU.
-Peak memory is `torch.cuda.max_memory_allocated` on CUDA; on CPU it is the process's peak resident set size
-(`ru_maxrss`), a whole-process upper bound, and is labelled so.
+step, as VMamba's train throughput excludes the optimiser). Precisions: `fp32` (float32; TF32 matmuls and
+convolutions only with `--tf32`, as VMamba's protocol), `fp16` (float16 autocast, what upstream calls AMP) and
+`bf16` (bfloat16 autocast). Peak memory is printed in GB (10^9 bytes): `torch.cuda.max_memory_allocated` on CUDA;
+on CPU the process's peak resident set size (`ru_maxrss`), a whole-process upper bound, labelled so.
 
-    mamba2d-throughput vmamba2d_tiny vmamba_tiny --batch 128 --size 224
+    mamba2d-throughput vmamba2d_tiny vmamba_tiny --batch 128 --size 224 --tf32 --precisions fp32 fp16 bf16
 """
 
 from __future__ import annotations
@@ -25,28 +26,41 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MODES = ("inference", "training")
-PRECISIONS = ("fp32", "amp")
-#: Also accepted: "bf16", bfloat16 autocast on any device.
-EXTRA_PRECISIONS = ("bf16",)
+#: Name -> autocast dtype (None: no autocast).
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass
 class Measurement:
+    """One (model, mode, precision) result.
+
+    Args:
+        model: timm name.
+        mode: "inference" or "training".
+        precision: A key of PRECISIONS.
+        batch: Images per step.
+        size: Image side in pixels.
+        images_per_s: Throughput.
+        peak_memory_gb: Peak memory in GB (10^9 bytes).
+        memory_kind: "cuda allocated" or "process peak RSS".
+    """
+
     model: str
     mode: str
     precision: str
     batch: int
     size: int
     images_per_s: float
-    peak_memory_mb: float
-    memory_kind: str  # "cuda allocated" or "process peak RSS"
+    peak_memory_gb: float
+    memory_kind: str
 
     def row(self) -> str:
         return (f"{self.model:<20}{self.mode:<11}{self.precision:<6}{self.batch:>6}{self.size:>6}"
-                f"{self.images_per_s:>12.1f}{self.peak_memory_mb:>12.0f}  {self.memory_kind}")
+                f"{self.images_per_s:>12.1f}{self.peak_memory_gb:>10.2f}  {self.memory_kind}")
 
 
-HEADER = f"{'model':<20}{'mode':<11}{'prec':<6}{'batch':>6}{'size':>6}{'images/s':>12}{'peak MB':>12}  memory"
+HEADER = f"{'model':<20}{'mode':<11}{'prec':<6}{'batch':>6}{'size':>6}{'images/s':>12}{'peak GB':>10}  memory"
 
 
 def _sync(device: torch.device) -> None:
@@ -55,27 +69,36 @@ def _sync(device: torch.device) -> None:
 
 
 def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+    dtype = PRECISIONS[precision]
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
-def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
+def _peak_memory_gb(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda allocated"
+        return torch.cuda.max_memory_allocated(device) / 1e9, "cuda allocated"
     # ru_maxrss is in KiB on Linux and bytes on macOS.
     scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, "process peak RSS"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9, "process peak RSS"
 
 
 def measure(model: nn.Module, name: str, mode: str, precision: str, batch: int, size: int,
             device: torch.device, warmup: int = 50, iters: int = 30, in_chans: int = 3) -> Measurement:
-    """Images/s and peak memory of `model` for one (mode, precision) setting."""
-    precisions = PRECISIONS + EXTRA_PRECISIONS
-    if mode not in MODES or precision not in precisions:
-        raise ValueError(f"measure: mode must be one of {MODES} and precision one of {precisions}, "
+    """Images/s and peak memory of `model` for one (mode, precision) setting.
+
+    Args:
+        model: The model (moved to `device`).
+        name: Its name in the result.
+        mode: "inference" or "training".
+        precision: "fp32", "fp16" or "bf16".
+        batch: Images per step.
+        size: Image side in pixels.
+        device: Where to run.
+        warmup: Untimed steps.
+        iters: Timed steps.
+        in_chans: Image channels.
+    """
+    if mode not in MODES or precision not in PRECISIONS:
+        raise ValueError(f"measure: mode must be one of {MODES} and precision one of {tuple(PRECISIONS)}, "
                          f"got {mode!r}, {precision!r}")
     model = model.to(device)
     x = torch.randn(batch, in_chans, size, size, device=device)
@@ -105,13 +128,24 @@ def measure(model: nn.Module, name: str, mode: str, precision: str, batch: int, 
         step()
     _sync(device)
     seconds = time.perf_counter() - start
-    memory, kind = _peak_memory_mb(device)
+    memory, kind = _peak_memory_gb(device)
     return Measurement(name, mode, precision, batch, size, iters * batch / seconds, memory, kind)
 
 
 def run(names: Sequence[str], batch: int, size: int, device: torch.device, modes: Sequence[str] = MODES,
-        precisions: Sequence[str] = PRECISIONS, warmup: int = 50, iters: int = 30) -> list[Measurement]:
-    """Measure every model (timm names, random weights: speed does not depend on them) in every setting."""
+        precisions: Sequence[str] = DEFAULT_PRECISIONS, warmup: int = 50, iters: int = 30) -> list[Measurement]:
+    """Measure every model (timm names, random weights: speed does not depend on them) in every setting.
+
+    Args:
+        names: timm model names.
+        batch: Images per step.
+        size: Image side in pixels.
+        device: Where to run.
+        modes: Subset of MODES.
+        precisions: Keys of PRECISIONS.
+        warmup: Untimed steps per setting.
+        iters: Timed steps per setting.
+    """
     import timm
 
     import mamba2d  # noqa: F401  (registers the backbones with timm)
@@ -128,16 +162,17 @@ def run(names: Sequence[str], batch: int, size: int, device: torch.device, modes
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mamba2d-throughput",
-        description="Inference and training (forward + backward) images/s and peak memory, fp32 and AMP, with "
-        "VMamba's protocol (50 warm-up, 30 timed iterations).",
+        description="Inference and training (forward + backward) images/s and peak memory (GB = 10^9 bytes) per "
+        "precision, with VMamba's protocol (50 warm-up, 30 timed iterations).",
     )
     parser.add_argument("models", nargs="+", help="timm model names, e.g. vmamba2d_tiny vmamba_tiny")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS + EXTRA_PRECISIONS, default=list(PRECISIONS),
-                        help="fp32, amp (float16 autocast on CUDA, as VMamba's numbers), bf16 (bfloat16 autocast)")
+    parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(DEFAULT_PRECISIONS),
+                        help="fp32 (float32), fp16 (float16 autocast: upstream's AMP figures), bf16 (bfloat16 "
+                        "autocast)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (VMamba's protocol runs with TF32 on)")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--iters", type=int, default=30)
@@ -152,7 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     results = run(args.models, args.batch, args.size, device, args.modes, args.precisions, args.warmup, args.iters)
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device: {label}; warm-up {args.warmup}, timed {args.iters} iterations")
+    tf32 = "on" if args.tf32 else "off"
+    print(f"device: {label}; warm-up {args.warmup}, timed {args.iters} iterations; precision: fp32 = float32 "
+          f"(TF32 {tf32}), fp16 / bf16 = float16 / bfloat16 autocast; peak GB = 10^9 bytes")
     print(HEADER)
     for r in results:
         print(r.row())
