@@ -1,4 +1,4 @@
-// 2D selective scan (DESIGN.md §2): forward and backward kernels.
+// 2D selective scan (contract: docs/scan.md): forward and backward kernels.
 //
 // Work split: one block = CH channels ("slots") of one (batch, group); one thread = K consecutive columns of a slot's
 // tile; each thread keeps a band of R rows x K columns in registers (template arguments R, K, and LAYOUT: how a

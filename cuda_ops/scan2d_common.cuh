@@ -1,4 +1,4 @@
-// Shared helpers of the 2D selective scan kernels (DESIGN.md §2).
+// Shared helpers of the 2D selective scan kernels (contract: docs/scan.md).
 //
 // Compiled by NVRTC at run time (through CuPy) and by nvcc in CI; no CUDA header is included, so the same text
 // builds anywhere. The launcher in src/mamba2d/ops/cuda_build.py splices this file into scan2d.cu in place of its

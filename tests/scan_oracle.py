@@ -1,4 +1,4 @@
-"""An independent, obviously correct 2D selective scan for the tests: a plain loop over pixels, per DESIGN.md §2.
+"""An independent, obviously correct 2D selective scan for the tests: a plain loop over pixels, per docs/scan.md.
 
 Directions are walked with explicit row/column orders (not with the flips/transposes the library uses).
 Vectorised only over (batch, channel, state). Lists of tensors keep autograd happy without in-place writes.

@@ -1,4 +1,4 @@
-"""GPU tests of the CUDA 2D selective scan against the float64 reference (DESIGN.md §2, issue 3).
+"""GPU tests of the CUDA 2D selective scan against the float64 reference (contract: docs/scan.md).
 
 Run with `pytest -m gpu`; skipped without a CUDA device or CuPy. Every launch has its outputs and scratch poisoned
 with NaN first, inputs are fresh random draws, and errors are ||out - ref|| / ||ref|| against the reference in

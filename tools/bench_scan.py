@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark the CUDA 2D selective scan (issue 3): fwd and fwd+bwd times, effective bandwidth, memory-floor ratio.
+"""Benchmark the CUDA 2D selective scan: fwd and fwd+bwd times, effective bandwidth, memory-floor ratio.
 
 The memory floor is the bytes that must move once (inputs read + outputs written) over the device-to-device copy
 bandwidth measured in the same run (bytes read + written). Timing: CUDA events, warm-up, median of many runs; "fwd

@@ -1,4 +1,4 @@
-"""The 2D selective scan contract (DESIGN.md §2): direction names and input checks shared by every backend."""
+"""The 2D selective scan contract (docs/scan.md): direction names and input checks shared by every backend."""
 
 from __future__ import annotations
 

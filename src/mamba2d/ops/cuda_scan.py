@@ -374,7 +374,7 @@ def selective_scan_2d_cuda(
     direction: str | Sequence[str] = "tl_hv",
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The 2D selective scan of DESIGN.md §2 on the CUDA kernels (same signature and errors as the reference).
+    """The 2D selective scan (docs/scan.md) on the CUDA kernels (same signature and errors as the reference).
 
     Under CUDA autocast, u, delta, B, C and z are cast to the autocast dtype (A, D, delta_bias stay float32) and the
     output has that dtype unless `out_dtype` says otherwise.

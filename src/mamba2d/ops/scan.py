@@ -35,7 +35,7 @@ def selective_scan_2d(
     out_dtype: torch.dtype | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """2D selective scan of DESIGN.md §2.
+    """2D selective scan (the contract: docs/scan.md).
 
     u, delta, z: (batch, dim, H, W); A: (dim, N) float32; B, C: (batch, G, N, H, W); D, delta_bias: (dim,) float32.
     `direction` is one of `{tl,tr,bl,br}_{hv,vh}` or one name per group. Returns (batch, dim, H, W) in `out_dtype`
