@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dense_data import make_ade20k
 from PIL import Image
 from torchvision import tv_tensors
 
-from dense_data import make_ade20k
 from mamba2d.cli import build_cli
 from mamba2d.data.ade20k import ADE20KDataset, SegmentationTrainTransform, read_label_png
 from mamba2d.models.upernet import UperNet
@@ -148,7 +148,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def test_overfits_simple_shapes_to_miou_090(in_tmp):
     """2DVMamba-nano UperNet learns squares and discs on a wall from 4 images (no augmentation) to mIoU >= 0.9.
-    100 steps: mmseg's classifier initialisation (std 0.01) starts the logits near zero (60 steps reached 0.71)."""
+    200 steps: mmseg's classifier initialisation (std 0.01) starts the logits near zero; at 100 steps the result
+    depended on the random initialisation (seeds 0-2: 0.84, 0.64, 0.87), at 200 it is 0.94-0.96 for each."""
     root = make_ade20k(in_tmp, n_train=4, n_val=4, size=64, same_val_as_train=True)
     cli = build_cli([
         "fit", "--config", str(CONFIGS / "ade20k_upernet_vmamba2d_tiny.yaml"), *small_args(root, crop=64),
@@ -157,13 +158,13 @@ def test_overfits_simple_shapes_to_miou_090(in_tmp):
         "--model.init_args.lr", "2e-3", "--model.init_args.warmup_steps", "10",
         "--data.init_args.scale", "[64,64]", "--data.init_args.ratio_range", "[1.0,1.0]",
         "--data.init_args.photometric", "false", "--data.init_args.batch_size", "4",
-        "--trainer.max_steps", "100", "--trainer.val_check_interval", "null",
-        "--trainer.check_val_every_n_epoch", "100", "--trainer.log_every_n_steps", "10",
+        "--trainer.max_steps", "200", "--trainer.val_check_interval", "null",
+        "--trainer.check_val_every_n_epoch", "200", "--trainer.log_every_n_steps", "10",
     ])
     miou = float(cli.trainer.callback_metrics["val/mIoU"])
     acc = float(cli.trainer.callback_metrics["val/pixel_acc"])
-    print(f"overfit segmentation: mIoU {miou:.3f}, pixel accuracy {acc:.3f} after 100 steps")
-    assert miou >= 0.9, f"mIoU {miou:.3f} after 100 steps"
+    print(f"overfit segmentation: mIoU {miou:.3f}, pixel accuracy {acc:.3f} after 200 steps")
+    assert miou >= 0.9, f"mIoU {miou:.3f} after 200 steps"
     assert acc >= 0.95
     losses = [float(r["train/loss"]) for r in read_metrics(in_tmp / "runs") if r.get("train/loss")]
     assert losses[-1] < 0.5 * losses[0]

@@ -5,6 +5,7 @@ import matplotlib.image
 import numpy as np
 import openslide
 import pytest
+import timm
 import torch
 from conftest import SHARED_DATA
 from mil_helpers import write_table
@@ -38,7 +39,8 @@ def test_real_slide_extract_datamodule_forward_and_heatmap(tmp_path, capsys):
     assert size0 == round(224 * 0.5 / 0.499) and bag.stride == size0 and bag.stride_source == "attrs"
     n = len(bag.features)
     assert n > 0 and bag.features.shape == (n, 512) and torch.isfinite(bag.features).all()
-    assert (bag.coords >= 0).all() and (bag.coords[:, 0] + size0 <= width).all() and (bag.coords[:, 1] + size0 <= height).all()
+    assert (bag.coords >= 0).all()
+    assert (bag.coords[:, 0] + size0 <= width).all() and (bag.coords[:, 1] + size0 <= height).all()
     # White background is excluded: kept tiles are darker than the slide's tiles that were left out.
     grid = [(x, y) for y in range(0, height - size0 + 1, size0) for x in range(0, width - size0 + 1, size0)]
     kept = {tuple(c) for c in bag.coords.tolist()}
@@ -121,3 +123,19 @@ def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         wsi_main([command, "--help"])
     assert info.value.code == 0 and f"mamba2d-wsi {command}" in capsys.readouterr().out
+
+
+def test_patch_encoder_weights_load_through_the_zoo(tmp_path):
+    """--checkpoint takes any layout the zoo reads, loads strictly (classifier included), then drops the head."""
+    from mamba2d import zoo
+    from mamba2d.wsi.extract import load_backbone
+
+    path = zoo.fetch("vmamba2d_nano.digits")
+    embedder = load_backbone("vmamba2d_nano", checkpoint=str(path), device="cpu")
+    assert embedder.dim == 256 and embedder.model.num_classes == 0
+    reference = zoo.load("vmamba2d_nano.digits")
+    torch.testing.assert_close(embedder.model.patch_embed[0].weight, reference.patch_embed[0].weight)
+    other = tmp_path / "other.safetensors"
+    zoo.export(timm.create_model("vmamba_tiny", num_classes=3).state_dict(), other)
+    with pytest.raises(zoo.CheckpointMismatch, match=f"{other} does not fit VSSM: .*shape mismatches"):
+        load_backbone("vmamba2d_nano", checkpoint=str(other), device="cpu")

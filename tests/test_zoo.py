@@ -6,6 +6,7 @@ names and shapes per config), independently of our model code, so a drift betwee
 
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import yaml
 
 import mamba2d  # noqa: F401
 import mamba2d.zoo as zoo
+from mamba2d.zoo.cli import main as zoo_main
 
 K = 4  # VMamba's four scan routes
 
@@ -94,7 +96,7 @@ def test_official_classification_checkpoint_loads_strictly(tmp_path, arch):
     torch.save({"model": state, "optimizer": {"state": {}}, "epoch": 1, "config": Payload(marker)}, path)
 
     converted = zoo.convert_vmamba_classification(zoo.read_checkpoint(path))
-    model = zoo.load_into(timm.create_model(arch), converted, str(path))
+    model = zoo.load_into(timm.create_model(arch, num_classes=1000), converted, str(path))
 
     assert not marker.exists(), "reading the checkpoint executed code"
     loaded = model.state_dict()
@@ -121,7 +123,8 @@ def test_published_vmamba_layouts_match_our_models(size, scan):
 @pytest.mark.parametrize("arch", ["vmamba_nano", "vmamba2d_nano"])
 def test_mmengine_dense_checkpoint_loads_backbone_and_reports_heads(tmp_path, arch, caplog):
     backbone = vmamba_v2_layout(**NANO, dense=True)
-    heads = {"decode_head.conv_seg.weight": torch.randn(150, 32, 1, 1), "auxiliary_head.conv_seg.bias": torch.zeros(150)}
+    heads = {"decode_head.conv_seg.weight": torch.randn(150, 32, 1, 1),
+             "auxiliary_head.conv_seg.bias": torch.zeros(150)}
     path = tmp_path / "upernet.pth"
     torch.save({"meta": {"epoch": 12, "config": "model = dict(...)"},
                 "state_dict": {**{"backbone." + k: v for k, v in backbone.items()}, **heads}}, path)
@@ -168,15 +171,16 @@ def test_converter_errors_name_what_is_there():
 
 @pytest.fixture
 def private_zoo(tmp_path, monkeypatch):
-    """A zoo directory of our own (manifest + files) and an empty offline cache home."""
+    """A manifest of our own (with its files beside it) and an empty offline cache home."""
     zoo_dir, home = tmp_path / "zoo", tmp_path / "home"
     zoo_dir.mkdir()
-    monkeypatch.setattr(zoo, "zoo_dir", lambda: zoo_dir)
     monkeypatch.setenv(zoo.HOME_ENV, str(home))
     monkeypatch.setenv(zoo.OFFLINE_ENV, "1")
+    path = zoo_dir / "manifest.yaml"
 
-    def write(entries):
-        (zoo_dir / "manifest.yaml").write_text(yaml.safe_dump({"entries": entries}, sort_keys=False))
+    def write(entries) -> zoo.Manifest:
+        path.write_text(yaml.safe_dump({"entries": entries}, sort_keys=False))
+        return zoo.Manifest.read(path)
 
     return zoo_dir, home, write
 
@@ -191,26 +195,27 @@ def test_sha256_is_checked_on_load(private_zoo):
     model = timm.create_model("vmamba_nano", num_classes=10)
     sha, size = zoo.export(model.state_dict(), zoo_dir / "good.safetensors")
     (zoo_dir / "bad.safetensors").write_bytes((zoo_dir / "good.safetensors").read_bytes())
-    write([_entry("vmamba_nano.good", file="good.safetensors", sha256=sha, size=size),
-           _entry("vmamba_nano.bad", file="bad.safetensors", sha256="0" * 64, size=size)])
+    manifest = write([_entry("vmamba_nano.good", file="good.safetensors", sha256=sha, size=size),
+                      _entry("vmamba_nano.bad", file="bad.safetensors", sha256="0" * 64, size=size)])
 
-    loaded = zoo.load("vmamba_nano.good")
+    loaded = zoo.load("vmamba_nano.good", manifest=manifest)
     torch.testing.assert_close(loaded.state_dict(), model.state_dict())
-    assert zoo.verify("vmamba_nano.good").ok
+    assert zoo.verify("vmamba_nano.good", manifest=manifest).ok
     with pytest.raises(zoo.ZooHashMismatch) as err:
-        zoo.load("vmamba_nano.bad")
+        zoo.load("vmamba_nano.bad", manifest=manifest)
     assert f"sha256 of {zoo_dir / 'bad.safetensors'} is {sha} but the manifest says {'0' * 64}" in str(err.value)
     assert "reinstall mamba2d" in str(err.value)
-    assert zoo.main(["verify"]) == 1
+    assert zoo_main(["--manifest", str(manifest.path), "verify"]) == 1
 
 
 def test_offline_download_says_what_to_get_and_where(private_zoo):
     _, home, write = private_zoo
     url = "https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls/vssm1_tiny_0230s_ckpt_epoch_264.pth"
-    write([_entry("vmamba_nano.in1k", url=url, status=zoo.UNVERIFIED, layout="vmamba-classification", kwargs={})])
+    manifest = write([_entry("vmamba_nano.in1k", url=url, status=zoo.UNVERIFIED, layout="vmamba-classification",
+                             kwargs={"num_classes": 1000})])
     target = home / "checkpoints" / "vssm1_tiny_0230s_ckpt_epoch_264.pth"
     with pytest.raises(zoo.ZooFileMissing) as err:
-        zoo.load("vmamba_nano.in1k")
+        zoo.load("vmamba_nano.in1k", manifest=manifest)
     assert f"download {url}" in str(err.value) and f"save it as {target}" in str(err.value)
 
     # Once the file is where the message says, the unverified entry loads, and the warning gives its sha256.
@@ -218,22 +223,20 @@ def test_offline_download_says_what_to_get_and_where(private_zoo):
     target.parent.mkdir(parents=True)
     torch.save({"model": state, "epoch": 264}, target)
     with pytest.warns(UserWarning, match=f"sha256 not yet verified.*{zoo.sha256sum(target)}"):
-        model = zoo.load("vmamba_nano.in1k")
+        model = zoo.load("vmamba_nano.in1k", manifest=manifest)
     torch.testing.assert_close(model.state_dict()["layers.3.blocks.0.op.Ds"], state["layers.3.blocks.0.op.Ds"])
     # The same weights, with the 2D scan: one layout serves both.
     with pytest.warns(UserWarning):
-        model_2d = zoo.load("vmamba_nano.in1k", arch="vmamba2d_nano")
+        model_2d = zoo.load("vmamba_nano.in1k", arch="vmamba2d_nano", manifest=manifest)
     assert model_2d.scan == "2d"
 
 
 def test_manifest_is_validated(private_zoo):
     _, _, write = private_zoo
-    write([_entry("vmamba_nano.nohash", file="x.safetensors")])
     with pytest.raises(zoo.ZooError, match="has no sha256; give one or mark it status: 'sha256 not yet verified'"):
-        zoo.list()
-    write([_entry("vmamba_nano.x", file="x.safetensors", sha256="0" * 64, provenance="downloaded somewhere")])
+        write([_entry("vmamba_nano.nohash", file="x.safetensors")])
     with pytest.raises(zoo.ZooError, match="provenance 'downloaded somewhere' is not one of"):
-        zoo.list()
+        write([_entry("vmamba_nano.x", file="x.safetensors", sha256="0" * 64, provenance="downloaded somewhere")])
 
 
 def test_the_shipped_manifest_lists_every_entry(capsys):
@@ -241,7 +244,7 @@ def test_the_shipped_manifest_lists_every_entry(capsys):
     for name in ("vmamba_tiny.in1k", "vmamba_small.in1k", "vmamba_base.in1k", "vmamba_tiny.upernet_ade20k",
                  "vmamba_tiny.maskrcnn_coco_1x", "vmamba2d_nano.digits", "vmamba_nano.digits"):
         assert name in names
-    assert zoo.main(["list"]) == 0
+    assert zoo_main(["list"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in names)
     for name in names:  # every official entry without a hash says so
@@ -254,7 +257,7 @@ def test_the_shipped_manifest_lists_every_entry(capsys):
 def test_home_defaults_to_the_user_cache(monkeypatch):
     monkeypatch.delenv(zoo.HOME_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere/cache")
-    if os.name == "posix" and not zoo.sys.platform == "darwin":
+    if os.name == "posix" and sys.platform != "darwin":
         assert zoo.home() == Path("/somewhere/cache/mamba2d")
     monkeypatch.setenv(zoo.HOME_ENV, "/data/m2d")
     assert zoo.home() == Path("/data/m2d")
@@ -265,24 +268,25 @@ def test_verify_checks_a_downloaded_official_file(private_zoo, capsys):
     norm eps, and the published metric to compare an evaluation with."""
     _, home, write = private_zoo
     url = "https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls/vssm_nano_ckpt_epoch_1.pth"
-    write([_entry("vmamba_nano.in1k", url=url, status=zoo.UNVERIFIED, layout="vmamba-classification",
-                  provenance="official", kwargs={}, metrics={"top1": 12.3, "data": "ImageNet-1K val"})])
+    manifest = write([_entry("vmamba_nano.in1k", url=url, status=zoo.UNVERIFIED, layout="vmamba-classification",
+                             provenance="official", kwargs={"num_classes": 1000},
+                             metrics={"top1": 12.3, "data": "ImageNet-1K val"})])
     path = home / "checkpoints" / "vssm_nano_ckpt_epoch_1.pth"
     path.parent.mkdir(parents=True)
     torch.save({"model": vmamba_v2_layout(**NANO), "epoch": 1}, path)
 
-    result = zoo.check_file(path)
+    result = zoo.check_file(path, manifest=manifest)
     assert result.ok and (result.layout, result.arch) == ("vmamba-classification", "vmamba_nano")
     assert result.entry.name == "vmamba_nano.in1k" and result.sha256 == zoo.sha256sum(path)
     assert result.norm_eps == [1e-5] and not (result.missing or result.unexpected or result.shapes)
-    assert zoo.main(["verify", "vmamba_nano.in1k"]) == 0
+    assert zoo_main(["--manifest", str(manifest.path), "verify", "vmamba_nano.in1k"]) == 0
     out = capsys.readouterr().out
     for text in (result.sha256, "sha256 not yet verified", "strict load OK", "norm eps    1e-05",
                  "top1 12.3 on ImageNet-1K val", "result      OK"):
         assert text in out, text
 
     # The same file loaded into the 2D-scan twin, and a file the zoo has never heard of (arch from its shapes).
-    assert zoo.check_file(path, arch="vmamba2d_nano").ok
+    assert zoo.check_file(path, arch="vmamba2d_nano", manifest=manifest).ok
     other = home / "renamed.pth"
     other.write_bytes(path.read_bytes())
     assert zoo.check_file(other).arch == "vmamba_nano"
@@ -295,7 +299,7 @@ def test_verify_fails_loudly_on_bad_files(tmp_path, capsys):
     torch.save({"model": state}, broken)
     result = zoo.check_file(broken, arch="vmamba_nano")
     assert not result.ok and result.missing == ["layers.1.blocks.0.op.Ds"]
-    assert zoo.main(["verify", "--file", str(broken), "--arch", "vmamba_nano"]) == 1
+    assert zoo_main(["verify", "--file", str(broken), "--arch", "vmamba_nano"]) == 1
     assert "FAILED: 1 missing keys: layers.1.blocks.0.op.Ds" in capsys.readouterr().out
 
     unknown = tmp_path / "unknown.pth"
@@ -303,5 +307,39 @@ def test_verify_fails_loudly_on_bad_files(tmp_path, capsys):
     with pytest.raises(zoo.ZooError, match=rf"{unknown}: unknown checkpoint layout \(top-level keys: \['step', "
                                            r"'weights'\]\)"):
         zoo.check_file(unknown)
-    assert zoo.main(["verify", "--file", str(unknown)]) == 2
+    assert zoo_main(["verify", "--file", str(unknown)]) == 2
     assert "unknown checkpoint layout" in capsys.readouterr().err
+
+
+def test_zoo_entries_are_timm_pretrained_tags():
+    backbones = [n for n in zoo.list() if zoo.get(n).task != "mil"]
+    assert sorted(timm.list_pretrained("vmamba*")) == sorted(backbones)
+    model = timm.create_model("vmamba2d_nano.digits", pretrained=True)
+    cfg = model.pretrained_cfg
+    assert cfg["tag"] == "digits" and cfg["file"] == str(zoo.zoo_dir() / "vmamba2d_nano.digits.safetensors")
+    assert "state_dict" not in cfg and cfg["num_classes"] == 10 and cfg["mean"] == (0.5, 0.5, 0.5)
+    torch.testing.assert_close(model.state_dict(), zoo.load("vmamba2d_nano.digits").state_dict())
+    assert timm.create_model("vmamba_tiny", pretrained=False).pretrained_cfg["tag"] == "in1k"
+    with pytest.raises(RuntimeError, match="No pretrained weights exist for vmamba2d_tiny"):  # timm's own answer
+        timm.create_model("vmamba2d_tiny", pretrained=True)
+
+
+def test_timm_route_checks_the_manifest_sha256(tmp_path):
+    """A file that carries a zoo file's name but other bytes fails before it is read, whichever route reads it."""
+    bad = tmp_path / "vmamba2d_nano.digits.safetensors"
+    zoo.export(timm.create_model("vmamba2d_nano").state_dict(), bad)
+    recorded = zoo.get("vmamba2d_nano.digits").sha256
+    with pytest.raises(zoo.CheckpointHashMismatch, match=f"sha256 of {bad} is .* but {recorded} is recorded"):
+        timm.create_model("vmamba2d_nano", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(bad), custom_load=True))
+    with pytest.raises(zoo.CheckpointHashMismatch):
+        zoo.read_model_weights(bad)
+
+
+def test_zoo_list_says_what_is_recorded_and_what_is_here(capsys):
+    assert zoo_main(["list", "vmamba*"]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split()[:5] == ["name", "task", "provenance", "manifest", "sha256"]
+    by_name = {row.split()[0]: row for row in rows}
+    assert "recorded" in by_name["vmamba2d_nano.digits"] and "present" in by_name["vmamba2d_nano.digits"]
+    assert "not yet verified" in by_name["vmamba_tiny.in1k"]

@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import models  # noqa: F401  (registers the backbones with timm)
+from . import models, zoo  # noqa: F401  (register the backbones and the zoo's pretrained tags with timm)
 
 try:
     __version__ = version("mamba2d")

@@ -148,7 +148,7 @@ def run(names: Sequence[str], batch: int, size: int, device: torch.device, modes
     """
     import timm
 
-    import mamba2d  # noqa: F401  (registers the backbones with timm)
+    from .. import zoo  # noqa: F401  (registers the backbones and the zoo's pretrained tags with timm)
 
     results = []
     for name in names:

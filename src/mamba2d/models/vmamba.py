@@ -11,16 +11,16 @@ import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, fast_layer_norm, trunc_normal_
-from timm.models import build_model_with_cfg, register_model
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint
-from timm.models._registry import generate_default_cfgs
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 
+from ..checkpoints import CheckpointError, check_state_dict, read_checkpoint
+from ..compat import feature_take_indices
 from ..ops import cuda_layer_norm, selective_scan_2d
 
 __all__ = ["VSSM", "SS2D", "VSSBlock", "SCAN_DIRECTIONS", "DEFAULT_NORM_EPS"]
@@ -255,7 +255,8 @@ class SS2D(nn.Module):
 
 
 def _flatten_routes(t: torch.Tensor) -> torch.Tensor:
-    """(b, 4, c, H, W) -> (b, 4, c, 1, H*W): routes 0 and 2 row-major, routes 1 and 3 column-major (VMamba's cross-scan)."""
+    """(b, 4, c, H, W) -> (b, 4, c, 1, H*W): routes 0 and 2 row-major, routes 1 and 3 column-major (VMamba's
+    cross-scan)."""
     rows = t[:, 0::2].flatten(-2)
     cols = t[:, 1::2].transpose(-1, -2).flatten(-2)
     return torch.stack((rows, cols), dim=2).flatten(1, 2).unsqueeze(-2)
@@ -425,6 +426,37 @@ class VSSM(nn.Module):
             self.classifier.flatten = nn.Flatten(1) if global_pool else nn.Identity()
         self.classifier.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load weights from a file: timm's route for pretrained cfgs with `custom_load` (the zoo's entries).
+
+        The file is read without unpickling code and, when the zoo knows its name, checked against its sha256
+        (`mamba2d.checkpoints.read_checkpoint`), then unwrapped (`checkpoint_filter_fn`) and loaded strictly: every
+        missing, unexpected or wrongly shaped key fails the load. Two exceptions, both timm's rules: a classifier
+        head of another shape is not loaded (fine-tuning to another class count), and a dense backbone's file (no
+        classifier) leaves the classifier's norm as initialised; a classification file leaves the per-stage norms
+        of a features_only model as initialised.
+
+        Args:
+            checkpoint_path: A safetensors file or a torch checkpoint in VMamba's, mmengine's or our layout.
+        """
+        source = str(checkpoint_path)
+        if not Path(source).is_file():
+            url = (getattr(self, "pretrained_cfg", None) or {}).get("url")
+            raise CheckpointError(f"pretrained weights {source} not found" + (
+                f"; download {url} to that path (`mamba2d-zoo fetch` does it for zoo entries)" if url else ""))
+        state = checkpoint_filter_fn(read_checkpoint(source), self)
+        own = self.state_dict()
+        head = ("classifier.head.weight", "classifier.head.bias")
+        if any(k in state and (k not in own or state[k].shape != own[k].shape) for k in head):
+            state = {k: v for k, v in state.items() if k not in head}
+        missing_ok = []
+        if not any(k.startswith("classifier.") for k in state):
+            missing_ok += [k for k in own if k.startswith("classifier.")]
+        if not any(k.startswith("outnorm") for k in state):
+            missing_ok += [k for k in own if k.startswith("outnorm")]
+        check_state_dict(self, state, source, missing_ok)
+        self.load_state_dict(state, strict=not missing_ok)
+
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(
@@ -470,7 +502,8 @@ class VSSM(nn.Module):
             return intermediates
         return x, intermediates
 
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True):
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True):
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         self.layers = self.layers[: max_index + 1]
         self.layers[-1].downsample = nn.Identity()
@@ -497,22 +530,23 @@ class VSSM(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: dict, model: VSSM) -> dict:
-    """Accept VMamba checkpoints: unwrap {'model': ...} / {'state_dict': ...} and drop a dense 'backbone.' prefix."""
+    """Our VSSM's weights out of a checkpoint in VMamba's layouts: unwrap {'model': ...} / {'state_dict': ...} and
+    keep the keys under a dense 'backbone.' prefix (or a Lightning task's 'model.') without it.
+
+    Args:
+        state_dict: The checkpoint as read.
+        model: The model the weights are for (timm's filter signature).
+    """
     for key in ("model", "state_dict"):
         if key in state_dict and isinstance(state_dict[key], dict):
             state_dict = state_dict[key]
-    if any(k.startswith("backbone.") for k in state_dict):
-        state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+    for prefix in ("backbone.", "model."):
+        if any(k.startswith(prefix) for k in state_dict):
+            return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     return state_dict
 
 
 def _create_vssm(variant: str, pretrained: bool = False, **kwargs) -> VSSM:
-    if pretrained:  # weights from the mamba2d zoo: sha256-verified, converted, read without unpickling code
-        from ..zoo import timm_pretrained_cfg
-
-        kwargs["pretrained_cfg"] = timm_pretrained_cfg(
-            variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
-        )
     feature_cfg = dict(out_indices=(0, 1, 2, 3), feature_cls="getter")
     if kwargs.get("features_only"):
         kwargs.setdefault("feature_norms", True)

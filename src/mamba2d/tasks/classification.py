@@ -14,10 +14,9 @@ from timm.utils import ModelEmaV3
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-import mamba2d  # noqa: F401  (registers the backbones with timm)
-
-from .optim import adamw_no_decay_on_1d, warmup_then_decay
+from .. import zoo  # noqa: F401  (registers the backbones and the zoo's pretrained tags with timm)
 from .checkpointing import checkpoint_callbacks
+from .optim import adamw_no_decay_on_1d, warmup_then_decay
 
 
 class ImageClassifier(LightningModule):

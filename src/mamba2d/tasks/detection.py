@@ -14,8 +14,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torchmetrics.detection import MeanAveragePrecision
 
-import mamba2d  # noqa: F401  (registers the backbones with timm)
-
+from .. import zoo  # noqa: F401  (registers the backbones and the zoo's pretrained tags with timm)
 from ..models.detection import build_mask_rcnn
 from .checkpointing import checkpoint_callbacks
 from .optim import adamw_no_decay_on_1d, warmup_then_decay

@@ -14,8 +14,7 @@ from PIL import Image
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-import mamba2d  # noqa: F401  (registers the backbones with timm)
-
+from .. import zoo  # noqa: F401  (registers the backbones and the zoo's pretrained tags with timm)
 from ..models.upernet import UperNet
 from .checkpointing import checkpoint_callbacks
 from .optim import adamw_no_decay_on_1d, warmup_then_decay
@@ -200,7 +199,8 @@ class SegmentationPredictionWriter(BasePredictionWriter):
         folder = self._folder(trainer)
         num_classes = pl_module.hparams.num_classes
         if num_classes > 256:
-            raise ValueError(f"SegmentationPredictionWriter: a palette PNG holds at most 256 classes, got {num_classes}")
+            raise ValueError(
+                f"SegmentationPredictionWriter: a palette PNG holds at most 256 classes, got {num_classes}")
         palette = class_palette(num_classes).flatten().tolist()
         for labels, path in zip(prediction["labels"], prediction["path"]):
             png = Image.fromarray(labels.to(torch.uint8).cpu().numpy())

@@ -21,8 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-import mamba2d  # noqa: F401  (registers the zoo backbones with timm)
-
+from .. import zoo
 from .slide import SLIDE_SUFFIXES, SlideError, open_slide
 from .tiling import TilingPlan, plan_tiles
 
@@ -74,25 +73,31 @@ class Embedder:
 
 def load_backbone(name: str, pretrained: bool = False, checkpoint: str | None = None, device: str = "auto",
                   **kwargs) -> Embedder:
-    """timm.create_model(name, num_classes=0) (zoo backbones are timm models once mamba2d is imported).
-    `checkpoint`: local weights (.safetensors, or a torch file loaded with weights_only=True)."""
-    model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-    if checkpoint:
-        path = Path(checkpoint)
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    """A patch encoder: `timm.create_model(name)` (zoo entries are timm tags once mamba2d is imported) without its
+    classifier, in eval mode, with the input normalisation of its pretrained cfg.
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            for key in ("state_dict", "model"):
-                state = state.get(key, state) if isinstance(state, dict) else state
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(("head", "fc", "classifier"))]
-        if missing or unexpected:
-            raise ValueError(f"{path}: weights do not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    Args:
+        name: A timm model name or `arch.tag`.
+        pretrained: Load the tag's weights (timm's route: the zoo's entries are sha256-checked).
+        checkpoint: Weights of your own in any layout the zoo reads; loaded strictly (every key must fit, the
+            classifier included) before the classifier is removed.
+        device: "auto" (CUDA when available), "cpu", "cuda", ...
+        **kwargs: More `timm.create_model` arguments.
+    """
+    if checkpoint:
+        weights = zoo.read_model_weights(checkpoint)
+        classifier = getattr(timm.models.get_pretrained_cfg(name), "classifier", None)
+        head = weights.get(f"{classifier}.weight") if isinstance(classifier, str) else None
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0 if head is None else head.shape[0],
+                                  **kwargs)
+        zoo.load_into(model, weights, checkpoint)
+        model.reset_classifier(0)
+    else:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
     cfg = model.pretrained_cfg or {}
-    resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
     model = model.eval().to(resolved)
     return Embedder(model, name, tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
                     tuple(cfg.get("std", (0.229, 0.224, 0.225))), resolved)

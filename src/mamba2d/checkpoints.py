@@ -1,0 +1,172 @@
+"""Reading checkpoint files safely and checking them: the floor that models and the zoo both stand on.
+
+- `read_checkpoint`: safetensors as such; anything else through `torch.load(weights_only=True)`, with every
+  non-tensor class a checkpoint names (a training config, numpy arrays, mmengine's message hub) replaced by an inert
+  placeholder whose class is never imported. No checkpoint can run code.
+- Known files: the zoo records the sha256 each of its files must have (`expect_sha256`); `read_checkpoint` checks a
+  file of a recorded name before reading it, whichever route reads it (`mamba2d.zoo.load` or timm's
+  `create_model(..., pretrained=True)`).
+- `check_state_dict`: a strict load's mismatches (missing, unexpected, wrongly shaped keys), all named at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+__all__ = [
+    "CheckpointError", "CheckpointHashMismatch", "CheckpointMismatch", "UNVERIFIED", "check_state_dict",
+    "expect_sha256", "expected_sha256", "listing", "mismatches", "read_checkpoint", "sha256sum", "verify_known_file",
+]
+
+logger = logging.getLogger(__name__)
+
+UNVERIFIED = "sha256 not yet verified"
+
+# File name -> the sha256 it must have, or None for a known file whose publisher gave no hash.
+_EXPECTED: dict[str, str | None] = {}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is unusable; the message names the file and says what to do."""
+
+
+class CheckpointHashMismatch(CheckpointError):
+    """A file's sha256 is not the one recorded for it."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """Weights do not fit a model: missing, unexpected or wrongly shaped keys."""
+
+
+def sha256sum(path: Path | str) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks.
+
+    Args:
+        path: The file.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def expect_sha256(filename: str, sha256: str | None) -> None:
+    """Record the sha256 that every file named `filename` must have (None: known, but not yet verified).
+
+    Args:
+        filename: A file name (no directory): the zoo's file names are unique.
+        sha256: Hex digest, or None.
+    """
+    _EXPECTED[filename] = sha256
+
+
+def expected_sha256(filename: str) -> tuple[bool, str | None]:
+    """(whether the name is recorded, its sha256 or None)."""
+    return filename in _EXPECTED, _EXPECTED.get(filename)
+
+
+def verify_known_file(path: Path) -> None:
+    """Check `path` against the sha256 recorded for its name: CheckpointHashMismatch on a difference, a warning
+    (with the file's sha256) for a known file without a recorded hash, nothing for a file of another name."""
+    known, expected = expected_sha256(path.name)
+    if not known:
+        return
+    actual = sha256sum(path)
+    if expected is None:
+        warnings.warn(f"{path}: {UNVERIFIED}; its sha256 is {actual}. Check it against the publisher and record it "
+                      "in the zoo's manifest.", stacklevel=3)
+    elif actual != expected:
+        raise CheckpointHashMismatch(
+            f"sha256 of {path} is {actual} but {expected} is recorded for {path.name}: the file is corrupt, "
+            "incomplete or a different release; delete it and download it again")
+
+
+class _Inert(dict):
+    """Stand-in for every non-tensor class a checkpoint names: records its arguments and state, runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+
+def read_checkpoint(path: Path | str, verify: bool = True) -> dict[str, Any]:
+    """Read a safetensors file, or a torch checkpoint with `weights_only=True`, after checking a known file's sha256.
+
+    Globals that the weights-only unpickler does not allow (config classes, numpy arrays, ...) are mapped to an inert
+    placeholder instead of being imported, so checkpoints with training metadata still yield their tensors.
+
+    Args:
+        path: The file.
+        verify: Check the sha256 recorded for the file's name (see `expect_sha256`); off only for a caller that
+            hashes and reports the file itself.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if verify:
+        verify_known_file(path)
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    if unsafe:
+        logger.info("%s: non-tensor objects %s are read as inert placeholders", path, ", ".join(unsafe))
+    with torch.serialization.safe_globals([(_Inert, name) for name in unsafe]):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
+    return checkpoint
+
+
+def mismatches(model: nn.Module, state_dict: Mapping[str, torch.Tensor], missing_ok: Iterable[str] = ()
+               ) -> tuple[list[str], list[str], list[str]]:
+    """(missing keys, unexpected keys, shape mismatches) of `state_dict` against `model`.
+
+    Args:
+        model: The model to load into.
+        state_dict: The weights.
+        missing_ok: Model keys the weights may lack.
+    """
+    expected = model.state_dict()
+    missing_ok = set(missing_ok)
+    missing = [k for k in expected if k not in state_dict and k not in missing_ok]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    return missing, unexpected, shapes
+
+
+def listing(what: str, items: list[str], limit: int = 12) -> str:
+    """'N what: a, b, c ...' with at most `limit` items shown."""
+    return f"{len(items)} {what}: {', '.join(items[:limit])}{' ...' if len(items) > limit else ''}"
+
+
+def check_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, missing_ok: Iterable[str] = ()
+) -> None:
+    """Raise CheckpointMismatch naming every missing, unexpected and wrongly shaped key (no partial loads).
+
+    Args:
+        model: The model to load into.
+        state_dict: The weights.
+        source: What the weights are, for the message (a file, a zoo entry).
+        missing_ok: Model keys the weights may lack.
+    """
+    found = zip(("missing keys", "unexpected keys", "shape mismatches"), mismatches(model, state_dict, missing_ok))
+    problems = [listing(what, items) for what, items in found if items]
+    if problems:
+        raise CheckpointMismatch(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))

@@ -1,0 +1,73 @@
+"""The private parts of timm that mamba2d relies on, each wrapped once here, with a check that they are still there.
+
+A release of timm that moves one of them fails here, at first use, with a message naming the version we were
+tested with, instead of deep inside a model. `pyproject.toml` bounds timm to the releases tested.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import replace
+from importlib import import_module
+from typing import Any
+
+import timm
+from timm.models import DefaultCfg, PretrainedCfg
+
+__all__ = ["TIMM_TESTED", "feature_take_indices", "register_timm_pretrained"]
+
+#: The timm releases whose private APIs below were checked (tests/test_compat.py checks them again).
+TIMM_TESTED = "1.0"
+
+
+def _private(module: str, name: str) -> Any:
+    try:
+        return getattr(import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(f"mamba2d needs {module}.{name}, which timm {timm.__version__} lacks; mamba2d was tested "
+                          f"with timm {TIMM_TESTED}.x (pip install 'timm>={TIMM_TESTED},<1.1')") from exc
+
+
+def feature_take_indices(num_features: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """timm's `feature_take_indices`: which stages `forward_intermediates` returns, and the last one needed.
+
+    Args:
+        num_features: Number of stages.
+        indices: None (all), an int (the last n) or explicit indices (negative counted from the end).
+    """
+    return _private("timm.models._features", "feature_take_indices")(num_features, indices)
+
+
+def register_timm_pretrained(arch: str, cfgs: Sequence[PretrainedCfg]) -> None:
+    """Make `cfgs` the pretrained tags of the registered model `arch`, the first one its default.
+
+    What `timm.models.register_model` does with a module's `default_cfgs`, for tags known only after the model was
+    registered (the zoo's manifest): afterwards `timm.list_pretrained()` lists `arch.tag` for each cfg and
+    `timm.create_model(arch[.tag], pretrained=True)` loads from the cfg's source. Replaces the arch's earlier tags.
+
+    Args:
+        arch: A registered model name.
+        cfgs: Pretrained cfgs with distinct non-empty `tag`s and a weight source (`file`, `url`, ...).
+    """
+    tables = [_private("timm.models._registry", name) for name in (
+        "_model_pretrained_cfgs", "_model_has_pretrained", "_model_with_tags", "_model_default_cfgs")]
+    pretrained_cfgs, has_pretrained, with_tags, default_cfgs = tables
+    if not timm.is_model(arch):
+        raise ValueError(f"register_timm_pretrained: {arch!r} is not a registered timm model")
+    for name in with_tags.pop(arch, []):
+        pretrained_cfgs.pop(name, None)
+        has_pretrained.discard(name)
+    has_pretrained.discard(arch)
+    for index, cfg in enumerate(cfgs):
+        cfg = replace(cfg, architecture=arch)
+        name = f"{arch}.{cfg.tag}"
+        pretrained_cfgs[name] = cfg
+        with_tags[arch].append(name)
+        if cfg.has_weights:
+            has_pretrained.add(name)
+        if index == 0:
+            pretrained_cfgs[arch] = cfg
+            if cfg.has_weights:
+                has_pretrained.add(arch)
+    default_cfgs[arch] = DefaultCfg(tags=deque(cfg.tag for cfg in cfgs), cfgs={cfg.tag: cfg for cfg in cfgs})

@@ -1,0 +1,47 @@
+"""The private timm APIs mamba2d relies on (mamba2d.compat) still exist and do what we use them for."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import timm
+import torch
+from timm.models import PretrainedCfg, build_model_with_cfg, register_model
+
+from mamba2d import compat
+
+
+def test_feature_take_indices():
+    assert compat.feature_take_indices(4, None) == ([0, 1, 2, 3], 3)
+    assert compat.feature_take_indices(4, 2) == ([2, 3], 3)
+    assert compat.feature_take_indices(4, [0, -1]) == ([0, 3], 3)
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self, num_classes: int = 1000, **kwargs):
+        super().__init__()
+        self.num_classes = num_classes
+        self.fc = torch.nn.Linear(2, num_classes)
+
+
+def compat_test_tiny(pretrained: bool = False, **kwargs):
+    return build_model_with_cfg(_Tiny, "compat_test_tiny", pretrained, **kwargs)
+
+
+def test_register_timm_pretrained_makes_tags_timm_sees(tmp_path):
+    sys.modules[__name__].default_cfgs = {}
+    register_model(compat_test_tiny)
+    weights = _Tiny(num_classes=3).state_dict()
+    torch.save(weights, tmp_path / "tiny.pth")
+    cfgs = [PretrainedCfg(tag="first", file=str(tmp_path / "tiny.pth"), num_classes=3, classifier="fc"),
+            PretrainedCfg(tag="second", url="https://example.org/never-downloaded.pth", num_classes=5)]
+    compat.register_timm_pretrained("compat_test_tiny", cfgs)
+    assert timm.list_pretrained("compat_test_tiny*") == ["compat_test_tiny.first", "compat_test_tiny.second"]
+    assert timm.models.get_pretrained_cfg("compat_test_tiny").tag == "first"  # the first tag is the default
+    model = timm.create_model("compat_test_tiny", pretrained=True)
+    torch.testing.assert_close(model.fc.weight, weights["fc.weight"])
+    compat.register_timm_pretrained("compat_test_tiny", cfgs[1:])  # replaces the tags
+    assert timm.list_pretrained("compat_test_tiny*") == ["compat_test_tiny.second"]
+    with pytest.raises(ValueError, match="not a registered timm model"):
+        compat.register_timm_pretrained("no_such_model", cfgs)
