@@ -8,7 +8,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= dev,wsi,dense
 DEMO_CONFIG := configs/classification/digits_vmamba2d_nano.yaml
 
-.PHONY: install demo test test-fast gpu-test clean
+.PHONY: install demo test test-fast gpu-test lint clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,9 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not gpu and not slow" -p no:cacheprovider
+
+lint: install
+	$(BIN)/ruff check src tests tools
 
 gpu-test: install
 	$(BIN)/python -m pytest -m gpu

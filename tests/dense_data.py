@@ -99,7 +99,8 @@ def make_coco(root: Path, split: str = "train2017", n_images: int = 4, size: int
             for k, cell in enumerate(cells):
                 qx, qy = int(cell % 2) * size // 2, int(cell // 2) * size // 2
                 extent = int(rng.integers(size // 5, size // 3))
-                x, y = qx + int(rng.integers(2, size // 2 - extent - 1)), qy + int(rng.integers(2, size // 2 - extent - 1))
+                span = size // 2 - extent - 1
+                x, y = qx + int(rng.integers(2, span)), qy + int(rng.integers(2, span))
                 if k % 2 == 0:
                     polygon, category, colour = _polygon_square(x, y, extent), 3, (220, 60, 60)
                 else:

@@ -150,7 +150,7 @@ def _routes_by_einsum(op: SS2D, x: torch.Tensor) -> torch.Tensor:
     (routes 1, 3) flattenings, routes 2 and 3 reversed. A, D and the delta bias enter in float32, as in the module.
     """
     b, d, h, w = x.shape
-    k, n, r = op.n_routes, op.d_state, op.dt_rank
+    n, r = op.d_state, op.dt_rank
     dbl = torch.einsum("bdhw,kcd->bkchw", x, op.x_proj_weight)
     dts, B, C = torch.split(dbl, [r, n, n], dim=2)
     dts = torch.einsum("bkrhw,kdr->bkdhw", dts, op.dt_projs_weight)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dense_data import COCO_CATEGORIES, make_coco
+
 from mamba2d.cli import build_cli
 from mamba2d.data.coco import COCODataModule, COCOInstances
 from mamba2d.models.detection import TimmFPNBackbone
@@ -94,7 +94,8 @@ def test_unknown_image_or_category_ids_are_errors_naming_the_file(tmp_path):
     data["annotations"][0]["image_id"] = 1000
     data["annotations"][1]["category_id"] = 99
     bad.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"bad_images\.json: annotations use category id\(s\) not in 'categories': \[99\]"):
+    message = r"bad_images\.json: annotations use category id\(s\) not in 'categories': \[99\]"
+    with pytest.raises(ValueError, match=message):
         COCOInstances(tmp_path / "val2017", bad)
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-
 from ddp_digits_check import image_keys
+
 from mamba2d.data.digits import DigitsDataModule
 from mamba2d.data.spatial_bags import SpatialBagConfig, write_spatial_bags
 

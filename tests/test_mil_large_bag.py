@@ -3,7 +3,8 @@
 Runs in a subprocess so that its peak resident memory is the step's own: the high-water mark of its own address
 space (VmHWM). Not ru_maxrss: Linux carries the parent's resident size over exec into it, so a pytest process grown
 past the bound by earlier tests failed this test with a step that stayed well under it. On CPU the reference scan
-works in channel chunks of `scan_memory_mb` under activation checkpointing, so its working set does not grow with the bag.
+works in channel chunks of `scan_memory_mb` under activation checkpointing, so its working set does not grow with
+the bag.
 glibc's malloc keeps freed blocks of a few MB in its heap (its mmap threshold rises as blocks are freed), which
 inflates the resident size of chunked CPU runs many times over; a fixed threshold (MALLOC_MMAP_THRESHOLD_, as
 docs/wsi.md recommends for big bags on CPU) hands them back to the system.

@@ -89,8 +89,8 @@ def test_weights_start_a_model_from_a_checkpoint_or_fail_loudly(bags, tmp_path):
     # A run started from a weights file: its checkpoint still serves heatmaps once that file is gone.
     start = tmp_path / "start.ckpt"
     start.write_bytes(last.read_bytes())
-    second = main(["fit", "--config", str(config), *data_args(bags, csv), "--trainer.max_epochs", "1",
-                   "--trainer.accelerator", "cpu", *model_args, "--model.init_args.weights", str(start)])
+    main(["fit", "--config", str(config), *data_args(bags, csv), "--trainer.max_epochs", "1",
+         "--trainer.accelerator", "cpu", *model_args, "--model.init_args.weights", str(start)])
     start.unlink()
     (second_last,) = set(tmp_path.rglob("last.ckpt")) - {last}
     _, scores, _, logits = model_scores(second_last, next(bags.glob("*.h5")))

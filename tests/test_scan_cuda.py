@@ -13,8 +13,7 @@ import itertools
 import pytest
 import torch
 
-from mamba2d.ops import DIRECTIONS, selective_scan_2d, selective_scan_2d_ref
-from mamba2d.ops import cuda_build, cuda_scan
+from mamba2d.ops import DIRECTIONS, cuda_build, cuda_scan, selective_scan_2d
 
 pytestmark = [
     pytest.mark.gpu,

@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 import torch
+from scan_oracle import loop_scan
 
 from mamba2d.ops import DIRECTIONS, selective_scan_2d, selective_scan_2d_ref
-from scan_oracle import loop_scan
 
 SHAPES = [(1, 6), (5, 1), (5, 7), (13, 4)]
 
@@ -156,7 +156,8 @@ BAD_INPUTS = [
     ("delta must have shape", lambda t: {**t, "delta": t["delta"][:, :, :-1]}),
     ("A must have shape", lambda t: {**t, "A": t["A"][:, :-1]}),
     ("C must have shape", lambda t: {**t, "C": t["C"][..., :-1]}),
-    ("divisible by G", lambda t: {**t, "B": t["B"].repeat(1, 3, 1, 1, 1)[:, :3], "C": t["C"].repeat(1, 3, 1, 1, 1)[:, :3]}),
+    ("divisible by G",
+     lambda t: {**t, "B": t["B"].repeat(1, 3, 1, 1, 1)[:, :3], "C": t["C"].repeat(1, 3, 1, 1, 1)[:, :3]}),
     ("z must have shape", lambda t: {**t, "z": t["z"][:1]}),
     ("D must have shape", lambda t: {**t, "D": t["D"][:-1]}),
     ("delta has dtype", lambda t: {**t, "delta": t["delta"].float()}),

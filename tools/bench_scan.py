@@ -73,7 +73,6 @@ def copy_bandwidth(reps: int = 20) -> float:
     src = torch.randn(n, device="cuda")
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), reps)
-    del src, dst
     return 2 * n * 4 / (ms * 1e-3) / 1e9
 
 
@@ -157,8 +156,6 @@ def bench(name, dtype_name, reps, bandwidth, accumulate_grads=False):
     target_up = TARGET_UPSTREAM[name]
     row["target_upstream_ok"] = None if up_fb is None else row["fwdbwd_vs_upstream"] <= target_up
     row["target_floor_ok"] = None if name == "c" else (row["fwd_vs_floor"] <= 1.5 and row["fwdbwd_vs_floor"] <= 2.5)
-    del inputs, leaves, dy
-    torch.cuda.empty_cache()
     return row
 
 
@@ -181,6 +178,7 @@ def main(argv=None) -> int:
     for name in args.shapes.split(","):
         for dtype_name in args.dtypes.split(","):
             row = bench(name, dtype_name, args.reps, bandwidth, args.accumulate_grads)
+            torch.cuda.empty_cache()  # the shape's inputs went with bench's frame
             rows.append(row)
             print(json.dumps(row), flush=True)
     header = (f"{'shape':<6}{'dtype':<6}{'fwd ms':>9}{'fwd+bwd':>9}{'gpu fwd':>9}{'gpu f+b':>9}{'fwd GB/s':>10}"

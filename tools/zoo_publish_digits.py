@@ -1,6 +1,7 @@
 """Publish a digits classifier trained with configs/classification/digits_*.yaml into the zoo.
 
-    python tools/zoo_publish_digits.py --arch vmamba2d_nano --ckpt runs/digits_vmamba2d_nano/version_0/checkpoints/best.ckpt
+    python tools/zoo_publish_digits.py --arch vmamba2d_nano \
+        --ckpt runs/digits_vmamba2d_nano/version_0/checkpoints/best.ckpt
 
 Reads the Lightning checkpoint safely (mamba2d.zoo.read_model_weights), loads it strictly into the timm model,
 measures test accuracy on DigitsDataModule's fixed test split, writes zoo/<arch>.digits.safetensors and prints the

@@ -17,7 +17,11 @@ import torch
 
 import mamba2d.zoo as zoo
 from mamba2d.data.spatial_bags import (
-    BENCHMARK_BAGS, BENCHMARK_EPOCHS, BENCHMARK_LR, BENCHMARK_SPLITS, write_spatial_bags,
+    BENCHMARK_BAGS,
+    BENCHMARK_EPOCHS,
+    BENCHMARK_LR,
+    BENCHMARK_SPLITS,
+    write_spatial_bags,
 )
 from mamba2d.wsi.spatial_benchmark import BENCHMARK_MODELS, fit_and_test
 

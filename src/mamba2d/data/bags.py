@@ -113,7 +113,8 @@ def read_bag(path: str | Path, patch_stride: int | None = None, features_key: st
     unique, counts = np.unique(coords, axis=0, return_counts=True)
     if (counts > 1).any():
         dup = unique[counts > 1]
-        raise BagFileError(f"{path}: {int((counts > 1).sum())} duplicate coordinate(s), e.g. (x, y) = {dup[0].tolist()}")
+        raise BagFileError(
+            f"{path}: {int((counts > 1).sum())} duplicate coordinate(s), e.g. (x, y) = {dup[0].tolist()}")
 
     if patch_stride is not None:
         stride, source = int(patch_stride), "config"
@@ -121,7 +122,8 @@ def read_bag(path: str | Path, patch_stride: int | None = None, features_key: st
         source = "attrs"
     else:
         stride, source = detect_stride(coords) or 1, "detected"
-        log.info("%s: no patch size attributes; grid cell = %d px at level 0, detected from the coordinates", path, stride)
+        log.info("%s: no patch size attributes; grid cell = %d px at level 0, detected from the coordinates",
+                 path, stride)
     if stride <= 0:
         raise BagFileError(f"{path}: patch stride must be positive, got {stride} (from {source})")
     coords_t = torch.from_numpy(coords)

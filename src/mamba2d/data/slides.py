@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .bags import read_bag
 from .sampling import loader_sampling
-from .splits import SPLITS, read_csv_rows, read_split_file, splits_from_column
+from .splits import read_csv_rows, read_split_file, splits_from_column
 from .survival import assign_time_bins, fit_time_bins
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,8 @@ class SlideBagDataset(Dataset):
             "bag_id": record.bag_id,
             "features": torch.cat([bag.features for bag in bags]),
             "positions": torch.cat([bag.positions for bag in bags]),
-            "segments": torch.cat([torch.full((len(bag.features),), i, dtype=torch.long) for i, bag in enumerate(bags)]),
+            "segments": torch.cat(
+                [torch.full((len(bag.features),), i, dtype=torch.long) for i, bag in enumerate(bags)]),
             "coords": torch.cat([bag.coords for bag in bags]),
             "label": torch.tensor(record.label, dtype=torch.long),
             "time": torch.tensor(record.time, dtype=torch.float32),

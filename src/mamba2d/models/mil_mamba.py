@@ -116,7 +116,8 @@ class MambaBlock(nn.Module):
         if self.layout == "1d":
             u = F.pad(u, (self.d_conv - 1, 0))  # causal: position j sees j-d_conv+1 .. j
         u = F.silu(self.conv(u))
-        dt, B, C = linear_1x1(u, self.x_proj).split([self.dt_rank, self.groups * self.d_state, self.groups * self.d_state], 1)
+        states = self.groups * self.d_state
+        dt, B, C = linear_1x1(u, self.x_proj).split([self.dt_rank, states, states], 1)
         delta = F.conv2d(dt, self.dt_proj.weight[:, :, None, None])
         b, _, h, w = u.shape
         B = B.reshape(b, self.groups, self.d_state, h, w)
@@ -241,7 +242,8 @@ class _MambaMIL(nn.Module):
     def _mix_slide(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, features: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor | None = None) -> MILOutput:
+    def forward(self, features: torch.Tensor, positions: torch.Tensor,
+                segments: torch.Tensor | None = None) -> MILOutput:
         check_bag(features, positions, segments, self.in_dim, type(self).__name__)
         h = self.embed(features)
         mixed = torch.empty_like(h)

@@ -100,8 +100,10 @@ def check_scan_inputs(
         if tensor is not None and tensor.dtype not in PARAM_DTYPES:
             raise TypeError(f"selective_scan_2d: {name} must be float32 (or float64), got {tensor.dtype}")
     if out_dtype is not None and out_dtype not in (torch.float32, u.dtype):
-        raise TypeError(f"selective_scan_2d: out_dtype must be None, torch.float32 or u.dtype ({u.dtype}), got {out_dtype}")
+        raise TypeError(
+            f"selective_scan_2d: out_dtype must be None, torch.float32 or u.dtype ({u.dtype}), got {out_dtype}")
     for name, tensor in named.items():
         if tensor is not None and tensor.device != u.device:
-            raise ValueError(f"selective_scan_2d: {name} is on {tensor.device} but u is on {u.device}; move them together")
+            raise ValueError(
+                f"selective_scan_2d: {name} is on {tensor.device} but u is on {u.device}; move them together")
     return ScanShape(batch, dim, height, width, groups, d_state)

@@ -2,9 +2,8 @@
 
 Kernels compile once per (device arch, input dtype, output dtype, variant) and are cached on disk by CuPy
 (`CUPY_CACHE_DIR`); sizes and strides are kernel arguments. Launches (`cuda_launch`) go to PyTorch's current stream
-of the tensors' device; every output and scratch buffer is allocated by PyTorch. The autograd-aware entry point is
-`selective_scan_2d_cuda`: eager calls take `_EagerScan2d`, torch.compile traces the `torch.library` custom ops of
-`mamba2d.ops.library` (no graph break); both run the launchers here.
+of the tensors' device; every output and scratch buffer is allocated by PyTorch. This module holds the launchers
+(`fwd_impl`, `bwd_impl`); the autograd-aware entry point, `mamba2d.ops.library.selective_scan_2d_cuda`, runs them.
 """
 
 from __future__ import annotations
@@ -14,8 +13,7 @@ from functools import lru_cache
 
 import torch
 
-from . import cuda_build, library  # noqa: F401  (library registers the custom ops; it needs no CuPy)
-from .contract import check_scan_inputs, parse_directions
+from . import cuda_build
 from .cuda_launch import (  # noqa: F401  (INSTALL_HINT, cupy_importable: the public face of the CUDA backend)
     INSTALL_HINT,
     KernelArgs,
@@ -355,86 +353,3 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
     dC = (dCp.sum(dim=2) if cfg.cpg > 1 else dCp.squeeze(2)).to(C.dtype)
     # every part sums the same dout * u for dD: part 0's
     return du, ddelta, dAp.sum(dim=0), dB, dC, dDp[0].sum(dim=0), dz, dbp.sum(dim=(0, 1))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Public entry point
-
-
-def selective_scan_2d_cuda(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = True,
-    direction: str | Sequence[str] = "tl_hv",
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """The 2D selective scan (docs/scan.md) on the CUDA kernels (same signature and errors as the reference).
-
-    Under CUDA autocast, u, delta, B, C and z are cast to the autocast dtype (A, D, delta_bias stay float32) and the
-    output has that dtype unless `out_dtype` says otherwise.
-    """
-    if not cupy_importable():
-        require_cupy()
-    if u.device.type != "cuda":
-        raise ValueError(
-            f"selective_scan_2d(backend='cuda'): u is on {u.device}, expected a CUDA tensor; "
-            "move the inputs to a GPU or use backend='reference'"
-        )
-    if torch.is_autocast_enabled("cuda"):
-        low = torch.get_autocast_dtype("cuda")
-
-        def cast(t):
-            return t if t is None or t.dtype == low or not t.is_floating_point() else t.to(low)
-
-        u, delta, B, C, z = (cast(t) for t in (u, delta, B, C, z))
-    shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, out_dtype)
-    if u.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"selective_scan_2d(backend='cuda'): u has dtype {u.dtype}; the CUDA kernels take float32, float16 or "
-            "bfloat16 (use backend='reference' for float64)"
-        )
-    if shape.d_state > MAX_D_STATE:
-        raise ValueError(
-            f"selective_scan_2d(backend='cuda'): B/C have N={shape.d_state} states (B.shape[2]); "
-            f"the CUDA kernels support N <= {MAX_D_STATE}"
-        )
-    codes = tuple(cuda_build.direction_code(name) for name in parse_directions(direction, shape.groups))
-    out_fp32 = (out_dtype or u.dtype) == torch.float32
-    A32, D32, bias32 = (t if t is None or (t.dtype == torch.float32 and t.is_contiguous())
-                        else t.to(torch.float32).contiguous() for t in (A, D, delta_bias))
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)
-    )
-    if torch.compiler.is_compiling():
-        return torch.ops.mamba2d.scan2d_fwd(u, delta, A32, B, C, D32, z, bias32, bool(delta_softplus), codes, out_fp32,
-                                            needs_grad)[0]
-    if not needs_grad:  # nothing to record: the launcher alone (an autograd.Function costs 12-20 us of host time)
-        return fwd_impl(u, delta, A32, B, C, D32, z, bias32, bool(delta_softplus), codes, out_fp32, False)[0]
-    return _EagerScan2d.apply(u, delta, A32, B, C, D32, z, bias32, (bool(delta_softplus), codes, out_fp32))
-
-
-class _EagerScan2d(torch.autograd.Function):
-    """Eager-mode twin of the mamba2d::scan2d_fwd/bwd custom ops: the same launchers without the custom-op dispatch
-    and its per-call checks. On H100 machines (bench shape b, fp32) the call-to-finish fwd+bwd time fell from 2.35 to
-    1.92 ms while the kernel time stayed 1.67 ms. torch.compile traces the custom ops instead. The flags travel as
-    one argument (`options`: delta_softplus, direction codes, out_fp32): each argument of `apply` costs host time."""
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, options):
-        delta_softplus, directions, out_fp32 = options
-        y, ckv, ckh = fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, True)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckv, ckh)
-        ctx.delta_softplus, ctx.directions = delta_softplus, directions
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        grads = library.input_grads(ctx.saved_tensors, dy, ctx.delta_softplus, ctx.directions, bwd_impl)
-        return (*grads[:8], None)  # the eight tensor inputs, then `options`

@@ -87,7 +87,8 @@ def counted_selective_scan_2d(
 
 
 @counted_selective_scan_2d.register_fake
-def _counted_selective_scan_2d_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_dtype, backend):
+def _counted_selective_scan_2d_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_dtype,
+                                    backend):
     return u.new_empty(u.shape, dtype=out_dtype or u.dtype)
 
 

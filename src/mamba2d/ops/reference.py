@@ -88,7 +88,8 @@ def selective_scan_2d_ref(
     for name in dict.fromkeys(directions):
         idx = [g for g, d in enumerate(directions) if d == name]
         # a contiguous run of groups is a view; otherwise gather the groups that share this direction
-        sel = slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[-1] + 1)) else torch.tensor(idx, device=u.device)
+        contiguous = idx == list(range(idx[0], idx[-1] + 1))
+        sel = slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=u.device)
         out = _scan_tl_hv(
             _orient(dt[:, sel], name), A_c[sel], _orient(B_c[:, sel], name), _orient(C_c[:, sel], name),
             _orient(u_c[:, sel], name),

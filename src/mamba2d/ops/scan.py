@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import cuda_scan
+from . import cuda_scan, library
 from .reference import selective_scan_2d_ref
 
 BACKENDS = ("auto", "cuda", "reference")
@@ -45,7 +45,7 @@ def selective_scan_2d(
     if backend not in BACKENDS:
         raise ValueError(f"selective_scan_2d: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cuda" or (backend == "auto" and cuda_backend_available(u, B)):
-        return cuda_scan.selective_scan_2d_cuda(
+        return library.selective_scan_2d_cuda(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, out_dtype
         )
     return selective_scan_2d_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, out_dtype)

@@ -6,7 +6,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint

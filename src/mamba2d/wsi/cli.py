@@ -72,7 +72,8 @@ def _splits(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for k, fold in enumerate(folds):
         write_split_file(out / f"splits_{k}.csv", fold)
-    print(f"wrote {args.folds} folds ({id_column}s, stratified by {args.label_column if args.task == 'classification' else 'censorship'}) to {out}")
+    stratified_by = args.label_column if args.task == "classification" else "censorship"
+    print(f"wrote {args.folds} folds ({id_column}s, stratified by {stratified_by}) to {out}")
     return 0
 
 
