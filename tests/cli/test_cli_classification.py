@@ -12,7 +12,7 @@ from PIL import Image
 from mamba2d.cli import build_cli, main
 from mamba2d.data.images import ImageFolderDataModule
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "classification"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "classification"
 
 
 @pytest.fixture

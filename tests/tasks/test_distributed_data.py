@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    script = Path(__file__).with_name("ddp_digits_check.py")
+    script = Path(__file__).resolve().parents[1] / "ddp_digits_check.py"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, str(script), str(out)], check=True, env=env, cwd=out, timeout=600)
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -64,7 +64,7 @@ def test_validation_metrics_are_synced_over_all_samples(ddp_run):
     assert ranks[0]["metrics"]["val/acc1"] == pytest.approx(accuracy, abs=1e-6)
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def fit_on_cpu(workdir: Path, config: str, *overrides: str, ranks: int = 2) -> Path:

@@ -30,7 +30,7 @@ def test_train_step_profile_groups_kernels_by_kind():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "profile_train_step.py"
+    path = Path(__file__).resolve().parents[2] / "tools" / "profile_train_step.py"
     spec = importlib.util.spec_from_file_location("profile_train_step", path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)

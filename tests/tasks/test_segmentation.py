@@ -18,7 +18,7 @@ from mamba2d.data.ade20k import ADE20KDataset, SegmentationTrainTransform, read_
 from mamba2d.models.upernet import UperNet
 from mamba2d.tasks.segmentation import class_palette
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "segmentation"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "segmentation"
 
 
 # Shrinks the ADE20K recipe to 3 classes, 64 px images and a small decoder so it runs on CPU in seconds.

@@ -14,7 +14,7 @@ from mamba2d.tasks.mil import SlideMIL
 from mamba2d.wsi.cli import main as wsi_main
 from mamba2d.wsi.heatmap import model_scores
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "wsi"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "wsi"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 

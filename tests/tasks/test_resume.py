@@ -9,7 +9,7 @@ from lightning.pytorch import Callback
 
 from mamba2d.cli import build_cli
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "classification" / "digits_vmamba2d_nano.yaml")
+CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "classification" / "digits_vmamba2d_nano.yaml")
 COMMON = [
     "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "3", "--trainer.logger", "false",
     "--model.init_args.ema_decay", "0.9", "--data.init_args.batch_size", "16",

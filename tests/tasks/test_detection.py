@@ -15,7 +15,7 @@ from mamba2d.cli import build_cli
 from mamba2d.data.coco import COCODataModule, COCOInstances
 from mamba2d.models.detection import TimmFPNBackbone
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "detection"
 
 # pycocotools (polygon -> mask inside torchvision's COCO wrapper) trips a NumPy 2 deprecation on every annotation.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
