@@ -15,6 +15,7 @@ import hashlib
 import logging
 import warnings
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +49,18 @@ class CheckpointMismatch(CheckpointError):
 
 
 def sha256sum(path: Path | str) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks.
+    """Hex sha256 of a file, read in 1 MiB chunks. A file unchanged since it was last hashed (same path, size and
+    modification time) is not read again: a zoo load hashes when it fetches and again when the model reads it.
 
     Args:
         path: The file.
     """
+    stat = Path(path).stat()
+    return _sha256_of(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

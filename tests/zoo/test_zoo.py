@@ -343,3 +343,13 @@ def test_zoo_list_says_what_is_recorded_and_what_is_here(capsys):
     by_name = {row.split()[0]: row for row in rows}
     assert "recorded" in by_name["vmamba2d_nano.digits"] and "present" in by_name["vmamba2d_nano.digits"]
     assert "not yet verified" in by_name["vmamba_tiny.in1k"]
+
+
+def test_sha256_follows_the_file(tmp_path):
+    """Hashes are remembered per (path, size, mtime) and never outlive a change of the file."""
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"a" * 10)
+    first = zoo.sha256sum(path)
+    assert zoo.sha256sum(path) == first
+    path.write_bytes(b"b" * 11)
+    assert zoo.sha256sum(path) != first and zoo.sha256sum(path) == zoo.sha256sum(str(path))
