@@ -61,7 +61,8 @@ def _graph() -> dict[str, set[str]]:
 
 
 def floor(module: str) -> int:
-    if module == "mamba2d" or module.endswith((".cli", ".__main__")):
+    if module in ("mamba2d", "mamba2d.cli", "mamba2d.__main__") or module.startswith("mamba2d.cli.") \
+            or module.endswith(".cli"):
         return FRONT_DOOR
     for prefix, level in FLOORS.items():
         if module == prefix or module.startswith(prefix + "."):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mamba2d.cli import build_cli, main
+from mamba2d.cli.lightning import build_cli, main
 from mamba2d.data.images import ImageFolderDataModule
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "classification"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from dense_data import COCO_CATEGORIES, make_coco
 
-from mamba2d.cli import build_cli
+from mamba2d.cli.lightning import build_cli
 from mamba2d.data.coco import COCODataModule, COCOInstances
 from mamba2d.models.detection import TimmFPNBackbone
 

@@ -71,7 +71,7 @@ def fit_on_cpu(workdir: Path, config: str, *overrides: str, ranks: int = 2) -> P
     """`mamba2d fit` of a repository config on CPU, under DDP (gloo) when `ranks` > 1, no logger; the run's
     last.ckpt."""
     parallel = ["--trainer.devices", str(ranks), "--trainer.strategy", "ddp"] if ranks > 1 else []
-    cli = [sys.executable, "-m", "mamba2d.cli", "fit", "--config", str(REPO / "configs" / config),
+    cli = [sys.executable, "-m", "mamba2d", "fit", "--config", str(REPO / "configs" / config),
            "--trainer.accelerator", "cpu", *parallel, "--trainer.enable_progress_bar", "false",
            "--trainer.logger", "false", *overrides]
     run = subprocess.run(cli, cwd=workdir, capture_output=True, text=True, timeout=600)

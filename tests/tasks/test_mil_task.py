@@ -8,7 +8,7 @@ import torch
 from mil_helpers import classification_folder, survival_folder
 
 import mamba2d.zoo as zoo
-from mamba2d.cli import build_cli as main
+from mamba2d.cli.lightning import build_cli as main
 from mamba2d.data.slides import SlideBagDataModule
 from mamba2d.tasks.mil import SlideMIL
 from mamba2d.wsi.cli import main as wsi_main

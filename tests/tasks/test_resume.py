@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 
-from mamba2d.cli import build_cli
+from mamba2d.cli.lightning import build_cli
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "classification" / "digits_vmamba2d_nano.yaml")
 COMMON = [

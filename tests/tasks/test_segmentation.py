@@ -13,7 +13,7 @@ from dense_data import make_ade20k
 from PIL import Image
 from torchvision import tv_tensors
 
-from mamba2d.cli import build_cli
+from mamba2d.cli.lightning import build_cli
 from mamba2d.data.ade20k import ADE20KDataset, SegmentationTrainTransform, read_label_png
 from mamba2d.models.upernet import UperNet
 from mamba2d.tasks.segmentation import class_palette
