@@ -79,7 +79,7 @@ def _splits(args: argparse.Namespace) -> int:
 
 def run_kfold(config: str, folds: list[int], extra: list[str]) -> dict[str, list[float]]:
     """Fit and test (best val checkpoint) every fold; returns {metric: [value per fold]}."""
-    from ..cli import build_cli
+    from ..cli.lightning import build_cli
 
     results: dict[str, list[float]] = {}
     for fold in folds:
