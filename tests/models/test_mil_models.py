@@ -13,6 +13,7 @@ SMALL = {
     "transmil": {"dim": 16, "heads": 2, "landmarks": 8},
     "mean": {"dim": 16},
     "max": {"dim": 16},
+    "grid_cnn": {"dim": 16, "attn_dim": 8},
 }
 
 
@@ -36,7 +37,7 @@ def test_every_model_gives_logits_and_per_patch_scores(name):
     assert not untrained
 
 
-@pytest.mark.parametrize("name", ["mamba_mil_2d", "mamba_mil_1d", "abmil", "transmil"])
+@pytest.mark.parametrize("name", ["mamba_mil_2d", "mamba_mil_1d", "abmil", "transmil", "grid_cnn"])
 def test_attention_is_a_distribution_over_real_patches(name):
     model = create_mil_model(name, in_dim=12, num_outputs=2, **SMALL[name]).eval()
     features, positions = bag(n=25, side=11)  # 25 real patches in a 121-cell box: most cells are padding
@@ -202,3 +203,38 @@ def test_mamba_mil_variant_options():
         MambaMIL2D(in_dim=8, dim=32, attention="softmax")
     with pytest.raises(ValueError, match="init must be one of .*got 'xavier'"):
         MambaMIL1D(in_dim=8, dim=32, init="xavier")
+
+
+def _pooled_inputs(model, features, positions):
+    seen = []
+    handle = model.pool.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    model(features, positions)
+    handle.remove()
+    return seen[0]
+
+
+def test_grid_cnn_sees_the_5x5_neighbourhood_only_and_ignores_origin_and_order():
+    torch.manual_seed(0)
+    model = create_mil_model("grid_cnn", in_dim=12, num_outputs=2, dim=16, num_layers=2, attn_dim=8).eval()
+    features, positions = bag(n=60, side=9)
+    ref = _pooled_inputs(model, features, positions)
+    centre = int(torch.argmin((positions - 4).abs().amax(1)))  # the patch nearest the box centre
+    distance = (positions - positions[centre]).abs().amax(1)
+    for ring, changes in ((3, False), (2, True)):
+        others = torch.nonzero(distance == ring).squeeze(1)
+        assert len(others), f"no patch at Chebyshev distance {ring}"
+        edited = features.clone()
+        edited[others] += 5.0
+        moved = not torch.allclose(_pooled_inputs(model, edited, positions)[centre], ref[centre], atol=1e-6)
+        assert moved == changes, f"a change at distance {ring} {'did not reach' if changes else 'reached'} the centre"
+    perm = torch.randperm(60)
+    shifted = model(features[perm], positions[perm] + torch.tensor([3, 11]))
+    torch.testing.assert_close(shifted.logits, model(features, positions).logits, rtol=1e-5, atol=1e-6)
+    transposed = model(features, positions.flip(1)).logits
+    assert not torch.allclose(transposed, model(features, positions).logits, atol=1e-5)
+
+
+def test_grid_cnn_needs_positions():
+    model = create_mil_model("grid_cnn", in_dim=12, num_outputs=2, dim=16, attn_dim=8)
+    with pytest.raises(ValueError, match="GridCNNMIL: positions are required"):
+        model(torch.randn(5, 12))

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .mil_baselines import ABMIL, MaxPoolMIL, MeanPoolMIL, TransMIL
+from .mil_baselines import ABMIL, GridCNNMIL, MaxPoolMIL, MeanPoolMIL, TransMIL
 from .mil_layers import AttentionPool, MILOutput
 from .mil_mamba import MambaBlock, MambaMIL1D, MambaMIL2D
 
 __all__ = ["MIL_MODELS", "create_mil_model", "MILOutput", "AttentionPool", "MambaBlock", "MambaMIL2D",
-           "MambaMIL1D", "ABMIL", "TransMIL", "MeanPoolMIL", "MaxPoolMIL"]
+           "MambaMIL1D", "ABMIL", "TransMIL", "MeanPoolMIL", "MaxPoolMIL", "GridCNNMIL"]
 
 MIL_MODELS: dict[str, type[nn.Module]] = {
     "mamba_mil_2d": MambaMIL2D,
@@ -22,6 +22,7 @@ MIL_MODELS: dict[str, type[nn.Module]] = {
     "transmil": TransMIL,
     "mean": MeanPoolMIL,
     "max": MaxPoolMIL,
+    "grid_cnn": GridCNNMIL,
 }
 
 

@@ -2,22 +2,27 @@
 (compact region vs scattered, same count; `mamba2d.data.spatial_bags`). Each run generates its own bags from its
 seed, trains with SlideMIL (model selection on val AUROC) and reports test accuracy and AUROC of the best
 checkpoint. Permutation-invariant pooling (ABMIL, mean, max, TransMIL, which folds tokens in file order) sits at
-chance by construction; models that read the coordinates can solve it.
+chance by construction; models that read the coordinates (2DMambaMIL, MambaMIL in raster order, the grid CNN) can
+solve it. `run_spatial_sweep` repeats this over per-patch signal strengths and training-set sizes, so the point
+where each model stops learning is visible (`plot_sweep`).
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import tempfile
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 from lightning.pytorch import Trainer, seed_everything
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
 from ..data.slides import SlideBagDataModule
-from ..data.spatial_bags import BENCHMARK_BAGS, BENCHMARK_LR, SpatialBagConfig, write_spatial_bags
+from ..data.spatial_bags import BENCHMARK_BAGS, BENCHMARK_LR, SpatialBagConfig, make_bag, write_spatial_bags
 from ..tasks.mil import SlideMIL
 
 # Width 32 for every model, so a CPU run takes minutes; the same optimiser settings for every model. The Mamba
@@ -31,15 +36,31 @@ BENCHMARK_MODELS: dict[str, dict] = {
     "transmil": {"dim": 32, "heads": 4},
     "mean": {"dim": 32},
     "max": {"dim": 32},
+    "grid_cnn": {"dim": 32, "attn_dim": 32},
 }
 
 
 def fit_and_test(model: str, data_dir: Path, seed: int, epochs: int, lr: float, work_dir: Path,
-                 model_args: dict | None = None, feature_dim: int = 16) -> tuple[SlideMIL, dict[str, float]]:
-    """Fit `model` on data_dir/labels.csv (train), select on val AUROC; the task holding the selected checkpoint's
-    weights and their test metrics."""
+                 model_args: dict | None = None, feature_dim: int = 16,
+                 csv_name: str = "labels.csv") -> tuple[SlideMIL, dict[str, float]]:
+    """Fit `model` on the train bags of `data_dir/csv_name`, select on val AUROC, test the selected checkpoint.
+
+    Args:
+        model: A name of `mamba2d.models.mil.MIL_MODELS`.
+        data_dir: Folder of CLAM bags and their CSV (columns slide_id, label, split).
+        seed: Seed of weights and data order.
+        epochs: Training epochs.
+        lr: AdamW learning rate.
+        work_dir: Where the trainer writes its checkpoints.
+        model_args: Model keyword arguments; default `BENCHMARK_MODELS[model]`.
+        feature_dim: Feature size of the bags.
+        csv_name: The labels CSV inside `data_dir`.
+
+    Returns:
+        The task holding the selected checkpoint's weights, and its test accuracy and AUROC.
+    """
     seed_everything(seed, workers=True, verbose=False)
-    data = SlideBagDataModule(str(data_dir), str(data_dir / "labels.csv"))
+    data = SlideBagDataModule(str(data_dir), str(data_dir / csv_name))
     module = SlideMIL(model, in_dim=feature_dim, num_classes=2,
                       model_args=model_args if model_args is not None else BENCHMARK_MODELS[model],
                       lr=lr, weight_decay=1e-5)
@@ -70,6 +91,125 @@ def run_spatial_benchmark(models: list[str], seeds: list[int], n_train: int, n_v
                 rows.append({"model": model, "seed": seed, **result})
                 logging.getLogger(__name__).info("%s seed %d: %s", model, seed, result)
     return rows
+
+
+def run_spatial_sweep(models: list[str], seeds: list[int], amplitudes: list[float], train_sizes: list[int],
+                      n_val: int, n_test: int, epochs: int, lr: float = BENCHMARK_LR,
+                      config: SpatialBagConfig | None = None, work_dir: str | Path | None = None,
+                      progress: bool = True) -> list[dict]:
+    """Every model at every (per-patch signal strength, number of training bags), for each seed.
+
+    For one seed and amplitude the bags are generated once with the largest training set; smaller training sets
+    are its first bags (balanced, as labels alternate), with the same validation and test bags, so the curves over
+    training-set size differ only in what the model was shown.
+
+    Args:
+        models: Names of `mamba2d.models.mil.MIL_MODELS` (with their `BENCHMARK_MODELS` arguments).
+        seeds: Seeds of bags, weights and data order.
+        amplitudes: Signal strengths of the positive patches (`SpatialBagConfig.amplitude`).
+        train_sizes: Numbers of training bags.
+        n_val: Validation bags (model selection).
+        n_test: Test bags (the reported metrics).
+        epochs: Training epochs of every fit.
+        lr: Learning rate of every fit.
+        config: Bag geometry; its amplitude is replaced by each of `amplitudes`. Default `BENCHMARK_BAGS`.
+        work_dir: Keep bags and checkpoints there (default: a temporary folder).
+        progress: Show a progress bar over the fits.
+
+    Returns:
+        One row per fit: model, seed, amplitude, n_train, acc, auroc.
+    """
+    config = config or BENCHMARK_BAGS
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    rows = []
+    total = len(seeds) * len(amplitudes) * len(train_sizes) * len(models)
+    with tempfile.TemporaryDirectory() as tmp, tqdm(total=total, desc="fits", disable=not progress) as bar:
+        root = Path(work_dir or tmp)
+        for seed in seeds:
+            for amplitude in amplitudes:
+                data_dir = root / f"bags_seed{seed}_amp{amplitude:g}"
+                labels = write_spatial_bags(data_dir, {"train": max(train_sizes), "val": n_val, "test": n_test},
+                                            seed=seed, config=replace(config, amplitude=amplitude))
+                with labels.open() as handle:
+                    all_rows = list(csv.DictReader(handle))
+                for n_train in train_sizes:
+                    kept = [r for r in all_rows if r["split"] != "train" or int(r["slide_id"][-4:]) < n_train]
+                    csv_name = f"labels_train{n_train}.csv"
+                    with (data_dir / csv_name).open("w", newline="") as handle:
+                        writer = csv.DictWriter(handle, fieldnames=["slide_id", "label", "split"])
+                        writer.writeheader()
+                        writer.writerows(kept)
+                    for model in models:
+                        _, result = fit_and_test(model, data_dir, seed, epochs, lr,
+                                                 root / f"{model}_seed{seed}_amp{amplitude:g}_n{n_train}",
+                                                 feature_dim=config.feature_dim, csv_name=csv_name)
+                        rows.append({"model": model, "seed": seed, "amplitude": amplitude, "n_train": n_train,
+                                     **result})
+                        bar.update()
+    return rows
+
+
+def plot_sweep(rows: list[dict]) -> Figure:
+    """Test AUROC against signal strength, one panel per training-set size: each model's mean over seeds as a
+    line, every seed as a dot, chance (0.5) dashed.
+
+    Args:
+        rows: Output of `run_spatial_sweep`.
+
+    Returns:
+        The figure (matplotlib's Figure API, no global state).
+    """
+    sizes = sorted({r["n_train"] for r in rows})
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    figure = Figure(figsize=(4.2 * len(sizes), 3.6), layout="constrained")
+    axes = figure.subplots(1, len(sizes), sharey=True, squeeze=False)[0]
+    for ax, n_train in zip(axes, sizes):
+        for index, model in enumerate(models):
+            colour = f"C{index}"
+            mine = [r for r in rows if r["model"] == model and r["n_train"] == n_train]
+            amplitudes = sorted({r["amplitude"] for r in mine})
+            means = [np.mean([r["auroc"] for r in mine if r["amplitude"] == a]) for a in amplitudes]
+            ax.plot(amplitudes, means, "-o", color=colour, label=model, markersize=4)
+            ax.scatter([r["amplitude"] for r in mine], [r["auroc"] for r in mine], color=colour, s=8, alpha=0.4)
+        ax.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_title(f"{n_train} training bags")
+        ax.set_xlabel("signal amplitude of a positive patch")
+        ax.set_ylim(0.3, 1.02)
+    axes[0].set_ylabel("test AUROC (line: mean over seeds; dots: seeds)")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    return figure
+
+
+def plot_example_bags(config: SpatialBagConfig | None = None, per_class: int = 3, seed: int = 0) -> Figure:
+    """Example bags of each class on their grids: tissue grey, positive patches red.
+
+    Args:
+        config: Bag geometry (default `BENCHMARK_BAGS`).
+        per_class: Bags shown per class.
+        seed: Seed of the drawn bags.
+
+    Returns:
+        The figure; row 0 shows label 0 (scattered), row 1 label 1 (compact).
+    """
+    config = config or BENCHMARK_BAGS
+    rng = np.random.default_rng(seed)
+    direction = np.zeros(config.feature_dim, np.float32)
+    figure = Figure(figsize=(1.8 * per_class, 3.8), layout="constrained")
+    axes = figure.subplots(2, per_class, squeeze=False)
+    for label, title in ((0, "scattered (label 0)"), (1, "compact (label 1)")):
+        for column in range(per_class):
+            _, coords, positive = make_bag(rng, label, config, direction)
+            cells = (coords - coords.min(0)) // config.patch_size_level0  # (x, y) grid cells
+            image = np.ones((*(cells.max(0)[::-1] + 1), 3))
+            image[cells[:, 1], cells[:, 0]] = (0.75, 0.75, 0.75)
+            image[cells[positive, 1], cells[positive, 0]] = (0.85, 0.1, 0.1)
+            ax = axes[label, column]
+            ax.imshow(image, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if column == 0:
+                ax.set_ylabel(title, fontsize=8)
+    return figure
 
 
 def format_table(rows: list[dict], config: SpatialBagConfig | None = None) -> str:
