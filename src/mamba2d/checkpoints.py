@@ -6,14 +6,20 @@
 - Known files: the zoo records the sha256 each of its files must have (`expect_sha256`); `read_checkpoint` checks a
   file of a recorded name before reading it, whichever route reads it (`mamba2d.zoo.load` or timm's
   `create_model(..., pretrained=True)`).
+- `check_checkpoint_file`: a truncated, empty or foreign file is named as such before any loader reads it, so a
+  user never meets a loader's internal error (or its advice to unpickle with `weights_only=False`).
 - `check_state_dict`: a strict load's mismatches (missing, unexpected, wrongly shaped keys), all named at once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import pickle
+import struct
 import warnings
+import zipfile
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -24,7 +30,8 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 __all__ = [
-    "CheckpointError", "CheckpointHashMismatch", "CheckpointMismatch", "UNVERIFIED", "check_state_dict",
+    "CheckpointError", "CheckpointHashMismatch", "CheckpointMismatch", "UNVERIFIED", "check_checkpoint_file",
+    "check_state_dict",
     "expect_sha256", "expected_sha256", "listing", "mismatches", "read_checkpoint", "sha256sum", "verify_known_file",
 ]
 
@@ -99,6 +106,62 @@ def verify_known_file(path: Path) -> None:
             "incomplete or a different release; delete it and download it again")
 
 
+def _corrupt(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path} is corrupt or not a checkpoint: {why}. Save or download it again.")
+
+
+def _check_safetensors(path: Path, size: int) -> None:
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise _corrupt(path, "shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            raise _corrupt(path, f"its safetensors header claims {length} bytes but the file has {size}")
+        try:
+            header = json.loads(fh.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise _corrupt(path, "its safetensors header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "its safetensors header is not a JSON object")
+    ends = [entry["data_offsets"][1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    if 8 + length + max(ends, default=0) > size:
+        raise _corrupt(path, f"truncated: its tensors need {8 + length + max(ends)} bytes, the file has {size}")
+
+
+def check_checkpoint_file(path: Path | str) -> None:
+    """Raise CheckpointError naming `path` unless it looks like a whole checkpoint: a safetensors file whose header
+    parses and whose tensors fit in the file, or a PyTorch zip archive whose members all pass their CRC check (a
+    truncated download fails both). The pre-zip PyTorch format (a bare pickle) is accepted unchecked.
+
+    Args:
+        path: The file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    size = path.stat().st_size
+    if size == 0:
+        raise _corrupt(path, "the file is empty")
+    if path.suffix == ".safetensors":
+        _check_safetensors(path, size)
+        return
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise _corrupt(path, f"its zip archive is damaged ({exc})") from None
+        if bad is not None:
+            raise _corrupt(path, f"member {bad} of its zip archive fails its CRC check")
+        return
+    with open(path, "rb") as fh:
+        legacy = fh.read(1) == pickle.PROTO
+    if not legacy:
+        raise _corrupt(path, "neither a PyTorch archive (zip; a truncated one loses its directory) nor safetensors")
+
+
 class _Inert(dict):
     """Stand-in for every non-tensor class a checkpoint names: records its arguments and state, runs nothing."""
 
@@ -122,17 +185,20 @@ def read_checkpoint(path: Path | str, verify: bool = True) -> dict[str, Any]:
             hashes and reports the file itself.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+    check_checkpoint_file(path)
     if verify:
         verify_known_file(path)
-    if path.suffix == ".safetensors":
-        return load_file(path)
-    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    if unsafe:
-        logger.info("%s: non-tensor objects %s are read as inert placeholders", path, ", ".join(unsafe))
-    with torch.serialization.safe_globals([(_Inert, name) for name in unsafe]):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        if unsafe:
+            logger.info("%s: non-tensor objects %s are read as inert placeholders", path, ", ".join(unsafe))
+        with torch.serialization.safe_globals([(_Inert, name) for name in unsafe]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, ValueError, KeyError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        # The loaders' own messages may advise unpickling with weights_only=False: not for a file we cannot read.
+        raise _corrupt(path, f"{type(exc).__name__} while reading it") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
     return checkpoint
