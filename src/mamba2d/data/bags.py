@@ -129,3 +129,58 @@ def read_bag(path: str | Path, patch_stride: int | None = None, features_key: st
     coords_t = torch.from_numpy(coords)
     return SlideBag(path, torch.from_numpy(features.astype(np.float32, copy=False)), coords_t, stride, source,
                     coords_to_positions(coords_t, stride, path), attrs)
+
+
+def feature_dims(paths, features_key: str = "features") -> dict[Path, int]:
+    """Feature size D of each bag, read from the h5 dataset's shape only (no features are loaded).
+
+    Args:
+        paths: Bag files.
+        features_key: The features dataset's name.
+
+    Returns:
+        {path: D}.
+
+    Raises:
+        BagFileError: A file is missing, not HDF5, lacks the dataset or has no feature axis (names the file).
+    """
+    dims = {}
+    for path in map(Path, paths):
+        try:
+            with h5py.File(path, "r") as handle:
+                if features_key not in handle:
+                    raise BagFileError(f"{path}: missing dataset '{features_key}'; found {sorted(handle.keys())}")
+                shape = handle[features_key].shape
+        except OSError as err:
+            raise BagFileError(f"{path}: not a readable HDF5 file ({err})") from err
+        if len(shape) not in (2, 3):
+            raise BagFileError(f"{path}: '{features_key}' must be (N, D), got shape {shape}")
+        dims[path] = int(shape[-1])
+    return dims
+
+
+def check_feature_dim(paths, in_dim: int, option: str = "--model.init_args.in_dim",
+                      features_key: str = "features") -> None:
+    """Fail before training when any bag's feature size differs from the model's input size.
+
+    Args:
+        paths: Bag files.
+        in_dim: The feature size the model expects.
+        option: The setting that fixes it, named in the message.
+        features_key: The features dataset's name.
+
+    Raises:
+        BagFileError: Naming every bag whose size differs, grouped by size, and the value to give `option`.
+    """
+    dims = feature_dims(paths, features_key)
+    wrong: dict[int, list[str]] = {}
+    for path, dim in dims.items():
+        if dim != in_dim:
+            wrong.setdefault(dim, []).append(str(path))
+    if wrong:
+        found = "; ".join(f"{dim}-d: {', '.join(files[:5])}{f' and {len(files) - 5} more' if len(files) > 5 else ''}"
+                          for dim, files in sorted(wrong.items()))
+        hint = f"set {option} {next(iter(wrong))}" if len(set(dims.values())) == 1 else \
+            "the bags have different feature sizes: extract them all with one backbone"
+        raise BagFileError(f"the model expects {in_dim}-d features but {sum(map(len, wrong.values()))} of "
+                           f"{len(dims)} bag(s) differ ({found}); {hint}")

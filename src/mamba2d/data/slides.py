@@ -194,6 +194,16 @@ class SlideBagDataModule(LightningDataModule):
             for record, label in zip(records, assign_time_bins([r.time for r in records], self.time_bin_edges)):
                 record.label = int(label)
 
+    def bag_paths(self) -> list[Path]:
+        """Every bag file of every split (after `setup`), each once: what `check_feature_dim` reads.
+
+        Returns:
+            The `.h5` paths in split order.
+        """
+        paths = [self.features_dir / f"{sid}.h5" for recs in self.records.values() for r in recs
+                 for sid in r.slide_ids]
+        return list(dict.fromkeys(paths))
+
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         if not self.records.get(split):
             raise ValueError(f"{self.csv_path}: the {split} split is empty")

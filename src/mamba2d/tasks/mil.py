@@ -16,6 +16,7 @@ from lightning.pytorch import LightningModule
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
 
+from ..data.bags import check_feature_dim
 from ..models.mil import MIL_MODELS, MILOutput, create_mil_model
 from ..zoo import load_weights
 from .checkpointing import checkpoint_callbacks
@@ -97,6 +98,8 @@ class SlideMIL(LightningModule):
         value = getattr(datamodule, key, None) or getattr(datamodule, "hparams", {}).get(key)
         if value and value != hp[key]:
             raise ValueError(f"model.init_args.{key}={hp[key]} but the data ({type(datamodule).__name__}) has {value}")
+        if hasattr(datamodule, "bag_paths"):  # every bag's feature size, from the h5 shapes, before the first step
+            check_feature_dim(datamodule.bag_paths(), hp.in_dim)
 
     def forward(self, bag: dict) -> MILOutput:
         return self.model(bag["features"], bag["positions"], bag.get("segments"))
