@@ -4,12 +4,16 @@ import json
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn as nn
+from PIL import Image
 from skimage import data as skdata
 from skimage.io import imsave
 
+import mamba2d  # noqa: F401  (registers the backbones)
 from mamba2d.analysis import erf
+from mamba2d.cli import main
 
 
 def test_area_ratio_of_known_maps():
@@ -22,6 +26,51 @@ def test_area_ratio_of_known_maps():
     assert erf.area_ratios(uniform) == {0.2: 25 / 81, 0.3: 25 / 81, 0.5: 49 / 81, 0.99: 1.0}
     with pytest.raises(ValueError, match="all zero"):
         erf.area_ratios(np.zeros((4, 4)))
+
+
+def test_area_ratio_is_measured_around_the_true_centre_of_an_even_map():
+    # The centre of a 64-pixel side lies between pixels 31 and 32: the central 2 x 2 pixels are the smallest
+    # centred square, and a square around pixel 32 (3 x 3) would be neither centred nor smallest.
+    centre = np.zeros((64, 64))
+    centre[31:33, 31:33] = 1.0
+    assert erf.area_ratios(centre) == {t: 4 / 64**2 for t in erf.THRESHOLDS}
+
+
+def test_central_units_of_odd_and_even_maps():
+    assert erf.central_units(7) == slice(3, 4)
+    assert erf.central_units(2) == slice(0, 2)
+    assert erf.central_units(1) == slice(0, 1)
+
+
+class Patchify32(nn.Module):
+    """A stride-32 patchify stem as the whole backbone: at 64 pixels its final map is 2 x 2, each unit sees one
+    quadrant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 32, stride=32, bias=False)
+        nn.init.constant_(self.conv.weight, 0.5)
+
+    def forward_features(self, x):
+        return self.conv(x)
+
+
+def test_erf_at_size_64_is_centred_on_the_image():
+    # At 64 pixels the last map of a stride-32 backbone is 2 x 2: no single unit is centred. The probe must be the
+    # central units, so the ERF covers the four quadrants alike and its centre of mass is the image centre
+    # (31.5, 31.5), not one quadrant's.
+    contribution = erf.erf_map(Patchify32(), torch.rand(2, 3, 64, 64))
+    assert erf.centroid(contribution) == pytest.approx((31.5, 31.5))
+    quadrants = [contribution[r:r + 32, c:c + 32].sum() for r in (0, 32) for c in (0, 32)]
+    assert quadrants == pytest.approx([quadrants[0]] * 4)
+
+
+def test_erf_of_a_real_backbone_at_size_64_reaches_every_quadrant():
+    torch.manual_seed(0)
+    images, _ = erf.load_images(None, 64)
+    contribution = erf.erf_map(timm.create_model("vmamba2d_nano"), torch.from_numpy(images[:2]).permute(0, 3, 1, 2))
+    share = contribution / contribution.sum()
+    assert min(share[r:r + 32, c:c + 32].sum() for r in (0, 32) for c in (0, 32)) > 0.05
 
 
 class ThreeByThree(nn.Module):
@@ -57,11 +106,15 @@ def test_command_writes_figure_and_numbers(tmp_path, capsys):
     imsave(image_dir / "cat.png", skdata.chelsea())
     imsave(image_dir / "coffee.png", skdata.coffee())
     out = tmp_path / "erf.png"
-    assert erf.main(["--models", "vmamba2d_nano.digits", "--images", str(image_dir), "--size", "64",
-                     "--random-init", "--out", str(out)]) == 0
+    assert main(["erf", "--models", "[vmamba2d_nano.digits]", "--images", str(image_dir), "--size", "64",
+                 "--random_init", "true", "--out", str(out), "--progress", "false"]) == 0
     printed = capsys.readouterr().out
     numbers = json.loads(out.with_suffix(".json").read_text())
-    assert out.stat().st_size > 10_000
+    with Image.open(out) as figure:
+        pixels = np.asarray(figure.convert("L"))
+    assert figure.size[0] > 300 and figure.size[1] > 300
+    assert pixels.std() > 10  # not blank
+    assert "centred" in numbers["probe"]
     assert numbers["images"] == ["cat.png", "coffee.png"] and numbers["thresholds"] == [0.2, 0.3, 0.5, 0.99]
     assert [r["init"] for r in numbers["results"]] == ["random", "trained"]
     for result in numbers["results"]:

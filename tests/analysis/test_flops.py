@@ -1,13 +1,14 @@
-"""FLOPs: the scan formula, the scan as one counted node, and VMamba's published figure for the tiny model."""
+"""FLOPs: the scan formula, the scan as one registered op seen by torch.utils.flop_counter, VMamba's figure."""
 
 import pytest
 import timm
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import mamba2d  # noqa: F401
 from mamba2d.analysis import flops as flops_tool
 from mamba2d.ops import selective_scan_2d
-from mamba2d.ops.flops import counted_scan_call, selective_scan_flops
+from mamba2d.ops.flops import selective_scan_flops
 
 
 def test_scan_formula_1d_and_2d():
@@ -19,24 +20,34 @@ def test_scan_formula_1d_and_2d():
     assert selective_scan_flops(b, d, 5, 6, n, with_D=False) == 15 * b * length * d * n
 
 
-def _scan_inputs(b=1, d=4, n=2, h=3, w=5):
+def _scan_inputs(b=1, d=4, n=2, h=3, w=5, device="cpu"):
     g = torch.Generator().manual_seed(0)
     u = torch.randn(b, d, h, w, generator=g)
     delta = torch.randn(b, d, h, w, generator=g)
     A = -torch.rand(d, n, generator=g) - 0.5
     B = torch.randn(b, 2, n, h, w, generator=g)
     C = torch.randn(b, 2, n, h, w, generator=g)
-    return u, delta, A, B, C, torch.ones(d)
+    return tuple(t.to(device) for t in (u, delta, A, B, C, torch.ones(d)))
 
 
-def test_counted_op_computes_the_scan():
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_flop_counter_sees_the_shape_only_scan_as_one_op(device):
+    u, delta, A, B, C, D = _scan_inputs(device=device)
+    with FlopCounterMode(display=False) as counter:
+        y = selective_scan_2d(u, delta, A, B, C, D=D, direction=("tl_hv", "br_vh"), backend="shape_only")
+    assert y.shape == u.shape and y.device.type == device
+    counts = counter.get_flop_counts()["Global"]
+    assert list(counts) == [torch.ops.mamba2d_flops.selective_scan_2d]
+    assert counter.get_total_flops() == 2 * selective_scan_flops(1, 4, 3, 5, 2)  # the counter's 2 per multiply-add
+
+
+def test_shape_only_scan_checks_its_inputs_like_the_scan():
     u, delta, A, B, C, D = _scan_inputs()
-    expected = selective_scan_2d(u, delta, A, B, C, D=D, direction=("tl_hv", "br_vh"))
-    got = counted_scan_call(u, delta, A, B, C, D=D, direction=("tl_hv", "br_vh"))
-    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="delta must have shape"):
+        selective_scan_2d(u, delta[..., :2], A, B, C, D=D, backend="shape_only")
 
 
-def test_scan_is_one_node_for_both_counters():
+def test_scan_is_one_node_in_the_count():
     model = timm.create_model("vmamba2d_nano")
     report = flops_tool.count_flops(model, (1, 3, 64, 64))
     # nano: depths (1, 1, 2, 1), dims 32..256, ssm_ratio 1, d_state 1, 4 routes; maps 16, 8, 4, 2 pixels wide.
@@ -45,29 +56,33 @@ def test_scan_is_one_node_for_both_counters():
         for blocks, dim, side in ((1, 32, 16), (1, 64, 8), (2, 128, 4), (1, 256, 2))
     )
     assert report.by_operator["scan"] == expected_scan
-    # torch.utils.flop_counter (with the registered formula) agrees exactly on what both count.
-    assert report.flop_counter_flops == report.shared_flops
-    # The scan's element-wise pieces never leak into fvcore's count as separate ops.
-    assert not any("scan" in op for op in report.uncounted_ops)
+    assert report.flops == sum(report.by_operator.values())
+
+
+def test_fvcore_agrees_exactly_when_installed():
+    pytest.importorskip("fvcore")
+    report = flops_tool.count_flops(timm.create_model("vmamba2d_nano"), (1, 3, 64, 64), fvcore=True)
+    assert report.fvcore_flops == report.flops
 
 
 def test_counting_leaves_the_model_unchanged():
     model = timm.create_model("vmamba_nano").eval()
     x = torch.randn(1, 3, 32, 32)
     before = model(x)
+    backends = [m.scan_backend for m in model.modules() if hasattr(m, "scan_backend")]
+    assert backends and "shape_only" not in backends
     flops_tool.count_flops(model, (1, 3, 32, 32))
-    from mamba2d.models import vmamba
-
-    assert vmamba.selective_scan_2d is selective_scan_2d  # the counting swap is undone
+    assert [m.scan_backend for m in model.modules() if hasattr(m, "scan_backend")] == backends
     torch.testing.assert_close(model(x), before)
 
 
 def test_vmamba_tiny_matches_vmamba_published_figures(capsys):
     # VMamba-T [s1l8]: 30.25 M params (with head), 4.906 G FLOPs at 224 (VMamba's README / get_flops).
-    assert flops_tool.main(["vmamba_tiny", "--size", "224"]) == 0
+    (report,) = flops_tool.flops(["vmamba_tiny"], size=224)
     out = capsys.readouterr().out
     assert "params           30.25 M" in out
-    assert "FLOPs (fvcore)   4.906 G" in out
+    assert "FLOPs            4.906 G" in out
+    assert round(report.flops / 1e9, 3) == 4.906
 
 
 @pytest.mark.parametrize("arch", ["vmamba2d_nano"])

@@ -1,11 +1,12 @@
 """Throughput tool on CPU with small settings: every mode and precision runs and the table is printed."""
 
 from mamba2d.analysis import throughput
+from mamba2d.cli import main
 
 
 def test_cpu_throughput_table(capsys):
-    assert throughput.main(["vmamba2d_nano", "--batch", "1", "--size", "32", "--device", "cpu",
-                            "--warmup", "1", "--iters", "1"]) == 0
+    assert main(["throughput", "--models", "[vmamba2d_nano]", "--batch", "1", "--size", "32", "--device", "cpu",
+                 "--warmup", "1", "--iters", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == throughput.HEADER
     rows = lines[2:]
@@ -16,11 +17,12 @@ def test_cpu_throughput_table(capsys):
         assert images_per_s > 0 and 0.01 < peak_gb < 100  # GB = 10^9 bytes: a small CPU process
         assert row.endswith("process peak RSS")
     assert "fp32 = float32 (TF32 off)" in lines[0] and "GB = 10^9 bytes" in lines[0]
+    assert "images/s = images per second" in lines[0]
 
 
 def test_bf16_precision_is_selectable(capsys):
-    assert throughput.main(["vmamba2d_nano", "--batch", "1", "--size", "32", "--device", "cpu", "--modes", "training",
-                            "--precisions", "bf16", "--warmup", "1", "--iters", "1"]) == 0
+    assert main(["throughput", "--models", "[vmamba2d_nano]", "--batch", "1", "--size", "32", "--device", "cpu",
+                 "--modes", "[training]", "--precisions", "[bf16]", "--warmup", "1", "--iters", "1"]) == 0
     rows = capsys.readouterr().out.splitlines()[2:]
     assert [(r.split()[1], r.split()[2]) for r in rows] == [("training", "bf16")]
 

@@ -1,20 +1,21 @@
 """Effective receptive fields (ERF) of backbones, plotted side by side with one colour scale.
 
-For each model and image: the gradient of sum(ReLU(final-stage activation at the central location)) with respect to
-the input, passed through ReLU and summed over input channels; averaged over images. Each map is then divided by its
-total, so a pixel's value is its share of the total contribution, and every panel is drawn on one logarithmic colour
-scale. The high-contribution area ratio at threshold t is the fraction of the image covered by the smallest centred
-square that holds a share t of the total contribution (on the raw shares; RepLKNet and VMamba compute it on
-log-scaled maps, which gives larger ratios). A larger ratio at a given t means a wider ERF.
+For each model and image: the gradient of sum(ReLU(final-stage activation at the centre)) with respect to the input,
+passed through ReLU and summed over input channels; averaged over images. The probed units are those whose
+receptive field is centred on the image: the central unit of an odd final map, the central 2 x 2 units of an even
+one (no single unit of an even map is centred; at 64 pixels the final map of a stride-32 backbone is 2 x 2). Each
+map is then divided by its total, so a pixel's value is its share of the total contribution, and every panel is
+drawn on one logarithmic colour scale. The high-contribution area ratio at threshold t is the fraction of the image
+covered by the smallest square centred on the image's true centre (between the two middle pixels of an even side)
+that holds a share t of the total contribution (on the raw shares; RepLKNet and VMamba compute it on log-scaled
+maps, which gives larger ratios). A larger ratio at a given t means a wider ERF.
 
-    mamba2d-erf --models vmamba2d_nano.digits vmamba_nano.digits --random-init --out erf.png
+    mamba2d erf --models '[vmamba2d_nano.digits, vmamba_nano.digits]' --random_init true --out erf.png
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
 THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
 # scikit-image's bundled natural photographs (no download needed).
@@ -71,10 +75,26 @@ def final_stage_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"{type(model).__name__}: cannot find a final-stage feature map (no forward_features, no list)")
 
 
-def erf_map(model: nn.Module, images: torch.Tensor, batch_size: int = 8) -> np.ndarray:
-    """Mean over images of ReLU(d sum ReLU(center activation) / d input), summed over channels: (H, W).
+def central_units(size: int) -> slice:
+    """The units of a final map side of `size` whose receptive fields are centred: the middle one (odd), the middle
+    two (even).
 
-    Images do not interact in eval mode, so one backward pass over a batch gives every image's gradient.
+    Args:
+        size: Height or width of the final feature map.
+    """
+    return slice((size - 1) // 2, size // 2 + 1)
+
+
+def erf_map(model: nn.Module, images: torch.Tensor, batch_size: int = 8) -> np.ndarray:
+    """Mean over images of ReLU(d sum ReLU(central activations) / d input), summed over channels: (H, W).
+
+    The central activations are those of `central_units` in both directions. Images do not interact in eval mode,
+    so one backward pass over a batch gives every image's gradient.
+
+    Args:
+        model: A backbone (`final_stage_features` finds its last map).
+        images: (n, 3, H, W) normalised images.
+        batch_size: Images per backward pass.
     """
     model.eval()
     total = torch.zeros(images.shape[-2:], dtype=torch.float64)
@@ -82,31 +102,58 @@ def erf_map(model: nn.Module, images: torch.Tensor, batch_size: int = 8) -> np.n
         x = images[start: start + batch_size].clone().requires_grad_(True)
         feats = final_stage_features(model, x)
         h, w = feats.shape[-2:]
-        torch.relu(feats[:, :, h // 2, w // 2]).sum().backward()
+        torch.relu(feats[:, :, central_units(h), central_units(w)]).sum().backward()
         total += torch.relu(x.grad).sum(dim=(0, 1)).double().cpu()
     return (total / len(images)).numpy()
 
 
 def area_ratios(contribution: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> dict[float, float]:
-    """For each t, the area (fraction of the image) of the smallest centred square holding a share t of the map."""
+    """For each t, the area (fraction of the image) of the smallest square centred on the image's true centre that
+    holds a share t of the map. A side grows by two pixels at a time, one on each side, so the square stays centred
+    (an even side's centre lies between its two middle pixels).
+
+    Args:
+        contribution: (H, W) non-negative contribution map.
+        thresholds: Shares of the total to enclose.
+    """
     height, width = contribution.shape
     total = contribution.sum()
     if total <= 0:
         raise ValueError("area_ratios: the contribution map is all zero (no gradient reached the input)")
-    cy, cx = height // 2, width // 2
     ratios = {}
     for t in thresholds:
-        for radius in range(max(height, width)):
-            top, left = max(cy - radius, 0), max(cx - radius, 0)
-            window = contribution[top: cy + radius + 1, left: cx + radius + 1]
-            if window.sum() >= t * total:
+        for step in range(max(height, width) // 2 + 1):
+            side_h, side_w = min(height % 2 + 2 * step, height), min(width % 2 + 2 * step, width)
+            top, left = (height - side_h) // 2, (width - side_w) // 2
+            window = contribution[top: top + side_h, left: left + side_w]
+            if window.size and window.sum() >= t * total * (1 - 1e-12):
                 ratios[t] = window.size / contribution.size
                 break
     return ratios
 
 
+def centroid(contribution: np.ndarray) -> tuple[float, float]:
+    """(row, column) of the contribution's centre of mass, in pixels (the image centre is ((H-1)/2, (W-1)/2)).
+
+    Args:
+        contribution: (H, W) non-negative contribution map.
+    """
+    rows, cols = np.indices(contribution.shape)
+    total = contribution.sum()
+    return float((rows * contribution).sum() / total), float((cols * contribution).sum() / total)
+
+
 @dataclass
 class ErfResult:
+    """The ERF of one model.
+
+    Args:
+        label: Model name shown.
+        init: "trained" or "random".
+        ratios: Threshold -> area ratio.
+        share: Contribution map normalised to sum 1.
+    """
+
     label: str
     init: str  # "trained" or "random"
     ratios: dict[float, float]
@@ -164,90 +211,103 @@ def normalisation(spec: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def compute(specs: Sequence[str], images: np.ndarray, random_init: bool = False, device: str = "cpu",
-            thresholds: Sequence[float] = THRESHOLDS, mean_std: tuple | None = None) -> list[ErfResult]:
-    """ERF of every model in `specs` (and of its random-init twin when `random_init`) on `images` (n, H, W, 3)."""
+            thresholds: Sequence[float] = THRESHOLDS, mean_std: tuple | None = None,
+            progress: bool | None = None) -> list[ErfResult]:
+    """ERF of every model in `specs` (and of its random-init twin when `random_init`) on `images` (n, H, W, 3).
+
+    Args:
+        specs: Models (see `resolve_model`).
+        images: (n, H, W, 3) float images in [0, 1].
+        random_init: Add each model at random initialisation.
+        device: Where the models run.
+        thresholds: Shares for the area ratios.
+        mean_std: Input normalisation ((3 means), (3 stds)); default per model (`normalisation`).
+        progress: Bar over models (None: only on a terminal).
+    """
     results = []
-    for init in (("random", "trained") if random_init else ("trained",)):
-        for spec in specs:
-            model, label = resolve_model(spec, random_init=init == "random")
-            mean, std = mean_std or normalisation(spec)
-            x = (torch.from_numpy(images).permute(0, 3, 1, 2) - torch.tensor(mean)[:, None, None]) / torch.tensor(
-                std)[:, None, None]
-            contribution = erf_map(model.to(device), x.float().to(device))
-            results.append(ErfResult(label, init, area_ratios(contribution, thresholds),
-                                     contribution / contribution.sum()))
+    runs = [(init, spec) for init in (("random", "trained") if random_init else ("trained",)) for spec in specs]
+    bar = tqdm(total=len(runs) * len(images), desc="ERF (models x images)", unit="image",
+               disable=None if progress is None else not progress)
+    for init, spec in runs:
+        model, label = resolve_model(spec, random_init=init == "random")
+        mean, std = mean_std or normalisation(spec)
+        x = (torch.from_numpy(images).permute(0, 3, 1, 2) - torch.tensor(mean)[:, None, None]) / torch.tensor(
+            std)[:, None, None]
+        contribution = erf_map(model.to(device), x.float().to(device))
+        results.append(ErfResult(label, init, area_ratios(contribution, thresholds),
+                                 contribution / contribution.sum()))
+        bar.update(len(images))
+    bar.close()
     return results
 
 
-def plot(results: Sequence[ErfResult], out: Path, title: str = "") -> None:
-    """Grid of ERF maps (rows: random init / trained; columns: models) on one shared log colour scale."""
-    import matplotlib
+def plot(results: Sequence[ErfResult], title: str = "", probe: str = "") -> Figure:
+    """Grid of ERF maps (rows: random init / trained; columns: models) on one shared log colour scale; a cross marks
+    the image centre, around which the area ratios are measured.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-
+    Args:
+        results: `compute`'s results.
+        title: Figure title.
+        probe: What was probed, shown under the title.
+    """
     inits = [*dict.fromkeys(r.init for r in results)]
     labels = [*dict.fromkeys(r.label for r in results)]
     vmax = max(float(r.share.max()) for r in results)
     norm = LogNorm(vmin=vmax * 1e-4, vmax=vmax)
-    fig, axes = plt.subplots(len(inits), len(labels), figsize=(3.2 * len(labels) + 0.8, 3.3 * len(inits)),
-                             squeeze=False, constrained_layout=True)
+    fig = Figure(figsize=(3.2 * len(labels) + 0.8, 3.3 * len(inits) + 0.4), layout="constrained")
+    axes = fig.subplots(len(inits), len(labels), squeeze=False)
     image = None
     for r in results:
         ax = axes[inits.index(r.init)][labels.index(r.label)]
         image = ax.imshow(np.clip(r.share, vmax * 1e-4, None), cmap="RdYlGn", norm=norm)
+        height, width = r.share.shape
+        ax.plot([(width - 1) / 2], [(height - 1) / 2], marker="+", color="black", markersize=9)
         ratios = "  ".join(f"{t:g}:{v:.3f}" for t, v in sorted(r.ratios.items()))
         ax.set_title(f"{r.label} ({r.init})\narea ratio {ratios}", fontsize=7.5)
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(image, ax=axes, shrink=0.85, label="share of total input contribution per pixel (log)")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
+    fig.suptitle("\n".join(t for t in (title, probe, "area ratios: squares centred on the image centre (+)") if t),
+                 fontsize=8)
+    return fig
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mamba2d-erf",
-        description="Effective receptive fields of backbones: heatmaps on one colour scale and high-contribution "
-        "area ratios at 0.2/0.3/0.5/0.99 (printed, and saved as JSON next to the figure).",
-    )
-    parser.add_argument("--models", nargs="+", required=True,
-                        help="zoo names (e.g. vmamba2d_nano.digits), ARCH=CHECKPOINT, or timm names (random init)")
-    parser.add_argument("--images", default=None,
-                        help="directory of images (default: scikit-image's bundled natural photos)")
-    parser.add_argument("--size", type=int, default=224, help="input size the images are resized to (default 224)")
-    parser.add_argument("--out", type=Path, default=Path("erf.png"), help="figure path (numbers: same name .json)")
-    parser.add_argument("--random-init", action="store_true", help="add a row of the same models at random init")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--mean-std", type=float, nargs=6, default=None, metavar="V",
-                        help="input normalisation (3 means, 3 stds); default: the zoo entry's, else the timm cfg's")
-    parser.add_argument("--title", default="")
-    return parser
+def run(models: list[str], images: Path | None = None, size: int = 224, out: Path = Path("erf.png"),
+        random_init: bool = False, device: str = "auto", mean_std: list[float] | None = None, title: str = "",
+        progress: bool | None = None) -> list[ErfResult]:
+    """Effective receptive fields of backbones: heatmaps on one colour scale and high-contribution area ratios at
+    0.2/0.3/0.5/0.99 (printed, and saved as JSON next to the figure).
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    images, names = load_images(args.images, args.size)
-    mean_std = (tuple(args.mean_std[:3]), tuple(args.mean_std[3:])) if args.mean_std else None
-    results = compute(args.models, images, random_init=args.random_init, device=args.device, mean_std=mean_std)
-    header = f"{'model':<28}{'init':<9}" + "".join(f"{f'r@{t:g}':>9}" for t in THRESHOLDS)
-    print(f"ERF area ratios on {len(names)} images at {args.size}x{args.size} ({', '.join(names)})")
-    print(header)
+    Args:
+        models: Zoo names (e.g. vmamba2d_nano.digits), ARCH=CHECKPOINT, or timm names (random init).
+        images: Folder of images (default: scikit-image's bundled natural photos).
+        size: Side the images are resized to.
+        out: Figure path; the numbers go to the same name with .json.
+        random_init: Add a row of the same models at random initialisation.
+        device: "auto" (CUDA when available), "cpu", "cuda", ...
+        mean_std: Input normalisation: 3 means then 3 stds (default: the zoo entry's, else the timm cfg's).
+        title: Figure title.
+        progress: Progress bar over models (None: only on a terminal).
+    """
+    if mean_std is not None and len(mean_std) != 6:
+        raise ValueError(f"erf: mean_std takes 3 means then 3 stds, got {len(mean_std)} values")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    pixels, names = load_images(images, size)
+    norm = (tuple(mean_std[:3]), tuple(mean_std[3:])) if mean_std else None
+    results = compute(models, pixels, random_init=random_init, device=device, mean_std=norm, progress=progress)
+    print(f"ERF area ratios on {len(names)} images at {size}x{size} ({', '.join(names)})")
+    print(f"{'model':<28}{'init':<9}" + "".join(f"{f'r@{t:g}':>9}" for t in THRESHOLDS))
     for r in results:
         print(r.row())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    plot(results, args.out, args.title)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    probe = f"probe: the unit(s) whose receptive field is centred, at {size}x{size} input"
+    plot(results, title, probe).savefig(out, dpi=130)
     numbers = {
-        "images": names, "size": args.size, "thresholds": [*THRESHOLDS],
-        "results": [{k: v for k, v in asdict(r).items() if k != "share"} for r in results],
+        "images": names, "size": size, "thresholds": [*THRESHOLDS], "probe": probe,
+        "results": [{**{k: v for k, v in asdict(r).items() if k != "share"}, "centroid": centroid(r.share)}
+                    for r in results],
     }
-    args.out.with_suffix(".json").write_text(json.dumps(numbers, indent=2) + "\n")
-    print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    out.with_suffix(".json").write_text(json.dumps(numbers, indent=2) + "\n")
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return results

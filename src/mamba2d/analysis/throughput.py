@@ -8,12 +8,12 @@ convolutions only with `--tf32`, as VMamba's protocol), `fp16` (float16 autocast
 `bf16` (bfloat16 autocast). Peak memory is printed in GB (10^9 bytes): `torch.cuda.max_memory_allocated` on CUDA;
 on CPU the process's peak resident set size (`ru_maxrss`), a whole-process upper bound, labelled so.
 
-    mamba2d-throughput vmamba2d_tiny vmamba_tiny --batch 128 --size 224 --tf32 --precisions fp32 fp16 bf16
+    mamba2d throughput --models '[vmamba2d_tiny, vmamba_tiny]' --batch 128 --size 224 --tf32 true \\
+        --precisions '[fp32, fp16, bf16]'
 """
 
 from __future__ import annotations
 
-import argparse
 import resource
 import sys
 import time
@@ -159,42 +159,36 @@ def run(names: Sequence[str], batch: int, size: int, device: torch.device, modes
     return results
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mamba2d-throughput",
-        description="Inference and training (forward + backward) images/s and peak memory (GB = 10^9 bytes) per "
-        "precision, with VMamba's protocol (50 warm-up, 30 timed iterations).",
-    )
-    parser.add_argument("models", nargs="+", help="timm model names, e.g. vmamba2d_tiny vmamba_tiny")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(DEFAULT_PRECISIONS),
-                        help="fp32 (float32), fp16 (float16 autocast: upstream's AMP figures), bf16 (bfloat16 "
-                        "autocast)")
-    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (VMamba's protocol runs with TF32 on)")
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--iters", type=int, default=30)
-    return parser
+def throughput(models: list[str], batch: int = 128, size: int = 224, device: str = "auto",
+               modes: Sequence[str] = MODES, precisions: Sequence[str] = DEFAULT_PRECISIONS, tf32: bool = False,
+               warmup: int = 50, iters: int = 30) -> list[Measurement]:
+    """Inference and training (forward + backward) images/s and peak memory (GB = 10^9 bytes) per precision, with
+    VMamba's protocol (50 warm-up, 30 timed iterations); prints the device, the precision and the units.
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    device = torch.device(args.device)
-    if args.tf32:
+    Args:
+        models: timm model names, e.g. vmamba2d_tiny.
+        batch: Images per step.
+        size: Image side in pixels.
+        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+        modes: "inference" and/or "training".
+        precisions: fp32 (float32), fp16 (float16 autocast: upstream's AMP figures), bf16 (bfloat16 autocast).
+        tf32: Allow TF32 matmuls and convolutions in fp32 (VMamba's protocol runs with TF32 on).
+        warmup: Untimed steps per setting.
+        iters: Timed steps per setting.
+    """
+    unknown = sorted(set(modes) - set(MODES)) + sorted(set(precisions) - set(PRECISIONS))
+    if unknown:
+        raise ValueError(f"throughput: unknown mode/precision {unknown}; modes {MODES}, precisions {tuple(PRECISIONS)}")
+    resolved = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    results = run(args.models, args.batch, args.size, device, args.modes, args.precisions, args.warmup, args.iters)
-    label = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    tf32 = "on" if args.tf32 else "off"
-    print(f"device: {label}; warm-up {args.warmup}, timed {args.iters} iterations; precision: fp32 = float32 "
-          f"(TF32 {tf32}), fp16 / bf16 = float16 / bfloat16 autocast; peak GB = 10^9 bytes")
+    results = run(models, batch, size, resolved, modes, precisions, warmup, iters)
+    label = torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else "CPU"
+    print(f"device: {label}; warm-up {warmup}, timed {iters} iterations; precision: fp32 = float32 "
+          f"(TF32 {'on' if tf32 else 'off'}), fp16 / bf16 = float16 / bfloat16 autocast; images/s = images per "
+          "second; peak GB = 10^9 bytes")
     print(HEADER)
     for r in results:
         print(r.row())
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    return results

@@ -1,4 +1,4 @@
-"""FLOP formula of the selective scan, and an opaque op through which FLOP counters see one scan as one node.
+"""FLOP formula of the selective scan, registered with `torch.utils.flop_counter` on the scan's custom ops.
 
 Counting convention (VMamba's tables, 2DVMamba's paper): one multiply-add is one FLOP. For a scan over
 B batches, D channels, N states and L = H * W positions
@@ -10,20 +10,27 @@ B batches, D channels, N states and L = H * W positions
 A scan is 2D when both H and W exceed 1; a single row or column is the 1D scan (H = 1 is how the cross-1D scan and
 the 1D MIL baselines call the op).
 
-The public `selective_scan_2d` runs as many small tensor ops on the reference backend, which counters would either
-miss or count as something else. `counted_selective_scan_2d` is a torch.library custom op that runs the same scan
-(same backends, same result) but appears to `torch.jit` tracing (fvcore) and to `TorchDispatchMode`
-(`torch.utils.flop_counter`) as a single node named `mamba2d_flops::selective_scan_2d`, with a fake kernel so that
-counting also works on the meta device. It has no backward: it exists for forward-only analysis.
+`torch.utils.flop_counter.FlopCounterMode` counts the operators it sees at dispatch, by the formulas registered for
+them. The scan's formula is registered (`register_flop_formula`) on two custom ops:
+
+- `mamba2d::scan2d_fwd`, the CUDA kernels' op (`mamba2d.ops.library`);
+- `mamba2d_flops::selective_scan_2d`, the shape-only scan: `selective_scan_2d(..., backend="shape_only")` returns
+  zeros of the output's shape and dtype through this one op, which has a fake kernel. A model built with
+  `scan_backend="shape_only"` is therefore counted in one forward pass on any device, without running a scan.
+
+The reference backend runs as many small tensor ops, which a counter would miss or count as something else.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
-from .scan import selective_scan_2d
+from . import library  # noqa: F401  (registers mamba2d::scan2d_fwd, whose formula is set below)
+from .contract import check_scan_inputs, parse_directions
 
 COUNTED_OP_NAME = "mamba2d_flops::selective_scan_2d"
 SHAPE_ONLY = "shape_only"
@@ -32,7 +39,17 @@ SHAPE_ONLY = "shape_only"
 def selective_scan_flops(
     batch: int, dim: int, height: int, width: int, d_state: int, with_D: bool = True, with_z: bool = False
 ) -> int:
-    """Multiply-add count of one selective scan over a (batch, dim, height, width) input with `d_state` states."""
+    """Multiply-add count of one selective scan over a (batch, dim, height, width) input with `d_state` states.
+
+    Args:
+        batch: Batch size.
+        dim: Channels.
+        height: Map height (1 for a 1D scan).
+        width: Map width.
+        d_state: States per channel (N).
+        with_D: Whether the D skip term is added.
+        with_z: Whether the z gate is applied.
+    """
     per_state = batch * height * width * dim * d_state
     flops = 9 * per_state
     if height > 1 and width > 1:
@@ -48,7 +65,14 @@ def selective_scan_flops(
 def scan_flops_from_shapes(
     u_shape: Sequence[int], B_shape: Sequence[int], with_D: bool, with_z: bool
 ) -> int:
-    """`selective_scan_flops` from the op's input shapes: u (batch, dim, H, W) and B (batch, G, N, H, W)."""
+    """`selective_scan_flops` from the op's input shapes: u (batch, dim, H, W) and B (batch, G, N, H, W).
+
+    Args:
+        u_shape: Shape of u.
+        B_shape: Shape of B.
+        with_D: Whether D was given.
+        with_z: Whether z was given.
+    """
     if len(u_shape) != 4 or len(B_shape) != 5:
         raise ValueError(
             f"scan_flops_from_shapes: expected u (batch, dim, H, W) and B (batch, G, N, H, W), got u {tuple(u_shape)} "
@@ -59,54 +83,78 @@ def scan_flops_from_shapes(
 
 
 @torch.library.custom_op(COUNTED_OP_NAME, mutates_args=())
-def counted_selective_scan_2d(
+def _shape_only_op(
     u: torch.Tensor,
     delta: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    delta_bias: torch.Tensor | None,
-    delta_softplus: bool,
-    directions: str,
-    out_dtype: torch.dtype | None,
-    backend: str,
+    D: Optional[torch.Tensor],
+    z: Optional[torch.Tensor],
+    delta_bias: Optional[torch.Tensor],
+    out_dtype: Optional[torch.dtype],
 ) -> torch.Tensor:
-    """`selective_scan_2d` as one opaque op. `directions` is one name or comma-separated names (one per group).
-
-    `backend` is one of `selective_scan_2d`'s backends, or SHAPE_ONLY: return zeros of the right shape and dtype
-    without scanning (FLOPs depend only on shapes, so counting need not pay for the CPU reference scan).
-    """
-    if backend == SHAPE_ONLY:
-        return torch.zeros(u.shape, dtype=out_dtype or u.dtype, device=u.device)
-    names = directions.split(",")
-    return selective_scan_2d(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, names[0] if len(names) == 1 else names, out_dtype, backend
-    )
+    return torch.zeros(u.shape, dtype=out_dtype or u.dtype, device=u.device)
 
 
-@counted_selective_scan_2d.register_fake
-def _counted_selective_scan_2d_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_dtype,
-                                    backend):
+@_shape_only_op.register_fake
+def _shape_only_fake(u, delta, A, B, C, D, z, delta_bias, out_dtype):
     return u.new_empty(u.shape, dtype=out_dtype or u.dtype)
 
 
-def counted_scan_call(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, direction="tl_hv", out_dtype=None,
-    backend="auto",
+def shape_only_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = True,
+    direction: str | Sequence[str] = "tl_hv",
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Drop-in for `selective_scan_2d` (same signature) that routes the call through the opaque counted op."""
-    directions = direction if isinstance(direction, str) else ",".join(direction)
-    return torch.ops.mamba2d_flops.selective_scan_2d(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_dtype, backend
-    )
+    """Zeros of the scan's output shape and dtype, through the one counted op `mamba2d_flops::selective_scan_2d`.
+
+    The inputs are checked as the real scan checks them, so a model that would fail to scan fails to count too.
+    FLOPs depend on shapes only, so counting need not pay for the CPU reference scan. Forward only.
+
+    Args:
+        u: (batch, dim, H, W).
+        delta: (batch, dim, H, W).
+        A: (dim, N).
+        B: (batch, G, N, H, W).
+        C: (batch, G, N, H, W).
+        D: (dim,) or None.
+        z: (batch, dim, H, W) or None.
+        delta_bias: (dim,) or None.
+        delta_softplus: Unused by the count (the real scan's flag).
+        direction: One direction name or one per group (checked, unused by the count).
+        out_dtype: Output dtype (default: u's).
+    """
+    shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, out_dtype)
+    parse_directions(direction, shape.groups)
+    return torch.ops.mamba2d_flops.selective_scan_2d(u, delta, A, B, C, D, z, delta_bias, out_dtype)
 
 
+@register_flop_formula([torch.ops.mamba2d_flops.selective_scan_2d, torch.ops.mamba2d.scan2d_fwd])
 def flop_counter_formula(u_shape, delta_shape, A_shape, B_shape, C_shape, D_shape, z_shape, *args, **kwargs) -> int:
-    """Formula for `torch.utils.flop_counter.FlopCounterMode(custom_mapping=...)`.
+    """The scan's formula in `torch.utils.flop_counter`'s convention, where a multiply-add is two FLOPs.
 
-    FlopCounterMode counts a multiply-add as two FLOPs (a matmul of m x k by k x n is 2mkn), so this returns twice
-    `selective_scan_flops` to stay in that convention.
+    Args:
+        u_shape: Shape of u.
+        delta_shape: Shape of delta (unused).
+        A_shape: Shape of A (unused).
+        B_shape: Shape of B.
+        C_shape: Shape of C (unused).
+        D_shape: Shape of D, None when absent.
+        z_shape: Shape of z, None when absent.
+        *args: The op's remaining arguments (unused).
+        **kwargs: `out_shape` (unused).
     """
     return 2 * scan_flops_from_shapes(u_shape, B_shape, with_D=D_shape is not None, with_z=z_shape is not None)
+
+
+__all__ = ["COUNTED_OP_NAME", "SHAPE_ONLY", "flop_counter_formula", "scan_flops_from_shapes", "selective_scan_flops",
+           "shape_only_scan"]
