@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import (
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+    RichProgressBar,
+    TQDMProgressBar,
+)
 from PIL import Image
 
 from mamba2d.cli.lightning import build_cli, main
+from mamba2d.data.digits import DigitsDataModule
 from mamba2d.data.images import ImageFolderDataModule
+from mamba2d.tasks.checkpointing import BestCheckpoint, LastCheckpoint
+from mamba2d.tasks.classification import ImageClassifier
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "classification"
 
@@ -86,9 +99,59 @@ def test_unknown_config_key_is_named(in_tmp, capsys):
 
 
 def test_class_count_mismatch_is_named(in_tmp):
+    """Under the CLI the data sets num_classes (see test_num_classes_comes_from_the_data); a task built in Python
+    for other data is still stopped before training, with both config keys named."""
+    model = ImageClassifier(backbone="vmamba2d_nano", num_classes=7, backbone_kwargs={"dims": 16})
+    trainer = Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match="num_classes=7 but the data"):
-        main(["fit", "--config", str(CONFIGS / "digits_vmamba2d_nano.yaml"), "--model.init_args.num_classes", "7",
-              "--trainer.fast_dev_run", "1"])
+        trainer.fit(model, DigitsDataModule(batch_size=4))
+
+
+def test_num_classes_comes_from_the_data_and_short_names_resolve(in_tmp):
+    config = yaml.safe_load((CONFIGS / "digits_vmamba2d_nano.yaml").read_text())
+    assert "num_classes" not in config["model"]["init_args"]  # written once: the data knows it
+    assert config["model"]["class_path"] == "ImageClassifier" and config["data"]["class_path"] == "DigitsDataModule"
+    cli = build_cli(["--model", "ImageClassifier", "--data", "DigitsDataModule", "--model.init_args.backbone_kwargs",
+                     "{dims: 16}", "--trainer.logger", "false"], run=False)
+    assert isinstance(cli.model, ImageClassifier) and isinstance(cli.datamodule, DigitsDataModule)
+    assert cli.model.hparams.num_classes == 10 and cli.model.model.num_classes == 10
+
+
+def test_model_help_explains_each_key(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "ImageClassifier"])
+    out = capsys.readouterr().out
+    assert "Peak learning rate of AdamW" in out and "Decay of an EMA copy of the weights" in out
+
+
+def test_default_callbacks_come_through_the_public_hook_and_a_users_own_are_kept(in_tmp):
+    config = str(CONFIGS / "digits_vmamba2d_nano.yaml")
+    cli = build_cli(["--config", config], run=False)
+    kinds = [type(c) for c in cli.trainer.callbacks]
+    assert RichProgressBar in kinds and LearningRateMonitor in kinds
+    assert [type(c) for c in cli.trainer.checkpoint_callbacks] == [BestCheckpoint, LastCheckpoint]
+    cli = build_cli(["--config", config, "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"],
+                    run=False)
+    assert not {RichProgressBar, LearningRateMonitor} & {type(c) for c in cli.trainer.callbacks}
+    # A user's own callbacks replace the config's list: their ModelCheckpoint and progress bar are the only ones.
+    cli = build_cli(["--config", config, "--trainer.callbacks", "TQDMProgressBar",
+                     "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor", "val/loss"], run=False)
+    (checkpoint,) = cli.trainer.checkpoint_callbacks
+    assert type(checkpoint) is ModelCheckpoint and checkpoint.monitor == "val/loss"
+    assert [type(c) for c in cli.trainer.callbacks if isinstance(c, ProgressBar)] == [TQDMProgressBar]
+
+
+def test_logs_follow_default_root_dir_with_tensorboard_beside_csv(in_tmp):
+    config = str(CONFIGS / "digits_vmamba2d_nano.yaml")
+    build_cli(["fit", "--config", config, "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "2",
+               "--trainer.default_root_dir", str(in_tmp / "elsewhere")])
+    assert not (in_tmp / "runs").exists()
+    (run,) = (in_tmp / "elsewhere" / "digits_vmamba2d_nano").iterdir()
+    assert run.name == "version_0" and list(run.glob("events.out.tfevents.*"))
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert any(row.get("train/loss") for row in rows)  # the demo's short run logs its training loss
+    assert any(row.get("train/lr/pg1") for row in rows)  # logged by LearningRateMonitor
 
 
 def test_image_folder_without_class_folders_is_named(tmp_path):

@@ -5,13 +5,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
+from lightning.pytorch import Trainer
 from mil_helpers import classification_folder, survival_folder
 
 import mamba2d.zoo as zoo
+from mamba2d.cli import main as mamba2d_main
 from mamba2d.cli.lightning import build_cli as main
 from mamba2d.data.slides import SlideBagDataModule
 from mamba2d.tasks.mil import SlideMIL
-from mamba2d.wsi.cli import main as wsi_main
 from mamba2d.wsi.heatmap import model_scores
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "wsi"
@@ -97,23 +99,34 @@ def test_weights_start_a_model_from_a_checkpoint_or_fail_loudly(bags, tmp_path):
     assert np.isfinite(scores).all() and logits.shape == (2,)
 
 
+def test_task_and_outputs_come_from_the_data(bags):
+    """The survival configs name neither task nor num_bins for the model: the data's are linked to it."""
+    csv = survival_folder(bags)
+    config = CONFIG_DIR / "survival_mean.yaml"
+    model_args = yaml.safe_load(config.read_text())["model"]["init_args"]
+    assert "task" not in model_args and "num_bins" not in model_args
+    cli = main(["--config", str(config), *data_args(bags, csv), "--data.init_args.num_bins", "3",
+                "--trainer.logger", "false"], run=False)
+    assert (cli.model.hparams.task, cli.model.hparams.num_bins, cli.model.model.head.out_features) == ("survival", 3, 3)
+
+
 def test_task_and_output_mismatches_fail_early(bags):
+    """A task built in Python for other data stops before training, naming both sides."""
     csv = classification_folder(bags)
-    config = CONFIG_DIR / "classification_mean.yaml"
-    with pytest.raises(ValueError, match="num_classes=3 but the data .* has 2"):
-        main(["fit", "--config", str(config), *data_args(bags, csv), "--trainer.fast_dev_run", "1",
-              "--model.init_args.num_classes", "3"])
-    with pytest.raises(ValueError, match="task='survival' but data.init_args.task='classification'"):
-        main(["fit", "--config", str(config), *data_args(bags, csv), "--trainer.fast_dev_run", "1",
-              "--model.init_args.task", "survival"])
+    data = SlideBagDataModule(str(bags), str(csv))
+    trainer = Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="num_classes=3 but the data .* has num_classes=2"):
+        trainer.fit(SlideMIL("mean", in_dim=8, num_classes=3), datamodule=data)
+    with pytest.raises(ValueError, match="task='survival' but the data .* has task='classification'"):
+        trainer.fit(SlideMIL("mean", in_dim=8, task="survival"), datamodule=data)
 
 
 def test_kfold_command_prints_mean_and_std_over_folds(bags, tmp_path, capsys):
     csv = survival_folder(bags, cases=24)
-    assert wsi_main(["splits", "--csv", str(csv), "--task", "survival", "--folds", "3", "--out",
+    assert mamba2d_main(["wsi", "splits", "--csv", str(csv), "--task", "survival", "--folds", "3", "--out",
                      str(tmp_path / "splits")]) == 0
     config = CONFIG_DIR / "survival_mean.yaml"
-    code = wsi_main(["kfold", "--config", str(config), "--folds", "2", "--summary", str(tmp_path / "kfold.json"),
+    code = mamba2d_main(["kfold", str(config), "--folds", "2", "--out_dir", str(tmp_path / "kfold"),
                      "--", "--data.init_args.features_dir", str(bags), "--data.init_args.csv_path", str(csv),
                      "--data.init_args.split_dir", str(tmp_path / "splits"), "--model.init_args.in_dim", "8",
                      "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu"])
@@ -123,4 +136,5 @@ def test_kfold_command_prints_mean_and_std_over_folds(bags, tmp_path, capsys):
     row = next(line for line in out.splitlines() if line.startswith("| test/cindex |"))
     mean_std, per_fold = row.split("|")[2], row.split("|")[3]
     assert "±" in mean_std and len(per_fold.split(",")) == 2
-    assert (tmp_path / "kfold.json").is_file()
+    assert all((tmp_path / "kfold" / name).is_file() for name in ("kfold.json", "kfold_summary.csv",
+                                                                  "kfold_summary.png"))

@@ -1,60 +1,124 @@
-"""`mamba2d` command line: LightningCLI over every task (model) and DataModule (data), configured by YAML.
+"""`mamba2d fit|validate|test|predict`: LightningCLI over every task (model) and DataModule (data), configured by YAML.
 
-Configs name classes by full import path (e.g. `mamba2d.tasks.classification.ImageClassifier`).
+Classes go by their short names (`--model ImageClassifier`, `--data DigitsDataModule`, `class_path:
+BestCheckpoint` in a config) because the tasks, DataModules and callbacks are imported before parsing; full import
+paths work as well. The data decides what the model must agree with: `task`, `num_classes` and `num_bins` are
+linked from the DataModule to the task, so a config writes them once, on the data side (or not at all when the
+data knows them, e.g. from its folders or CSV). Configs are read in jsonargparse's `omegaconf+` mode: a logger's
+`save_dir: ${trainer.default_root_dir}` follows `--trainer.default_root_dir` given anywhere on the command line.
+
+Two callbacks are added when the config has none of their kind, through the public `before_instantiate_classes`
+hook: a rich progress bar (unless `--trainer.enable_progress_bar false`) and a `LearningRateMonitor` (when a
+logger is configured).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
-from typing import Any
+from pathlib import Path
 
-from jsonargparse import lazy_instance
-from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from jsonargparse import Namespace
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import mamba2d  # noqa: F401  (registers the backbones with timm)
 
+# Every DataModule, task and callback is imported before parsing, so that short class names resolve.
+from ..data import ade20k, coco, digits, images, slides  # noqa: F401
+from ..tasks import checkpointing, classification, detection, mil, segmentation  # noqa: F401
+
 RUN_ROOT = "runs"
 
+#: (DataModule attribute, task argument) pairs: the task takes the data's value when the DataModule has it.
+DATA_TO_MODEL_LINKS = (("num_classes", "num_classes"), ("task", "task"), ("num_bins", "num_bins"))
 
-def default_loggers(name: str = "mamba2d") -> list:
-    """A CSV log always, TensorBoard as well when it is installed; both in runs/<name>/version_<n>."""
-    loggers = [lazy_instance(CSVLogger, save_dir=RUN_ROOT, name=name)]
-    if importlib.util.find_spec("tensorboard") is not None:
-        loggers.append(lazy_instance(TensorBoardLogger, save_dir=RUN_ROOT, name=name))
-    return loggers
+
+def _resolve_class(class_path: str) -> type | None:
+    """The class a callback entry names (full import path), or None when it cannot be imported."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(__import__(module, fromlist=[name]), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
 
 
 class Mamba2dCLI(LightningCLI):
-    """LightningCLI that adds a rich progress bar unless `--trainer.enable_progress_bar false` is given."""
+    """LightningCLI with the data → model links and the default progress bar and learning-rate monitor."""
 
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        if config.get("enable_progress_bar", True) is not False:
-            configured = [c for c in (config.get("callbacks") or []) + callbacks if isinstance(c, ProgressBar)]
-            if not configured:
-                callbacks = [*callbacks, RichProgressBar()]
-        return super()._instantiate_trainer(config, callbacks)
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Link the DataModule's `task`, `num_classes` and `num_bins` to the task's arguments of the same name.
+
+        A link applies only when the DataModule has the attribute and the task the argument; the linked value
+        replaces any value the config gives the task.
+
+        Args:
+            parser: The subcommand's parser.
+        """
+        for source, target in DATA_TO_MODEL_LINKS:
+            parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        """Add a `RichProgressBar` and a `LearningRateMonitor` to `trainer.callbacks` when none of their kind is
+        configured (and, respectively, the progress bar is enabled and a logger is configured)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        callbacks = list(trainer.callbacks or [])
+        kinds = [_resolve_class(c.class_path) for c in callbacks if isinstance(c, Namespace) and "class_path" in c]
+        configured = lambda kind: any(isinstance(k, type) and issubclass(k, kind) for k in kinds)  # noqa: E731
+        if trainer.enable_progress_bar is not False and not configured(ProgressBar):
+            callbacks.append(Namespace(class_path="lightning.pytorch.callbacks.RichProgressBar"))
+        has_logger = trainer.logger is not False and trainer.logger != []  # None: Lightning's default logger
+        if has_logger and not configured(LearningRateMonitor):
+            callbacks.append(Namespace(class_path="lightning.pytorch.callbacks.LearningRateMonitor",
+                                       init_args=Namespace(logging_interval="step")))
+        trainer.callbacks = callbacks
+        _share_logger_version(trainer.logger)
+
+
+def _share_logger_version(loggers) -> None:
+    """Give loggers that write to the same `save_dir/name` folder one version (the next free `version_N`).
+
+    Each of Lightning's file loggers picks the next free version itself when it first writes, so a CSV and a
+    TensorBoard logger of one run would land in `version_0` and `version_1`.
+    """
+    if not isinstance(loggers, list):
+        return
+    groups: dict[tuple[str, str], list[Namespace]] = {}
+    for logger in loggers:
+        init = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if init is not None and init.get("save_dir") is not None and init.get("version") is None:
+            groups.setdefault((str(init.save_dir), str(init.get("name") or "")), []).append(init)
+    for (save_dir, name), members in groups.items():
+        if len(members) < 2:
+            continue
+        folder = Path(save_dir) / name
+        taken = [int(p.name[8:]) for p in folder.glob("version_*") if p.is_dir() and p.name[8:].isdigit()]
+        for init in members:
+            init.version = f"version_{max(taken, default=-1) + 1}"
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    """Parse `args` (default: the command line) and, with `run`, execute the subcommand; returns the CLI object."""
+    """Parse `args` and, with `run`, execute the subcommand.
+
+    Args:
+        args: Command-line arguments (None: the process's own). With `run`, they start with the subcommand.
+        run: Execute the subcommand; False only parses and instantiates (no subcommand in `args`).
+
+    Returns:
+        The CLI object (`model`, `datamodule`, `trainer`).
+    """
     with warnings.catch_warnings():
-        # Passing args in-process (tests, `mamba2d-wsi kfold`) is deliberate, whatever the process's own argv says.
+        # Passing args in-process (tests, `mamba2d kfold`) is deliberate, whatever the process's own argv says.
         warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
         return Mamba2dCLI(
             LightningModule,
             LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            parser_kwargs={"parser_mode": "omegaconf", "prog": "mamba2d"},
+            parser_kwargs={"parser_mode": "omegaconf+", "prog": "mamba2d", "allow_abbrev": False},
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={
-                "default_root_dir": RUN_ROOT,
-                "logger": default_loggers(),
-            },
+            trainer_defaults={"default_root_dir": RUN_ROOT},
             args=args,  # None: LightningCLI reads the command line itself
             run=run,
             auto_configure_optimizers=False,
@@ -62,7 +126,11 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of `mamba2d` and `python -m mamba2d`. Tests call `main([...])` in-process."""
+    """Run `mamba2d fit|validate|test|predict ...`; tests call `main([...])` in-process.
+
+    Args:
+        args: Command-line arguments starting with the subcommand (None: the process's own).
+    """
     build_cli(args)
 
 

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .sampling import loader_sampling
+from .base import BaseDataModule
 
 __all__ = ["ADE20KDataset", "ADE20KDataModule", "SegmentationTrainTransform", "FitScale", "IMAGE_SUFFIXES"]
 
@@ -251,10 +250,26 @@ class EvalTransform:
         return image, mask
 
 
-class ADE20KDataModule(LightningDataModule):
+class ADE20KDataModule(BaseDataModule):
     """ADE20K SceneParsing from `root` (= the `ADEChallengeData2016` folder).
 
-    `predict_images` (a folder) is what `mamba2d predict` segments; by default the validation images.
+    `predict_images` (a folder) is what `mamba2d predict` segments; by default the validation images. Test runs on
+    the validation split (ADE20K's test annotations are not public).
+
+    Args:
+        root: The `ADEChallengeData2016` folder.
+        num_classes: Classes in the annotations (after `reduce_zero_label`).
+        reduce_zero_label: Label 0 ("other") becomes ignore (255) and 1..K become 0..K-1.
+        scale: (long, short) side bounds of the resize, before the training ratio.
+        ratio_range: Random resize ratio range of training.
+        crop_size: Side of the square training crop.
+        cat_max_ratio: No class may cover more than this share of a training crop (up to 10 tries).
+        flip_prob: Horizontal flip probability of training.
+        photometric: Apply mmseg's photometric distortion in training.
+        batch_size: Training images per batch.
+        eval_batch_size: Validation, test and predict images per batch.
+        num_workers: DataLoader worker processes.
+        predict_images: Folder of images that `predict` segments (None: the validation images).
     """
 
     def __init__(
@@ -292,20 +307,32 @@ class ADE20KDataModule(LightningDataModule):
             folder = hp.predict_images or self.root / "images" / SPLIT_DIRS["val"]
             self.predict_set = ImageFolderDataset(folder, FitScale(hp.scale))
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, collate) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                          **loader_sampling(self, dataset, shuffle),
-                          drop_last=shuffle and len(dataset) >= batch_size, persistent_workers=workers > 0)
+    @property
+    def num_classes(self) -> int:
+        """Segmentation classes (the `num_classes` argument)."""
+        return self.hparams.num_classes
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.hparams.batch_size, True, collate_train)
+    def dataset(self, split: str) -> Dataset:
+        """The split's dataset; test uses the validation split.
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.hparams.eval_batch_size, False, collate_lists)
+        Args:
+            split: One of train, val, test, predict.
+        """
+        return super().dataset("val" if split == "test" else split)
 
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+    def collate_fn(self, split: str):
+        """Stacked training crops; lists of differently sized evaluation images.
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_set, self.hparams.eval_batch_size, False, collate_lists)
+        Args:
+            split: One of train, val, test, predict.
+        """
+        return collate_train if split == "train" else collate_lists
+
+    def drop_last(self, split: str, dataset: Dataset) -> bool:
+        """Training drops the last incomplete batch when there is a full one.
+
+        Args:
+            split: One of train, val, test, predict.
+            dataset: That split's dataset.
+        """
+        return split == "train" and len(dataset) >= self.hparams.batch_size

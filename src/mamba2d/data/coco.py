@@ -23,14 +23,13 @@ import json
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
-from .sampling import loader_sampling
+from .base import BaseDataModule
 
 __all__ = ["COCOInstances", "COCODataModule", "check_coco_annotations", "load_coco_json"]
 
@@ -152,12 +151,26 @@ def collate_detection(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
     return list(images), list(targets)
 
 
-class COCODataModule(LightningDataModule):
+class COCODataModule(BaseDataModule):
     """COCO instances from `root` with paths relative to it. Images are resized inside the model (Mask R-CNN's
     transform: shorter side `min_size`), so the data pipeline only flips (training) and converts.
 
     `predict_annotations` may be an image-info file without annotations (as COCO test-dev ships); by default `predict`
-    runs on the validation split.
+    runs on the validation split; test runs on the validation split too.
+
+    Args:
+        root: The COCO folder; the paths below are relative to it.
+        train_images: Training image folder.
+        train_annotations: Training instances JSON.
+        val_images: Validation image folder.
+        val_annotations: Validation instances JSON.
+        predict_images: Image folder that `predict` runs on (None: the validation images).
+        predict_annotations: Its JSON (image info suffices; None: the validation annotations).
+        flip_prob: Horizontal flip probability of training.
+        drop_empty_train_images: Leave training images without annotations out.
+        batch_size: Training images per batch.
+        eval_batch_size: Validation, test and predict images per batch.
+        num_workers: DataLoader worker processes.
     """
 
     def __init__(
@@ -209,20 +222,18 @@ class COCODataModule(LightningDataModule):
             self.predict_set = self._split(hp.predict_images or hp.val_images,
                                            hp.predict_annotations or hp.val_annotations, train=False)
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                          **loader_sampling(self, dataset, shuffle),
-                          collate_fn=collate_detection, persistent_workers=workers > 0)
+    def dataset(self, split: str) -> Dataset:
+        """The split's dataset; test uses the validation split.
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+        Args:
+            split: One of train, val, test, predict.
+        """
+        return super().dataset("val" if split == "test" else split)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.hparams.eval_batch_size, shuffle=False)
+    def collate_fn(self, split: str):
+        """Lists of images and targets, as torchvision's detection models take them.
 
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_set, self.hparams.eval_batch_size, shuffle=False)
+        Args:
+            split: One of train, val, test, predict.
+        """
+        return collate_detection

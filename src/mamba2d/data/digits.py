@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule
+from matplotlib.figure import Figure
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
-from .sampling import loader_sampling
+from .base import BaseDataModule, image_grid_figure, predicted_labels
 
 DIGITS_MAX = 16.0  # pixel values of load_digits() run 0..16
 
@@ -22,10 +22,19 @@ def digit_images(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     return images.sub(0.5).div(0.5).expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(data.target).long()
 
 
-class DigitsDataModule(LightningDataModule):
+class DigitsDataModule(BaseDataModule):
     """Fixed stratified train/val/test split (70/15/15 by default) of the digits, upsampled to `image_size`.
 
-    The split depends only on `split_seed`, so every run and every model sees the same held-out images.
+    The split depends only on `split_seed`, so every run and every model sees the same held-out images; `predict`
+    runs on the test split. Batches are (images (B, 3, S, S) in [-1, 1], labels (B,)).
+
+    Args:
+        batch_size: Images per batch.
+        image_size: Side of the upsampled square images.
+        val_fraction: Share of the digits in the validation split.
+        test_fraction: Share of the digits in the test split.
+        split_seed: Seed of the stratified split.
+        num_workers: DataLoader worker processes.
     """
 
     num_classes = 10
@@ -63,19 +72,22 @@ class DigitsDataModule(LightningDataModule):
             for name, idx in (("train", train), ("val", val), ("test", test))
         }
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        dataset = self.splits[split]
-        sampling = loader_sampling(self, dataset, training=shuffle)
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers, **sampling)
+    def dataset(self, split: str) -> Dataset:
+        """The split's images; predict uses the test split.
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        Args:
+            split: One of train, val, test, predict.
+        """
+        return self.splits["test" if split == "predict" else split]
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+    def plot(self, sample, prediction=None) -> Figure:
+        """Grid of the batch's digits titled with the true and (if given) predicted digit.
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        Args:
+            sample: A batch (images, labels).
+            prediction: Predicted labels (B,), logits (B, 10), or the classifier's predict output (a dict with
+                "label"); None for none.
+        """
+        images, labels = sample
+        return image_grid_figure(images, labels, predicted_labels(prediction))
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lightning.pytorch import LightningDataModule
+from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform
-from torch.utils.data import DataLoader
+from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
-from .sampling import loader_sampling
+from .base import BaseDataModule, image_grid_figure, predicted_labels
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB; an unreadable file raises an error that names it."""
+    """Open an image as RGB; an unreadable file raises an error that names it.
+
+    Args:
+        path: The image file.
+    """
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
@@ -23,6 +27,12 @@ def load_rgb(path: str) -> Image.Image:
 
 
 def image_folder(root: Path, transform) -> ImageFolder:
+    """torchvision's ImageFolder over `root/<class>/<image>`, with errors that name the folder.
+
+    Args:
+        root: The split's folder.
+        transform: The image transform (None: PIL images).
+    """
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist (expected {root}/<class>/<image>)")
     try:
@@ -31,8 +41,26 @@ def image_folder(root: Path, transform) -> ImageFolder:
         raise FileNotFoundError(f"image folder {root}: {err} (expected {root}/<class>/<image>)") from err
 
 
-class ImageFolderDataModule(LightningDataModule):
-    """Train/val (optionally test) ImageFolders. Training uses timm's RandAugment/random-erasing pipeline."""
+class ImageFolderDataModule(BaseDataModule):
+    """Train/val (optionally test) ImageFolders. Training uses timm's RandAugment/random-erasing pipeline.
+
+    `predict` runs on the test folder (default: the validation folder). Batches are (images, labels).
+
+    Args:
+        root: Folder holding the split folders.
+        batch_size: Images per batch.
+        num_workers: DataLoader worker processes.
+        input_size: Side of the square network input.
+        crop_pct: Evaluation centre-crop fraction (timm's crop_pct).
+        interpolation: Resize interpolation.
+        auto_augment: timm auto-augment policy of training (None: off).
+        re_prob: Random-erasing probability of training.
+        color_jitter: Colour-jitter strength of training.
+        train_dir: Training folder under `root`.
+        val_dir: Validation folder under `root`.
+        test_dir: Test folder under `root` (None: the validation folder).
+        pin_memory: Pin loader memory (faster host-to-GPU copies).
+    """
 
     def __init__(
         self,
@@ -56,6 +84,7 @@ class ImageFolderDataModule(LightningDataModule):
 
     @property
     def num_classes(self) -> int:
+        """Class folders of the training split (read from disk on first use)."""
         if self._num_classes is None:
             self._num_classes = len(image_folder(Path(self.hparams.root) / self.hparams.train_dir, None).classes)
         return self._num_classes
@@ -81,23 +110,31 @@ class ImageFolderDataModule(LightningDataModule):
         test_dir = self.hparams.test_dir
         self.test_set = image_folder(root / test_dir, self._transform(False)) if test_dir else self.val_set
 
-    def _loader(self, dataset, training: bool) -> DataLoader:
-        hp = self.hparams
-        # Training drops the last incomplete batch: mixup/cutmix need even, equal batches.
-        sampling = loader_sampling(self, dataset, training)
-        return DataLoader(
-            dataset, batch_size=hp.batch_size, drop_last=training, num_workers=hp.num_workers, **sampling,
-            pin_memory=hp.pin_memory, persistent_workers=hp.num_workers > 0,
-        )
+    def dataset(self, split: str) -> Dataset:
+        """The split's ImageFolder; predict uses the test folder.
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True)
+        Args:
+            split: One of train, val, test, predict.
+        """
+        return {"train": self.train_set, "val": self.val_set}.get(split, self.test_set)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False)
+    def drop_last(self, split: str, dataset: Dataset) -> bool:
+        """Training drops the last incomplete batch: mixup/cutmix need even, equal batches.
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, False)
+        Args:
+            split: One of train, val, test, predict.
+            dataset: That split's dataset.
+        """
+        return split == "train"
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, False)
+    def plot(self, sample, prediction=None) -> Figure:
+        """Grid of the batch's images titled with the true and (if given) predicted class folder.
+
+        Args:
+            sample: A batch (images, labels).
+            prediction: Predicted labels (B,), logits (B, K), or the classifier's predict output (a dict with
+                "label"); None for none.
+        """
+        images, labels = sample
+        classes = getattr(getattr(self, "train_set", None), "classes", None)
+        return image_grid_figure(images, labels, predicted_labels(prediction), classes)

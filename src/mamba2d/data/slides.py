@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .bags import read_bag
-from .sampling import loader_sampling
+from .base import BaseDataModule
 from .splits import read_csv_rows, read_split_file, splits_from_column
 from .survival import assign_time_bins, fit_time_bins
 
@@ -74,11 +73,43 @@ class SlideBagDataset(Dataset):
 
 
 def single_bag(batch: list[dict]) -> dict:
-    """Collate for batch_size 1: the bag itself (no padding of variable-size bags)."""
+    """Collate for batch_size 1: the bag itself (no padding of variable-size bags).
+
+    Args:
+        batch: A list holding one bag dict.
+    """
     return batch[0]
 
 
-class SlideBagDataModule(LightningDataModule):
+def sorted_labels(labels: list[str]) -> list[str]:
+    """The distinct labels in class-index order: numerically when all are integers, else alphabetically.
+
+    Args:
+        labels: The label of every row.
+    """
+    numeric = all(s.lstrip("-").isdigit() for s in labels)
+    return sorted(set(labels), key=int if numeric else str)
+
+
+class SlideBagDataModule(BaseDataModule):
+    """Feature bags with slide labels (classification) or survival data, one bag per batch.
+
+    Under the CLI the model's `task`, `num_classes` (from the CSV's labels, or `class_names`) and `num_bins` come
+    from here.
+
+    Args:
+        features_dir: Folder of the `<slide_id>.h5` bags.
+        csv_path: The labels CSV (columns in the module docstring).
+        task: "classification" or "survival".
+        split_dir: Folder of CLAM `splits_{fold}.csv` files (None: the CSV's `split` column).
+        fold: Which `splits_{fold}.csv` to use.
+        label_column: The CSV column of the class labels (classification).
+        class_names: The labels in class-index order (None: the CSV's labels, sorted).
+        num_bins: Survival time bins (quantiles of the training split's uncensored times).
+        patch_stride: Level-0 patch stride (None: from each bag's attributes or coordinates).
+        num_workers: DataLoader worker processes.
+    """
+
     def __init__(
         self,
         features_dir: str,
@@ -103,7 +134,22 @@ class SlideBagDataModule(LightningDataModule):
 
     @property
     def num_classes(self) -> int:
-        return len(self.class_names) if self.class_names else 0
+        """Classes of a classification task: `class_names`, else the CSV's labels (read on first use).
+
+        Raises:
+            AttributeError: Survival data has time bins (`num_bins`), not classes.
+        """
+        if self.task != "classification":
+            raise AttributeError("num_classes: survival data has time bins (num_bins), not classes")
+        if self.class_names is None:
+            rows = read_csv_rows(self.csv_path, ["slide_id", self.hparams.label_column])
+            self.class_names = sorted_labels([row[self.hparams.label_column] for row in rows])
+        return len(self.class_names)
+
+    @property
+    def num_bins(self) -> int:
+        """Survival time bins (the `num_bins` argument)."""
+        return self.hparams.num_bins
 
     def setup(self, stage: str | None = None) -> None:
         if self.records:
@@ -140,8 +186,7 @@ class SlideBagDataModule(LightningDataModule):
         column = self.hparams.label_column
         labels = [row[column] for row in rows]
         if self.class_names is None:
-            numeric = all(s.lstrip("-").isdigit() for s in labels)
-            self.class_names = sorted(set(labels), key=int if numeric else str)
+            self.class_names = sorted_labels(labels)
         index = {name: i for i, name in enumerate(self.class_names)}
         unknown = sorted(set(labels) - set(index))
         if unknown:
@@ -204,21 +249,32 @@ class SlideBagDataModule(LightningDataModule):
                  for sid in r.slide_ids]
         return list(dict.fromkeys(paths))
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+    def dataset(self, split: str) -> Dataset:
+        """The split's bags; predict uses the test split.
+
+        Args:
+            split: One of train, val, test, predict.
+
+        Raises:
+            ValueError: The split has no bags.
+        """
+        split = "test" if split == "predict" else split
         if not self.records.get(split):
             raise ValueError(f"{self.csv_path}: the {split} split is empty")
-        dataset = SlideBagDataset(self.records[split], self.features_dir, self.hparams.patch_stride)
-        return DataLoader(dataset, batch_size=1, collate_fn=single_bag, **loader_sampling(self, dataset, shuffle),
-                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+        return SlideBagDataset(self.records[split], self.features_dir, self.hparams.patch_stride)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+    def batch_size(self, split: str) -> int:
+        """One bag per batch: bags differ in size and grid.
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        Args:
+            split: One of train, val, test, predict.
+        """
+        return 1
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+    def collate_fn(self, split: str):
+        """The bag itself, unpadded.
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        Args:
+            split: One of train, val, test, predict.
+        """
+        return single_bag

@@ -7,7 +7,6 @@ from typing import Any
 import timm
 import torch
 import torch.nn as nn
-from lightning.pytorch import LightningModule
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
@@ -15,17 +14,38 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from .. import zoo  # noqa: F401  (registers the backbones and the zoo's pretrained tags with timm)
-from .checkpointing import checkpoint_callbacks
-from .optim import adamw_no_decay_on_1d, warmup_then_decay
+from .base import BaseTask
 
 
-class ImageClassifier(LightningModule):
+class ImageClassifier(BaseTask):
     """Classifier over `timm.create_model(backbone, num_classes=..., **backbone_kwargs)`.
 
     Label smoothing, timm mixup/cutmix, optional EMA weights (used for validation and test when `ema_eval`), AdamW
     without decay on norms/biases/1-D params, per-step linear warm-up then cosine decay, top-1/top-5 accuracy
-    (micro average, i.e. plain accuracy).
+    (micro average, i.e. plain accuracy); `best.ckpt` is chosen on `val/acc1`.
+
+    Args:
+        backbone: A timm model name, e.g. `vmamba2d_nano` or a pretrained tag such as `vmamba2d_nano.digits`.
+        num_classes: Output classes (from the data under the CLI).
+        backbone_kwargs: Further `timm.create_model` arguments (e.g. `drop_path_rate`).
+        pretrained: Start from the backbone's pretrained weights (not stored in checkpoints).
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (not applied to norms, biases and 1-D parameters).
+        betas: AdamW betas.
+        warmup_epochs: Linear warm-up length in epochs (fractions allowed), counted in optimiser steps.
+        min_lr_ratio: The cosine decay ends at this fraction of `lr`.
+        label_smoothing: Label smoothing of the training loss.
+        mixup_alpha: timm Mixup's mixup alpha (0: off).
+        cutmix_alpha: timm Mixup's cutmix alpha (0: off).
+        mixup_prob: Probability of applying mixup or cutmix to a batch.
+        mixup_switch_prob: Probability of cutmix instead of mixup when both are on.
+        ema_decay: Decay of an EMA copy of the weights (None: no EMA).
+        ema_eval: Validate and test with the EMA weights when there are some.
     """
+
+    monitor = "val/acc1"
+    mode = "max"
+    metric_stages = ("train", "val", "test")
 
     def __init__(
         self,
@@ -46,15 +66,14 @@ class ImageClassifier(LightningModule):
         ema_decay: float | None = None,
         ema_eval: bool = True,
     ):
+        self.pretrained = pretrained
         super().__init__()
-        self.save_hyperparameters()
-        self.configure_models()
-        self.configure_metrics()
 
     def configure_models(self) -> None:
+        """The timm network, its optional EMA copy, mixup/cutmix and the losses."""
         hp = self.hparams
         self.model = timm.create_model(
-            hp.backbone, pretrained=hp.pretrained, num_classes=hp.num_classes, **(hp.backbone_kwargs or {})
+            hp.backbone, pretrained=self.pretrained, num_classes=hp.num_classes, **(hp.backbone_kwargs or {})
         )
         self.ema = None
         if hp.ema_decay:
@@ -71,37 +90,33 @@ class ImageClassifier(LightningModule):
         )
         self.eval_loss = nn.CrossEntropyLoss()
 
-    def configure_metrics(self) -> None:
+    def metrics(self) -> MetricCollection:
+        """Top-1 (and top-5 with at least 5 classes) accuracy."""
         ks = [k for k in (1, 5) if k <= self.hparams.num_classes]
-        metrics = MetricCollection(
+        return MetricCollection(
             {f"acc{k}": MulticlassAccuracy(self.hparams.num_classes, top_k=k, average="micro") for k in ks}
         )
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
 
     @property
     def eval_model(self) -> nn.Module:
+        """The network that validates, tests and predicts: the EMA copy when there is one and `ema_eval`."""
         return self.ema.module if self.ema is not None and self.hparams.ema_eval else self.model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes) of the trained network for images (B, C, H, W)."""
         return self.model(x)
 
-    def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        classes = getattr(datamodule, "num_classes", None)
-        if classes is not None and classes != self.hparams.num_classes:
-            raise ValueError(
-                f"model.init_args.num_classes={self.hparams.num_classes} but the data "
-                f"({type(datamodule).__name__}) has {classes} classes"
-            )
-
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, targets = batch
+        images, labels = batch
+        targets = labels
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
-        loss = self.train_loss(self.model(images), targets)
+        logits = self.model(images)
+        loss = self.train_loss(logits, targets)
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0], sync_dist=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=images.shape[0])
+        if self.mixup is None:  # mixed images have no single true label to score
+            self.train_metrics(logits.detach(), labels)
+            self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=images.shape[0])
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -126,15 +141,3 @@ class ImageClassifier(LightningModule):
         probs = self.eval_model(images).softmax(dim=-1)
         return {"probs": probs, "label": probs.argmax(dim=-1)}
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = adamw_no_decay_on_1d(self.model, hp.lr, hp.weight_decay, tuple(hp.betas))
-        total = self.trainer.estimated_stepping_batches  # also sets up the training data
-        steps_per_epoch = max(self.trainer.num_training_batches // self.trainer.accumulate_grad_batches, 1)
-        scheduler = warmup_then_decay(
-            optimizer, total, warmup_steps=int(hp.warmup_epochs * steps_per_epoch), min_lr_ratio=hp.min_lr_ratio
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def configure_callbacks(self) -> list:
-        return checkpoint_callbacks(monitor="val/acc1", mode="max")

@@ -10,14 +10,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torchmetrics.detection import MeanAveragePrecision
 
 from .. import zoo  # noqa: F401  (registers the backbones and the zoo's pretrained tags with timm)
 from ..models.detection import build_mask_rcnn
-from .checkpointing import checkpoint_callbacks
-from .optim import adamw_no_decay_on_1d, warmup_then_decay
+from .base import BaseTask
+from .optim import warmup_then_decay
 
 __all__ = ["InstanceDetector", "COCOPredictionWriter"]
 
@@ -25,14 +25,39 @@ __all__ = ["InstanceDetector", "COCOPredictionWriter"]
 LOGGED_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
 
 
-class InstanceDetector(LightningModule):
+class InstanceDetector(BaseTask):
     """Mask R-CNN (torchvision) on `backbone` + a 5-level FPN. Batches are (list of [0, 1] images, list of target
     dicts) as `mamba2d.data.coco.COCODataModule` gives them; `num_classes` counts object classes (no background).
     `maskrcnn_kwargs` go to torchvision's `MaskRCNN` (e.g. rpn_post_nms_top_n_train, box_batch_size_per_image).
 
     Schedule (mmdetection's 1x): linear warm-up over `warmup_steps` iterations, then the lr is multiplied by `gamma`
-    at each epoch in `lr_milestones` (converted to steps from the trainer's epoch length).
+    at each epoch in `lr_milestones` (converted to steps from the trainer's epoch length). `best.ckpt` is chosen on
+    `val/bbox_map`.
+
+    Args:
+        backbone: A timm backbone with `features_only` support, e.g. `vmamba2d_tiny`.
+        num_classes: Object classes without the background (from the data under the CLI).
+        pretrained: Start from the backbone's pretrained weights (not stored in checkpoints).
+        backbone_kwargs: Further `timm.create_model` arguments (e.g. `drop_path_rate`).
+        fpn_channels: Channels of the FPN.
+        min_size: Shorter image side after Mask R-CNN's resize.
+        max_size: Upper bound of the longer side after the resize.
+        anchor_sizes: Anchor size of each FPN level.
+        box_score_thresh: Detections scored below this are dropped.
+        box_detections_per_img: Most detections kept per image.
+        mask_threshold: Mask probability above which a pixel belongs to the instance.
+        maskrcnn_kwargs: Further torchvision `MaskRCNN` arguments.
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (not applied to norms, biases and 1-D parameters).
+        betas: AdamW betas.
+        warmup_steps: Linear warm-up length in optimiser steps.
+        warmup_start_ratio: The warm-up starts at this fraction of `lr`.
+        lr_milestones: Epochs at which the lr is multiplied by `gamma`.
+        gamma: The step decay factor.
     """
+
+    monitor = "val/bbox_map"
+    mode = "max"
 
     def __init__(
         self,
@@ -56,30 +81,21 @@ class InstanceDetector(LightningModule):
         lr_milestones: tuple[int, ...] = (8, 11),
         gamma: float = 0.1,
     ):
+        self.pretrained = pretrained
         super().__init__()
-        self.save_hyperparameters()
-        self.configure_models()
-        self.configure_metrics()
 
     def configure_models(self) -> None:
+        """torchvision's Mask R-CNN on the backbone and an FPN."""
         hp = self.hparams
         self.model = build_mask_rcnn(
-            hp.backbone, hp.num_classes, hp.pretrained, hp.backbone_kwargs, hp.fpn_channels, hp.min_size,
+            hp.backbone, hp.num_classes, self.pretrained, hp.backbone_kwargs, hp.fpn_channels, hp.min_size,
             hp.max_size, hp.anchor_sizes, box_score_thresh=hp.box_score_thresh,
             box_detections_per_img=hp.box_detections_per_img, **(hp.maskrcnn_kwargs or {}),
         )
 
-    def configure_metrics(self) -> None:
-        self.val_metrics = MeanAveragePrecision(iou_type=("bbox", "segm"))
-        self.test_metrics = MeanAveragePrecision(iou_type=("bbox", "segm"))
-
-    def setup(self, stage: str) -> None:
-        classes = getattr(getattr(self.trainer, "datamodule", None), "num_classes", None)
-        if classes is not None and classes != self.hparams.num_classes:
-            raise ValueError(
-                f"model.init_args.num_classes={self.hparams.num_classes} but the data "
-                f"({type(self.trainer.datamodule).__name__}) has {classes} categories"
-            )
+    def metrics(self) -> MeanAveragePrecision:
+        """COCO box and mask mAP."""
+        return MeanAveragePrecision(iou_type=("bbox", "segm"))
 
     def forward(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Detections per image: boxes (XYXY, input pixels), labels (1..K), scores, masks (N, H, W) bool."""
@@ -94,7 +110,6 @@ class InstanceDetector(LightningModule):
         loss = sum(losses.values())
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(images))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(images))
         return loss
 
     def _evaluate(self, batch, metric: MeanAveragePrecision) -> None:
@@ -130,24 +145,26 @@ class InstanceDetector(LightningModule):
         images, targets = batch
         return {"detections": self(images), "image_ids": [int(t["image_id"]) for t in targets]}
 
-    def configure_optimizers(self):
+    def schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """mmdetection's 1x: linear warm-up over `warmup_steps`, then `gamma` at each epoch of `lr_milestones`.
+
+        Args:
+            optimizer: The optimiser built by `configure_optimizers`.
+        """
         hp = self.hparams
-        optimizer = adamw_no_decay_on_1d(self.model, hp.lr, hp.weight_decay, tuple(hp.betas))
         total = self.trainer.estimated_stepping_batches  # also sets up the training data
-        steps_per_epoch = max(self.trainer.num_training_batches // self.trainer.accumulate_grad_batches, 1)
-        scheduler = warmup_then_decay(
+        steps_per_epoch = self.steps_per_epoch()
+        return warmup_then_decay(
             optimizer, total, warmup_steps=hp.warmup_steps, decay="step", gamma=hp.gamma,
             milestones=[int(epoch * steps_per_epoch) for epoch in hp.lr_milestones],
             warmup_start_ratio=hp.warmup_start_ratio,
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list:
-        callbacks = checkpoint_callbacks(monitor="val/bbox_map", mode="max")
-        # A writer the user configured (e.g. with its own output_file) wins; Lightning would replace it by ours.
-        if not any(isinstance(cb, COCOPredictionWriter) for cb in self.trainer.callbacks):
-            callbacks.append(COCOPredictionWriter())
-        return callbacks
+        """A `COCOPredictionWriter` for `predict`, unless the trainer already has one (a user's wins)."""
+        if any(isinstance(cb, COCOPredictionWriter) for cb in self.trainer.callbacks):
+            return []
+        return [COCOPredictionWriter()]
 
 
 def _mask_to_rle(mask: torch.Tensor) -> dict:

@@ -3,7 +3,7 @@
 One bag per step (a `SlideBagDataModule` batch is one bag dict). Classification: cross-entropy; accuracy (micro),
 balanced accuracy, macro F1 and macro one-vs-rest AUROC. Survival: discrete-time NLL over exactly `num_bins`
 outputs; risk = -sum(S); Harrell's C-index. The best checkpoint is chosen on the validation split only
-(`monitor`); `mamba2d test --ckpt_path .../best.ckpt` or `mamba2d-wsi kfold` report the held-out test split.
+(`monitor`); `mamba2d test --ckpt_path .../best.ckpt` or `mamba2d kfold` report the held-out test split.
 """
 
 from __future__ import annotations
@@ -12,25 +12,41 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
 
 from ..data.bags import check_feature_dim
 from ..models.mil import MIL_MODELS, MILOutput, create_mil_model
 from ..zoo import load_weights
-from .checkpointing import checkpoint_callbacks
-from .optim import adamw_no_decay_on_1d, warmup_then_decay
+from .base import BaseTask
 from .survival import ConcordanceIndex, discrete_time_nll, risk_score
 
 MIL_TASKS = ("classification", "survival")
 
 
-class SlideMIL(LightningModule):
-    """`model` is a name in `mamba2d.models.mil.MIL_MODELS` (mamba_mil_2d, mamba_mil_1d, abmil, transmil, mean, max);
-    `model_args` go to its constructor. The model has `num_classes` outputs (classification) or `num_bins`
-    hazard logits (survival). `weights` starts the model from a zoo entry (e.g. `mamba_mil_2d.spatial_mil`) or a
-    checkpoint file (safetensors, state dict, or a SlideMIL Lightning checkpoint), loaded strictly."""
+class SlideMIL(BaseTask):
+    """Slide classification or survival with a MIL model over a bag of patch features.
+
+    The model has `num_classes` outputs (classification) or `num_bins` hazard logits (survival). Under the CLI,
+    `task`, `num_classes` and `num_bins` come from the data.
+
+    Args:
+        model: A name in `mamba2d.models.mil.MIL_MODELS` (mamba_mil_2d, mamba_mil_1d, abmil, transmil, mean, max).
+        in_dim: Feature size of the bags' patch features.
+        task: "classification" or "survival".
+        num_classes: Classes (classification).
+        num_bins: Time bins (survival).
+        model_args: Further arguments of the MIL model's constructor (e.g. dim, num_layers, dropout).
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (not applied to norms, biases and 1-D parameters).
+        warmup_epochs: Linear warm-up length in epochs (fractions allowed), counted in optimiser steps.
+        min_lr_ratio: The cosine decay ends at this fraction of `lr`.
+        survival_alpha: Up-weighting of the uncensored term of the survival likelihood (0: plain likelihood).
+        monitor: The validation metric that selects `best.ckpt` (None: val/auroc or val/cindex).
+        weights: Start the model from a zoo entry (e.g. `mamba_mil_2d.spatial_mil`) or a checkpoint file
+            (safetensors, state dict, or a SlideMIL Lightning checkpoint), loaded strictly; not stored in the
+            checkpoints, which hold the trained weights.
+    """
 
     def __init__(
         self,
@@ -48,60 +64,66 @@ class SlideMIL(LightningModule):
         monitor: str | None = None,
         weights: str | None = None,
     ):
-        super().__init__()
         if task not in MIL_TASKS:
             raise ValueError(f"SlideMIL: task must be one of {MIL_TASKS}, got {task!r}")
         if model not in MIL_MODELS:
             raise ValueError(f"SlideMIL: unknown model {model!r}; choose one of {', '.join(MIL_MODELS)}")
-        self.save_hyperparameters()
-        self.configure_models()
-        self.configure_metrics()
+        self.weights = weights
+        super().__init__()
 
     @property
     def num_outputs(self) -> int:
+        """Outputs of the model: `num_classes` (classification) or `num_bins` (survival)."""
         return self.hparams.num_classes if self.hparams.task == "classification" else self.hparams.num_bins
 
     def configure_models(self) -> None:
+        """The MIL model, started from `weights` when given."""
         hp = self.hparams
         self.model = create_mil_model(hp.model, hp.in_dim, self.num_outputs, **(hp.model_args or {}))
-        if hp.weights:
-            load_weights(self.model, hp.weights)
+        if self.weights:
+            load_weights(self.model, self.weights)
 
-    def configure_metrics(self) -> None:
+    def metrics(self) -> MetricCollection:
+        """Classification: accuracy, balanced accuracy, macro F1 and macro one-vs-rest AUROC; survival: C-index."""
         if self.hparams.task == "classification":
             k = self.hparams.num_classes
-            metrics = MetricCollection({
+            return MetricCollection({
                 "acc": MulticlassAccuracy(k, average="micro"),
                 "balanced_acc": MulticlassAccuracy(k, average="macro"),
                 "f1": MulticlassF1Score(k, average="macro"),
                 "auroc": MulticlassAUROC(k, average="macro"),
             })
-        else:
-            metrics = MetricCollection({"cindex": ConcordanceIndex()})
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
+        return MetricCollection({"cindex": ConcordanceIndex()})
 
     @property
     def monitor(self) -> str:
+        """The metric that selects `best.ckpt`: the `monitor` hyperparameter, else val/auroc or val/cindex."""
         return self.hparams.monitor or ("val/auroc" if self.hparams.task == "classification" else "val/cindex")
 
+    @property
+    def mode(self) -> str:
+        """"min" for a monitored loss, else "max"."""
+        return "min" if "loss" in self.monitor else "max"
+
+    def data_checks(self) -> dict[str, Any]:
+        """The task, and the class count (classification) or the bin count (survival), must match the data."""
+        key = "num_classes" if self.hparams.task == "classification" else "num_bins"
+        return {"task": self.hparams.task, key: self.hparams[key]}
+
     def setup(self, stage: str) -> None:
-        """Fail early when the config's task or output count disagrees with the data."""
+        """Fail before the first step when the task, the output count or a bag's feature size disagree with the
+        data (feature sizes read from the h5 shapes of every bag).
+
+        Args:
+            stage: The Lightning stage (fit, validate, test, predict).
+        """
+        super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None:
-            return
-        hp = self.hparams
-        data_task = getattr(datamodule, "task", hp.task)
-        if data_task != hp.task:
-            raise ValueError(f"model.init_args.task={hp.task!r} but data.init_args.task={data_task!r}")
-        key = "num_classes" if hp.task == "classification" else "num_bins"
-        value = getattr(datamodule, key, None) or getattr(datamodule, "hparams", {}).get(key)
-        if value and value != hp[key]:
-            raise ValueError(f"model.init_args.{key}={hp[key]} but the data ({type(datamodule).__name__}) has {value}")
-        if hasattr(datamodule, "bag_paths"):  # every bag's feature size, from the h5 shapes, before the first step
-            check_feature_dim(datamodule.bag_paths(), hp.in_dim)
+        if hasattr(datamodule, "bag_paths"):
+            check_feature_dim(datamodule.bag_paths(), self.hparams.in_dim)
 
     def forward(self, bag: dict) -> MILOutput:
+        """The model's output for one bag dict (features, positions, optional segments)."""
         return self.model(bag["features"], bag["positions"], bag.get("segments"))
 
     def _loss(self, logits: torch.Tensor, bag: dict) -> torch.Tensor:
@@ -139,14 +161,3 @@ class SlideMIL(LightningModule):
             pred["probs"] = out.logits.softmax(-1)
         return pred
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = adamw_no_decay_on_1d(self.model, hp.lr, hp.weight_decay)
-        total = self.trainer.estimated_stepping_batches
-        steps_per_epoch = max(self.trainer.num_training_batches // self.trainer.accumulate_grad_batches, 1)
-        scheduler = warmup_then_decay(optimizer, total, warmup_steps=int(hp.warmup_epochs * steps_per_epoch),
-                                      min_lr_ratio=hp.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def configure_callbacks(self) -> list:
-        return checkpoint_callbacks(monitor=self.monitor, mode="min" if "loss" in self.monitor else "max")

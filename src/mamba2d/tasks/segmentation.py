@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from torchmetrics import MetricCollection
@@ -16,8 +16,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from .. import zoo  # noqa: F401  (registers the backbones and the zoo's pretrained tags with timm)
 from ..models.upernet import UperNet
-from .checkpointing import checkpoint_callbacks
-from .optim import adamw_no_decay_on_1d, warmup_then_decay
+from .base import BaseTask
+from .optim import warmup_then_decay
 
 __all__ = ["SemanticSegmenter", "SegmentationPredictionWriter", "class_palette"]
 
@@ -26,15 +26,39 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class SemanticSegmenter(LightningModule):
+class SemanticSegmenter(BaseTask):
     """UperNet segmenter. Batches are dicts with "image" float in [0, 1] (normalised here) and "mask" int64 labels
     (255 = ignore): training batches are stacked tensors, evaluation batches are lists of differently sized images
     whose logits are resized to their full-resolution masks before scoring.
 
     `inference="whole"` segments each image in one pass; `"slide"` averages overlapping `slide_crop` windows
     (stride `slide_stride`). Schedule: per-step linear warm-up over `warmup_steps`, then polynomial decay to 0 over
-    `total_steps` (default: the trainer's estimate from max_steps / max_epochs).
+    `total_steps` (default: the trainer's estimate from max_steps / max_epochs). `best.ckpt` is chosen on `val/mIoU`.
+
+    Args:
+        backbone: A timm backbone with `features_only` support, e.g. `vmamba2d_tiny`.
+        num_classes: Segmentation classes (from the data under the CLI).
+        pretrained: Start from the backbone's pretrained weights (not stored in checkpoints).
+        backbone_kwargs: Further `timm.create_model` arguments (e.g. `drop_path_rate`).
+        decoder_channels: Channels of the UperNet decoder.
+        pool_scales: Pyramid pooling scales of the PPM.
+        dropout: Dropout before the classifiers.
+        aux_weight: Weight of the auxiliary FCN head's loss (0: no auxiliary head).
+        aux_channels: Channels of the auxiliary head.
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (not applied to norms, biases and 1-D parameters).
+        betas: AdamW betas.
+        warmup_steps: Linear warm-up length in optimiser steps.
+        warmup_start_ratio: The warm-up starts at this fraction of `lr`.
+        poly_power: Power of the polynomial decay.
+        total_steps: Length of the decay in steps (None: the trainer's estimate).
+        inference: "whole" (one pass per image) or "slide" (averaged overlapping windows).
+        slide_crop: Window size of sliding inference.
+        slide_stride: Window stride of sliding inference.
     """
+
+    monitor = "val/mIoU"
+    mode = "max"
 
     def __init__(
         self,
@@ -58,39 +82,28 @@ class SemanticSegmenter(LightningModule):
         slide_crop: int = 512,
         slide_stride: int = 341,
     ):
-        super().__init__()
         if inference not in ("whole", "slide"):
             raise ValueError(f"SemanticSegmenter: inference must be 'whole' or 'slide', got {inference!r}")
-        self.save_hyperparameters()
-        self.configure_models()
-        self.configure_metrics()
+        self.pretrained = pretrained
+        super().__init__()
 
     def configure_models(self) -> None:
+        """UperNet on the backbone, and the input normalisation."""
         hp = self.hparams
         self.model = UperNet(
-            hp.backbone, hp.num_classes, hp.pretrained, hp.backbone_kwargs, hp.decoder_channels, hp.pool_scales,
+            hp.backbone, hp.num_classes, self.pretrained, hp.backbone_kwargs, hp.decoder_channels, hp.pool_scales,
             hp.dropout, hp.aux_channels, aux_index=2 if hp.aux_weight > 0 else None,
         )
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def configure_metrics(self) -> None:
+    def metrics(self) -> MetricCollection:
+        """Mean IoU over classes and pixel accuracy, ignoring label 255."""
         n = self.hparams.num_classes
-        metrics = MetricCollection({
+        return MetricCollection({
             "mIoU": MulticlassJaccardIndex(n, average="macro", ignore_index=IGNORE_INDEX),
             "pixel_acc": MulticlassAccuracy(n, average="micro", ignore_index=IGNORE_INDEX),
         })
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
-
-    def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        classes = getattr(getattr(datamodule, "hparams", None), "num_classes", None)
-        if classes is not None and classes != self.hparams.num_classes:
-            raise ValueError(
-                f"model.init_args.num_classes={self.hparams.num_classes} but the data "
-                f"({type(datamodule).__name__}) has num_classes={classes}"
-            )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes, H, W) for [0, 1] images (B, 3, H, W), by whole-image or sliding inference."""
@@ -123,7 +136,6 @@ class SemanticSegmenter(LightningModule):
             self.log("train/aux_loss", aux, batch_size=images.shape[0])
             loss = loss + self.hparams.aux_weight * aux
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=images.shape[0])
         return loss
 
     def predict_labels(self, images: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
@@ -150,22 +162,22 @@ class SemanticSegmenter(LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         return {"labels": self.predict_labels(batch["image"], batch["orig_size"]), "path": batch["path"]}
 
-    def configure_optimizers(self):
+    def schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """mmseg's schedule: linear warm-up over `warmup_steps`, then polynomial decay to 0 at `total_steps`.
+
+        Args:
+            optimizer: The optimiser built by `configure_optimizers`.
+        """
         hp = self.hparams
-        optimizer = adamw_no_decay_on_1d(self.model, hp.lr, hp.weight_decay, tuple(hp.betas))
         total = hp.total_steps or self.trainer.estimated_stepping_batches
-        scheduler = warmup_then_decay(
-            optimizer, total, warmup_steps=hp.warmup_steps, decay="poly", poly_power=hp.poly_power,
-            warmup_start_ratio=hp.warmup_start_ratio,
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return warmup_then_decay(optimizer, total, warmup_steps=hp.warmup_steps, decay="poly",
+                                 poly_power=hp.poly_power, warmup_start_ratio=hp.warmup_start_ratio)
 
     def configure_callbacks(self) -> list:
-        callbacks = checkpoint_callbacks(monitor="val/mIoU", mode="max")
-        # A writer the user configured (e.g. with its own output_dir) wins; Lightning would replace it by ours.
-        if not any(isinstance(cb, SegmentationPredictionWriter) for cb in self.trainer.callbacks):
-            callbacks.append(SegmentationPredictionWriter())
-        return callbacks
+        """A `SegmentationPredictionWriter` for `predict`, unless the trainer already has one (a user's wins)."""
+        if any(isinstance(cb, SegmentationPredictionWriter) for cb in self.trainer.callbacks):
+            return []
+        return [SegmentationPredictionWriter()]
 
 
 def class_palette(num_classes: int) -> np.ndarray:

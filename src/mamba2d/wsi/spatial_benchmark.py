@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..data.slides import SlideBagDataModule
 from ..data.spatial_bags import BENCHMARK_BAGS, BENCHMARK_LR, SpatialBagConfig, make_bag, write_spatial_bags
+from ..tasks.checkpointing import default_callbacks
 from ..tasks.mil import SlideMIL
 
 # Width 32 for every model, so a CPU run takes minutes; the same optimiser settings for every model. The Mamba
@@ -65,7 +66,8 @@ def fit_and_test(model: str, data_dir: Path, seed: int, epochs: int, lr: float, 
                       model_args=model_args if model_args is not None else BENCHMARK_MODELS[model],
                       lr=lr, weight_decay=1e-5)
     trainer = Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(work_dir))
+                      enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(work_dir),
+                      callbacks=default_callbacks())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         trainer.fit(module, datamodule=data)
