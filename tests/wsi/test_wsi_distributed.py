@@ -1,5 +1,5 @@
 """`extract_features` over several processes: two CPU processes (gloo) here, two GPUs on a GPU machine, and two
-torchrun "nodes" on one host standing in for a multi-node run."""
+torchrun "nodes" on one host standing in for a multi-node run (extraction and MIL training, docs/wsi.md's recipe)."""
 
 import json
 import os
@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from mil_helpers import classification_folder
 
 from mamba2d.wsi.extract import bag_is_complete, extract_features, throughput_per_device
 
@@ -52,6 +53,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _torchrun_two_nodes(script, tmp_path) -> list[str]:
+    """Run `script OUT_JSON` as two torchrun nodes of one process each on this host; return their logs."""
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
+                               str(rank), "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port",
+                               str(port), str(script), str(tmp_path / f"node{rank}.json")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(2)]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs
+    return logs
+
+
 @pytest.mark.slow
 def test_two_torchrun_nodes_on_one_host(make_test_slide, tmp_path):
     """The multi-node recipe of docs/wsi.md: one torchrun per node, `num_nodes=2` in the library call."""
@@ -64,16 +79,40 @@ def test_two_torchrun_nodes_on_one_host(make_test_slide, tmp_path):
                                      devices=1, num_nodes=2, **{SMALL!r})
         json.dump(summaries, open(sys.argv[1], "w"))
     """))
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
-                               str(rank), "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port",
-                               str(port), str(script), str(tmp_path / f"node{rank}.json")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(2)]
-    logs = [node.communicate(timeout=600)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], logs
+    _torchrun_two_nodes(script, tmp_path)
     results = [json.loads((tmp_path / f"node{rank}.json").read_text()) for rank in range(2)]
     assert results[0] == results[1]  # every process returns the whole run's summaries
     assert sorted(s["rank"] for s in results[0]) == [0, 0, 1]
     assert all(bag_is_complete(tmp_path / "out" / f"s{i}.h5") for i in range(3))
+
+
+@pytest.mark.slow
+def test_mil_training_on_two_torchrun_nodes(tmp_path):
+    """`num_nodes=2` under two torchrun nodes: one DDP run of world size 2, the training bags shared by the ranks."""
+    csv = classification_folder(tmp_path, n=12, dim=8)  # 6 train bags
+    script = tmp_path / "fit.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys
+        import lightning
+        from mamba2d.data.slides import SlideBagDataModule
+        from mamba2d.tasks.mil import SlideMIL
+
+        class Seen(lightning.Callback):
+            bags = []
+            def on_train_batch_start(self, trainer, module, batch, batch_idx):
+                self.bags.append(batch["bag_id"])
+
+        data = SlideBagDataModule({str(tmp_path)!r}, {str(csv)!r})
+        trainer = lightning.Trainer(accelerator="cpu", devices=1, num_nodes=2, strategy="ddp", max_epochs=1,
+                                    logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                    enable_model_summary=False, callbacks=[Seen()],
+                                    default_root_dir={str(tmp_path)!r})
+        trainer.fit(SlideMIL("mean", in_dim=8, num_classes=2), datamodule=data)
+        json.dump({{"rank": trainer.global_rank, "world": trainer.world_size, "bags": Seen.bags}},
+                  open(sys.argv[1], "w"))
+    """))
+    _torchrun_two_nodes(script, tmp_path)
+    ranks = [json.loads((tmp_path / f"node{rank}.json").read_text()) for rank in range(2)]
+    assert [(r["rank"], r["world"]) for r in ranks] == [(0, 2), (1, 2)]
+    assert [len(r["bags"]) for r in ranks] == [3, 3]
+    assert sorted(ranks[0]["bags"] + ranks[1]["bags"]) == [f"s{i:02d}" for i in range(6)]

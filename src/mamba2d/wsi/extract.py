@@ -414,7 +414,8 @@ def extract_features(slides: list[str | Path], out_dir: str | Path, backbone: st
                      pretrained: bool = False, checkpoint: str | None = None, patch_size: int = 224,
                      mpp: float | None = None, magnification: float | None = None, assume_mpp: float | None = None,
                      override_mpp: bool = False, tissue_threshold: float = 0.5, batch_size: int = 64,
-                     num_workers: int = 0, accelerator: str = "auto", devices: int | str = 1, num_nodes: int = 1,
+                     num_workers: int = 0, accelerator: str = "auto", devices: int | str | list[int] = 1,
+                     num_nodes: int = 1,
                      strategy: str = "auto", overwrite: bool = False, preview: bool = True,
                      progress: bool = True) -> list[dict]:
     """Extract feature bags for many slides, spread over devices and nodes, resuming where a previous run stopped.
