@@ -61,6 +61,9 @@ def sha256sum(path: Path | str) -> str:
 
     Args:
         path: The file.
+
+    Raises:
+        FileNotFoundError: There is no file at `path`.
     """
     stat = Path(path).stat()
     return _sha256_of(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
@@ -86,13 +89,27 @@ def expect_sha256(filename: str, sha256: str | None) -> None:
 
 
 def expected_sha256(filename: str) -> tuple[bool, str | None]:
-    """(whether the name is recorded, its sha256 or None)."""
+    """The sha256 recorded for a file name by `expect_sha256`.
+
+    Args:
+        filename: A file name (no directory).
+
+    Returns:
+        (whether the name is recorded, its sha256 or None).
+    """
     return filename in _EXPECTED, _EXPECTED.get(filename)
 
 
 def verify_known_file(path: Path) -> None:
-    """Check `path` against the sha256 recorded for its name: CheckpointHashMismatch on a difference, a warning
-    (with the file's sha256) for a known file without a recorded hash, nothing for a file of another name."""
+    """Check `path` against the sha256 recorded for its name: a warning (with the file's sha256) for a known file
+    without a recorded hash, nothing for a file of another name.
+
+    Args:
+        path: The file.
+
+    Raises:
+        CheckpointHashMismatch: The file's sha256 differs from the one recorded for its name.
+    """
     known, expected = expected_sha256(path.name)
     if not known:
         return
@@ -137,6 +154,9 @@ def check_checkpoint_file(path: Path | str) -> None:
 
     Args:
         path: The file.
+
+    Raises:
+        CheckpointError: `path` is missing, empty, truncated or not a checkpoint.
     """
     path = Path(path)
     if not path.is_file():
@@ -183,6 +203,13 @@ def read_checkpoint(path: Path | str, verify: bool = True) -> dict[str, Any]:
         path: The file.
         verify: Check the sha256 recorded for the file's name (see `expect_sha256`); off only for a caller that
             hashes and reports the file itself.
+
+    Returns:
+        The checkpoint's top-level dict (for safetensors, the tensors by name).
+
+    Raises:
+        CheckpointError: The file is missing, corrupt or not a dict checkpoint.
+        CheckpointHashMismatch: Its sha256 is not the one recorded for its name.
     """
     path = Path(path)
     check_checkpoint_file(path)
@@ -225,7 +252,13 @@ def mismatches(model: nn.Module, state_dict: Mapping[str, torch.Tensor], missing
 
 
 def listing(what: str, items: list[str], limit: int = 12) -> str:
-    """'N what: a, b, c ...' with at most `limit` items shown."""
+    """'N what: a, b, c ...' with at most `limit` items shown, for messages about many keys.
+
+    Args:
+        what: What the items are (e.g. 'missing keys').
+        items: The items.
+        limit: Items shown before ' ...'.
+    """
     return f"{len(items)} {what}: {', '.join(items[:limit])}{' ...' if len(items) > limit else ''}"
 
 
@@ -239,6 +272,9 @@ def check_state_dict(
         state_dict: The weights.
         source: What the weights are, for the message (a file, a zoo entry).
         missing_ok: Model keys the weights may lack.
+
+    Raises:
+        CheckpointMismatch: Some key is missing, unexpected or wrongly shaped.
     """
     found = zip(("missing keys", "unexpected keys", "shape mismatches"), mismatches(model, state_dict, missing_ok))
     problems = [listing(what, items) for what, items in found if items]

@@ -14,8 +14,17 @@ _REPOSITORY = Path(__file__).resolve().parents[2]
 
 def resource_dir(package: str, folder: str, marker: str) -> Path:
     """The repository's `folder` beside this source tree if it holds `marker` (a checkout, used installed in editable
-    mode or from src/), else the installed `package`'s folder (a wheel); loud when neither. The checkout wins so that
-    code and data come from the same tree even when another checkout is installed."""
+    mode or from src/), else the installed `package`'s folder (a wheel). The checkout wins so that code and data come
+    from the same tree even when another checkout is installed.
+
+    Args:
+        package: The package the folder is installed as (e.g. `mamba2d._zoo`).
+        folder: The folder's name at the repository root (e.g. `zoo`).
+        marker: A file that the right folder holds (e.g. `manifest.yaml`).
+
+    Raises:
+        FileNotFoundError: Neither folder holds `marker`.
+    """
     checkout = _REPOSITORY / folder
     if (checkout / marker).is_file():
         return checkout

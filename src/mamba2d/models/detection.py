@@ -25,7 +25,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class TimmFPNBackbone(nn.Module):
-    """A timm feature model (four stages) followed by an FPN with an extra max-pooled level: five maps."""
+    """A timm feature model (four stages) followed by an FPN with an extra max-pooled level: five maps.
+
+    Args:
+        backbone: A timm model name that supports `features_only` with four stages.
+        pretrained: Load the backbone's pretrained weights (timm's route, zoo tags included).
+        backbone_kwargs: Extra arguments to `timm.create_model` for the backbone.
+        out_channels: Channels of every FPN level (256, as Mask R-CNN's FPN).
+
+    Raises:
+        ValueError: The backbone does not give four feature maps.
+    """
 
     def __init__(
         self,
@@ -67,7 +77,24 @@ def build_mask_rcnn(
     """torchvision MaskRCNN on `TimmFPNBackbone`. `num_classes` counts object classes; background is added here.
 
     Images are resized inside the model so that the shorter side is `min_size` (longer side at most `max_size`) and
-    normalised with ImageNet statistics; outputs are mapped back to the input image size.
+    normalised with ImageNet statistics; outputs are mapped back to the input image size. Defaults are the COCO
+    setup of Mask R-CNN as VMamba's detector configures it (mmdetection's): 80 classes, 800 x 1333 resizing,
+    anchors 32-512 with ratios 0.5, 1, 2.
+
+    Args:
+        backbone: A timm model name that supports `features_only` with four stages.
+        num_classes: Object classes, background not counted.
+        pretrained: Load the backbone's pretrained weights.
+        backbone_kwargs: Extra arguments to `timm.create_model` for the backbone.
+        fpn_channels: Channels of every FPN level.
+        min_size: Shorter image side after resizing.
+        max_size: Longest image side allowed after resizing.
+        anchor_sizes: Anchor size of each of the five FPN levels.
+        aspect_ratios: Anchor aspect ratios, the same at every level.
+        **maskrcnn_kwargs: Passed to torchvision's `MaskRCNN` (e.g. box_detections_per_img).
+
+    Raises:
+        ValueError: `anchor_sizes` does not give one size per FPN level.
     """
     if len(anchor_sizes) != 5:
         raise ValueError(f"build_mask_rcnn: anchor_sizes needs one size per FPN level (5), got {list(anchor_sizes)}")

@@ -27,6 +27,17 @@ MIL_MODELS: dict[str, type[nn.Module]] = {
 
 
 def create_mil_model(name: str, in_dim: int, num_outputs: int, **kwargs) -> nn.Module:
+    """Build the MIL model registered as `name` in `MIL_MODELS`.
+
+    Args:
+        name: One of `MIL_MODELS` (e.g. 'mamba_mil_2d', 'abmil').
+        in_dim: Feature size of a patch.
+        num_outputs: Logits per bag (classes, or survival time bins).
+        **kwargs: The model's other arguments (see its class).
+
+    Raises:
+        ValueError: `name` is not a registered MIL model.
+    """
     if name not in MIL_MODELS:
         raise ValueError(f"unknown MIL model {name!r}; choose one of {', '.join(MIL_MODELS)}")
     return MIL_MODELS[name](in_dim=in_dim, num_outputs=num_outputs, **kwargs)

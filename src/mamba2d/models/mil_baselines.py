@@ -30,7 +30,16 @@ __all__ = ["ABMIL", "TransMIL", "MeanPoolMIL", "MaxPoolMIL", "GridCNNMIL", "Nyst
 
 
 class ABMIL(nn.Module):
-    """Attention-based MIL with gated attention (Ilse et al. 2018): Linear -> ReLU -> dropout -> gated attention."""
+    """Attention-based MIL with gated attention (Ilse et al. 2018): Linear -> ReLU -> dropout -> gated attention
+    pooling -> linear head. Scores: the attention weights. Positions and segments are not used.
+
+    Args:
+        in_dim: Feature size of a patch.
+        num_outputs: Logits per bag.
+        dim: Embedding size (512, CLAM's width).
+        attn_dim: Width of the attention MLP (256, CLAM's width).
+        dropout: Dropout after the embedding and in the attention MLP.
+    """
 
     def __init__(self, in_dim: int = 1024, num_outputs: int = 2, dim: int = 512, attn_dim: int = 256,
                  dropout: float = 0.25):
@@ -48,7 +57,14 @@ class ABMIL(nn.Module):
 
 
 class MeanPoolMIL(nn.Module):
-    """Mean of instance embeddings. Scores: each patch's logit for the bag's top output (their mean is that logit)."""
+    """Mean of instance embeddings. Scores: each patch's logit for the bag's top output (their mean is that logit).
+
+    Args:
+        in_dim: Feature size of a patch.
+        num_outputs: Logits per bag.
+        dim: Embedding size.
+        dropout: Dropout after the embedding.
+    """
 
     def __init__(self, in_dim: int = 1024, num_outputs: int = 2, dim: int = 512, dropout: float = 0.25):
         super().__init__()
@@ -64,7 +80,14 @@ class MeanPoolMIL(nn.Module):
 
 
 class MaxPoolMIL(nn.Module):
-    """Channel-wise max of instance embeddings. Scores: the fraction of channels whose max each patch supplies."""
+    """Channel-wise max of instance embeddings. Scores: the fraction of channels whose max each patch supplies.
+
+    Args:
+        in_dim: Feature size of a patch.
+        num_outputs: Logits per bag.
+        dim: Embedding size.
+        dropout: Dropout after the embedding.
+    """
 
     def __init__(self, in_dim: int = 1024, num_outputs: int = 2, dim: int = 512, dropout: float = 0.25):
         super().__init__()
@@ -148,7 +171,20 @@ def _moore_penrose_pinv(x: torch.Tensor, iters: int) -> torch.Tensor:
 class NystromAttention(nn.Module):
     """Multi-head self-attention with the Nystrom approximation (Xiong et al. 2021): O(n) memory in the sequence
     length, so bags of 10^5 tokens fit. Sequences no longer than `landmarks` use exact softmax attention.
-    A depthwise convolution over the values along the sequence is added (Nystromformer's residual)."""
+    A depthwise convolution over the values along the sequence is added (Nystromformer's residual). The defaults
+    of `pinv_iters`, `conv_kernel` and `dropout` are the ones TransMIL uses.
+
+    Args:
+        dim: Channels of a token.
+        heads: Attention heads; must divide `dim`.
+        landmarks: Landmarks of the Nystrom approximation (segment means of the queries and keys).
+        pinv_iters: Iterations of the Moore-Penrose pseudo-inverse.
+        conv_kernel: Length of the depthwise convolution over the values.
+        dropout: Dropout after the output projection.
+
+    Raises:
+        ValueError: `heads` does not divide `dim`.
+    """
 
     def __init__(self, dim: int, heads: int = 8, landmarks: int = 256, pinv_iters: int = 6, conv_kernel: int = 33,
                  dropout: float = 0.1):
@@ -190,7 +226,15 @@ class NystromAttention(nn.Module):
         return self.out(out.permute(1, 0, 2).reshape(n, -1))
 
     def query_attention(self, x: torch.Tensor, index: int = 0) -> torch.Tensor:
-        """Exact softmax attention of token `index` over all tokens of x, averaged over heads: (n,)."""
+        """Exact softmax attention of one token over all tokens, averaged over heads (what TransMIL's scores are).
+
+        Args:
+            x: (n, dim) tokens.
+            index: The querying token (0: TransMIL's class token).
+
+        Returns:
+            (n,) attention weights summing to 1.
+        """
         q, k, _ = self._split(x)
         logits = (q[:, index:index + 1] @ k.transpose(-1, -2)) * self.head_dim**-0.5
         return torch.softmax(logits, dim=-1).mean(0)[0]
@@ -213,7 +257,17 @@ class TransMIL(nn.Module):
     """TransMIL (Shao et al. 2021): Linear -> ReLU, class token, Nystrom layer, PPEG, Nystrom layer, LayerNorm, head
     on the class token. As in the paper, tokens are folded into a square in input order (coordinates are not used)
     and the square is completed by repeating the first tokens. Scores: the class token's attention in the last layer
-    (duplicated tokens credited to their original)."""
+    (duplicated tokens credited to their original). Defaults are TransMIL's: dim 512, 8 heads, dim // 2
+    landmarks, dropout 0.1.
+
+    Args:
+        in_dim: Feature size of a patch.
+        num_outputs: Logits per bag.
+        dim: Channels of the tokens.
+        heads: Attention heads of both Nystrom layers.
+        landmarks: Nystrom landmarks; None for dim // 2.
+        dropout: Dropout after each attention layer's output projection.
+    """
 
     def __init__(self, in_dim: int = 1024, num_outputs: int = 2, dim: int = 512, heads: int = 8,
                  landmarks: int | None = None, dropout: float = 0.1):
@@ -230,6 +284,7 @@ class TransMIL(nn.Module):
         self.head = nn.Linear(dim, num_outputs)
 
     def no_weight_decay(self) -> set[str]:
+        """Parameters the optimizer leaves out of weight decay (timm's convention): the class token."""
         return {"cls_token"}
 
     def forward(self, features, positions=None, segments=None) -> MILOutput:

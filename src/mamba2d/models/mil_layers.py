@@ -16,7 +16,12 @@ import torch.nn.functional as F
 
 @dataclass
 class MILOutput:
-    """logits: (num_outputs,) for the bag; scores: (N,) per-patch attention/importance, in the input patch order."""
+    """What every MIL model returns for one bag.
+
+    Args:
+        logits: (num_outputs,) for the bag.
+        scores: (N,) per-patch attention or importance, in the input patch order (what heatmaps show).
+    """
 
     logits: torch.Tensor
     scores: torch.Tensor
@@ -66,7 +71,20 @@ class RMSNorm2d(nn.Module):
 
 def check_bag(features: torch.Tensor, positions: torch.Tensor | None, segments: torch.Tensor | None, in_dim: int,
               model: str) -> None:
-    """Shape checks with messages that name the model and the tensor at fault."""
+    """Check one bag's tensors before a model reads them, so that a wrong shape is named instead of failing deep
+    inside the model.
+
+    Args:
+        features: (N, in_dim) patch features.
+        positions: (N, 2) integer (row, col) grid cells, or None for a model that ignores them.
+        segments: (N,) slide id of each patch, or None for a single slide.
+        in_dim: The feature size the model was built for.
+        model: The model's name, for the messages.
+
+    Raises:
+        ValueError: A tensor has the wrong shape, or the bag is empty.
+        TypeError: `positions` is a floating-point tensor.
+    """
     if features.dim() != 2 or features.shape[1] != in_dim:
         raise ValueError(f"{model}: features must be (N, in_dim={in_dim}), got {tuple(features.shape)}")
     if features.shape[0] == 0:
@@ -81,14 +99,30 @@ def check_bag(features: torch.Tensor, positions: torch.Tensor | None, segments: 
 
 
 def split_segments(n: int, segments: torch.Tensor | None, device: torch.device) -> list[torch.Tensor]:
-    """Indices of the patches of each slide of a bag (one index tensor per distinct segment id, in id order)."""
+    """Indices of the patches of each slide of a bag (one index tensor per distinct segment id, in id order).
+
+    Args:
+        n: Patches in the bag.
+        segments: (n,) slide id of each patch; None for a single slide.
+        device: Where the index tensors go.
+    """
     if segments is None:
         return [torch.arange(n, device=device)]
     return [torch.nonzero(segments == s).squeeze(1) for s in torch.unique(segments)]
 
 
 def grid_layout(positions: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """(N, 2) (row, col) -> flat cell index of each patch and the (H, W) of the bounding box of the patches."""
+    """Where a slide's patches go on the grid of their bounding box.
+
+    Args:
+        positions: (N, 2) integer (row, col) of each patch of one slide.
+
+    Returns:
+        (flat cell index of each patch (N,), height, width) of the bounding box.
+
+    Raises:
+        ValueError: Two patches share a grid cell.
+    """
     rows = positions[:, 0] - positions[:, 0].min()
     cols = positions[:, 1] - positions[:, 1].min()
     height, width = int(rows.max()) + 1, int(cols.max()) + 1
@@ -99,13 +133,26 @@ def grid_layout(positions: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 
 def scatter_to_grid(h: torch.Tensor, flat: torch.Tensor, height: int, width: int, pad: torch.Tensor) -> torch.Tensor:
-    """Real patch embeddings (n, C) onto an (1, C, H, W) grid whose empty cells hold the `pad` token (C,)."""
+    """Real patch embeddings onto a (1, C, H, W) grid whose empty cells hold the `pad` token.
+
+    Args:
+        h: (n, C) embeddings of the real patches.
+        flat: (n,) their flat cell indices (`grid_layout`).
+        height: Rows of the grid.
+        width: Columns of the grid.
+        pad: (C,) token for the empty cells.
+    """
     canvas = pad.to(h.dtype).expand(height * width, -1).index_copy(0, flat, h)
     return canvas.t().reshape(1, -1, height, width)
 
 
 def gather_from_grid(grid: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    """(1, C, H, W) grid -> (n, C) at the cells of the real patches."""
+    """The inverse of `scatter_to_grid`: the (n, C) embeddings at the cells of the real patches.
+
+    Args:
+        grid: (1, C, H, W) map.
+        flat: (n,) flat cell indices of the real patches.
+    """
     return grid.flatten(2)[0].index_select(1, flat).t()
 
 
@@ -120,7 +167,11 @@ class LayerNorm2d(nn.LayerNorm):
 def xavier_init(module: nn.Module) -> None:
     """The initialisation MambaMIL and 2DMambaMIL apply to the whole model: every nn.Linear xavier-normal with a zero
     bias, every nn.LayerNorm weight 1 and bias 0. It reaches the Mamba blocks' projections too, so dt_proj's bias
-    starts at 0 (softplus 0.69), not at Mamba's own dt initialisation."""
+    starts at 0 (softplus 0.69), not at Mamba's own dt initialisation.
+
+    Args:
+        module: The model, initialised in place.
+    """
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_normal_(m.weight)
@@ -132,9 +183,22 @@ def xavier_init(module: nn.Module) -> None:
 
 
 def instance_embedding(in_dim: int, dim: int, dropout: float, act: type[nn.Module] = nn.GELU) -> nn.Sequential:
+    """The per-patch embedding every MIL model starts with: Linear -> activation -> dropout.
+
+    Args:
+        in_dim: Feature size of a patch.
+        dim: Embedding size.
+        dropout: Dropout after the activation.
+        act: The activation (GELU in MambaMIL and 2DMambaMIL, ReLU in ABMIL and the other baselines).
+    """
     return nn.Sequential(nn.Linear(in_dim, dim), act(), nn.Dropout(dropout))
 
 
 def linear_1x1(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """Apply an nn.Linear over the channel axis of an NCHW map."""
+    """Apply an nn.Linear over the channel axis of an NCHW map (as a 1x1 convolution, so no permute copies).
+
+    Args:
+        x: (B, in_features, H, W) map.
+        layer: The linear layer.
+    """
     return F.conv2d(x, layer.weight[:, :, None, None], layer.bias)

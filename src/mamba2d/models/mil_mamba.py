@@ -47,7 +47,12 @@ INITS = ("upstream", "mamba")
 
 def reference_scan_live_tensors(height: int, width: int) -> int:
     """Float32 tensors of size (channels, d_state, H, W) alive at the reference scan's peak under autograd: decay,
-    input and states, plus about three per step of each pass's log2-step parallel scan (kept for backward)."""
+    input and states, plus about three per step of each pass's log2-step parallel scan (kept for backward).
+
+    Args:
+        height: Rows of the scanned map.
+        width: Columns of the scanned map.
+    """
     steps = math.ceil(math.log2(max(width, 2))) + math.ceil(math.log2(max(height, 2)))
     return 4 + 3 * steps
 
@@ -59,6 +64,25 @@ class MambaBlock(nn.Module):
     `layout="2d"`: 2D scan over the grid after a d_conv x d_conv 'same' depthwise conv. `layout="1d"`: input of
     height 1 (a sequence), causal depthwise conv of width d_conv, 1D scan (the op with H = 1).
     `directions`: one scan direction per group of channels (each group has its own B and C).
+
+    Args:
+        dim: Channels in and out.
+        d_state: SSM states per channel (Mamba's 16).
+        expand: Inner channels per channel (Mamba's 2).
+        d_conv: Size of the depthwise convolution.
+        dt_rank: Rank of the dt projection; "auto" is ceil(dim / 16), as Mamba's.
+        layout: "2d" (a grid) or "1d" (a sequence of height 1).
+        directions: Scan directions (see `mamba2d.ops.selective_scan_2d`), one per channel group; their count must
+            divide expand * dim.
+        scan_backend: "auto", "cuda" or "reference" (see `mamba2d.ops.selective_scan_2d`).
+        scan_memory_mb: Budget of one reference-scan call: the reference scan runs in channel chunks of about this
+            size under activation checkpointing; None for one call.
+        dt_min: Smallest initial softplus(dt bias) (Mamba's initialisation).
+        dt_max: Largest initial softplus(dt bias).
+        dt_init_floor: Floor of the initial dt.
+
+    Raises:
+        ValueError: `layout` is unknown, or the directions do not divide the inner channels.
     """
 
     def __init__(
@@ -108,6 +132,7 @@ class MambaBlock(nn.Module):
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
     def no_weight_decay(self) -> set[str]:
+        """Parameters the optimizer leaves out of weight decay (timm's convention): the SSM's A_log and D."""
         return {"A_log", "D"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -279,6 +304,7 @@ class MambaMIL2D(_MambaMIL):
             nn.init.uniform_(self.pad_token, 0.0, 1.0)
 
     def no_weight_decay(self) -> set[str]:
+        """Parameters the optimizer leaves out of weight decay (timm's convention): the pad token."""
         return {"pad_token"}
 
     def _mix_slide(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

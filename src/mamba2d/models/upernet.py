@@ -46,7 +46,14 @@ def _classifier(channels: int, num_classes: int) -> nn.Conv2d:
 
 
 class PyramidPooling(nn.Module):
-    """Average-pool the map to each of `pool_scales` bins, project, upsample back and concatenate with the input."""
+    """PSPNet's pyramid pooling module as UperNet uses it: average-pool the map to each of `pool_scales` bins,
+    project, upsample back, concatenate with the input and fuse with a 3x3 conv block.
+
+    Args:
+        in_chs: Channels of the input map.
+        channels: Channels of each pooled branch and of the output.
+        pool_scales: Output sizes of the adaptive average pools (mmseg's (1, 2, 3, 6)).
+    """
 
     def __init__(self, in_chs: int, channels: int, pool_scales: Sequence[int] = (1, 2, 3, 6)):
         super().__init__()
@@ -62,7 +69,17 @@ class PyramidPooling(nn.Module):
 
 
 class UperNetHead(nn.Module):
-    """PPM on the last map, FPN top-down over the others, fuse all levels at the finest stride, classify."""
+    """PPM on the last map, FPN top-down over the others, fuse all levels at the finest stride, classify.
+
+    Defaults are mmseg's UperNet decode head as Swin, VMamba and 2DMamba configure it for ADE20K.
+
+    Args:
+        in_channels: Channels of each backbone stage, finest first.
+        num_classes: Classes of the segmentation.
+        channels: Channels of every level inside the head.
+        pool_scales: Bins of the pyramid pooling module.
+        dropout: Dropout2d before the classifier.
+    """
 
     def __init__(
         self,
@@ -93,7 +110,15 @@ class UperNetHead(nn.Module):
 
 
 class FCNHead(nn.Sequential):
-    """Auxiliary head: one 3x3 conv block and a classifier on a single feature map."""
+    """Auxiliary head: one 3x3 conv block and a classifier on a single feature map (mmseg's FCNHead with one
+    convolution, as UperNet's ADE20K configs use it).
+
+    Args:
+        in_chs: Channels of the feature map.
+        num_classes: Classes of the segmentation.
+        channels: Channels of the conv block.
+        dropout: Dropout2d before the classifier.
+    """
 
     def __init__(self, in_chs: int, num_classes: int, channels: int = 256, dropout: float = 0.1):
         super().__init__(ConvBNReLU(in_chs, channels, 3), nn.Dropout2d(dropout), _classifier(channels, num_classes))
@@ -103,7 +128,22 @@ class UperNet(nn.Module):
     """Backbone (timm `features_only`, four stages) + UperNet head (+ auxiliary FCN head on stage `aux_index`).
 
     `forward(x)` returns {"out": logits} at the input resolution, plus {"aux": logits} when the auxiliary head
-    exists and the module is training (the layout of torchvision's segmentation models).
+    exists and the module is training (the layout of torchvision's segmentation models). Defaults are the ADE20K
+    setup of Swin, VMamba and 2DMamba (150 classes, head channels 512, auxiliary head of 256 channels on stage 3).
+
+    Args:
+        backbone: A timm model name that supports `features_only` with four stages.
+        num_classes: Classes of the segmentation.
+        pretrained: Load the backbone's pretrained weights (timm's route, zoo tags included).
+        backbone_kwargs: Extra arguments to `timm.create_model` for the backbone.
+        channels: Channels inside the UperNet head.
+        pool_scales: Bins of the pyramid pooling module.
+        dropout: Dropout2d before each classifier.
+        aux_channels: Channels of the auxiliary head's conv block.
+        aux_index: Backbone stage (0-3) the auxiliary head reads; None for no auxiliary head.
+
+    Raises:
+        ValueError: `num_classes` < 1, or the backbone does not give four feature maps.
     """
 
     def __init__(

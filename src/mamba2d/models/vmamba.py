@@ -112,6 +112,15 @@ class GemmInputLayerNorm2d(ChannelsLastLayerNorm2d):
 
 
 class Mlp(nn.Module):
+    """VMamba's channel-first MLP: 1x1 conv -> GELU -> dropout -> 1x1 conv -> dropout (`Linear2d` layers, so
+    VMamba's checkpoint keys fc1 / fc2 load as they are).
+
+    Args:
+        dim: Channels in and out.
+        hidden: Hidden channels.
+        drop: Dropout after the activation and after fc2.
+    """
+
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = Linear2d(dim, hidden)
@@ -143,6 +152,9 @@ class SS2D(nn.Module):
         dt_init_floor: Floor of the initial dt.
         scan_backend: "auto", "cuda" or "reference" (see `mamba2d.ops.selective_scan_2d`).
         norm_eps: eps of out_norm (upstream: 1e-5).
+
+    Raises:
+        ValueError: `scan` is neither "2d" nor "cross1d".
     """
 
     n_routes = 4
@@ -319,6 +331,9 @@ class VSSM(nn.Module):
         feature_norms: Add the per-stage norms outnorm0..3 of VMamba's dense backbone.
         norm_eps: eps of every layer norm (stem, downsampling, blocks, out_norm, stage and head norms). The
             default, 1e-5, is upstream's; official checkpoints compute what they were trained to only with it.
+
+    Raises:
+        ValueError: `global_pool` is neither "avg" nor "", or `dims` and `depths` differ in length.
     """
 
     def __init__(
@@ -402,21 +417,42 @@ class VSSM(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
+        """Parameters the optimizer leaves out of weight decay (timm's convention): norms, biases, A_logs and Ds."""
         return {name for name, p in self.named_parameters() if p.ndim <= 1 or name.endswith(("A_logs", "Ds"))}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter groups (for layer-wise learning-rate decay): the stem, then the blocks.
+
+        Args:
+            coarse: One group per stage instead of one per block.
+        """
         return dict(stem=r"^patch_embed", blocks=r"^layers\.(\d+)" if coarse else r"^layers\.(\d+)\.blocks\.(\d+)")
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of keeping them (timm's interface).
+
+        Args:
+            enable: Turn activation checkpointing on or off.
+        """
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
+        """The classification head (an nn.Identity without one)."""
         return self.classifier.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a freshly initialised one (timm's interface, e.g. for fine-tuning).
+
+        Args:
+            num_classes: Classes of the new head; 0 for none (the model returns pooled features).
+            global_pool: "avg" or "" (no pooling); None keeps the current pooling.
+
+        Raises:
+            ValueError: `global_pool` is neither "avg" nor "".
+        """
         self.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ("avg", ""):
@@ -438,12 +474,16 @@ class VSSM(nn.Module):
 
         Args:
             checkpoint_path: A safetensors file or a torch checkpoint in VMamba's, mmengine's or our layout.
+
+        Raises:
+            CheckpointError: The file is missing or unreadable.
+            CheckpointMismatch: Its weights do not fit this model.
         """
         source = str(checkpoint_path)
         if not Path(source).is_file():
             url = (getattr(self, "pretrained_cfg", None) or {}).get("url")
             raise CheckpointError(f"pretrained weights {source} not found" + (
-                f"; download {url} to that path (`mamba2d-zoo fetch` does it for zoo entries)" if url else ""))
+                f"; download {url} to that path (`mamba2d zoo fetch` does it for zoo entries)" if url else ""))
         state = checkpoint_filter_fn(read_checkpoint(source), self)
         own = self.state_dict()
         head = ("classifier.head.weight", "classifier.head.bias")
@@ -485,7 +525,22 @@ class VSSM(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ):
-        """Stage outputs (before downsampling) at strides 4, 8, 16, 32; with `norm`, through the per-stage norms."""
+        """Stage outputs (before downsampling) at strides 4, 8, 16, 32 (timm's interface).
+
+        Args:
+            x: (B, in_chans, H, W) images.
+            indices: Stages to return: None for all, an int n for the last n, or a list of indices.
+            norm: Pass each stage output through its per-stage norm (outnorm<i>, with `feature_norms`).
+            stop_early: Skip the stages after the last one returned.
+            output_fmt: Only "NCHW".
+            intermediates_only: Return the stage outputs only, not the final map.
+
+        Returns:
+            The stage outputs, or (final map, stage outputs) unless `intermediates_only`.
+
+        Raises:
+            ValueError: `output_fmt` is not "NCHW", or `x` is not an image batch of `in_chans` channels.
+        """
         if output_fmt != "NCHW":
             raise ValueError(f"forward_intermediates: only output_fmt='NCHW' is supported, got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
@@ -504,6 +559,16 @@ class VSSM(nn.Module):
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True):
+        """Drop the stages after the last of `indices` and, optionally, the head and its norm (timm's interface).
+
+        Args:
+            indices: Stages that must remain (as in `forward_intermediates`).
+            prune_norm: Replace the head's norm with an identity.
+            prune_head: Remove the classifier and the pooling.
+
+        Returns:
+            The indices of the stages kept for output.
+        """
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         self.layers = self.layers[: max_index + 1]
         self.layers[-1].downsample = nn.Identity()
@@ -514,12 +579,26 @@ class VSSM(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's map (B, dims[-1], H / 32, W / 32), before the head's norm (timm's interface).
+
+        Args:
+            x: (B, in_chans, H, W) images.
+
+        Raises:
+            ValueError: `x` is not an image batch of `in_chans` channels.
+        """
         x = self._embed(x)
         for layer in self.layers:
             x = layer.downsample(self._run_blocks(layer.blocks, x))
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Norm, pooling, dropout and head over `forward_features`' map (timm's interface).
+
+        Args:
+            x: The last stage's map.
+            pre_logits: Stop before the linear head (pooled features).
+        """
         c = self.classifier
         x = c.flatten(c.avgpool(c.norm(x)))
         x = F.dropout(x, p=self.drop_rate, training=self.training) if self.drop_rate else x
@@ -536,6 +615,9 @@ def checkpoint_filter_fn(state_dict: dict, model: VSSM) -> dict:
     Args:
         state_dict: The checkpoint as read.
         model: The model the weights are for (timm's filter signature).
+
+    Returns:
+        The model's state dict, keys as `VSSM` names them.
     """
     for key in ("model", "state_dict"):
         if key in state_dict and isinstance(state_dict[key], dict):
@@ -572,39 +654,95 @@ def _build(arch: str, size: str, pretrained: bool, **kwargs) -> VSSM:
 
 @register_model
 def vmamba2d_nano(pretrained: bool = False, **kwargs) -> VSSM:
+    """2DVMamba (the 2D selective scan) at the nano size for CPU demos and tests (`MODEL_SIZES["nano"]`).
+
+    Args:
+        pretrained: Load pretrained weights through timm: the tag named in `timm.create_model`, else the
+            architecture's first zoo entry.
+        **kwargs: `VSSM` arguments overriding the size's, and timm's `create_model` options (features_only, ...).
+    """
     return _build("vmamba2d", "nano", pretrained, **kwargs)
 
 
 @register_model
 def vmamba2d_tiny(pretrained: bool = False, **kwargs) -> VSSM:
+    """2DVMamba (the 2D selective scan) at VMamba's published tiny size (s1l8; `MODEL_SIZES["tiny"]`).
+
+    Args:
+        pretrained: Load pretrained weights through timm: the tag named in `timm.create_model`, else the
+            architecture's first zoo entry.
+        **kwargs: `VSSM` arguments overriding the size's, and timm's `create_model` options (features_only, ...).
+    """
     return _build("vmamba2d", "tiny", pretrained, **kwargs)
 
 
 @register_model
 def vmamba2d_small(pretrained: bool = False, **kwargs) -> VSSM:
+    """2DVMamba (the 2D selective scan) at VMamba's published small size (s2l15; `MODEL_SIZES["small"]`).
+
+    Args:
+        pretrained: Load pretrained weights through timm: the tag named in `timm.create_model`, else the
+            architecture's first zoo entry.
+        **kwargs: `VSSM` arguments overriding the size's, and timm's `create_model` options (features_only, ...).
+    """
     return _build("vmamba2d", "small", pretrained, **kwargs)
 
 
 @register_model
 def vmamba2d_base(pretrained: bool = False, **kwargs) -> VSSM:
+    """2DVMamba (the 2D selective scan) at VMamba's published base size (s2l15; `MODEL_SIZES["base"]`).
+
+    Args:
+        pretrained: Load pretrained weights through timm: the tag named in `timm.create_model`, else the
+            architecture's first zoo entry.
+        **kwargs: `VSSM` arguments overriding the size's, and timm's `create_model` options (features_only, ...).
+    """
     return _build("vmamba2d", "base", pretrained, **kwargs)
 
 
 @register_model
 def vmamba_nano(pretrained: bool = False, **kwargs) -> VSSM:
+    """VMamba (the cross 1D selective scan) at the nano size for CPU demos and tests (`MODEL_SIZES["nano"]`).
+
+    Args:
+        pretrained: Load pretrained weights through timm: the tag named in `timm.create_model`, else the
+            architecture's first zoo entry.
+        **kwargs: `VSSM` arguments overriding the size's, and timm's `create_model` options (features_only, ...).
+    """
     return _build("vmamba", "nano", pretrained, **kwargs)
 
 
 @register_model
 def vmamba_tiny(pretrained: bool = False, **kwargs) -> VSSM:
+    """VMamba (the cross 1D selective scan) at VMamba's published tiny size (s1l8; `MODEL_SIZES["tiny"]`).
+
+    Args:
+        pretrained: Load pretrained weights through timm: the tag named in `timm.create_model`, else the
+            architecture's first zoo entry.
+        **kwargs: `VSSM` arguments overriding the size's, and timm's `create_model` options (features_only, ...).
+    """
     return _build("vmamba", "tiny", pretrained, **kwargs)
 
 
 @register_model
 def vmamba_small(pretrained: bool = False, **kwargs) -> VSSM:
+    """VMamba (the cross 1D selective scan) at VMamba's published small size (s2l15; `MODEL_SIZES["small"]`).
+
+    Args:
+        pretrained: Load pretrained weights through timm: the tag named in `timm.create_model`, else the
+            architecture's first zoo entry.
+        **kwargs: `VSSM` arguments overriding the size's, and timm's `create_model` options (features_only, ...).
+    """
     return _build("vmamba", "small", pretrained, **kwargs)
 
 
 @register_model
 def vmamba_base(pretrained: bool = False, **kwargs) -> VSSM:
+    """VMamba (the cross 1D selective scan) at VMamba's published base size (s2l15; `MODEL_SIZES["base"]`).
+
+    Args:
+        pretrained: Load pretrained weights through timm: the tag named in `timm.create_model`, else the
+            architecture's first zoo entry.
+        **kwargs: `VSSM` arguments overriding the size's, and timm's `create_model` options (features_only, ...).
+    """
     return _build("vmamba", "base", pretrained, **kwargs)

@@ -47,7 +47,7 @@ def load_weights(model: nn.Module, source: str, manifest: Manifest | None = None
         return load_into(model, load_state_dict(source, manifest), f"zoo entry {source!r}",
                          manifest.get(source).missing_ok)
     if not Path(source).is_file():
-        raise ZooError(f"weights {source!r} is neither a zoo entry (mamba2d-zoo list) nor an existing file")
+        raise ZooError(f"weights {source!r} is neither a zoo entry (mamba2d zoo list) nor an existing file")
     return load_into(model, read_model_weights(source), source)
 
 
@@ -127,13 +127,16 @@ class FileCheck:
 
     @property
     def hash_ok(self) -> bool:
+        """Whether the sha256 matches the entry's (true for a file outside the zoo or an entry without a hash)."""
         return self.entry is None or not self.entry.sha256 or self.entry.sha256 == self.sha256
 
     @property
     def ok(self) -> bool:
+        """Whether the hash matches and the strict load found no missing, unexpected or wrongly shaped key."""
         return self.hash_ok and not (self.missing or self.unexpected or self.shapes)
 
     def describe(self) -> str:
+        """A readable report for the zoo's verify command: one labelled line per finding, the verdict last."""
         entry = self.entry
         if entry is None:
             identity = "not in the zoo's manifest"

@@ -52,7 +52,7 @@ def local_path(entry: Entry, manifest: Manifest) -> Path:
 def _missing_message(entry: Entry, manifest: Manifest, path: Path, reason: str) -> str:
     if entry.url:
         how = (f"download {entry.url}\nand save it as {path}\n(e.g. `curl -L -o '{path}' '{entry.url}'`, then "
-               f"`mamba2d-zoo verify {entry.name}`). Set {HOME_ENV} to keep checkpoints elsewhere.")
+               f"`mamba2d zoo verify --names [{entry.name}]`). Set {HOME_ENV} to keep checkpoints elsewhere.")
     else:
         how = f"the file ships with its manifest in {manifest.root}; reinstall mamba2d to restore it."
     return f"zoo entry {entry.name!r}: {reason}. To fix it, {how}"
@@ -125,9 +125,11 @@ class Verification:
 
     @property
     def ok(self) -> bool:
+        """Whether the file is present and has the manifest's sha256 (false for an entry without one)."""
         return self.present and self.expected is not None and self.expected == self.actual
 
     def describe(self) -> str:
+        """One line for the zoo's verify command: the entry, OK / BAD HASH / UNVERIFIED / MISSING, hash and path."""
         if not self.present:
             return f"{self.name}: MISSING ({self.path})"
         if self.expected is None:

@@ -84,6 +84,7 @@ class Entry:
 
     @property
     def tag(self) -> str:
+        """The part of the name after the arch: timm's pretrained tag."""
         return self.name.split(".", 1)[1]
 
     @property
@@ -93,6 +94,7 @@ class Entry:
 
     @property
     def filename(self) -> str:
+        """The file's name: `file`, else the last component of `url`."""
         return self.file or self.url.rstrip("/").rsplit("/", 1)[-1]
 
 
@@ -134,6 +136,9 @@ class Manifest:
 
         Args:
             path: A YAML file with a list of entries under `entries`.
+
+        Raises:
+            ZooError: The file is not such a list, or an entry is invalid or listed twice.
         """
         path = Path(path)
         data = yaml.safe_load(path.read_text())
@@ -153,18 +158,34 @@ class Manifest:
         return self.path.parent
 
     def names(self, pattern: str = "*") -> list[str]:
-        """Entry names matching the shell-style `pattern`, in manifest order."""
+        """Entry names matching the shell-style `pattern`, in manifest order.
+
+        Args:
+            pattern: e.g. 'vmamba2d_*' (case-sensitive).
+        """
         return [name for name in self.entries if fnmatch.fnmatchcase(name, pattern)]
 
     def get(self, name: str) -> Entry:
-        """The entry `name`; ZooError listing the known names otherwise."""
+        """The entry `name`.
+
+        Args:
+            name: `arch.tag`.
+
+        Raises:
+            ZooError: No entry has that name (the message lists the known ones).
+        """
         try:
             return self.entries[name]
         except KeyError:
             raise ZooError(f"no zoo entry {name!r}; known entries: {', '.join(self.entries)}") from None
 
     def for_file(self, path: Path, sha256: str) -> Entry | None:
-        """The entry whose sha256 (else file name) is this file's."""
+        """The entry whose sha256 is this file's, else the entry whose file name it has; None if neither.
+
+        Args:
+            path: The file.
+            sha256: Its hex sha256.
+        """
         return next((e for e in self.entries.values() if e.sha256 == sha256), None) or next(
             (e for e in self.entries.values() if e.filename == path.name), None)
 
