@@ -20,7 +20,7 @@ FLOORS = {
     "mamba2d.tasks": 4,
     "mamba2d.wsi": 5, "mamba2d.analysis": 5,
 }
-FRONT_DOOR = 6  # the package itself, `mamba2d.cli`, `__main__` and every `<subpackage>.cli` command module
+FRONT_DOOR = 6  # the package itself, the `mamba2d.cli` package (every command) and `__main__`
 
 
 def _modules() -> dict[str, Path]:
@@ -61,8 +61,7 @@ def _graph() -> dict[str, set[str]]:
 
 
 def floor(module: str) -> int:
-    if module in ("mamba2d", "mamba2d.cli", "mamba2d.__main__") or module.startswith("mamba2d.cli.") \
-            or module.endswith(".cli"):
+    if module in ("mamba2d", "mamba2d.cli", "mamba2d.__main__") or module.startswith("mamba2d.cli."):
         return FRONT_DOOR
     for prefix, level in FLOORS.items():
         if module == prefix or module.startswith(prefix + "."):

@@ -59,7 +59,7 @@ def read_split_file(path: str | Path) -> dict[str, list[str]]:
         missing = [c for c in SPLITS if c not in columns]
         if missing:
             hint = (" Model selection uses val and the reported metrics come from a separate held-out test split; "
-                    "`mamba2d-wsi splits` writes train/val/test files.") if "test" in missing else ""
+                    "`mamba2d wsi splits` writes train/val/test files.") if "test" in missing else ""
             raise ValueError(f"{path}: missing column(s) {missing}; found {columns}.{hint}")
         splits: dict[str, list[str]] = {name: [] for name in SPLITS}
         for row in reader:

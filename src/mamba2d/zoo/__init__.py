@@ -8,8 +8,8 @@ layouts, and the entries as timm pretrained tags.
     zoo.check_file("vssm1_tiny_0230s_ckpt_epoch_264.pth")        # self-check of a downloaded file
 
 Modules: `registry` (the manifest), `files` (cache, download, sha256), `convert` (layouts, strict loading),
-`build` (models with weights, the self-check), `timm_glue` (the entries as timm tags); `mamba2d.zoo.cli` is the
-`mamba2d-zoo` command.
+`build` (models with weights, the self-check), `timm_glue` (the entries as timm tags); `mamba2d.cli.zoo` is the
+`mamba2d zoo` command.
 Every function takes `manifest=`, a `Manifest` of your own; the default is the shipped one.
 """
 
