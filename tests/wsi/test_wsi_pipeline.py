@@ -9,7 +9,7 @@ import openslide
 import pytest
 import timm
 import torch
-from conftest import TISSUE_BOX
+from conftest import SCN_OFFSET, SLIDE_SIZE, TISSUE_BOX
 from mil_helpers import write_bag, write_table
 from PIL import Image
 from skimage.data import immunohistochemistry
@@ -70,6 +70,28 @@ def test_tiling_stays_inside_the_scanned_region(test_slide):
     assert sorted(map(tuple, corners.tolist())) == [(10, 20), (10, 84), (74, 20), (74, 84)]
     with pytest.raises(SlideError, match="tiny.tif: a 32px patch .* scanned region"):
         plan_tiles(slide, test_slide, patch_size=32, mpp=1.0, bounds=(0, 0, 50, 50))
+
+
+def test_leica_slide_scanned_region_from_openslide_bounds_the_tiles_and_the_preview(make_test_slide, tmp_path):
+    path = make_test_slide("scanned.scn")  # Leica: the scanned image sits at SCN_OFFSET inside a larger slide
+    slide = openslide.OpenSlide(str(path))
+    region = (*SCN_OFFSET, *SLIDE_SIZE)
+    assert slide.properties["openslide.vendor"] == "leica"
+    assert slide_info(slide, path).bounds == region
+    plan = plan_tiles(slide, path, patch_size=32, mpp=1.0)
+    assert plan.bounds == region and len(plan.coords) > 0
+    x, y = SCN_OFFSET
+    assert ((plan.coords - [x, y]) % 64 == 0).all()  # the grid starts at the region's corner, not at (0, 0)
+    assert (plan.coords >= [x, y]).all() and (plan.coords + 64 <= [x + SLIDE_SIZE[0], y + SLIDE_SIZE[1]]).all()
+    # The same tissue tiles as on the generic TIFF holding the same image, shifted by the region's corner.
+    tiff = make_test_slide("same.tif")
+    shifted = plan_tiles(openslide.OpenSlide(str(tiff)), tiff, patch_size=32, mpp=1.0).coords + [x, y]
+    assert sorted(map(tuple, plan.coords.tolist())) == sorted(map(tuple, shifted.tolist()))
+    (summary,) = extract_features([path], tmp_path, **SMALL)
+    with h5py.File(summary["h5"], "r") as handle:
+        assert handle["coords"].attrs["bounds"].tolist() == list(region)
+    preview = np.asarray(Image.open(summary["preview"]).convert("RGB"))
+    assert (preview == BOUNDS_COLOUR).all(-1).sum() > 100  # the scanned region is drawn
 
 
 class PropertySlide:
