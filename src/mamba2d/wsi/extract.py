@@ -384,7 +384,8 @@ def _run_share(fabric, job: _Job) -> list[dict]:
         try:
             summary = extract_slide(slide, job.out_dir, embedder, job.patch_size, job.mpp, job.magnification,
                                     job.tissue_threshold, job.batch_size, job.num_workers, job.assume_mpp,
-                                    job.overwrite, progress=False, override_mpp=job.override_mpp,
+                                    job.overwrite, progress=progress and len(share) == 1,
+                                    override_mpp=job.override_mpp,
                                     preview=job.preview)
         except SlideError as err:  # one bad slide must not stop the others (nor leave the other ranks waiting)
             summary = {"slide": slide, "error": str(err), "skipped": False}
