@@ -161,7 +161,9 @@ BAD_INPUTS = [
     ("z must have shape", lambda t: {**t, "z": t["z"][:1]}),
     ("D must have shape", lambda t: {**t, "D": t["D"][:-1]}),
     ("delta has dtype", lambda t: {**t, "delta": t["delta"].float()}),
-    ("A must be float32", lambda t: {**t, "A": t["A"].half()}),
+    ("A must be torch.float32 or torch.float64, got torch.float16", lambda t: {**t, "A": t["A"].half()}),
+    ("u has unsupported dtype torch.int32; expected one of torch.float32, torch.float16, torch.bfloat16, "
+     "torch.float64", lambda t: {**t, "u": t["u"].int()}),
 ]
 
 
@@ -170,6 +172,24 @@ def test_bad_inputs_name_the_argument(message, mutate):
     inputs = make_inputs(grad=False)
     with pytest.raises((ValueError, TypeError), match=message):
         selective_scan_2d(**mutate(inputs))
+
+
+@pytest.mark.parametrize("backend", ["auto", "cuda", "reference"])
+@pytest.mark.parametrize("name", ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"])
+@pytest.mark.parametrize("kind", ["numpy", "list"])
+def test_non_tensor_arguments_are_named_before_a_backend_is_chosen(backend, name, kind):
+    """A numpy array or a list in place of a tensor is named, with what it is, by every backend (the CUDA one
+    without CuPy or a GPU too: the check comes first)."""
+    inputs = make_inputs(grad=False)
+    value = inputs[name].numpy() if kind == "numpy" else inputs[name].tolist()
+    got = "numpy.ndarray" if kind == "numpy" else "list"
+    with pytest.raises(TypeError, match=rf"^selective_scan_2d: {name} must be a torch.Tensor, got {got}$"):
+        selective_scan_2d(**{**inputs, name: value}, backend=backend)
+
+
+def test_out_dtype_must_be_a_dtype():
+    with pytest.raises(TypeError, match="out_dtype must be None or a torch.dtype, got str"):
+        selective_scan_2d(**make_inputs(grad=False), out_dtype="float32")
 
 
 def test_bad_direction_and_backend_are_named():

@@ -47,6 +47,22 @@ def parse_directions(direction: str | Sequence[str], groups: int) -> tuple[str, 
     return names
 
 
+def _type_name(value: object) -> str:
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def check_argument_types(tensors: dict[str, object], out_dtype: object = None) -> None:
+    """Raise a TypeError naming the argument when one of `tensors` (name -> value; None allowed) is not a
+    torch.Tensor or `out_dtype` is neither None nor a torch.dtype. Runs before any backend is chosen, so a numpy array
+    or a list is named as such instead of failing inside a backend."""
+    for name, value in tensors.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"selective_scan_2d: {name} must be a torch.Tensor, got {_type_name(value)}")
+    if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
+        raise TypeError(f"selective_scan_2d: out_dtype must be None or a torch.dtype, got {_type_name(out_dtype)}")
+
+
 def _expect_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
     if tuple(tensor.shape) != expected:
         raise ValueError(f"selective_scan_2d: {name} must have shape {meaning} = {expected}, got {tuple(tensor.shape)}")
@@ -65,13 +81,15 @@ def check_scan_inputs(
 ) -> ScanShape:
     """Validate shapes, dtypes and devices; raise errors that name the argument, expected and actual."""
     named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
-    for name, tensor in named.items():
-        if tensor is not None and not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"selective_scan_2d: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    for name in ("u", "delta", "A", "B", "C"):
+        if named[name] is None:
+            raise TypeError(f"selective_scan_2d: {name} must be a torch.Tensor, got None")
+    check_argument_types(named, out_dtype)
     if u.dim() != 4:
         raise ValueError(f"selective_scan_2d: u must be 4-D (batch, dim, H, W), got {u.dim()}-D shape {tuple(u.shape)}")
     if u.dtype not in FLOAT_INPUT_DTYPES:
-        raise TypeError(f"selective_scan_2d: u has unsupported dtype {u.dtype}; expected float32, float16 or bfloat16")
+        raise TypeError(f"selective_scan_2d: u has unsupported dtype {u.dtype}; expected one of "
+                        f"{', '.join(map(str, FLOAT_INPUT_DTYPES))}")
     batch, dim, height, width = u.shape
     if B.dim() != 5:
         raise ValueError(f"selective_scan_2d: B must be 5-D (batch, G, N, H, W), got shape {tuple(B.shape)}")
@@ -98,7 +116,8 @@ def check_scan_inputs(
     for name in ("A", "D", "delta_bias"):
         tensor = named[name]
         if tensor is not None and tensor.dtype not in PARAM_DTYPES:
-            raise TypeError(f"selective_scan_2d: {name} must be float32 (or float64), got {tensor.dtype}")
+            raise TypeError(f"selective_scan_2d: {name} must be {' or '.join(map(str, PARAM_DTYPES))}, "
+                            f"got {tensor.dtype}")
     if out_dtype is not None and out_dtype not in (torch.float32, u.dtype):
         raise TypeError(
             f"selective_scan_2d: out_dtype must be None, torch.float32 or u.dtype ({u.dtype}), got {out_dtype}")

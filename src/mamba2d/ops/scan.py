@@ -7,9 +7,11 @@ from collections.abc import Sequence
 import torch
 
 from . import cuda_scan, library
+from .contract import check_argument_types
+from .flops import SHAPE_ONLY, shape_only_scan
 from .reference import selective_scan_2d_ref
 
-BACKENDS = ("auto", "cuda", "reference")
+BACKENDS = ("auto", "cuda", "reference", SHAPE_ONLY)
 
 
 def cuda_backend_available(u: torch.Tensor, B: torch.Tensor | None = None) -> bool:
@@ -40,10 +42,15 @@ def selective_scan_2d(
     u, delta, z: (batch, dim, H, W); A: (dim, N) float32; B, C: (batch, G, N, H, W); D, delta_bias: (dim,) float32.
     `direction` is one of `{tl,tr,bl,br}_{hv,vh}` or one name per group. Returns (batch, dim, H, W) in `out_dtype`
     (default: u's dtype). `backend`: "auto" (CUDA kernels for GPU tensors when CuPy is installed, else reference),
-    "cuda" or "reference".
+    "cuda", "reference", or "shape_only" (zeros of the output's shape through one op that FLOP counters see:
+    `mamba2d.ops.flops`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"selective_scan_2d: backend must be one of {BACKENDS}, got {backend!r}")
+    check_argument_types(
+        {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}, out_dtype)
+    if backend == SHAPE_ONLY:
+        return shape_only_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, out_dtype)
     if backend == "cuda" or (backend == "auto" and cuda_backend_available(u, B)):
         return library.selective_scan_2d_cuda(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, out_dtype
