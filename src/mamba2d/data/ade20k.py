@@ -18,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .base import BaseDataModule
+from .base import BaseDataModule, class_palette, overlay_labels, panels_figure
 
 __all__ = ["ADE20KDataset", "ADE20KDataModule", "SegmentationTrainTransform", "FitScale", "IMAGE_SUFFIXES"]
 
@@ -48,7 +49,11 @@ def _resize(image: tv_tensors.Image, mask: tv_tensors.Mask | None, factor: float
 
 
 class FitScale:
-    """Resize an image (and its mask) so it fits `scale` (long, short) with the aspect ratio kept."""
+    """Resize an image (and its mask) so it fits `scale` (long, short) with the aspect ratio kept.
+
+    Args:
+        scale: (long, short) side bounds.
+    """
 
     def __init__(self, scale: Sequence[int] = (2048, 512)):
         self.scale = tuple(scale)
@@ -58,7 +63,16 @@ class FitScale:
 
 
 class SegmentationTrainTransform:
-    """Random resize, category-balanced random crop, flip, photometric distortion, pad to the crop size."""
+    """Random resize, category-balanced random crop, flip, photometric distortion, pad to the crop size.
+
+    Args:
+        scale: (long, short) side bounds before the random ratio.
+        ratio_range: Range of the random resize ratio.
+        crop_size: Side of the square crop.
+        cat_max_ratio: No class may cover more than this share of the crop (up to 10 tries).
+        flip_prob: Horizontal flip probability.
+        photometric: Apply mmseg's photometric distortion.
+    """
 
     def __init__(
         self,
@@ -121,7 +135,13 @@ class SegmentationTrainTransform:
 
 
 def read_label_png(path: Path, num_classes: int, reduce_zero_label: bool) -> torch.Tensor:
-    """Read a one-channel annotation PNG as (H, W) int64 training labels; reject values outside the label set."""
+    """Read a one-channel annotation PNG as (H, W) int64 training labels; reject values outside the label set.
+
+    Args:
+        path: The annotation PNG.
+        num_classes: Classes after `reduce_zero_label`.
+        reduce_zero_label: Map 0 to 255 (ignore) and 1..K to 0..K-1.
+    """
     with Image.open(path) as png:
         if png.mode not in ("L", "P", "I", "I;16"):
             raise ValueError(f"{path}: annotation must be a one-channel PNG of class indices, got mode {png.mode!r}")
@@ -142,12 +162,22 @@ def read_label_png(path: Path, num_classes: int, reduce_zero_label: bool) -> tor
 
 
 def list_images(folder: Path) -> list[Path]:
+    """The image files of `folder`, sorted; an error names a missing folder.
+
+    Args:
+        folder: The folder.
+    """
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def read_image(path: Path) -> tv_tensors.Image:
+    """An image file as a uint8 (3, H, W) RGB `tv_tensors.Image`.
+
+    Args:
+        path: The image file.
+    """
     with Image.open(path) as img:
         return tv_tensors.Image(torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1))
 
@@ -157,6 +187,13 @@ class ADE20KDataset(Dataset):
 
     Items are dicts: "image" float (3, H, W) in [0, 1] after `transform`, "mask" int64 (H, W) with 255 = ignore,
     "path" the image path.
+
+    Args:
+        root: The `ADEChallengeData2016` folder.
+        split: "train" or "val".
+        num_classes: Classes after `reduce_zero_label`.
+        reduce_zero_label: Map 0 to 255 (ignore) and 1..K to 0..K-1.
+        transform: Joint (image, mask) transform, or None.
     """
 
     def __init__(
@@ -209,7 +246,12 @@ class ADE20KDataset(Dataset):
 
 
 class ImageFolderDataset(Dataset):
-    """Images of one folder for prediction: items are {"image", "path"} resized by `transform`."""
+    """Images of one folder for prediction: items are {"image", "path"} resized by `transform`.
+
+    Args:
+        folder: The image folder.
+        transform: Image transform (called as `transform(image)`), or None.
+    """
 
     def __init__(self, folder: str | Path, transform=None):
         self.paths = list_images(Path(folder))
@@ -230,17 +272,30 @@ class ImageFolderDataset(Dataset):
 
 
 def collate_train(batch: list[dict]) -> dict:
+    """Training crops share one size: stacked images and masks, and the list of paths.
+
+    Args:
+        batch: Training items.
+    """
     return {"image": torch.stack([b["image"] for b in batch]), "mask": torch.stack([b["mask"] for b in batch]),
             "path": [b["path"] for b in batch]}
 
 
 def collate_lists(batch: list[dict]) -> dict:
-    """Evaluation images differ in size: keep them as lists."""
+    """Evaluation images differ in size: keep them as lists.
+
+    Args:
+        batch: Evaluation or predict items.
+    """
     return {key: [b[key] for b in batch] for key in batch[0]}
 
 
 class EvalTransform:
-    """Fit the image to `scale`; keep the annotation at full resolution (metrics are computed there)."""
+    """Fit the image to `scale`; keep the annotation at full resolution (metrics are computed there).
+
+    Args:
+        scale: (long, short) side bounds of the image.
+    """
 
     def __init__(self, scale: Sequence[int]):
         self.fit = FitScale(scale)
@@ -336,3 +391,27 @@ class ADE20KDataModule(BaseDataModule):
             dataset: That split's dataset.
         """
         return split == "train" and len(dataset) >= self.hparams.batch_size
+
+    def plot(self, sample: dict, prediction=None, max_images: int = 4) -> Figure:
+        """One row per image: the image, its annotation over it (if the batch has masks) and the prediction over it
+        (if given), coloured by `class_palette`; ignored pixels (255) are left uncoloured.
+
+        Args:
+            sample: A batch dict with "image" (stacked or a list) and, except for predict batches, "mask".
+            prediction: Predicted label maps (one (H, W) tensor per image, e.g. `SemanticSegmenter.predict_labels`
+                or the "labels" of its predict output), or None.
+            max_images: At most this many images are drawn.
+        """
+        if isinstance(prediction, dict):
+            prediction = prediction["labels"]
+        palette = class_palette(self.hparams.num_classes)
+        rows = []
+        for index, image in enumerate(list(sample["image"])[:max_images]):
+            row = [(Path(sample["path"][index]).name if "path" in sample else "image",
+                    overlay_labels(image, torch.full(image.shape[-2:], IGNORE_INDEX), palette))]
+            if "mask" in sample:
+                row.append(("annotation", overlay_labels(image, sample["mask"][index], palette)))
+            if prediction is not None:
+                row.append(("prediction", overlay_labels(image, prediction[index], palette)))
+            rows.append([(title, picture.permute(1, 2, 0).numpy()) for title, picture in row])
+        return panels_figure(rows)

@@ -26,6 +26,17 @@ class BagFileError(ValueError):
 
 @dataclass
 class SlideBag:
+    """One slide's feature bag, validated.
+
+    Args:
+        path: The bag file.
+        features: (N, D) float32 patch features.
+        coords: (N, 2) int64 level-0 (x, y) of the patches.
+        stride: Grid cell size in level-0 pixels.
+        stride_source: Where the stride came from: "config", "attrs" or "detected".
+        positions: (N, 2) int64 (row, col) on the grid spanning this slide's patches.
+        attrs: The h5 file's attributes.
+    """
     path: Path
     features: torch.Tensor  # (N, D) float32
     coords: torch.Tensor  # (N, 2) int64 level-0 (x, y)
@@ -40,7 +51,11 @@ def _attrs(obj) -> dict:
 
 
 def stride_from_attrs(attrs: dict) -> int | None:
-    """Patch stride at level 0 from TRIDENT (`patch_size_level0`) or CLAM (`patch_size`, `downsample`) attributes."""
+    """Patch stride at level 0 from TRIDENT (`patch_size_level0`) or CLAM (`patch_size`, `downsample`) attributes.
+
+    Args:
+        attrs: The h5 attributes.
+    """
     if "patch_size_level0" in attrs:
         return int(attrs["patch_size_level0"])
     if "patch_size" in attrs and "downsample" in attrs:
@@ -52,14 +67,24 @@ def stride_from_attrs(attrs: dict) -> int | None:
 
 
 def detect_stride(coords: np.ndarray) -> int | None:
-    """Smallest positive gap between distinct x values and between distinct y values; None for a single patch."""
+    """Smallest positive gap between distinct x values and between distinct y values; None for a single patch.
+
+    Args:
+        coords: (N, 2) level-0 (x, y).
+    """
     gaps = [np.diff(np.unique(coords[:, axis])) for axis in (0, 1)]
     gaps = np.concatenate([g[g > 0] for g in gaps])
     return int(gaps.min()) if gaps.size else None
 
 
 def coords_to_positions(coords: torch.Tensor, stride: int, path: Path | str = "<memory>") -> torch.Tensor:
-    """Level-0 (x, y) -> grid (row, col) relative to the patches' bounding box; raises if two patches share a cell."""
+    """Level-0 (x, y) -> grid (row, col) relative to the patches' bounding box; raises if two patches share a cell.
+
+    Args:
+        coords: (N, 2) level-0 (x, y).
+        stride: Grid cell size in level-0 pixels.
+        path: The bag file, named in the error.
+    """
     origin = coords.min(dim=0).values
     cells = torch.round((coords - origin).double() / stride).long()
     positions = cells.flip(1)  # (x, y) -> (row, col)
@@ -73,7 +98,13 @@ def coords_to_positions(coords: torch.Tensor, stride: int, path: Path | str = "<
 
 
 def read_bag(path: str | Path, patch_stride: int | None = None, features_key: str = "features") -> SlideBag:
-    """Load and validate one bag file (see the module docstring)."""
+    """Load and validate one bag file (see the module docstring).
+
+    Args:
+        path: The h5 file.
+        patch_stride: Level-0 patch stride (None: from the attributes, else detected from the coordinates).
+        features_key: The features dataset's name.
+    """
     path = Path(path)
     if not path.is_file():
         raise BagFileError(f"{path}: feature file not found")

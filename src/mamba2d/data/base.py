@@ -10,14 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, Dataset
+from torchvision.utils import draw_segmentation_masks
 
 from .sampling import loader_sampling
 
-__all__ = ["BaseDataModule", "SPLITS", "image_grid_figure", "predicted_labels"]
+__all__ = [
+    "BaseDataModule", "SPLITS", "class_palette", "image_grid_figure", "overlay_labels", "panels_figure",
+    "predicted_labels", "to_uint8_image",
+]
 
 SPLITS = ("train", "val", "test", "predict")
 
@@ -178,3 +183,77 @@ def predicted_labels(prediction) -> torch.Tensor | None:
         prediction = prediction["label"]
     prediction = torch.as_tensor(prediction)
     return prediction.argmax(dim=-1) if prediction.dim() == 2 else prediction
+
+
+def class_palette(num_classes: int) -> np.ndarray:
+    """(num_classes, 3) uint8 colours, distinct for neighbouring indices: the bits of (class + 1) are spread over
+    the high bits of R, G and B (the PASCAL VOC scheme); the +1 keeps black for no class.
+
+    Args:
+        num_classes: Number of colours.
+    """
+    palette = np.zeros((num_classes, 3), dtype=np.uint8)
+    for index in range(num_classes):
+        value, colour = index + 1, [0, 0, 0]
+        for bit in range(8):
+            for channel in range(3):
+                colour[channel] |= ((value >> (3 * bit + channel)) & 1) << (7 - bit)
+        palette[index] = colour
+    return palette
+
+
+def to_uint8_image(image: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) float image in [0, 1] (or any range: min-max scaled) -> (3, H, W) uint8 for torchvision's drawing.
+
+    Args:
+        image: The image.
+    """
+    return (_displayable(image) * 255).round().to(torch.uint8).permute(2, 0, 1).contiguous()
+
+
+def overlay_labels(image: torch.Tensor, labels: torch.Tensor, palette: np.ndarray, ignore_index: int = 255,
+                   alpha: float = 0.5) -> torch.Tensor:
+    """An image with a label map drawn over it (torchvision's `draw_segmentation_masks`), one colour per class.
+
+    Args:
+        image: (C, H, W) float image.
+        labels: (h, w) integer labels, resized (nearest) to the image; `ignore_index` is left undrawn.
+        palette: (K, 3) uint8 colours of the classes.
+        ignore_index: The label that is not drawn.
+        alpha: Opacity of the colours.
+
+    Returns:
+        (3, H, W) uint8.
+    """
+    canvas = to_uint8_image(image)
+    labels = torch.nn.functional.interpolate(labels[None, None].float(), size=canvas.shape[-2:], mode="nearest")
+    labels = labels[0, 0].long()
+    classes = [int(k) for k in labels.unique() if int(k) != ignore_index and 0 <= int(k) < len(palette)]
+    if not classes:
+        return canvas
+    masks = torch.stack([labels == k for k in classes])
+    return draw_segmentation_masks(canvas, masks, alpha=alpha, colors=[tuple(int(c) for c in palette[k])
+                                                                          for k in classes])
+
+
+def panels_figure(rows: list[list[tuple[str, np.ndarray]]], panel_size: float = 3.0) -> Figure:
+    """A figure of titled image panels, one list of (title, (H, W, 3) or (H, W) array) per row.
+
+    Args:
+        rows: The panels of each row (rows may differ in length).
+        panel_size: Width and height of one panel in inches.
+    """
+    if not rows or not any(rows):
+        raise ValueError("panels_figure: no panels to draw")
+    columns = max(len(row) for row in rows)
+    figure = Figure(figsize=(panel_size * columns, panel_size * len(rows)), layout="constrained")
+    axes = figure.subplots(len(rows), columns, squeeze=False)
+    for r, row in enumerate(rows):
+        for c in range(columns):
+            ax = axes[r][c]
+            ax.set_axis_off()
+            if c < len(row):
+                title, picture = row[c]
+                ax.imshow(picture)
+                ax.set_title(title, fontsize=9)
+    return figure

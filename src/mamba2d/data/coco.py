@@ -24,12 +24,14 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from matplotlib.figure import Figure
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from .base import BaseDataModule
+from .base import BaseDataModule, class_palette, panels_figure, to_uint8_image
 
 __all__ = ["COCOInstances", "COCODataModule", "check_coco_annotations", "load_coco_json"]
 
@@ -37,6 +39,11 @@ TARGET_KEYS = ("image_id", "boxes", "labels", "masks", "iscrowd")
 
 
 def load_coco_json(annotation_file: str | Path) -> dict:
+    """A COCO annotation file's content; an error names a missing or malformed file.
+
+    Args:
+        annotation_file: The JSON file.
+    """
     path = Path(annotation_file)
     if not path.is_file():
         raise FileNotFoundError(f"COCO annotation file not found: {path}")
@@ -47,7 +54,12 @@ def load_coco_json(annotation_file: str | Path) -> dict:
 
 
 def check_coco_annotations(data: dict, annotation_file: str | Path) -> None:
-    """Check that a parsed COCO instances file is complete and that its annotations name known images/categories."""
+    """Check that a parsed COCO instances file is complete and that its annotations name known images/categories.
+
+    Args:
+        data: The loaded JSON.
+        annotation_file: Its path (named in errors).
+    """
     for key in ("images", "categories"):
         if key not in data:
             raise ValueError(f"{annotation_file}: missing the '{key}' list of a COCO instances file")
@@ -72,6 +84,13 @@ class COCOInstances(Dataset):
 
     Target: "boxes" (N, 4) XYXY float, "labels" (N,) int64 in 1..K, "masks" (N, H, W) uint8, "iscrowd" (N,) int64,
     "image_id" int. `train=True` drops crowd regions, degenerate boxes and (`drop_empty`) images without objects.
+
+    Args:
+        images: The image folder.
+        annotation_file: The instances JSON.
+        train: Training targets (crowd regions dropped) instead of evaluation targets.
+        transform: Joint (image, target) transform, or None.
+        drop_empty: Leave training images without annotations out.
     """
 
     def __init__(self, images: str | Path, annotation_file: str | Path, train: bool = False, transform=None,
@@ -107,6 +126,7 @@ class COCOInstances(Dataset):
 
     @property
     def num_classes(self) -> int:
+        """Object categories (labels 1..num_classes; 0 is the background)."""
         return len(self.category_ids)
 
     def __len__(self) -> int:
@@ -142,11 +162,20 @@ def _labels_and_crowd(sample: tuple) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_transform(flip_prob: float) -> v2.Compose:
+    """Training transform: random horizontal flip, then boxes under a pixel dropped.
+
+    Args:
+        flip_prob: Horizontal flip probability.
+    """
     return v2.Compose([v2.RandomHorizontalFlip(flip_prob), v2.SanitizeBoundingBoxes(labels_getter=_labels_and_crowd)])
 
 
 def collate_detection(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
-    """Detection images differ in size and object count: lists, as torchvision's detection models take them."""
+    """Detection images differ in size and object count: lists, as torchvision's detection models take them.
+
+    Args:
+        batch: (image, target) items.
+    """
     images, targets = zip(*batch)
     return list(images), list(targets)
 
@@ -196,9 +225,12 @@ class COCODataModule(BaseDataModule):
         data = load_coco_json(source)
         check_coco_annotations(data, source)
         self.category_ids = sorted(c["id"] for c in data["categories"])
+        names = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
+        self.class_names = [names[i] for i in self.category_ids]  # label k is class_names[k - 1]
 
     @property
     def num_classes(self) -> int:
+        """Object categories (labels 1..num_classes; 0 is the background)."""
         return len(self.category_ids)
 
     def _split(self, images: str, annotations: str, train: bool) -> COCOInstances:
@@ -237,3 +269,50 @@ class COCODataModule(BaseDataModule):
             split: One of train, val, test, predict.
         """
         return collate_detection
+
+    def draw_instances(self, image: torch.Tensor, instances: dict, score_threshold: float = 0.5) -> torch.Tensor:
+        """An image with instance masks and labelled boxes drawn over it (torchvision's drawing utilities).
+
+        Args:
+            image: (3, H, W) float image.
+            instances: "boxes" (N, 4) XYXY, "labels" (N,) in 1..K, optional "masks" (N, H, W), optional "scores".
+            score_threshold: Instances scored below this are not drawn.
+
+        Returns:
+            (3, H, W) uint8.
+        """
+        keep = torch.ones(len(instances["labels"]), dtype=torch.bool)
+        if "scores" in instances:
+            keep = instances["scores"].detach().cpu() >= score_threshold
+        labels = instances["labels"].detach().cpu()[keep]
+        palette = class_palette(len(self.class_names) + 1)
+        colours = [tuple(int(c) for c in palette[int(k)]) for k in labels]
+        canvas = to_uint8_image(image)
+        if "masks" in instances and len(labels):
+            canvas = draw_segmentation_masks(canvas, instances["masks"].detach().cpu()[keep].bool(), alpha=0.4,
+                                             colors=colours)
+        names = [self.class_names[int(k) - 1] for k in labels]
+        if "scores" in instances:
+            names = [f"{n} {s:.2f}" for n, s in zip(names, instances["scores"].detach().cpu()[keep].tolist())]
+        boxes = instances["boxes"].detach().cpu().as_subclass(torch.Tensor)[keep]
+        return draw_bounding_boxes(canvas, boxes, labels=names, colors=colours, width=2) if len(labels) else canvas
+
+    def plot(self, sample, prediction=None, max_images: int = 4) -> Figure:
+        """One row per image: its annotated instances and (if given) the detections scored 0.5 or more.
+
+        Args:
+            sample: A batch (list of images, list of target dicts).
+            prediction: `InstanceDetector` detections (one dict per image) or its predict output (a dict with
+                "detections"), or None.
+            max_images: At most this many images are drawn.
+        """
+        if isinstance(prediction, dict):
+            prediction = prediction["detections"]
+        images, targets = sample
+        rows = []
+        for index, (image, target) in enumerate(list(zip(images, targets))[:max_images]):
+            row = [(f"image {int(target['image_id'])}: annotation", self.draw_instances(image, target))]
+            if prediction is not None:
+                row.append(("detections", self.draw_instances(image, prediction[index])))
+            rows.append([(title, picture.permute(1, 2, 0).numpy()) for title, picture in row])
+        return panels_figure(rows)

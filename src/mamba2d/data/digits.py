@@ -15,7 +15,11 @@ DIGITS_MAX = 16.0  # pixel values of load_digits() run 0..16
 
 
 def digit_images(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """All digits as (n, 3, size, size) float images normalised to [-1, 1], and their labels."""
+    """All digits as (n, 3, size, size) float images normalised to [-1, 1], and their labels.
+
+    Args:
+        size: Side of the upsampled square images.
+    """
     data = load_digits()
     images = torch.from_numpy(data.images).float().div(DIGITS_MAX).unsqueeze(1)
     images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)

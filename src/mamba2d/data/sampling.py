@@ -12,7 +12,13 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 
 def loader_sampling(datamodule: LightningDataModule, dataset: Dataset, training: bool) -> dict:
-    """DataLoader arguments (sampler, generator) for a training or an evaluation loader of `datamodule`."""
+    """DataLoader arguments (sampler, generator) for a training or an evaluation loader of `datamodule`.
+
+    Args:
+        datamodule: The DataModule (its trainer gives the ranks).
+        dataset: The loader's dataset.
+        training: Shuffled training loader instead of an evaluation loader.
+    """
     if training:
         return training_loader_kwargs(datamodule, dataset)
     return {"sampler": evaluation_sampler(datamodule, dataset)}
@@ -28,6 +34,11 @@ def training_loader_kwargs(datamodule: LightningDataModule, dataset: Dataset, se
     exactly the samples of the single-device batch with the same global size. Nothing is drawn from the global
     RNG when a loader starts (the private generator seeds the workers), so a resumed run sees the data order and
     random stream of the uninterrupted one.
+
+    Args:
+        datamodule: The DataModule (its trainer gives the ranks).
+        dataset: The training dataset.
+        seed: Shuffle seed (None: the `seed_everything` seed, else 0).
     """
     if seed is None:
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -42,6 +53,10 @@ def evaluation_sampler(datamodule: LightningDataModule, dataset: Dataset) -> Sam
 
     Lightning leaves a DistributedSampler it is given in place, so validation and test metrics, synced by
     torchmetrics, count every sample once. Returns None (plain sequential order) outside distributed runs.
+
+    Args:
+        datamodule: The DataModule (its trainer gives the ranks).
+        dataset: The evaluation dataset.
     """
     trainer = datamodule.trainer
     if trainer is None or trainer.world_size <= 1:

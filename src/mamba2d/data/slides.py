@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torch.utils.data import Dataset
 
 from .bags import read_bag
@@ -36,6 +37,15 @@ TASKS = ("classification", "survival")
 
 @dataclass
 class BagRecord:
+    """One bag of a split: its slides and its label.
+
+    Args:
+        bag_id: Slide id (classification) or case id (survival).
+        slide_ids: The slides whose patches form the bag.
+        label: Class index, or survival time bin.
+        time: Survival or censoring time in months (survival).
+        censorship: 1 = censored, 0 = event observed (survival).
+    """
     bag_id: str  # slide id (classification) or case id (survival)
     slide_ids: list[str]
     label: int  # class index, or survival bin
@@ -44,7 +54,13 @@ class BagRecord:
 
 
 class SlideBagDataset(Dataset):
-    """One item per bag: features (N, D), positions (N, 2) per-slide grid (row, col), segments (N,) slide index."""
+    """One item per bag: features (N, D), positions (N, 2) per-slide grid (row, col), segments (N,) slide index.
+
+    Args:
+        records: The split's bags.
+        features_dir: Folder of the `<slide_id>.h5` files.
+        patch_stride: Level-0 patch stride (None: from each bag).
+    """
 
     def __init__(self, records: list[BagRecord], features_dir: str | Path, patch_stride: int | None = None):
         self.records, self.features_dir, self.patch_stride = records, Path(features_dir), patch_stride
@@ -278,3 +294,38 @@ class SlideBagDataModule(BaseDataModule):
             split: One of train, val, test, predict.
         """
         return single_bag
+
+    def plot(self, sample: dict, prediction=None) -> Figure:
+        """Each slide of a bag as its patch grid: the model's per-patch attention (if given), else the patches kept.
+
+        Args:
+            sample: One bag dict as the loaders yield it (positions, segments, label, bag_id).
+            prediction: The MIL output of that bag (`MILOutput`, or SlideMIL's predict dict with "scores" and
+                "probs"/"risk"), or None.
+        """
+        scores = getattr(prediction, "scores", None)
+        if isinstance(prediction, dict):
+            scores = prediction["scores"]
+        positions = sample["positions"].long()
+        segments = sample.get("segments")
+        segments = torch.zeros(len(positions), dtype=torch.long) if segments is None else segments.long()
+        values = torch.ones(len(positions)) if scores is None else scores.detach().float().cpu()
+        label = int(sample["label"])
+        title = f"{sample['bag_id']}: " + (f"class {self.class_names[label]}" if self.task == "classification"
+                                             and self.class_names else f"time bin {label}")
+        if isinstance(prediction, dict) and "probs" in prediction:
+            title += f", predicted {int(prediction['probs'].argmax())} (p={float(prediction['probs'].max()):.2f})"
+        slides = sorted(segments.unique().tolist())
+        figure = Figure(figsize=(4 * len(slides), 4), layout="constrained")
+        axes = figure.subplots(1, len(slides), squeeze=False)[0]
+        for ax, slide in zip(axes, slides):
+            rows_cols = positions[segments == slide]
+            grid = np.full((int(rows_cols[:, 0].max()) + 1, int(rows_cols[:, 1].max()) + 1), np.nan)
+            grid[rows_cols[:, 0].numpy(), rows_cols[:, 1].numpy()] = values[segments == slide].numpy()
+            image = ax.imshow(grid, cmap="viridis", interpolation="nearest")
+            ax.set_axis_off()
+            ax.set_title(f"slide {slide}", fontsize=9)
+            if scores is not None:
+                figure.colorbar(image, ax=ax, shrink=0.8, label="attention")
+        figure.suptitle(title, fontsize=10)
+        return figure

@@ -28,6 +28,17 @@ NEIGHBOURS_4 = ((-1, 0), (1, 0), (0, -1), (0, 1))
 
 @dataclass
 class SpatialBagConfig:
+    """How the synthetic spatial bags are drawn: the label is whether the positive patches form one compact region.
+
+    Args:
+        grid_min: Smallest grid side (patches).
+        grid_max: Largest grid side.
+        positive_min: Fewest positive patches per bag.
+        positive_max: Most positive patches per bag.
+        feature_dim: Feature size D.
+        amplitude: Shift of the positive patches' features along a fixed direction.
+        patch_size_level0: Patch stride in level-0 pixels (written as the bag's attribute).
+    """
     grid_min: int = 10
     grid_max: int = 14
     positive_min: int = 6
@@ -88,7 +99,14 @@ def _scattered(rng: np.random.Generator, tissue: np.ndarray, count: int) -> np.n
 
 
 def make_bag(rng: np.random.Generator, label: int, config: SpatialBagConfig, direction: np.ndarray):
-    """One bag: features (N, D) float32, coords (N, 2) int64 level-0 (x, y), positive mask (N,)."""
+    """One bag: features (N, D) float32, coords (N, 2) int64 level-0 (x, y), positive mask (N,).
+
+    Args:
+        rng: The random generator.
+        label: 1: the positive patches form one compact region; 0: they are scattered.
+        config: The drawing settings.
+        direction: (D,) unit feature direction of the positive patches.
+    """
     height, width = rng.integers(config.grid_min, config.grid_max + 1, size=2)
     tissue = _tissue(rng, height, width)
     count = int(rng.integers(config.positive_min, config.positive_max + 1))
@@ -106,7 +124,14 @@ def make_bag(rng: np.random.Generator, label: int, config: SpatialBagConfig, dir
 
 def write_spatial_bags(out_dir: str | Path, splits: dict[str, int], seed: int = 0,
                        config: SpatialBagConfig | None = None) -> Path:
-    """Write `{split: number of bags}` balanced bags and `labels.csv`; returns the CSV path."""
+    """Write `{split: number of bags}` balanced bags and `labels.csv`; returns the CSV path.
+
+    Args:
+        out_dir: Folder of the bags and the CSV.
+        splits: Bags per split.
+        seed: Seed of the draw.
+        config: The drawing settings (None: the defaults).
+    """
     config = config or SpatialBagConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

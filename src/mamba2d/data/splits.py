@@ -18,7 +18,12 @@ SPLITS = ("train", "val", "test")
 
 
 def read_csv_rows(path: str | Path, required: Sequence[str]) -> list[dict[str, str]]:
-    """Rows of a CSV as dicts; raises ValueError naming the file and the missing columns."""
+    """Rows of a CSV as dicts; raises ValueError naming the file and the missing columns.
+
+    Args:
+        path: The CSV file.
+        required: Columns that must be present.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: CSV file not found")
@@ -36,7 +41,14 @@ def read_csv_rows(path: str | Path, required: Sequence[str]) -> list[dict[str, s
 
 def splits_from_column(rows: list[dict[str, str]], id_column: str, path: str | Path,
                        column: str = "split") -> dict[str, list[str]]:
-    """{split: ids} from a split column; an id used in two splits is an error (leakage)."""
+    """{split: ids} from a split column; an id used in two splits is an error (leakage).
+
+    Args:
+        rows: The CSV rows.
+        id_column: The column of the bag ids.
+        path: The CSV file, named in errors.
+        column: The split column.
+    """
     splits: dict[str, list[str]] = {name: [] for name in SPLITS}
     for line, row in enumerate(rows, start=2):
         name = row.get(column, "")
@@ -49,7 +61,11 @@ def splits_from_column(rows: list[dict[str, str]], id_column: str, path: str | P
 
 
 def read_split_file(path: str | Path) -> dict[str, list[str]]:
-    """CLAM `splits_{k}.csv`: columns train, val, test (an optional unnamed index column is ignored)."""
+    """CLAM `splits_{k}.csv`: columns train, val, test (an optional unnamed index column is ignored).
+
+    Args:
+        path: The CLAM `splits_{k}.csv` file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: split file not found")
@@ -82,7 +98,15 @@ def _deduplicate(splits: dict[str, list[str]], path: str | Path) -> dict[str, li
 
 def make_kfold_splits(ids: Sequence[str], strata: Sequence[str], folds: int, val_fraction: float = 0.15,
                       seed: int = 0) -> list[dict[str, list[str]]]:
-    """Stratified k folds: fold k tests on part k; val is a stratified `val_fraction` of the other parts."""
+    """Stratified k folds: fold k tests on part k; val is a stratified `val_fraction` of the other parts.
+
+    Args:
+        ids: Bag ids (unique).
+        strata: The stratification label of each id.
+        folds: Number of folds.
+        val_fraction: Share of the non-test ids kept for validation.
+        seed: Seed of the split.
+    """
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
     ids, strata = np.asarray(ids), np.asarray(strata)
@@ -96,6 +120,12 @@ def make_kfold_splits(ids: Sequence[str], strata: Sequence[str], folds: int, val
 
 
 def write_split_file(path: str | Path, split: dict[str, list[str]]) -> None:
+    """Write one fold as a CLAM splits file: columns train, val, test listing ids.
+
+    Args:
+        path: The CSV file.
+        split: Ids per split (train, val, test).
+    """
     longest = max(len(v) for v in split.values())
     with Path(path).open("w", newline="") as handle:
         writer = csv.writer(handle)

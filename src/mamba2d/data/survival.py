@@ -12,7 +12,13 @@ import torch
 
 
 def fit_time_bins(times: Sequence[float], censorship: Sequence[int], num_bins: int = 4) -> np.ndarray:
-    """Inner bin edges (num_bins - 1,) = quantiles of the uncensored times. Pass training patients only."""
+    """Inner bin edges (num_bins - 1,) = quantiles of the uncensored times. Pass training patients only.
+
+    Args:
+        times: Survival or censoring times.
+        censorship: 1 = censored, 0 = event observed.
+        num_bins: Number of bins.
+    """
     times, censorship = np.asarray(times, dtype=float), np.asarray(censorship)
     events = times[censorship == 0]
     if events.size < num_bins:
@@ -24,5 +30,10 @@ def fit_time_bins(times: Sequence[float], censorship: Sequence[int], num_bins: i
 
 
 def assign_time_bins(times: Sequence[float] | torch.Tensor, edges: np.ndarray) -> np.ndarray:
-    """Bin index in 0..len(edges) of each time; times outside the training range fall into the first/last bin."""
+    """Bin index in 0..len(edges) of each time; times outside the training range fall into the first/last bin.
+
+    Args:
+        times: Times to bin.
+        edges: Inner bin edges from `fit_time_bins`.
+    """
     return np.searchsorted(edges, np.asarray(times, dtype=float), side="right")

@@ -179,6 +179,9 @@ class COCOPredictionWriter(BasePredictionWriter):
     """Collects `predict` detections and writes one COCO results JSON (the format of COCO's evaluation server and
     of `pycocotools.COCO.loadRes`): a list of {image_id, category_id, bbox [x, y, w, h], score, segmentation RLE}.
     Labels are mapped back to the COCO category ids of the DataModule. Default file: `<log dir>/predictions.json`.
+
+    Args:
+        output_file: The JSON file (None: `predictions.json` in the run's log folder).
     """
 
     def __init__(self, output_file: str | None = None):
@@ -186,6 +189,14 @@ class COCOPredictionWriter(BasePredictionWriter):
         self.output_file = output_file
 
     def write_on_epoch_end(self, trainer: Trainer, pl_module, predictions, batch_indices) -> None:
+        """Write every detection of the predict epoch (Lightning's `BasePredictionWriter` hook).
+
+        Args:
+            trainer: The running trainer (its DataModule gives the category ids).
+            pl_module: The `InstanceDetector`.
+            predictions: Its predict outputs ("detections", "image_ids" per batch).
+            batch_indices: Indices of each batch's samples.
+        """
         category_ids = getattr(trainer.datamodule, "category_ids", None)
         if category_ids is None:
             raise ValueError("COCOPredictionWriter: the DataModule must provide `category_ids` (COCO id per label)")

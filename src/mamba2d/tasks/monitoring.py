@@ -24,6 +24,9 @@ class TrainingSpeed(Callback):
     passes between epochs do not count.
 
     Printed at the end of fit and written to `<log_dir or default_root_dir>/training_speed.json`.
+
+    Args:
+        warmup_steps: Optimiser steps left out of the timing (compilation, allocator warm-up).
     """
 
     def __init__(self, warmup_steps: int = 20):

@@ -13,7 +13,14 @@ from timm.optim import param_groups_weight_decay
 def adamw_no_decay_on_1d(
     module: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999)
 ) -> torch.optim.AdamW:
-    """AdamW whose weight decay skips 1-D parameters (norms, biases) and those a model lists in no_weight_decay()."""
+    """AdamW whose weight decay skips 1-D parameters (norms, biases) and those a model lists in no_weight_decay().
+
+    Args:
+        module: The trained network.
+        lr: Learning rate.
+        weight_decay: Decoupled weight decay of the other parameters.
+        betas: AdamW betas.
+    """
     skip = set()
     for name, sub in module.named_modules():
         if hasattr(sub, "no_weight_decay"):
@@ -33,7 +40,19 @@ def warmup_then_decay(
     gamma: float = 0.1,
     warmup_start_ratio: float = 1e-3,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step schedule: linear warm-up to the base lr, then `cosine`, `poly` or `step` (milestones in steps)."""
+    """Per-step schedule: linear warm-up to the base lr, then `cosine`, `poly`, `step` or `constant`.
+
+    Args:
+        optimizer: The optimiser whose learning rates are scaled.
+        total_steps: Length of the schedule in steps (the decay ends there).
+        warmup_steps: Linear warm-up length in steps.
+        decay: "cosine", "poly", "step" or "constant" after the warm-up.
+        min_lr_ratio: Cosine and poly decay end at this fraction of the base lr.
+        poly_power: Power of the poly decay.
+        milestones: Steps at which the step decay multiplies the lr by `gamma`.
+        gamma: The step decay factor.
+        warmup_start_ratio: The warm-up starts at this fraction of the base lr.
+    """
     if decay not in ("cosine", "poly", "step", "constant"):
         raise ValueError(f"warmup_then_decay: decay must be cosine, poly, step or constant, got {decay!r}")
     total_steps = max(int(total_steps), 1)

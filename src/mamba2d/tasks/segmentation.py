@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Trainer
@@ -15,6 +14,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from .. import zoo  # noqa: F401  (registers the backbones and the zoo's pretrained tags with timm)
+from ..data.base import class_palette
 from ..models.upernet import UperNet
 from .base import BaseTask
 from .optim import warmup_then_decay
@@ -139,7 +139,12 @@ class SemanticSegmenter(BaseTask):
         return loss
 
     def predict_labels(self, images: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """Per image: (H, W) int64 labels at `size` (logits resized bilinearly before the argmax)."""
+        """Per image: (H, W) int64 labels at `size` (logits resized bilinearly before the argmax).
+
+        Args:
+            images: [0, 1] images (3, h, w), possibly of different sizes.
+            sizes: The (H, W) of each image's label map.
+        """
         labels = []
         for image, size in zip(images, sizes):
             logits = self(image.unsqueeze(0))
@@ -180,23 +185,14 @@ class SemanticSegmenter(BaseTask):
         return [SegmentationPredictionWriter()]
 
 
-def class_palette(num_classes: int) -> np.ndarray:
-    """(num_classes, 3) uint8 colours, distinct for neighbouring indices: the bits of (class + 1) are spread over
-    the high bits of R, G and B (the PASCAL VOC scheme); the +1 keeps black for no class."""
-    palette = np.zeros((num_classes, 3), dtype=np.uint8)
-    for index in range(num_classes):
-        value, colour = index + 1, [0, 0, 0]
-        for bit in range(8):
-            for channel in range(3):
-                colour[channel] |= ((value >> (3 * bit + channel)) & 1) << (7 - bit)
-        palette[index] = colour
-    return palette
-
-
 class SegmentationPredictionWriter(BasePredictionWriter):
     """Writes one palette PNG per image during `predict`: pixel value = predicted class (0-based), colour from
     `class_palette`, so the file is both a picture and an exact label map. Files go to `output_dir`
-    (default: `<log dir>/predictions`) under the image's file stem."""
+    (default: `<log dir>/predictions`) under the image's file stem.
+
+    Args:
+        output_dir: Folder of the PNGs (None: `predictions/` in the run's log folder).
+    """
 
     def __init__(self, output_dir: str | None = None):
         super().__init__(write_interval="batch")
@@ -208,6 +204,17 @@ class SegmentationPredictionWriter(BasePredictionWriter):
         return folder
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        """Write the batch's label maps (Lightning's `BasePredictionWriter` hook).
+
+        Args:
+            trainer: The running trainer.
+            pl_module: The `SemanticSegmenter`.
+            prediction: Its predict output for the batch ("labels", "path").
+            batch_indices: Indices of the batch's samples.
+            batch: The batch.
+            batch_idx: Index of the batch.
+            dataloader_idx: Index of the loader.
+        """
         folder = self._folder(trainer)
         num_classes = pl_module.hparams.num_classes
         if num_classes > 256:

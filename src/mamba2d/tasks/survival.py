@@ -16,11 +16,20 @@ from torchmetrics.utilities import dim_zero_cat
 
 
 def survival_curve(logits: torch.Tensor) -> torch.Tensor:
-    """(..., K) hazard logits -> S (..., K) = cumprod(1 - sigmoid(logits))."""
+    """(..., K) hazard logits -> S (..., K) = cumprod(1 - sigmoid(logits)).
+
+    Args:
+        logits: Hazard logits per time bin.
+    """
     return torch.cumprod(1 - torch.sigmoid(logits), dim=-1)
 
 
 def risk_score(logits: torch.Tensor) -> torch.Tensor:
+    """Risk = -sum_k S_k (higher = earlier death).
+
+    Args:
+        logits: (..., K) hazard logits.
+    """
     return -survival_curve(logits).sum(dim=-1)
 
 
@@ -30,6 +39,12 @@ def discrete_time_nll(logits: torch.Tensor, bins: torch.Tensor, censorship: torc
 
     `alpha` up-weights the uncensored term: (1 - alpha) * nll + alpha * nll_uncensored (0 = plain likelihood).
     Computed with log-sigmoids for stability: log h = logsigmoid(l), log(1 - h) = logsigmoid(-l).
+
+    Args:
+        logits: (B, K) hazard logits.
+        bins: (B,) time bin of each patient, in 0..K-1.
+        censorship: (B,) 1 = censored, 0 = event observed.
+        alpha: Up-weighting of the uncensored term.
     """
     if logits.dim() != 2 or bins.shape != logits.shape[:1] or censorship.shape != logits.shape[:1]:
         raise ValueError(f"discrete_time_nll: logits (B, K), bins (B,), censorship (B,); got {tuple(logits.shape)}, "
@@ -48,7 +63,14 @@ def discrete_time_nll(logits: torch.Tensor, bins: torch.Tensor, censorship: torc
 def concordance_index(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Harrell's C-index: over comparable pairs (i, j), the fraction where risk_i > risk_j (ties in risk count 1/2).
     (i, j) is comparable when i had the event and time_i < time_j, or time_i == time_j and j is censored (j was
-    still alive at time_i). Two events at the same time are not comparable. O(n^2) in chunks of rows."""
+    still alive at time_i). Two events at the same time are not comparable. O(n^2) in chunks of rows.
+
+    Args:
+        risk: (n,) risk scores.
+        time: (n,) survival or censoring times.
+        event: (n,) 1 = event observed, 0 = censored.
+        chunk: Rows compared at a time (bounds the memory to chunk x n).
+    """
     risk, time, event = risk.double(), time.double(), event.bool()
     concordant = torch.zeros((), dtype=torch.float64, device=risk.device)
     comparable = torch.zeros((), dtype=torch.float64, device=risk.device)
@@ -63,7 +85,11 @@ def concordance_index(risk: torch.Tensor, time: torch.Tensor, event: torch.Tenso
 
 
 class ConcordanceIndex(Metric):
-    """Harrell's C-index as a torchmetrics Metric: update(risk, time, event) with event = 1 - censorship."""
+    """Harrell's C-index as a torchmetrics Metric: update(risk, time, event) with event = 1 - censorship.
+
+    Args:
+        **kwargs: torchmetrics `Metric` options (e.g. `dist_sync_on_step`).
+    """
 
     is_differentiable = False
     higher_is_better = True
@@ -76,9 +102,17 @@ class ConcordanceIndex(Metric):
         self.add_state("event", default=[], dist_reduce_fx="cat")
 
     def update(self, risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> None:
+        """Add patients.
+
+        Args:
+            risk: Risk scores.
+            time: Survival or censoring times.
+            event: 1 = event observed, 0 = censored.
+        """
         self.risk.append(risk.detach().reshape(-1).float())
         self.time.append(time.detach().reshape(-1).float())
         self.event.append(event.detach().reshape(-1).bool())
 
     def compute(self) -> torch.Tensor:
+        """The C-index over every patient added (NaN without a comparable pair)."""
         return concordance_index(dim_zero_cat(self.risk), dim_zero_cat(self.time), dim_zero_cat(self.event)).float()
