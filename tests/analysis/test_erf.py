@@ -28,18 +28,32 @@ def test_area_ratio_of_known_maps():
         erf.area_ratios(np.zeros((4, 4)))
 
 
-def test_area_ratio_is_measured_around_the_true_centre_of_an_even_map():
+def test_area_ratio_is_measured_around_the_true_centre():
     # The centre of a 64-pixel side lies between pixels 31 and 32: the central 2 x 2 pixels are the smallest
     # centred square, and a square around pixel 32 (3 x 3) would be neither centred nor smallest.
     centre = np.zeros((64, 64))
     centre[31:33, 31:33] = 1.0
     assert erf.area_ratios(centre) == {t: 4 / 64**2 for t in erf.THRESHOLDS}
+    # Around another centre (a receptive field centred on pixel (15.5, 15.5)), clipped to the image.
+    quadrant = np.zeros((64, 64))
+    quadrant[15:17, 15:17] = 1.0
+    quadrant[0, 0] = 1.0
+    assert erf.area_ratios(quadrant, (0.5,), centre=(15.5, 15.5)) == {0.5: 4 / 64**2}
+    assert erf.area_ratios(quadrant, (0.99,), centre=(15.5, 15.5)) == {0.99: 32**2 / 64**2}
 
 
-def test_central_units_of_odd_and_even_maps():
-    assert erf.central_units(7) == slice(3, 4)
-    assert erf.central_units(2) == slice(0, 2)
-    assert erf.central_units(1) == slice(0, 1)
+def test_probe_geometry_of_a_real_backbone():
+    # vmamba2d_nano: stem 2 x (3x3, stride 2, pad 1) and three (3x3, stride 2, pad 1) downsamplings: unit j of the
+    # final map is centred on pixel 32j. At 64 px (2 x 2 map) unit 1 is centred on pixel 32, half a pixel from the
+    # image centre; at 160 px (5 x 5) the middle unit 2 is centred on pixel 64, unit 3 on 96: the centre 79.5 is
+    # nearer 64 (unit 2), and the ratios are measured around 64, not 79.5.
+    model = timm.create_model("vmamba2d_nano")
+    probe = erf.locate_probe(model, (64, 64))
+    assert probe.traced and probe.stride == (32, 32) and probe.offset == (0, 0) and probe.final == (2, 2)
+    assert probe.unit == (1, 1) and probe.centre == (32, 32)
+    wide = erf.locate_probe(model, (160, 160))
+    assert wide.unit == (2, 2) and wide.centre == (64, 64)
+    assert "receptive field centred on pixel (64, 64)" in wide.describe((160, 160))
 
 
 class Patchify32(nn.Module):
@@ -55,14 +69,15 @@ class Patchify32(nn.Module):
         return self.conv(x)
 
 
-def test_erf_at_size_64_is_centred_on_the_image():
-    # At 64 pixels the last map of a stride-32 backbone is 2 x 2: no single unit is centred. The probe must be the
-    # central units, so the ERF covers the four quadrants alike and its centre of mass is the image centre
-    # (31.5, 31.5), not one quadrant's.
-    contribution = erf.erf_map(Patchify32(), torch.rand(2, 3, 64, 64))
-    assert erf.centroid(contribution) == pytest.approx((31.5, 31.5))
-    quadrants = [contribution[r:r + 32, c:c + 32].sum() for r in (0, 32) for c in (0, 32)]
-    assert quadrants == pytest.approx([quadrants[0]] * 4)
+def test_erf_at_size_64_is_measured_around_the_probed_unit():
+    # At 64 pixels the last map of a stride-32 patchify stem is 2 x 2 and each unit sees one quadrant: the ratios
+    # must be measured around the probed unit's own centre (a quadrant's centre), not around the image's.
+    probe = erf.locate_probe(Patchify32(), (64, 64))
+    assert (probe.stride, probe.offset) == ((32, 32), (15.5, 15.5))
+    contribution = erf.erf_map(Patchify32(), torch.rand(2, 3, 64, 64), probe=probe)
+    assert erf.centroid(contribution) == pytest.approx(probe.centre)
+    # uniform over the probed unit's 32 x 32 quadrant: at t = 0.99 the square around its centre is that quadrant
+    assert erf.area_ratios(contribution, (0.99,), probe.centre) == {0.99: pytest.approx(0.25)}
 
 
 def test_erf_of_a_real_backbone_at_size_64_reaches_every_quadrant():
@@ -114,7 +129,8 @@ def test_command_writes_figure_and_numbers(tmp_path, capsys):
         pixels = np.asarray(figure.convert("L"))
     assert figure.size[0] > 300 and figure.size[1] > 300
     assert pixels.std() > 10  # not blank
-    assert "centred" in numbers["probe"]
+    assert all("probe: unit (1, 1) of the 2x2 final map, receptive field centred on pixel (32, 32)" in r["probe"]
+               for r in numbers["results"])
     assert numbers["images"] == ["cat.png", "coffee.png"] and numbers["thresholds"] == [0.2, 0.3, 0.5, 0.99]
     assert [r["init"] for r in numbers["results"]] == ["random", "trained"]
     for result in numbers["results"]:

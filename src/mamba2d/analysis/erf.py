@@ -1,14 +1,18 @@
 """Effective receptive fields (ERF) of backbones, plotted side by side with one colour scale.
 
-For each model and image: the gradient of sum(ReLU(final-stage activation at the centre)) with respect to the input,
-passed through ReLU and summed over input channels; averaged over images. The probed units are those whose
-receptive field is centred on the image: the central unit of an odd final map, the central 2 x 2 units of an even
-one (no single unit of an even map is centred; at 64 pixels the final map of a stride-32 backbone is 2 x 2). Each
-map is then divided by its total, so a pixel's value is its share of the total contribution, and every panel is
+For each model and image: the gradient of sum(ReLU(final-stage activation of one unit)) with respect to the input,
+passed through ReLU and summed over input channels; averaged over images. The probed unit is the one whose
+receptive field is centred nearest the image centre, and the area ratios are measured around that field's true
+centre (`locate_probe`, traced from the kernel, stride and padding of the layers that change resolution). Unit j of
+a stride-32 backbone whose layers pad (k - 1) / 2 is centred on pixel 32j: at 64 pixels (a 2 x 2 map) unit 1 is
+centred on pixel 32, half a pixel from the image centre 31.5; at 160 pixels (5 x 5) the middle unit 2 is centred on
+pixel 64, not on the image centre 79.5. The figure names the unit and marks the centre it is measured around.
+
+Each map is divided by its total, so a pixel's value is its share of the total contribution, and every panel is
 drawn on one logarithmic colour scale. The high-contribution area ratio at threshold t is the fraction of the image
-covered by the smallest square centred on the image's true centre (between the two middle pixels of an even side)
-that holds a share t of the total contribution (on the raw shares; RepLKNet and VMamba compute it on log-scaled
-maps, which gives larger ratios). A larger ratio at a given t means a wider ERF.
+covered by the smallest square around that centre (clipped to the image) that holds a share t of the total
+contribution (on the raw shares; RepLKNet and VMamba compute it on log-scaled maps, which gives larger ratios). A
+larger ratio at a given t means a wider ERF.
 
     mamba2d erf --models '[vmamba2d_nano.digits, vmamba_nano.digits]' --random_init true --out erf.png
 """
@@ -51,7 +55,15 @@ def _square_resize(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_images(directory: str | Path | None, size: int) -> tuple[np.ndarray, list[str]]:
-    """(n, size, size, 3) float images in [0, 1] from `directory`, or scikit-image's bundled photos when None."""
+    """(n, size, size, 3) float images in [0, 1] from `directory`, or scikit-image's bundled photos when None.
+
+    Args:
+        directory: Folder of images (png, jpg, tif, bmp), or None for the bundled photos.
+        size: Side every image is centre-cropped and resized to.
+
+    Returns:
+        The images and their names.
+    """
     if directory is None:
         import skimage.data
 
@@ -66,7 +78,12 @@ def load_images(directory: str | Path | None, size: int) -> tuple[np.ndarray, li
 
 def final_stage_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The last stage's feature map (batch, C, h, w): forward_features of a classifier, the last map of a
-    features_only model."""
+    features_only model.
+
+    Args:
+        model: A classifier or a features_only backbone.
+        x: (batch, 3, H, W) input.
+    """
     if hasattr(model, "forward_features"):
         return model.forward_features(x)
     out = model(x)
@@ -75,57 +92,148 @@ def final_stage_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"{type(model).__name__}: cannot find a final-stage feature map (no forward_features, no list)")
 
 
-def central_units(size: int) -> slice:
-    """The units of a final map side of `size` whose receptive fields are centred: the middle one (odd), the middle
-    two (even).
+@dataclass(frozen=True)
+class Probe:
+    """The final-map unit whose receptive field is centred nearest the image centre, and where that field is centred.
+
+    Unit j of the final map has its receptive field centred on input pixel `stride * j + offset` (per axis), from the
+    kernel, stride and padding of the layers that change resolution (`locate_probe`). The ERF is the gradient of
+    that one unit, and its area ratios are measured around `centre`, the field's true centre.
 
     Args:
-        size: Height or width of the final feature map.
+        unit: (row, column) of the probed unit on the final map.
+        centre: (row, column) input pixel on which its receptive field is centred.
+        stride: Input pixels per final unit (rows, columns).
+        offset: Input pixel on which unit 0's receptive field is centred (rows, columns).
+        traced: Whether stride and offset were traced from the layers (else assumed: the middle of each unit).
+        final: The final map's (height, width).
     """
-    return slice((size - 1) // 2, size // 2 + 1)
+
+    unit: tuple[int, int]
+    centre: tuple[float, float]
+    stride: tuple[float, float]
+    offset: tuple[float, float]
+    traced: bool
+    final: tuple[int, int]
+
+    def describe(self, image_shape: tuple[int, int]) -> str:
+        """One line for the figure and the JSON.
+
+        Args:
+            image_shape: (H, W) of the input.
+        """
+        image_centre = ((image_shape[0] - 1) / 2, (image_shape[1] - 1) / 2)
+        how = "traced from the layers" if self.traced else "assumed: the layers' geometry could not be traced"
+        return (f"probe: unit ({self.unit[0]}, {self.unit[1]}) of the {self.final[0]}x{self.final[1]} final map, "
+                f"receptive field centred on pixel ({self.centre[0]:g}, {self.centre[1]:g}) ({how}); image centre "
+                f"({image_centre[0]:g}, {image_centre[1]:g})")
 
 
-def erf_map(model: nn.Module, images: torch.Tensor, batch_size: int = 8) -> np.ndarray:
-    """Mean over images of ReLU(d sum ReLU(central activations) / d input), summed over channels: (H, W).
+def _conv_geometry(module: nn.Module, axis: int) -> tuple[float, float]:
+    """(stride, centre offset) of one convolution or pooling layer along `axis`: output i is centred on input
+    `stride * i + offset`."""
 
-    The central activations are those of `central_units` in both directions. Images do not interact in eval mode,
-    so one backward pass over a batch gives every image's gradient.
+    def pick(value):
+        return value[axis] if isinstance(value, (tuple, list)) else value
+
+    kernel, stride, padding = pick(module.kernel_size), pick(module.stride), pick(module.padding)
+    dilation = pick(getattr(module, "dilation", 1))
+    if isinstance(padding, str):  # "same" / "valid": centred by construction or unpadded
+        padding = dilation * (kernel - 1) / 2 if padding == "same" else 0
+    return float(stride), dilation * (kernel - 1) / 2 - padding
+
+
+def locate_probe(model: nn.Module, image_shape: tuple[int, int], device: str | torch.device = "cpu") -> Probe:
+    """The final-map unit whose receptive field is centred nearest the centre of an image of `image_shape` (H, W).
+
+    One forward pass records, in execution order, the convolutions and poolings applied at the current resolution
+    (a branch that reads a resolution already left, such as a ResNet shortcut, is skipped). When their strides do
+    not explain the final map's size (resolution changed by other layers), each unit is assumed centred on the
+    middle of its cell and `traced` is False.
+
+    Args:
+        model: A backbone (`final_stage_features` finds its last map).
+        image_shape: (H, W) of the input.
+        device: Where the forward pass runs.
+    """
+    layers: list[tuple[nn.Module, tuple[int, ...], tuple[int, ...]]] = []
+    kinds = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+    hooks = [m.register_forward_hook(lambda m, i, o: layers.append((m, tuple(i[0].shape[-2:]), tuple(o.shape[-2:]))))
+             for m in model.modules() if isinstance(m, kinds)]
+    try:
+        with torch.no_grad():
+            final = tuple(final_stage_features(model.eval(), torch.zeros(1, 3, *image_shape, device=device)).shape[-2:])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    strides, offsets = [1.0, 1.0], [0.0, 0.0]
+    current = tuple(image_shape)
+    for module, shape_in, shape_out in layers:
+        if shape_in != current:
+            continue
+        for axis in (0, 1):
+            stride, offset = _conv_geometry(module, axis)
+            offsets[axis] += strides[axis] * offset
+            strides[axis] *= stride
+        current = shape_out
+    traced = current == final
+    if not traced:
+        strides = [image_shape[a] / final[a] for a in (0, 1)]
+        offsets = [(strides[a] - 1) / 2 for a in (0, 1)]
+    unit = tuple(min(max(round(((image_shape[a] - 1) / 2 - offsets[a]) / strides[a]), 0), final[a] - 1)
+                 for a in (0, 1))
+    centre = tuple(strides[a] * unit[a] + offsets[a] for a in (0, 1))
+    return Probe(unit, centre, (strides[0], strides[1]), (offsets[0], offsets[1]), traced, final)
+
+
+def erf_map(model: nn.Module, images: torch.Tensor, batch_size: int = 8, probe: Probe | None = None) -> np.ndarray:
+    """Mean over images of ReLU(d sum ReLU(activation of the probed unit) / d input), summed over channels: (H, W).
+
+    Images do not interact in eval mode, so one backward pass over a batch gives every image's gradient.
 
     Args:
         model: A backbone (`final_stage_features` finds its last map).
         images: (n, 3, H, W) normalised images.
         batch_size: Images per backward pass.
+        probe: The unit to probe (default: `locate_probe`'s).
     """
     model.eval()
+    probe = probe or locate_probe(model, tuple(images.shape[-2:]), images.device)
     total = torch.zeros(images.shape[-2:], dtype=torch.float64)
     for start in range(0, len(images), batch_size):
         x = images[start: start + batch_size].clone().requires_grad_(True)
         feats = final_stage_features(model, x)
-        h, w = feats.shape[-2:]
-        torch.relu(feats[:, :, central_units(h), central_units(w)]).sum().backward()
+        torch.relu(feats[:, :, probe.unit[0], probe.unit[1]]).sum().backward()
         total += torch.relu(x.grad).sum(dim=(0, 1)).double().cpu()
     return (total / len(images)).numpy()
 
 
-def area_ratios(contribution: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> dict[float, float]:
-    """For each t, the area (fraction of the image) of the smallest square centred on the image's true centre that
-    holds a share t of the map. A side grows by two pixels at a time, one on each side, so the square stays centred
-    (an even side's centre lies between its two middle pixels).
+def _span(centre: float, half: float, size: int) -> tuple[int, int]:
+    """Pixel rows [start, stop) within [0, size) of a span of half-width `half` around `centre`."""
+    return max(int(np.ceil(centre - half - 1e-9)), 0), min(int(np.floor(centre + half + 1e-9)) + 1, size)
+
+
+def area_ratios(contribution: np.ndarray, thresholds: Sequence[float] = THRESHOLDS,
+                centre: tuple[float, float] | None = None) -> dict[float, float]:
+    """For each t, the area (fraction of the image) of the smallest square centred on `centre` that holds a share t
+    of the map, clipped to the image. A side grows by two pixels at a time, one on each side, so the square stays
+    centred (on a half-pixel centre, such as the middle of an even side, its sides are even).
 
     Args:
         contribution: (H, W) non-negative contribution map.
         thresholds: Shares of the total to enclose.
+        centre: (row, column) in pixels, whole or half (default: the image centre ((H-1)/2, (W-1)/2)).
     """
     height, width = contribution.shape
     total = contribution.sum()
     if total <= 0:
         raise ValueError("area_ratios: the contribution map is all zero (no gradient reached the input)")
+    cy, cx = centre if centre is not None else ((height - 1) / 2, (width - 1) / 2)
     ratios = {}
     for t in thresholds:
-        for step in range(max(height, width) // 2 + 1):
-            side_h, side_w = min(height % 2 + 2 * step, height), min(width % 2 + 2 * step, width)
-            top, left = (height - side_h) // 2, (width - side_w) // 2
-            window = contribution[top: top + side_h, left: left + side_w]
+        for step in range(max(height, width) + 1):
+            (top, bottom), (left, right) = (_span(c, step + (c % 1), n) for c, n in ((cy, height), (cx, width)))
+            window = contribution[top:bottom, left:right]
             if window.size and window.sum() >= t * total * (1 - 1e-12):
                 ratios[t] = window.size / contribution.size
                 break
@@ -152,14 +260,19 @@ class ErfResult:
         init: "trained" or "random".
         ratios: Threshold -> area ratio.
         share: Contribution map normalised to sum 1.
+        probe: Where the final map was probed (`Probe.describe`).
+        centre: (row, column) pixel on which the probed unit's receptive field is centred.
     """
 
     label: str
     init: str  # "trained" or "random"
     ratios: dict[float, float]
     share: np.ndarray  # contribution map normalised to sum 1
+    probe: str = ""
+    centre: tuple[float, float] | None = None
 
     def row(self) -> str:
+        """One table row: label, init and the area ratio at each threshold."""
         return f"{self.label:<28}{self.init:<9}" + "".join(f"{self.ratios[t]:>9.4f}" for t in sorted(self.ratios))
 
 
@@ -172,6 +285,14 @@ def resolve_model(spec: str, random_init: bool = False, seed: int = 0) -> tuple[
     """A model from `spec`: a zoo name, `ARCH=CHECKPOINT` (any layout the zoo reads) or a timm name (random init).
 
     With `random_init` the same architecture is built with fresh weights (seeded), for the random-vs-trained rows.
+
+    Args:
+        spec: Zoo name, ARCH=CHECKPOINT or timm name.
+        random_init: Build the architecture with fresh weights instead.
+        seed: Seed of the fresh weights.
+
+    Returns:
+        The model and its label.
     """
     import timm
 
@@ -197,6 +318,9 @@ def normalisation(spec: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Input mean/std for `spec`: the zoo entry's, else the architecture's pretrained cfg (ImageNet's by default).
 
     The random-init twin of a model uses the same normalisation, so both rows see identical inputs.
+
+    Args:
+        spec: Zoo name, ARCH=CHECKPOINT or timm name.
     """
     import timm
 
@@ -233,22 +357,25 @@ def compute(specs: Sequence[str], images: np.ndarray, random_init: bool = False,
         mean, std = mean_std or normalisation(spec)
         x = (torch.from_numpy(images).permute(0, 3, 1, 2) - torch.tensor(mean)[:, None, None]) / torch.tensor(
             std)[:, None, None]
-        contribution = erf_map(model.to(device), x.float().to(device))
-        results.append(ErfResult(label, init, area_ratios(contribution, thresholds),
-                                 contribution / contribution.sum()))
+        model = model.to(device)
+        probe = locate_probe(model, tuple(images.shape[1:3]), device)
+        contribution = erf_map(model, x.float().to(device), probe=probe)
+        results.append(ErfResult(label, init, area_ratios(contribution, thresholds, probe.centre),
+                                 contribution / contribution.sum(), probe.describe(tuple(images.shape[1:3])),
+                                 probe.centre))
         bar.update(len(images))
     bar.close()
     return results
 
 
-def plot(results: Sequence[ErfResult], title: str = "", probe: str = "") -> Figure:
+def plot(results: Sequence[ErfResult], title: str = "") -> Figure:
     """Grid of ERF maps (rows: random init / trained; columns: models) on one shared log colour scale; a cross marks
-    the image centre, around which the area ratios are measured.
+    the centre of the probed unit's receptive field, around which the area ratios are measured, and the title says
+    which unit was probed.
 
     Args:
         results: `compute`'s results.
         title: Figure title.
-        probe: What was probed, shown under the title.
     """
     inits = [*dict.fromkeys(r.init for r in results)]
     labels = [*dict.fromkeys(r.label for r in results)]
@@ -261,14 +388,16 @@ def plot(results: Sequence[ErfResult], title: str = "", probe: str = "") -> Figu
         ax = axes[inits.index(r.init)][labels.index(r.label)]
         image = ax.imshow(np.clip(r.share, vmax * 1e-4, None), cmap="RdYlGn", norm=norm)
         height, width = r.share.shape
-        ax.plot([(width - 1) / 2], [(height - 1) / 2], marker="+", color="black", markersize=9)
+        cy, cx = r.centre if r.centre is not None else ((height - 1) / 2, (width - 1) / 2)
+        ax.plot([cx], [cy], marker="+", color="black", markersize=9)
         ratios = "  ".join(f"{t:g}:{v:.3f}" for t, v in sorted(r.ratios.items()))
         ax.set_title(f"{r.label} ({r.init})\narea ratio {ratios}", fontsize=7.5)
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(image, ax=axes, shrink=0.85, label="share of total input contribution per pixel (log)")
-    fig.suptitle("\n".join(t for t in (title, probe, "area ratios: squares centred on the image centre (+)") if t),
-                 fontsize=8)
+    probes = [*dict.fromkeys(r.probe for r in results if r.probe)]
+    note = "area ratios: squares centred on the probed unit's receptive-field centre (+)"
+    fig.suptitle("\n".join(t for t in (title, *probes, note) if t), fontsize=8)
     return fig
 
 
@@ -301,10 +430,9 @@ def run(models: list[str], images: Path | None = None, size: int = 224, out: Pat
         print(r.row())
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    probe = f"probe: the unit(s) whose receptive field is centred, at {size}x{size} input"
-    plot(results, title, probe).savefig(out, dpi=130)
+    plot(results, title).savefig(out, dpi=130)
     numbers = {
-        "images": names, "size": size, "thresholds": [*THRESHOLDS], "probe": probe,
+        "images": names, "size": size, "thresholds": [*THRESHOLDS],
         "results": [{**{k: v for k, v in asdict(r).items() if k != "share"}, "centroid": centroid(r.share)}
                     for r in results],
     }

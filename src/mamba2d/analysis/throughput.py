@@ -56,6 +56,7 @@ class Measurement:
     memory_kind: str
 
     def row(self) -> str:
+        """One table row under HEADER: images/s, then peak memory in GB (10^9 bytes) and how it was measured."""
         return (f"{self.model:<20}{self.mode:<11}{self.precision:<6}{self.batch:>6}{self.size:>6}"
                 f"{self.images_per_s:>12.1f}{self.peak_memory_gb:>10.2f}  {self.memory_kind}")
 

@@ -44,6 +44,7 @@ class Command:
         parser: The subcommand's parser.
         run: Called with the subcommand's parsed keys; returns an exit status or None (0).
         help: One line for the parent command's list.
+        subcommands: Name -> Command below this one (a command group), else empty.
     """
 
     parser: ArgumentParser
