@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import (
     TQDMProgressBar,
 )
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mamba2d.cli.lightning import build_cli, main
 from mamba2d.data.digits import DigitsDataModule
@@ -152,6 +153,9 @@ def test_logs_follow_default_root_dir_with_tensorboard_beside_csv(in_tmp):
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert any(row.get("train/loss") for row in rows)  # the demo's short run logs its training loss
     assert any(row.get("train/lr/pg1") for row in rows)  # logged by LearningRateMonitor
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert events.Tags()["images"] == ["val/samples"]  # the DataModule's plot() of the first validation batch
 
 
 def test_image_folder_without_class_folders_is_named(tmp_path):

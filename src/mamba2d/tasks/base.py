@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from torchmetrics import Metric, MetricCollection
 
 from .optim import adamw_no_decay_on_1d, warmup_then_decay
@@ -91,6 +94,31 @@ class BaseTask(LightningModule):
             if data_value is not None and data_value != value:
                 raise ValueError(f"model.init_args.{key}={value!r} but the data ({type(datamodule).__name__}) has "
                                  f"{key}={data_value!r}")
+
+    def log_figure(self, batch: Any, prediction: Any, batch_idx: int) -> None:
+        """Draw the first validation batch of each epoch with the DataModule's `plot(batch, prediction)` and add it
+        to every TensorBoard logger as the image `val/samples` (rank 0 only; not during the sanity check).
+
+        Args:
+            batch: The validation batch.
+            prediction: What the DataModule's `plot` takes as the task's prediction for that batch.
+            batch_idx: Index of the batch in the epoch.
+        """
+        if batch_idx != 0 or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        writers = [logger.experiment for logger in self.loggers if isinstance(logger, TensorBoardLogger)]
+        plot = getattr(getattr(self.trainer, "datamodule", None), "plot", None)
+        if not writers or plot is None:
+            return
+        try:
+            figure = plot(batch, prediction)
+        except NotImplementedError:
+            return
+        canvas = FigureCanvasAgg(figure)  # rendered here, without pyplot
+        canvas.draw()
+        image = np.asarray(canvas.buffer_rgba())[..., :3]
+        for writer in writers:
+            writer.add_image("val/samples", image, global_step=self.global_step, dataformats="HWC")
 
     def steps_per_epoch(self) -> int:
         """Optimiser steps in one training epoch (at least 1)."""

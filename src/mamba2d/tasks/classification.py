@@ -123,15 +123,17 @@ class ImageClassifier(BaseTask):
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
 
-    def _evaluate(self, batch, metrics: MetricCollection, prefix: str) -> None:
+    def _evaluate(self, batch, metrics: MetricCollection, prefix: str) -> torch.Tensor:
         images, targets = batch
         logits = self.eval_model(images)
         self.log(f"{prefix}/loss", self.eval_loss(logits, targets), batch_size=images.shape[0], sync_dist=True)
         metrics.update(logits, targets)
         self.log_dict(metrics, prog_bar=True, batch_size=images.shape[0])
+        return logits
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, "val")
+        logits = self._evaluate(batch, self.val_metrics, "val")
+        self.log_figure(batch, logits.argmax(dim=-1), batch_idx)
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test")

@@ -112,7 +112,7 @@ class InstanceDetector(BaseTask):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
         return loss
 
-    def _evaluate(self, batch, metric: MeanAveragePrecision) -> None:
+    def _evaluate(self, batch, metric: MeanAveragePrecision) -> list[dict[str, torch.Tensor]]:
         images, targets = batch
         detections = self(images)
         metric.update(
@@ -120,6 +120,7 @@ class InstanceDetector(BaseTask):
             [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"], "masks": t["masks"].bool(),
               "iscrowd": t["iscrowd"]} for t in targets],
         )
+        return detections
 
     def _log_map(self, metric: MeanAveragePrecision, stage: str) -> None:
         results = metric.compute()
@@ -130,7 +131,7 @@ class InstanceDetector(BaseTask):
         metric.reset()
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics)
+        self.log_figure(batch, self._evaluate(batch, self.val_metrics), batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_map(self.val_metrics, "val")

@@ -137,17 +137,23 @@ class SlideMIL(BaseTask):
         self.log("train/loss", loss, prog_bar=True, batch_size=1, on_step=True, on_epoch=True)
         return loss
 
-    def _evaluate(self, bag: dict, metrics: MetricCollection, prefix: str) -> None:
-        logits = self(bag).logits
+    def _evaluate(self, bag: dict, metrics: MetricCollection, prefix: str) -> MILOutput:
+        output = self(bag)
+        logits = output.logits
         self.log(f"{prefix}/loss", self._loss(logits, bag), batch_size=1)
         if self.hparams.task == "classification":
             metrics.update(logits.softmax(-1)[None], bag["label"].reshape(1))
         else:
             metrics.update(risk_score(logits)[None], bag["time"].reshape(1), (1 - bag["censorship"]).reshape(1))
         self.log_dict(metrics, batch_size=1, prog_bar=True)
+        return output
 
     def validation_step(self, bag: dict, batch_idx: int) -> None:
-        self._evaluate(bag, self.val_metrics, "val")
+        output = self._evaluate(bag, self.val_metrics, "val")
+        prediction = {"scores": output.scores}
+        if self.hparams.task == "classification":
+            prediction["probs"] = output.logits.softmax(-1)
+        self.log_figure(bag, prediction, batch_idx)
 
     def test_step(self, bag: dict, batch_idx: int) -> None:
         self._evaluate(bag, self.test_metrics, "test")

@@ -152,14 +152,15 @@ class SemanticSegmenter(BaseTask):
             labels.append(logits.argmax(dim=1)[0])
         return labels
 
-    def _evaluate(self, batch: dict, metrics: MetricCollection) -> None:
+    def _evaluate(self, batch: dict, metrics: MetricCollection) -> list[torch.Tensor]:
         preds = self.predict_labels(batch["image"], [m.shape[-2:] for m in batch["mask"]])
         for pred, mask in zip(preds, batch["mask"]):
             metrics.update(pred.unsqueeze(0), mask.unsqueeze(0))
         self.log_dict(metrics, prog_bar=True, batch_size=len(preds))
+        return preds
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics)
+        self.log_figure(batch, self._evaluate(batch, self.val_metrics), batch_idx)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics)
