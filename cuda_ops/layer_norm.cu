@@ -1,7 +1,6 @@
 // Layer norm over the last, contiguous dimension of short rows (a channels-last feature map's pixels, C <= 1024),
 // forward; PyTorch's backward runs from the mean and 1/std it writes. PyTorch's own kernel gives every row a block
-// of 128 threads, most of them idle when C is 48 or 96 (an H100 moved a 128 x 112 x 112 x 48 float32 map at a tenth
-// of its bandwidth). Here L lanes share a row (a power of two up to 32, several rows per warp), each keeping V of its
+// of 128 threads, most of them idle when C is 48 or 96 (a small fraction of the memory bandwidth). Here L lanes share a row (a power of two up to 32, several rows per warp), each keeping V of its
 // values in registers: the row is read once and written once, mean and variance come from the registers in two
 // passes (the variance from deviations to the mean, as exact as PyTorch's Welford sums), summed across the row's
 // lanes with shuffles.
@@ -19,9 +18,17 @@ __device__ __forceinline__ float m2d_row_sum(float v) {
 // of lower precision than x: half the memory, the precision of the output). Lane l of a row holds columns l + L * i.
 template <typename T, typename TO, int L, int V>
 __global__ void __launch_bounds__(256)
-    mamba2d_layer_norm_fwd(const T* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
-                           TO* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
-                           TO* __restrict__ x_low, m2d_i64 rows, int C, float eps) {
+    mamba2d_layer_norm_fwd(const M2DLayerNormParams prm) {
+    const T* __restrict__ x = static_cast<const T*>(prm.x);
+    const float* __restrict__ weight = prm.weight;
+    const float* __restrict__ bias = prm.bias;
+    TO* __restrict__ y = static_cast<TO*>(prm.y);
+    float* __restrict__ mean_out = prm.mean_out;
+    float* __restrict__ rstd_out = prm.rstd_out;
+    TO* __restrict__ x_low = static_cast<TO*>(prm.x_low);
+    const m2d_i64 rows = prm.rows;
+    const int C = prm.C;
+    const float eps = prm.eps;
     const m2d_i64 row = ((m2d_i64)blockIdx.x * blockDim.x + threadIdx.x) / L;
     const int lane = threadIdx.x % L;
     const bool row_ok = row < rows;  // a whole row's lanes agree, so the shuffles below see only their own row

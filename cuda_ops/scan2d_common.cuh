@@ -1,11 +1,12 @@
 // Shared helpers of the 2D selective scan kernels (contract: docs/scan.md).
 //
 // Compiled by NVRTC at run time (through CuPy) and by nvcc in CI; no CUDA header is included, so the same text
-// builds anywhere. The launcher in src/mamba2d/ops/cuda_build.py splices this file into scan2d.cu in place of its
-// #include line, so CuPy's on-disk cache key covers every byte of the kernel source.
+// builds anywhere. The launcher (src/mamba2d/ops/cuda_build.py) splices this file, and the parameter structs it
+// includes, into scan2d_band.cu, scan2d_wave.cu and layer_norm.cu in place of their #include lines, so CuPy's
+// on-disk cache key covers every byte of each kernel source.
 #pragma once
 
-typedef long long m2d_i64;
+#include "scan2d_params.cuh"
 
 // 16-bit storage types: raw bits, converted with PTX cvt (sm_80+ for bf16).
 struct m2d_half {
@@ -59,25 +60,22 @@ __device__ __forceinline__ P* m2d_base(P* p) {
 }
 
 // The forward issues a band's loads of u, delta, B and C one band ahead (in registers), so that they are in flight
-// while the band before is scanned: on rows of one warp with few states (MINB = 3), for float32 inputs and, since
-// v17, 16-bit inputs with one column per thread (maps 17-32 wide). H100, forward ms: a 0.877 -> 0.843, d 0.596 ->
-// 0.480, 128 x 192 x 28 x 28 0.145 -> 0.124 (fp32), 0.130 -> 0.120 (bf16 and fp16). Narrow maps (b), 16-bit inputs
-// with 2 or 4 columns per thread (a, d: 9-12 % slower, even with their values kept packed) and the many-state
-// forward ran slower with it (their registers spill) and keep their loads at the top of their own band, as all did
-// up to v15. 0: nowhere.
+// while the band before is scanned: on rows of one warp with few states (MINB = 3), for float32 inputs and for
+// 16-bit inputs with one column per thread (maps 17-32 wide). Narrow maps, 16-bit inputs with 2 or 4 columns per
+// thread and the many-state forward keep their loads at the top of their own band: the extra registers spill there
+// and cost more than the hidden latency saves. 0: nowhere.
 #ifndef M2D_FWD_AHEAD
 #define M2D_FWD_AHEAD 1
 #endif
 // Bands of at most this many rows ask the L1 cache for the next band's rows before they are scanned (0: never). A
-// one-row band has little independent work to hide its loads behind, and the prefetch roughly halves its load stalls
-// (H100, shape d, v12: fwd+bwd 2.33 -> 1.93 ms fp32); bands of 2 or 4 rows keep R loads in flight per thread
-// already, and there the prefetch instructions cost more issue slots than they save (a, b, c: 1-8 % slower with them).
+// one-row band has little independent work to hide its loads behind, and the prefetch roughly halves its load
+// stalls; bands of 2 or 4 rows keep R loads in flight per thread already, and there the prefetch instructions cost
+// more issue slots than they save.
 #ifndef M2D_PREFETCH
 #define M2D_PREFETCH 1
 #endif
-// The backward of float32 inputs on rows of one warp prefetches bands of up to this many rows (H100, fwd+bwd of a
-// 3.368 -> 3.259 ms, 32 x 96 x 56 x 56 with 16 states 3.278 -> 3.268; narrow maps (b) gained nothing, wide ones
-// (1024 x 1024) lost 6 %, and 16-bit inputs 4-8 %: they keep M2D_PREFETCH).
+// The backward of float32 inputs on rows of one warp prefetches bands of up to this many rows; narrow maps, wide
+// rows and 16-bit inputs keep M2D_PREFETCH (the prefetch does not pay for its issue slots there).
 #ifndef M2D_PREFETCH_BWD_F32
 #define M2D_PREFETCH_BWD_F32 2
 #endif
@@ -109,8 +107,7 @@ __device__ __forceinline__ void m2d_prefetch_rows(const T* p, int st, int nrow) 
 #endif
 // The backward of narrow maps runs blocks of at most M2D_NARROW_BWD_MAX_THREADS (must match NARROW_BWD_MAX_THREADS in
 // cuda_build.py) and asks for 5 of them an SM: 96 registers a thread (a few spilled) instead of 128, 20 warps an SM
-// instead of 16 for a latency-bound kernel (H100, fwd+bwd ms: b 0.976 -> 0.955 fp32, 0.847 -> 0.840 bf16,
-// 128 x 768 x 7 x 7 0.178 -> 0.169; 6 blocks, 80 registers, spill too much; the forward lost with 8 blocks, 64).
+// instead of 16 for a latency-bound kernel (6 blocks, 80 registers, spill too much).
 #define M2D_NARROW_BWD_MAX_THREADS 128
 #ifndef M2D_NARROW_BWD_MIN_BLOCKS
 #define M2D_NARROW_BWD_MIN_BLOCKS 5

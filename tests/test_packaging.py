@@ -68,6 +68,6 @@ def test_resources_fall_back_to_the_checkout_without_an_install():
 
     repo = Path(__file__).resolve().parents[1]
     assert resource_dir("mamba2d._not_installed", "zoo", "manifest.yaml") == repo / "zoo"
-    assert resource_dir("mamba2d._not_installed", "cuda_ops", "scan2d.cu") == repo / "cuda_ops"
+    assert resource_dir("mamba2d._not_installed", "cuda_ops", "scan2d_band.cu") == repo / "cuda_ops"
     with pytest.raises(FileNotFoundError, match="no_such_file.txt"):
         resource_dir("mamba2d._not_installed", "zoo", "no_such_file.txt")

@@ -10,6 +10,7 @@ channels, 16 states); the slide is `--patches` random 1024-dim features on rando
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -17,6 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import scan_tuning  # noqa: E402
 
 from mamba2d.models.mil import create_mil_model  # noqa: E402
 from mamba2d.ops import cuda_build  # noqa: E402
@@ -65,19 +69,19 @@ def main(argv=None) -> int:
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             model(features, positions)
 
-    default = cuda_build.WAVE_MIN_STATES
+    default = scan_tuning.from_env()
+    per_band = dataclasses.replace(default, wave_min_states=cuda_build.MAX_D_STATE + 1, force_wavefront=False)
     times: dict[tuple[str, str, str], list[float]] = {}
     for _ in range(args.rounds):
-        for kernels, min_states in (("wavefront", default), ("per-band", cuda_build.MAX_D_STATE + 1)):
-            cuda_build.WAVE_MIN_STATES = min_states
-            for precision, amp in (("fp32", False), ("bf16 autocast", True)):
-                times.setdefault((kernels, precision, "inference"), []).append(
-                    gpu_ms(lambda: inference(amp), args.reps))
-                times.setdefault((kernels, precision, "training step"), []).append(
-                    gpu_ms(lambda: train_step(amp), args.reps))
-    cuda_build.WAVE_MIN_STATES = default
+        for kernels, tuning in (("wavefront", default), ("per-band", per_band)):
+            with scan_tuning.models_use(tuning):
+                for precision, amp in (("fp32", False), ("bf16 autocast", True)):
+                    times.setdefault((kernels, precision, "inference"), []).append(
+                        gpu_ms(lambda: inference(amp), args.reps))
+                    times.setdefault((kernels, precision, "training step"), []).append(
+                        gpu_ms(lambda: train_step(amp), args.reps))
     print(f"{torch.cuda.get_device_name()}: 2DMambaMIL, {height} x {width} grid, {args.patches} patches "
-          f"(wavefront kernels used: {cuda_build.uses_wave(1, 256, height, width, 1, 16)})")
+          f"(wavefront kernels used: {cuda_build.uses_wave(1, 256, height, width, 1, 16, default)})")
     for (kernels, precision, mode), values in sorted(times.items()):
         print(f"{kernels:<10} {precision:<14} {mode:<14} {statistics.median(values):8.3f} ms")
     return 0

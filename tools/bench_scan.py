@@ -27,7 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mamba2d.ops import selective_scan_2d  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import scan_tuning  # noqa: E402
+
+#: The scan these benchmarks time: the CUDA kernels with the tuning MAMBA2D_SCAN_TUNE asks for (tools/scan_tuning.py).
+selective_scan_2d = scan_tuning.scan(scan_tuning.from_env())
 
 SHAPES = {
     "a": (128, 384, 56, 56, 1, 4),

@@ -19,9 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bench_scan import DTYPES, SHAPES, make_inputs  # noqa: E402
-
-from mamba2d.ops import selective_scan_2d  # noqa: E402
+from bench_scan import DTYPES, SHAPES, make_inputs, selective_scan_2d  # noqa: E402  (MAMBA2D_SCAN_TUNE applied)
 
 
 def main(argv=None) -> int:

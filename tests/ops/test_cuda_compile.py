@@ -15,10 +15,12 @@ NVCC = shutil.which("nvcc")
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-@pytest.mark.parametrize("unit", ["scan2d", "layer_norm"])
+@pytest.mark.parametrize("unit", [*cuda_build.SCAN_SOURCES, cuda_build.LAYER_NORM_SOURCE])
 def test_kernels_compile_with_nvcc(arch, unit, tmp_path):
-    source = tmp_path / f"{unit}_all_variants.cu"
-    text = (cuda_build.nvcc_translation_unit(int(arch[3:])) if unit == "scan2d"
+    """Each kernel source is its own translation unit (as NVRTC compiles it), with every instantiation a launch plan
+    may name."""
+    source = tmp_path / f"all_variants_{unit}"
+    text = (cuda_build.nvcc_translation_unit(unit, int(arch[3:])) if unit in cuda_build.SCAN_SOURCES
             else cuda_build.nvcc_layer_norm_translation_unit())
     source.write_text(text)
     cmd = [NVCC, *cuda_build.COMPILE_OPTIONS, f"-arch={arch}", "-c", str(source), "-o", str(tmp_path / "k.o"),
@@ -28,11 +30,16 @@ def test_kernels_compile_with_nvcc(arch, unit, tmp_path):
 
 
 def test_source_is_self_contained():
-    """NVRTC gets one text: local includes are spliced in and no system header is needed."""
-    text = cuda_build.kernel_source()
-    for source in (text, cuda_build.kernel_source(cuda_build.LAYER_NORM_SOURCE)):
+    """NVRTC gets one text per source: local includes are spliced in (the parameter structs with the common header)
+    and no system header is needed."""
+    band, wave = (cuda_build.kernel_source(name) for name in cuda_build.SCAN_SOURCES)
+    for source in (band, wave, cuda_build.kernel_source(cuda_build.LAYER_NORM_SOURCE)):
         assert not re.search(r"^\s*#\s*include", source, re.MULTILINE)
-    assert "mamba2d_scan2d_fwd" in text and "mamba2d_scan2d_bwd" in text
+        assert "struct M2DScanParams {" in source and source.count("typedef long long m2d_i64;") == 1
+    assert "mamba2d_scan2d_fwd(" in band and "mamba2d_scan2d_bwd(" in band and "_wave(" not in band
+    assert "mamba2d_scan2d_fwd_wave(" in wave and "mamba2d_scan2d_bwd_wave(" in wave
+    assert "mamba2d_scan2d_fwd(" not in wave and "mamba2d_scan2d_bwd(" not in wave
+    text = band
     assert f"#define M2D_R {cuda_build.ROWS_PER_BAND}" in text
     assert f"#define M2D_MAX_THREADS {cuda_build.MAX_THREADS}" in text
     assert f"#define M2D_NARROW_BWD_MAX_THREADS {cuda_build.NARROW_BWD_MAX_THREADS}" in text

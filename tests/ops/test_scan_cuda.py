@@ -1,19 +1,21 @@
 """GPU tests of the CUDA 2D selective scan against the float64 reference (contract: docs/scan.md).
 
-Run with `pytest -m gpu`; skipped without a CUDA device or CuPy. Every launch has its outputs and scratch poisoned
-with NaN first, inputs are fresh random draws, and errors are ||out - ref|| / ||ref|| against the reference in
-float64 on the same (rounded) inputs.
+Run with `pytest -m gpu`; skipped without a CUDA device or CuPy. Every kernel run through `run` (the CUDA op with
+`poison_outputs=True` and the test's `ScanTuning`) has its outputs and scratch poisoned with NaN first, inputs are
+fresh random draws, and errors are ||out - ref|| / ||ref|| against the reference in float64 on the same (rounded)
+inputs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import pytest
 import torch
 
 from mamba2d.ops import DIRECTIONS, cuda_build, cuda_scan, selective_scan_2d
+from mamba2d.ops.cuda_build import DEFAULT_TUNING, ScanTuning
+from mamba2d.ops.library import selective_scan_2d_cuda
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,12 +26,6 @@ pytestmark = [
 BOUND = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 _seed = itertools.count(1234)
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(cuda_scan, "POISON_OUTPUTS", True)
-    yield
 
 
 def make_inputs(batch, dim, H, W, G, N, dtype=torch.float32, z=True, D=True, bias=True, delta_scale=1.0,
@@ -52,7 +48,10 @@ def make_inputs(batch, dim, H, W, G, N, dtype=torch.float32, z=True, D=True, bia
     return inputs
 
 
-def run(inputs, backend, dy=None, out_dtype=None, direction="tl_hv", softplus=True, grad=True, cast=None):
+def run(inputs, backend, dy=None, out_dtype=None, direction="tl_hv", softplus=True, grad=True, cast=None,
+        tuning=DEFAULT_TUNING):
+    """Forward (and backward, with `grad`) of the scan on `backend`; "cuda" runs the kernels with `tuning` and with
+    every output and scratch buffer poisoned with NaN before each launch."""
     leaves = {}
     for name, t in inputs.items():
         if t is None:
@@ -62,7 +61,12 @@ def run(inputs, backend, dy=None, out_dtype=None, direction="tl_hv", softplus=Tr
         if cast is not None:
             t = t.to(cast)
         leaves[name] = t.requires_grad_(grad)
-    y = selective_scan_2d(**leaves, delta_softplus=softplus, direction=direction, out_dtype=out_dtype, backend=backend)
+    if backend == "cuda":
+        y = selective_scan_2d_cuda(**leaves, delta_softplus=softplus, direction=direction, out_dtype=out_dtype,
+                                   tuning=tuning, poison_outputs=True)
+    else:
+        y = selective_scan_2d(**leaves, delta_softplus=softplus, direction=direction, out_dtype=out_dtype,
+                              backend=backend)
     grads = {}
     if grad:
         if dy is None:
@@ -80,10 +84,10 @@ def rel_err(out, ref):
     return (out - ref).norm().item() / max(denom, 1e-30)
 
 
-def check_against_reference(inputs, direction, out_dtype=None, softplus=True, bound=None):
+def check_against_reference(inputs, direction, out_dtype=None, softplus=True, bound=None, tuning=DEFAULT_TUNING):
     dtype = inputs["u"].dtype
     bound = bound or BOUND[dtype]
-    y, grads, dy = run(inputs, "cuda", out_dtype=out_dtype, direction=direction, softplus=softplus)
+    y, grads, dy = run(inputs, "cuda", out_dtype=out_dtype, direction=direction, softplus=softplus, tuning=tuning)
     y_ref, grads_ref, _ = run(inputs, "reference", dy=dy, direction=direction, softplus=softplus, cast=torch.float64)
     assert y.dtype == (out_dtype or dtype)
     errors = {"y": rel_err(y, y_ref)}
@@ -136,25 +140,9 @@ def test_shared_group_256_channels(N, H, W):
     check_against_reference(inputs, "br_vh")
 
 
-@contextlib.contextmanager
-def split_target(monkeypatch, blocks):
-    """Launches below `blocks` (batch, group, channel chunk) blocks split their states (0: never)."""
-    monkeypatch.setattr(cuda_build, "SPLIT_TARGET_BLOCKS", blocks)
-    cuda_build.launch_config.cache_clear()
-    try:
-        yield
-    finally:
-        cuda_build.launch_config.cache_clear()
-
-
-@contextlib.contextmanager
-def wavefront(monkeypatch, states_per_lane=None):
-    """The wavefront kernels on every shape whose tiles fit, inside the block."""
-    with monkeypatch.context() as patch:
-        patch.setattr(cuda_build, "WAVE_FORCE", True)
-        if states_per_lane is not None:
-            patch.setattr(cuda_build, "WAVE_STATES_PER_LANE", states_per_lane)
-        yield
+def wavefront(states_per_lane=DEFAULT_TUNING.wave_states_per_lane) -> ScanTuning:
+    """The wavefront kernels on every shape whose tiles fit."""
+    return ScanTuning(force_wavefront=True, wave_states_per_lane=states_per_lane)
 
 
 @pytest.mark.parametrize("wave", [False, True])
@@ -162,21 +150,20 @@ def wavefront(monkeypatch, states_per_lane=None):
 @pytest.mark.parametrize("dtype,z", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True),
                                      (torch.float16, False)])
 @pytest.mark.parametrize("H,W,G", [(37, 70, 2), (20, 300, 1), (14, 14, 2)])
-def test_state_split(monkeypatch, wave, target, parts, dtype, z, H, W, G):
+def test_state_split(wave, target, parts, dtype, z, H, W, G):
     """N = 16 states unsplit, in parts of 3 (the last one smaller) and one per block: partial y / du / ddelta / dD /
     d(delta_bias) summed by the launcher, the z gate applied outside the kernel; all against the reference. The
     kernels per-band or wavefront (`wave`: never split)."""
     batch, dim, N = 1, 2 * G, 16
-    monkeypatch.setattr(cuda_build, "WAVE_FORCE", wave)
-    if not wave:
-        monkeypatch.setattr(cuda_build, "WAVE_MIN_STATES", cuda_build.MAX_D_STATE + 1)
-    with split_target(monkeypatch, target):
-        assert cuda_build.uses_wave(batch, dim, H, W, G, N) == wave
-        cfg = cuda_build.launch_config(batch, dim, H, W, G, N)
-        assert cfg.blocks == 2 and cfg.parts == parts  # the targets above assume two blocks
-        assert cuda_build.launch_config(batch, dim, H, W, G, N, backward=True).parts == parts
-        inputs = make_inputs(batch, dim, H, W, G, N, dtype=dtype, z=z)
-        check_against_reference(inputs, group_directions(G, offset=W % 8))
+    # launches below `target` (batch, group, channel chunk) blocks split their states (0: never)
+    tuning = ScanTuning(split_target_blocks=target, force_wavefront=wave,
+                        wave_min_states=DEFAULT_TUNING.wave_min_states if wave else cuda_build.MAX_D_STATE + 1)
+    assert cuda_build.uses_wave(batch, dim, H, W, G, N, tuning) == wave
+    cfg = cuda_build.launch_config(batch, dim, H, W, G, N, tuning=tuning)
+    assert cfg.blocks == 2 and cfg.parts == parts  # the targets above assume two blocks
+    assert cuda_build.launch_config(batch, dim, H, W, G, N, backward=True, tuning=tuning).parts == parts
+    inputs = make_inputs(batch, dim, H, W, G, N, dtype=dtype, z=z)
+    check_against_reference(inputs, group_directions(G, offset=W % 8), tuning=tuning)
 
 
 @pytest.mark.parametrize("N", [32, 64])
@@ -244,9 +231,10 @@ def test_vector_access_layouts(layout, dtype, H, W):
             inputs[name] = wide[..., 1:]
     elif layout == "channels_last":
         inputs["delta"] = inputs["delta"].contiguous(memory_format=torch.channels_last)
-    cfg = cuda_build.launch_config(2, 8, H, W, G, 2)
-    flags = cuda_scan._vector_flags(cfg, W, tuple(inputs[n] for n in ("u", "delta", "z", "B", "C")))
-    assert cfg.K > 1 and flags == (3 if layout == "contiguous" else 2)
+    plan = cuda_scan.plan_for(inputs["u"], inputs["B"], backward=False, has_z=inputs["z"] is not None,
+                              out_fp32=False)
+    flags = cuda_scan._vector_flags(plan, tuple(inputs[n] for n in ("u", "delta", "z", "B", "C")))
+    assert plan.band.K > 1 and flags == (3 if layout == "contiguous" else 2)
     for offset in (0, 4):
         check_against_reference(inputs, group_directions(G, offset))
 
@@ -268,12 +256,11 @@ def test_deterministic_bitwise(H, W, G, dim, N):
 
 
 @pytest.mark.parametrize("wave", [False, True])
-def test_extreme_values_finite(monkeypatch, wave):
+def test_extreme_values_finite(wave):
     inputs = make_inputs(1, 2, 64, 64, 1, 4, z=True)
     inputs["delta"] = torch.linspace(-30, 30, 64 * 64, device="cuda").reshape(1, 1, 64, 64).expand(1, 2, 64, 64)
     inputs["A"] = torch.tensor([[-1e4, -1.0, -1e-4, -30.0]], device="cuda").expand(2, 4).contiguous()
-    with wavefront(monkeypatch) if wave else contextlib.nullcontext():
-        y, grads, _ = run(inputs, "cuda", direction="br_hv")
+    y, grads, _ = run(inputs, "cuda", direction="br_hv", tuning=wavefront() if wave else DEFAULT_TUNING)
     assert torch.isfinite(y).all()
     for name, g in grads.items():
         assert torch.isfinite(g).all(), name
@@ -434,38 +421,36 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.parametrize("H,W", SHAPES + [(33, 9), (64, 31), (65, 700)])
-def test_wavefront_shapes(monkeypatch, H, W):
+def test_wavefront_shapes(H, W):
     """The wavefront kernels against the reference on every test shape (one, several and a partial band of 32
     rows, chunks of a band cut anywhere), 8 and 16 states."""
-    G = 4
-    with wavefront(monkeypatch):
-        for N in (8, 16) if H * W < 20000 else (16,):
-            assert cuda_build.uses_wave(1, 8, H, W, G, N)
-            inputs = make_inputs(2 if H * W < 10000 else 1, 8, H, W, G, N, z=(H + W + N) % 2 == 0)
-            check_against_reference(inputs, group_directions(G, offset=H % 8 + N))
+    G, tuning = 4, wavefront()
+    for N in (8, 16) if H * W < 20000 else (16,):
+        assert cuda_build.uses_wave(1, 8, H, W, G, N, tuning)
+        inputs = make_inputs(2 if H * W < 10000 else 1, 8, H, W, G, N, z=(H + W + N) % 2 == 0)
+        check_against_reference(inputs, group_directions(G, offset=H % 8 + N), tuning=tuning)
 
 
 @pytest.mark.parametrize("states_per_lane", cuda_build.WAVE_LANE_STATES)
 @pytest.mark.parametrize("N", [1, 3, 4, 16, 23])
-def test_wavefront_states(monkeypatch, states_per_lane, N):
+def test_wavefront_states(states_per_lane, N):
     """Every instantiated states-per-lane count, with N not a multiple of it (idle states in the last warp) and up
     to the largest N whose tiles fit (at most eight warps a block). Larger N take the per-band kernels."""
-    with wavefront(monkeypatch, states_per_lane=states_per_lane):
-        assert cuda_build.uses_wave(1, 4, 40, 45, 2, N) and not cuda_build.uses_wave(1, 4, 40, 45, 2, 64)
-        cfg = cuda_build.wave_config(N)
-        assert cfg.warps <= cuda_build.MAX_THREADS // 32 and cfg.warps * cfg.states_per_lane >= N
-        inputs = make_inputs(1, 4, 40, 45, 2, N, z=N % 2 == 0)
-        check_against_reference(inputs, ["tr_vh", "bl_hv"])
+    tuning = wavefront(states_per_lane)
+    assert cuda_build.uses_wave(1, 4, 40, 45, 2, N, tuning) and not cuda_build.uses_wave(1, 4, 40, 45, 2, 64, tuning)
+    cfg = cuda_build.wave_config(N, tuning)
+    assert cfg.warps <= cuda_build.MAX_THREADS // 32 and cfg.warps * cfg.states_per_lane >= N
+    inputs = make_inputs(1, 4, 40, 45, 2, N, z=N % 2 == 0)
+    check_against_reference(inputs, ["tr_vh", "bl_hv"], tuning=tuning)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("out_fp32", [False, True])
 @pytest.mark.parametrize("z", [False, True])
-def test_wavefront_low_precision(monkeypatch, dtype, out_fp32, z):
-    with wavefront(monkeypatch):
-        inputs = make_inputs(2, 8, 37, 70, 4, 16, dtype=dtype, z=z)
-        check_against_reference(inputs, ["tl_hv", "tl_vh", "br_hv", "br_vh"],
-                                out_dtype=torch.float32 if out_fp32 else None)
+def test_wavefront_low_precision(dtype, out_fp32, z):
+    inputs = make_inputs(2, 8, 37, 70, 4, 16, dtype=dtype, z=z)
+    check_against_reference(inputs, ["tl_hv", "tl_vh", "br_hv", "br_vh"],
+                            out_dtype=torch.float32 if out_fp32 else None, tuning=wavefront())
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
@@ -483,19 +468,19 @@ def test_wavefront_directions_non_contiguous(direction):
     check_against_reference(inputs, direction)
 
 
-def test_wavefront_deterministic_and_inference(monkeypatch):
+def test_wavefront_deterministic_and_inference():
     """Bitwise-equal outputs and gradients over repeated runs, and the same y under torch.no_grad."""
     inputs = make_inputs(1, 32, 70, 90, 1, 16)
     dy = torch.randn(1, 32, 70, 90, device="cuda")
-    with wavefront(monkeypatch):
-        first_y, first, _ = run(inputs, "cuda", dy=dy, direction="br_hv")
-        for _ in range(3):
-            y, grads, _ = run(inputs, "cuda", dy=dy, direction="br_hv")
-            assert torch.equal(y, first_y)
-            for name, g in grads.items():
-                assert torch.equal(g, first[name]), f"d{name} differs between runs"
-        with torch.no_grad():
-            y_inf, _, _ = run(inputs, "cuda", direction="br_hv", grad=False)
+    tuning = wavefront()
+    first_y, first, _ = run(inputs, "cuda", dy=dy, direction="br_hv", tuning=tuning)
+    for _ in range(3):
+        y, grads, _ = run(inputs, "cuda", dy=dy, direction="br_hv", tuning=tuning)
+        assert torch.equal(y, first_y)
+        for name, g in grads.items():
+            assert torch.equal(g, first[name]), f"d{name} differs between runs"
+    with torch.no_grad():
+        y_inf, _, _ = run(inputs, "cuda", direction="br_hv", grad=False, tuning=tuning)
     assert torch.equal(y_inf, first_y)
 
 
@@ -517,11 +502,10 @@ def test_calls_without_gradients_match_training_forward(H, W, N, dtype):
     assert torch.equal(y_no_grad, y_train.detach()) and torch.equal(y_plain, y_train.detach())
 
 
-def test_wavefront_256_channels_share_B_C(monkeypatch):
+def test_wavefront_256_channels_share_B_C():
     """G = 1: dB and dC summed over 256 channels' tiles (and over a batch of two), gathered into place."""
-    with wavefront(monkeypatch):
-        inputs = make_inputs(2, 256, 40, 45, 1, 16, z=True)
-        check_against_reference(inputs, "br_vh")
+    inputs = make_inputs(2, 256, 40, 45, 1, 16, z=True)
+    check_against_reference(inputs, "br_vh", tuning=wavefront())
 
 
 def _device_arch() -> int:
@@ -530,42 +514,40 @@ def _device_arch() -> int:
 
 
 @pytest.mark.parametrize("H,W", [(5, 7), (33, 9), (37, 70), (130, 33), (200, 300)])
-def test_wavefront_clusters(monkeypatch, H, W):
+def test_wavefront_clusters(H, W):
     """sm_90: the backward's blocks of consecutive channels of a group form a cluster that adds their dB/dC tiles in
     shared memory. Two groups of 16 channels (several clusters each, added by the launcher), a batch of two, every
     gradient; also N = 3 (a cluster's share of a tile cuts through a state)."""
-    dim, G = 32, 2
-    with wavefront(monkeypatch):
-        assert cuda_build.wave_cluster(dim, G, _device_arch()) == (
-            cuda_build.WAVE_CLUSTER if _device_arch() >= 90 else 1)
-        for N in (3, 16) if H * W < 10000 else (16,):
-            inputs = make_inputs(2 if H * W < 10000 else 1, dim, H, W, G, N, z=(H + N) % 2 == 1)
-            check_against_reference(inputs, group_directions(G, offset=H % 8 + N))
+    dim, G, tuning = 32, 2, wavefront()
+    assert cuda_build.wave_cluster(dim, G, _device_arch(), tuning) == (
+        tuning.wave_cluster if _device_arch() >= 90 else 1)
+    for N in (3, 16) if H * W < 10000 else (16,):
+        inputs = make_inputs(2 if H * W < 10000 else 1, dim, H, W, G, N, z=(H + N) % 2 == 1)
+        check_against_reference(inputs, group_directions(G, offset=H % 8 + N), tuning=tuning)
 
 
 @pytest.mark.parametrize("states_per_lane", cuda_build.WAVE_LANE_STATES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_wavefront_clusters_states_and_dtypes(monkeypatch, states_per_lane, dtype):
+def test_wavefront_clusters_states_and_dtypes(states_per_lane, dtype):
     """Clusters with every states-per-lane count (N = 23: idle states in the last warp) and every input dtype, in
     one group of 24 channels."""
-    with wavefront(monkeypatch, states_per_lane=states_per_lane):
-        inputs = make_inputs(1, 24, 40, 45, 1, 23, dtype=dtype, z=True)
-        check_against_reference(inputs, "tr_vh")
+    inputs = make_inputs(1, 24, 40, 45, 1, 23, dtype=dtype, z=True)
+    check_against_reference(inputs, "tr_vh", tuning=wavefront(states_per_lane))
 
 
 @pytest.mark.parametrize("H", [70, 20])
-def test_wavefront_backward_without_saved_band_tops(monkeypatch, H):
+def test_wavefront_backward_without_saved_band_tops(H):
     """A backward whose forward kept nothing (torch.compile's custom op without grad, say) recomputes the band tops:
     the same gradients, bit for bit, as from the forward's (none exist for one band, H <= 32)."""
     b, dim, W, G, N = 1, 4, 50, 2, 16
-    monkeypatch.setattr(cuda_build, "WAVE_FORCE", True)
+    launch = dict(tuning=wavefront(), poison=True)
     inputs = make_inputs(b, dim, H, W, G, N)
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
     directions = (cuda_build.direction_code("tr_hv"), cuda_build.direction_code("bl_vh"))
     dy = torch.randn(b, dim, H, W, device="cuda")
-    _, tops, ckh = cuda_scan.fwd_impl(*args, True, directions, True, True)
+    _, tops, ckh = cuda_scan.fwd_impl(*args, True, directions, True, True, **launch)
     assert ckh is None and (tops is None) == (H <= 32)
-    saved = cuda_scan.bwd_impl(dy, *args, tops, None, True, directions)
-    rebuilt = cuda_scan.bwd_impl(dy, *args, None, None, True, directions)
+    saved = cuda_scan.bwd_impl(dy, *args, tops, None, True, directions, **launch)
+    rebuilt = cuda_scan.bwd_impl(dy, *args, None, None, True, directions, **launch)
     for name, g, g2 in zip(GRAD_NAMES, saved, rebuilt):
         assert torch.equal(g, g2), f"d{name} differs"

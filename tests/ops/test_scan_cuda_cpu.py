@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import subprocess
 import sys
 
@@ -9,7 +11,15 @@ import pytest
 import torch
 
 from mamba2d.ops import DIRECTIONS, cuda_build, cuda_scan, selective_scan_2d
-from mamba2d.ops.contract import direction_transform
+from mamba2d.ops.contract import ScanShape, direction_transform
+from mamba2d.ops.cuda_build import DEFAULT_TUNING, ScanTuning
+
+T = DEFAULT_TUNING
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_names(source: str, arch: int) -> frozenset[str]:
+    return frozenset(cuda_build.source_kernel_names(source, arch))
 
 
 def _inputs(device="cpu", dtype=torch.float32):
@@ -59,6 +69,9 @@ def test_direction_codes_match_contract():
 @pytest.mark.parametrize("W", [1, 2, 3, 7, 14, 16, 17, 33, 56, 70, 128, 300, 600, 2048, 4_000_000])
 @pytest.mark.parametrize("N,dim,G", [(1, 384, 4), (16, 256, 1), (64, 8, 2), (4, 2, 2)])
 def test_launch_config_invariants(H, W, N, dim, G):
+    """The per-band work split covers the map, stays within the kernels' bounds, and every launch plan (forward and
+    backward, every dtype, with and without the gate, on sm_80 and sm_90) names a kernel that the build of its
+    source instantiates (what the nvcc CI check compiles)."""
     cfg = cuda_build.launch_config(2, dim, H, W, G, N)
     dg = dim // G
     assert cfg.threads % 32 == 0 and 32 <= cfg.threads <= cuda_build.MAX_THREADS
@@ -69,8 +82,15 @@ def test_launch_config_invariants(H, W, N, dim, G):
     assert cfg.K in (1, 2, 4) and cfg.R * cfg.K == cuda_build.ROWS_PER_BAND
     assert (cfg.R, cfg.K) in cuda_build.band_shapes()
     assert cfg.fwd_min_blocks in cuda_build.fwd_min_blocks_options()
-    # every launch finds its kernel among those the nvcc CI check compiles
     assert cfg.layout in cuda_build.layout_options(cfg.K)
+    shape = ScanShape(2, dim, H, W, G, N)
+    for arch in (80, 90):
+        for dtype in cuda_build.DTYPE_TAGS:
+            for backward, has_z, out_fp32 in itertools.product((False, True), repeat=3):
+                plan = cuda_build.launch_plan(shape, dtype, backward=backward, has_z=has_z, out_fp32=out_fp32,
+                                              arch=arch)
+                compiled = _compiled_names(plan.source, arch)
+                assert plan.kernel == plan.kernels[int(backward)] and set(plan.kernels) <= compiled, plan
     wide = cfg.WPM > 1 or cfg.ntiles > 1  # only wide rows combine across warps and tiles (compiled out elsewhere)
     assert (cfg.layout == cuda_build.LAYOUTS["wide"]) == wide
     assert (cfg.layout == cuda_build.LAYOUTS["narrow"]) == (cfg.S < 32)
@@ -78,12 +98,14 @@ def test_launch_config_invariants(H, W, N, dim, G):
         cfg.states_per_part >= cuda_build.LARGE_STATE)
     # the states split into non-empty parts, only where the backward rebuilds the checkpoints anyway
     assert cfg.parts * cfg.states_per_part >= N > (cfg.parts - 1) * cfg.states_per_part
-    assert cfg.parts == 1 or (N > cfg.R and cfg.blocks < cuda_build.SPLIT_TARGET_BLOCKS)
-    assert not (cfg.parts > 1 and cuda_scan.saves_checkpoint(cfg, N))
-    if 32 < W <= 32 * cuda_build.MAX_COLS_PER_THREAD:  # one warp per row: no cross-warp combine
+    assert cfg.parts == 1 or (N > cfg.R and cfg.blocks < T.split_target_blocks)
+    band = cuda_build.launch_plan(shape, torch.float32, backward=False, has_z=False, out_fp32=False)
+    assert band.wave or (band.band == cfg and band.split == (cfg.parts > 1))
+    assert not (band.split and band.keeps_checkpoint)
+    if 32 < W <= 32 * T.max_cols_per_thread:  # one warp per row: no cross-warp combine
         assert cfg.K > 1 and cfg.WPM == 1 and cfg.ntiles == 1
-    if W > 32 * cuda_build.MAX_COLS_PER_THREAD:  # wide maps: K columns per thread, one row per band when H < R * K
-        assert cfg.K == (cuda_build.WIDE_COLS_PER_THREAD if H >= cuda_build.ROWS_PER_BAND else cfg.R * cfg.K)
+    if W > 32 * T.max_cols_per_thread:  # wide maps: K columns per thread, one row per band when H < R * K
+        assert cfg.K == (T.wide_cols_per_thread if H >= cuda_build.ROWS_PER_BAND else cfg.R * cfg.K)
     assert cfg.CH * cfg.cpg >= dg and cfg.blocks == 2 * G * cfg.cpg
     assert cfg.threads == cfg.CH * cfg.S * cfg.WPM
     assert cfg.smem_bwd <= 160 * 1024 and cfg.smem_fwd <= 160 * 1024
@@ -95,20 +117,16 @@ def test_launch_config_invariants(H, W, N, dim, G):
 @pytest.mark.parametrize("bwd_threads", [64, 128, 256])
 @pytest.mark.parametrize("H,W,N,dim,G", [(56, 56, 1, 384, 4), (14, 14, 1, 1536, 4), (200, 300, 16, 256, 1),
                                          (5, 2048, 4, 8, 2), (1, 4_000_000, 1, 4, 1), (7, 3, 64, 6, 3)])
-def test_backward_geometry_shares_the_forward_tiles(monkeypatch, bwd_threads, H, W, N, dim, G):
-    """Forward and backward blocks take their own channel slots (FWD_MAX_THREADS, the BTHR knob): the bands and
+def test_backward_geometry_shares_the_forward_tiles(bwd_threads, H, W, N, dim, G):
+    """Forward and backward blocks take their own channel slots (fwd_max_threads, bwd_max_threads): the bands and
     tiles, and so the checkpoints the forward writes, stay the forward's."""
-    monkeypatch.setattr(cuda_build, "BWD_MAX_THREADS", bwd_threads)
-    cuda_build.launch_config.cache_clear()
-    try:
-        fwd = cuda_build.launch_config(2, dim, H, W, G, N)
-        bwd = cuda_build.launch_config(2, dim, H, W, G, N, backward=True)
-    finally:
-        cuda_build.launch_config.cache_clear()
+    tuning = ScanTuning(bwd_max_threads=bwd_threads)
+    fwd = cuda_build.launch_config(2, dim, H, W, G, N, tuning=tuning)
+    bwd = cuda_build.launch_config(2, dim, H, W, G, N, backward=True, tuning=tuning)
     assert (bwd.S, bwd.WPM, bwd.R, bwd.K, bwd.ntiles, bwd.nbands, bwd.parts, bwd.states_per_part) == (
         fwd.S, fwd.WPM, fwd.R, fwd.K, fwd.ntiles, fwd.nbands, fwd.parts, fwd.states_per_part)
     assert bwd.threads <= max(bwd_threads, bwd.S * bwd.WPM, 32 // bwd.S * bwd.S)
-    assert fwd.threads <= max(cuda_build.FWD_MAX_THREADS, fwd.S * fwd.WPM, 32)
+    assert fwd.threads <= max(T.fwd_max_threads, fwd.S * fwd.WPM, 32)
     assert bwd.CH * bwd.cpg >= dim // G and bwd.blocks == 2 * G * bwd.cpg
     if bwd.S < 32:  # narrow maps: a shorter chain of slots in the backward's dB/dC channel sum
         assert bwd.threads <= max(cuda_build.NARROW_BWD_MAX_THREADS, 32)
@@ -118,22 +136,23 @@ def test_state_split_fills_the_gpu_only_when_blocks_are_few():
     """Shape c of the benchmark (1 x 256 channels, 16 states, one block per channel) splits its states; the
     backbone shapes (thousands of blocks, N = 1) never do."""
     few = cuda_build.launch_config(1, 256, 200, 300, 1, 16)
-    assert few.parts > 1 and few.blocks * few.parts >= cuda_build.SPLIT_TARGET_BLOCKS
-    assert few.blocks * (few.parts - 1) < cuda_build.SPLIT_TARGET_BLOCKS or few.states_per_part == 1
+    assert few.parts > 1 and few.blocks * few.parts >= T.split_target_blocks
+    assert few.blocks * (few.parts - 1) < T.split_target_blocks or few.states_per_part == 1
     assert cuda_build.launch_config(128, 384, 56, 56, 4, 1).parts == 1
     assert cuda_build.launch_config(16, 384, 128, 128, 4, 1).parts == 1
     assert cuda_build.launch_config(1, 4, 9, 7, 1, 4).parts == 1  # N <= R: checkpoints kept, no split
     for blocks in (1, 3, 100, 1023):
         for n in (2, 5, 16, 64):
-            parts = cuda_build.state_parts(blocks, n, 1)
+            parts = cuda_build.state_parts(blocks, n, 1, T.split_target_blocks)
             per_part = -(-n // parts)
             assert 1 < parts <= n and -(-n // per_part) == parts
 
 
 def test_wavefront_only_for_few_large_maps_with_many_states():
-    """The wavefront kernels take shape c and a 2DMambaMIL slide grid (many states, a split per-band launch), not
-    the backbone shapes (N = 1), many small maps, many maps, short maps, or N whose staged tiles exceed the shared
-    memory cap (the forward's and the backward's, with the z gate, fit wherever the kernels are used)."""
+    """The wavefront kernels take few large maps with many states (a 2DMambaMIL slide grid, where the per-band launch
+    would split its states), not the backbone shapes (N = 1), many small maps, many maps, short maps, or N whose
+    staged tiles exceed the shared memory cap (the forward's and the backward's, with the z gate, fit wherever the
+    kernels are used)."""
     assert cuda_build.uses_wave(1, 256, 200, 300, 1, 16)
     assert cuda_build.uses_wave(1, 256, 100, 150, 1, 16) and cuda_build.uses_wave(1, 256, 200, 300, 1, 8)
     assert not cuda_build.uses_wave(128, 384, 56, 56, 4, 1) and not cuda_build.uses_wave(1, 256, 200, 300, 1, 4)
@@ -148,25 +167,30 @@ def test_wavefront_only_for_few_large_maps_with_many_states():
         if cfg.smem(n) <= cuda_build.WAVE_MAX_SMEM:
             assert (cfg.warps - 1) * cfg.states_per_lane < n  # no idle warp
         fits = max(cfg.smem(n), cfg.smem_bwd(n, True)) <= cuda_build.WAVE_MAX_SMEM
-        assert cuda_build.uses_wave(1, 256, 200, 300, 1, n) == (fits and n >= cuda_build.WAVE_MIN_STATES)
+        assert cuda_build.uses_wave(1, 256, 200, 300, 1, n) == (fits and n >= T.wave_min_states)
     assert cuda_build.wave_config(16).smem_bwd(16, False) < cuda_build.wave_config(16).smem_bwd(16, True)
 
 
 def test_wavefront_checkpoint_is_the_band_tops():
     """What the wavefront forward keeps for its backward: the last row of every band but the bottom one, N floats
     per column (at most N / 32 per pixel: less than u in float32 for any N the kernels take); nothing for one band."""
-    assert cuda_build.checkpoint_sizes(1, 256, 200, 300, 1, 16) == (256 * 6 * 16 * 300, 0)
-    assert cuda_build.checkpoint_sizes(2, 8, 32, 300, 1, 16) == (0, 0)
-    assert cuda_build.checkpoint_sizes(2, 8, 63, 300, 1, 16) == (2 * 8 * 16 * 300, 0)
-    assert cuda_build.wave_chunks(200, 300) == -(-331 // cuda_build.WAVE_STEPS)
-    assert cuda_build.wave_chunks(5, 300) == -(-304 // cuda_build.WAVE_STEPS)
+    def sizes(*shape):
+        plan = cuda_build.launch_plan(ScanShape(*shape), torch.float32, backward=False, has_z=True, out_fp32=False)
+        assert plan.wave and plan.keeps_checkpoint
+        return plan.ckv_numel, plan.ckh_numel
+
+    assert sizes(1, 256, 200, 300, 1, 16) == (256 * 6 * 16 * 300, 0)
+    assert sizes(2, 8, 32, 300, 1, 16) == (0, 0)
+    assert sizes(2, 8, 63, 300, 1, 16) == (2 * 8 * 16 * 300, 0)
+    assert cuda_build.wave_chunks(200, 300) == -(-331 // T.wave_steps)
+    assert cuda_build.wave_chunks(5, 300) == -(-304 // T.wave_steps)
 
 
 def test_wavefront_clusters_only_on_sm90_and_whole_clusters():
-    """The backward's clusters: WAVE_CLUSTER consecutive channels of a group on sm_90+ cards where each group's
-    channels fill whole clusters (shape c, a 2DMambaMIL grid), one block a cluster otherwise; the nvcc check builds
+    """The backward's clusters: `wave_cluster` consecutive channels of a group on sm_90+ cards where each group's
+    channels fill whole clusters (a 2DMambaMIL grid), one block a cluster otherwise; the nvcc check builds
     the cluster kernels for sm_90 only (sm_80 has no clusters)."""
-    size = cuda_build.WAVE_CLUSTER
+    size = T.wave_cluster
     assert size > 1
     assert cuda_build.wave_cluster(256, 1, 90) == size and cuda_build.wave_cluster(512, 1, 100) == size
     assert cuda_build.wave_cluster(2 * 8 * size, 2, 90) == size  # two groups
@@ -174,17 +198,23 @@ def test_wavefront_clusters_only_on_sm90_and_whole_clusters():
     assert cuda_build.wave_cluster(2 * (size + 1), 2, 90) == 1 and cuda_build.wave_cluster(size - 1, 1, 90) == 1
     cluster_name = cuda_build.wave_kernel_names("float", "float", 2, False, size)[1]
     assert cluster_name.endswith(f", {size}>")
-    assert cluster_name not in cuda_build.nvcc_translation_unit(80)
-    assert cluster_name in cuda_build.nvcc_translation_unit(90)
+    assert cluster_name not in cuda_build.nvcc_translation_unit(cuda_build.WAVE_SOURCE, 80)
+    assert cluster_name in cuda_build.nvcc_translation_unit(cuda_build.WAVE_SOURCE, 90)
+    assert cluster_name not in cuda_build.nvcc_translation_unit(cuda_build.BAND_SOURCE, 90)
+    shape = ScanShape(1, 256, 200, 300, 1, 16)
+    for arch, cluster in ((80, 1), (90, size)):
+        plan = cuda_build.launch_plan(shape, torch.float32, backward=True, has_z=True, out_fp32=True, arch=arch)
+        assert plan.wave and plan.cluster == cluster and plan.kernel.endswith(f", {cluster}>")
+    assert cuda_build.launch_plan(shape, torch.float32, backward=True, has_z=True, out_fp32=True, arch=90,
+                                  tuning=ScanTuning(wave_cluster=1)).cluster == 1
 
 
 def test_vector_flags_follow_width_strides_and_alignment():
     """K-wide vector stores need W % K == 0 (the outputs are ours, contiguous); vector loads also need every input's
     columns contiguous and its address and other strides multiples of K (a dimension of size one does not count)."""
-    def flags(u, B, tensors=None):
-        batch, dim, H, W = u.shape
-        cfg = cuda_build.launch_config(batch, dim, H, W, B.shape[1], B.shape[2])
-        return cfg.K, cuda_scan._vector_flags(cfg, W, tensors or (u, B))
+    def flags(u, B, tensors=None, tuning=DEFAULT_TUNING):
+        plan = cuda_scan.plan_for(u, B, backward=False, has_z=False, out_fp32=False, tuning=tuning)
+        return plan.band.K, cuda_scan._vector_flags(plan, tensors or (u, B))
 
     B = torch.zeros(2, 4, 1, 9, 128)
     assert flags(torch.zeros(2, 8, 9, 128), B) == (4, 3)
@@ -196,6 +226,7 @@ def test_vector_flags_follow_width_strides_and_alignment():
     assert flags(torch.zeros(2, 8, 9, 14), torch.zeros(2, 4, 1, 9, 14)) == (2, 3)  # two columns per thread
     assert flags(torch.zeros(2, 8, 9, 7), torch.zeros(2, 4, 1, 9, 7))[1] == 0  # one column per thread
     assert flags(torch.zeros(2, 8, 9, 14), torch.zeros(2, 4, 1, 9, 14), tensors=(None,)) == (2, 3)
+    assert flags(torch.zeros(2, 8, 9, 128), B, tuning=ScanTuning(vector_access=False)) == (4, 0)
 
 
 def test_supports_dtypes_and_states():
@@ -205,60 +236,11 @@ def test_supports_dtypes_and_states():
     assert not cuda_scan.supports(u.double(), torch.zeros(1, 1, 4, 3, 4))
 
 
-def test_kernel_args_pack_each_value_at_its_aligned_offset():
-    import ctypes
-
-    import numpy as np
-
-    from mamba2d.ops.cuda_launch import KernelArgs
-
-    t = torch.zeros(2, 3, 4, 5)[:, :, 1:, ::2]
-    args = KernelArgs()
-    args.pointers(t, None)
-    args.int32(7, -3)
-    args.float32(0.25)
-    args.int64(2**40 + 3)
-    args.strides(t, 4)
-    args.strides(None, 5)
-    args.int32(9)
-    buffer, params = args.packed()
-    assert args.format == "QQiifq" + "qqii" + "qqiii" + "i"
-    addresses = (ctypes.c_void_p * len(args.format)).from_address(params)
-    offsets = [address - ctypes.addressof(buffer) for address in addresses]
-    assert offsets == [0, 8, 16, 20, 24, 32, 40, 48, 56, 60, 64, 72, 80, 84, 88, 92]
-    expect = [("u8", t.data_ptr()), ("u8", 0), ("i4", 7), ("i4", -3), ("f4", 0.25), ("i8", 2**40 + 3),
-              *(("i8" if i < 2 else "i4", s) for i, s in enumerate(t.stride())), ("i8", 0), ("i8", 0),
-              ("i4", 0), ("i4", 0), ("i4", 0), ("i4", 9)]
-    for offset, (dtype, value) in zip(offsets, expect):
-        assert np.frombuffer(buffer, dtype=dtype, count=1, offset=offset)[0] == value
-    args = KernelArgs()  # the same argument list again reuses this thread's buffer
-    args.pointers(None, None)
-    args.int32(8, -3)
-    args.float32(0.5)
-    args.int64(1)
-    args.strides(t, 4)
-    args.strides(None, 5)
-    args.int32(9)
-    assert args.packed() == (buffer, params)
-    assert np.frombuffer(buffer, dtype="i4", count=1, offset=16)[0] == 8
-
-
-def test_kernel_args_reject_integers_out_of_their_c_type():
-    import struct
-
-    from mamba2d.ops.cuda_launch import KernelArgs
-
-    args = KernelArgs()
-    args.int32(2**31)
-    with pytest.raises(struct.error):
-        args.packed()
-
-
 @pytest.mark.parametrize("H,W", [(1, 1), (5, 7), (40, 45), (70, 9), (200, 300)])
 def test_wave_tile_index_matches_the_kernels_tiles(H, W):
     """Every (state, pixel) of a map has one place in the wavefront backward's dB / dC tiles, the one the kernel
-    writes: band b's tile of chunk c, lane r at step tt holds scan-frame pixel (32 b + r, c * T + tt - r)."""
-    T, N = cuda_build.WAVE_STEPS, 3
+    writes: band b's tile of chunk c, lane r at step tt holds scan-frame pixel (32 b + r, c * M2D_WAVE_T + tt - r)."""
+    tq, N = T.wave_steps, 3
     chunks = cuda_build.wave_chunks(H, W)
     for code in (0, 1, 2, 3, 4, 7):
         fr, fc = code & 1, (code >> 1) & 1
@@ -266,13 +248,36 @@ def test_wave_tile_index_matches_the_kernels_tiles(H, W):
         expected = torch.full((N, H, W), -1, dtype=torch.long)
         for band in range(-(-H // 32)):
             steps = W + min(32, H - 32 * band) - 1
-            assert steps <= chunks * T
+            assert steps <= chunks * tq
             for t in range(steps):
                 for r in range(min(32, H - 32 * band)):
                     p, q = 32 * band + r, t - r
                     if 0 <= q < W:
                         i, j = (H - 1 - p if fr else p), (W - 1 - q if fc else q)
                         for n in range(N):
-                            expected[n, i, j] = ((band * chunks + t // T) * N + n) * 32 * T + r * T + t % T
+                            expected[n, i, j] = ((band * chunks + t // tq) * N + n) * 32 * tq + r * tq + t % tq
         assert (expected >= 0).all() and torch.equal(index, expected)
         assert index.max() < cuda_build.wave_tile_elements(H, W, N)
+
+
+@pytest.mark.parametrize("shape,save", [((2, 8, 9, 40, 2, 1), True), ((2, 8, 9, 40, 2, 16), True),
+                                        ((1, 256, 200, 300, 1, 16), True), ((1, 256, 200, 300, 1, 16), False),
+                                        ((2, 8, 5, 600, 2, 2), True)])
+def test_fake_forward_takes_its_sizes_from_the_launch_plan(shape, save):
+    """The custom op's fake kernel (torch.compile's shapes) allocates what the launcher's plan says: the checkpoints
+    the forward keeps (none when not asked or when larger than u), the row checkpoint of multi-tile maps."""
+    from mamba2d.ops import library
+
+    batch, dim, H, W, G, N = shape
+    u = torch.empty(batch, dim, H, W, device="meta")
+    B = torch.empty(batch, G, N, H, W, device="meta")
+    y, ckv, ckh = library._scan2d_fwd_fake(u, u, torch.empty(dim, N, device="meta"), B, B, None, None, None, True,
+                                           [0] * G, True, save)
+    plan = cuda_build.launch_plan(ScanShape(*shape), torch.float32, backward=False, has_z=False, out_fp32=True)
+    assert y.shape == u.shape and y.dtype == torch.float32
+    assert ckv.numel() == (plan.ckv_numel if save and plan.keeps_checkpoint else 0)
+    assert ckh.numel() == plan.ckh_numel
+    if shape == (2, 8, 9, 40, 2, 1):  # N <= R: the per-band forward keeps its band starts
+        assert ckv.numel() == batch * dim * plan.band.nbands * N * W > 0
+    if shape[-1] == 16 and H == 9:  # a state split: nothing kept (the backward rebuilds)
+        assert plan.split and ckv.numel() == 0

@@ -1,14 +1,17 @@
 """Compiling and launching the NVRTC kernels of cuda_ops/ through CuPy (the scan's and the layer norm's).
 
-CuPy is imported lazily, on the first CUDA call (never at import or model construction). A launch packs its
-arguments into one buffer (`KernelArgs`) and goes through CuPy's binding of the driver's `cuLaunchKernel`, on
-PyTorch's current stream of the tensors' device. CuPy's own `RawKernel.__call__` converts every argument to a CuPy
-scalar object first: with the scan kernels' 50-70 arguments that took 35-90 us of host time per launch on the
-device machine, more than some of the kernels themselves (bench shape b's forward runs 0.23 ms).
+CuPy is imported lazily, on the first CUDA call (never at import or model construction). A kernel takes one struct
+by value (cuda_ops/scan2d_params.cuh), mirrored here by a `ctypes.Structure` with the same named fields and filled by
+name. A launch goes through CuPy's binding of the driver's `cuLaunchKernel`, on PyTorch's current stream of the
+tensors' device: CuPy's own `RawKernel.__call__` converts every argument to a CuPy scalar object first, host time
+that would count against the shortest kernels. Those two private entry points (CuPy's driver binding, PyTorch's raw
+stream getter) are each reached through one guarded function here.
 """
 
 from __future__ import annotations
 
+import ctypes
+import operator
 import struct
 import threading
 from collections.abc import Callable, Sequence
@@ -38,10 +41,12 @@ def _import_cupy():
 
 @torch.compiler.assume_constant_result
 def cupy_importable() -> bool:
+    """Whether CuPy imports here (tried once; never at import of this module)."""
     return _import_cupy() is not None
 
 
 def require_cupy():
+    """The cupy module, or a RuntimeError naming the extra to install."""
     cupy = _import_cupy()
     if cupy is None:
         raise RuntimeError(
@@ -52,6 +57,7 @@ def require_cupy():
 
 
 def device_index(device: torch.device) -> int:
+    """The CUDA ordinal of `device` (the current device where it has none)."""
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
@@ -74,71 +80,163 @@ def compiled_kernels(cache: dict, key: tuple, index: int, source: str, names: Ca
     return fns
 
 
-class KernelArgs:
-    """A kernel's arguments in declaration order, each with its C type: device pointers (a tensor's address, 0 for
-    None), 64- and 32-bit integers and floats, for cuLaunchKernel's `kernelParams` (one pointer per argument)."""
+# ----------------------------------------------------------------------------------------------------------------
+# Kernel parameters: ctypes mirrors of the structs in cuda_ops/scan2d_params.cuh (same fields, same order).
 
-    __slots__ = ("_codes", "_values")
-
-    def __init__(self) -> None:
-        self._codes: list[str] = []
-        self._values: list = []
-
-    def pointers(self, *tensors: torch.Tensor | None) -> None:
-        self._codes.append("Q" * len(tensors))
-        self._values += [0 if t is None else t.data_ptr() for t in tensors]
-
-    def int32(self, *values: int) -> None:
-        self._codes.append("i" * len(values))
-        self._values += values
-
-    def int64(self, *values: int) -> None:
-        self._codes.append("q" * len(values))
-        self._values += values
-
-    def float32(self, *values: float) -> None:
-        self._codes.append("f" * len(values))
-        self._values += values
-
-    def strides(self, t: torch.Tensor | None, ndim: int) -> None:
-        """Stride arguments of a tensor: the leading two (batch, channel/group) 64-bit, the in-map ones 32-bit."""
-        self._codes.append(_STRIDE_CODES[ndim])
-        self._values += (0,) * ndim if t is None else t.stride()
-
-    @property
-    def format(self) -> str:
-        return "".join(self._codes)
-
-    def packed(self) -> tuple[object, int]:
-        """(buffer, address of kernelParams): the values packed with natural alignment into this thread's buffer
-        for this argument list, and the address of the array of pointers to each one. Valid until the thread packs
-        the same list again (the driver copies the values at launch). An integer out of its C type's range raises
-        struct.error instead of wrapping around."""
-        fmt = self.format
-        buffers = _buffers.__dict__
-        entry = buffers.get(fmt)
-        if entry is None:
-            entry = buffers[fmt] = _argument_buffer(fmt)
-        entry[0].pack_into(entry[1], 0, *self._values)
-        return entry[1], entry[3]
+_PTR, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
 
-_STRIDE_CODES = {ndim: "qq" + "i" * (ndim - 2) for ndim in (2, 3, 4, 5, 6)}
-_buffers = threading.local()  # argument format -> (Struct, buffer, its pointer array, that array's address)
+class ScanParams(ctypes.Structure):
+    """`M2DScanParams`: the parameters of the four scan kernels (see scan2d_params.cuh for each field)."""
+
+    _fields_ = [
+        *((name, _PTR) for name in (
+            "u", "delta", "z", "dout", "Bm", "Cm", "A", "Dv", "dbias", "dirs",
+            "y", "ckv", "ckh", "dck", "tops", "ck", "bot", "du", "ddelta", "dz", "dBp", "dCp", "dAp", "dDp", "dbp")),
+        *((name, _I64) for name in (
+            "su_b", "su_d", "sd_b", "sd_d", "sz_b", "sz_d", "so_b", "so_d", "sB_b", "sB_g", "sC_b", "sC_g", "nmaps")),
+        *((name, _I32) for name in (
+            "dim", "H", "W", "G", "N", "softplus",
+            "su_h", "su_w", "sd_h", "sd_w", "sz_h", "sz_w", "so_h", "so_w", "sB_n", "sB_h", "sB_w", "sC_n", "sC_h",
+            "sC_w", "S", "WPM", "CH", "ntiles", "nbands", "NP", "vec", "keep_tops", "ck_chunks")),
+    ]
 
 
-def _argument_buffer(fmt: str) -> tuple:
-    """A buffer for arguments `fmt` (struct's native '@' layout: natural alignment) and the array of pointers to
-    each argument in it."""
-    import ctypes
+class LayerNormParams(ctypes.Structure):
+    """`M2DLayerNormParams`: the parameters of the layer-norm forward (see scan2d_params.cuh)."""
 
-    layout = struct.Struct("@" + fmt)
-    buffer = (ctypes.c_char * max(layout.size, 1))()
-    base = ctypes.addressof(buffer)
-    offsets = [struct.calcsize("@" + fmt[: i + 1]) - struct.calcsize(code) for i, code in enumerate(fmt)]
-    params = (ctypes.c_void_p * max(len(fmt), 1))(*(base + offset for offset in offsets))
-    return layout, buffer, params, ctypes.addressof(params)
+    _fields_ = [
+        *((name, _PTR) for name in ("x", "weight", "bias", "y", "mean_out", "rstd_out", "x_low")),
+        ("rows", _I64),
+        ("C", _I32),
+        ("eps", _F32),
+    ]
 
+
+#: The C struct each ctypes mirror stands for.
+PARAM_STRUCTS = {"M2DScanParams": ScanParams, "M2DLayerNormParams": LayerNormParams}
+
+_STRUCT_CODES = {_PTR: "P", _I64: "q", _I32: "i", _F32: "f"}
+_layouts: dict[type, tuple] = {}
+
+
+def struct_layout(kind: type[ctypes.Structure]) -> struct.Struct:
+    """The `struct` module's native layout of `kind`'s fields in order (equal to ctypes' own: both follow the C
+    compiler's natural alignment); packing into it range-checks every value in C."""
+    return _layout(kind)[0]
+
+
+def _layout(kind: type[ctypes.Structure]) -> tuple:
+    """(packing layout, every field zero by name, a getter of the fields' values in order, indices of the pointer
+    fields) of `kind`."""
+    entry = _layouts.get(kind)
+    if entry is None:
+        names = tuple(name for name, _ in kind._fields_)
+        fmt = "@" + "".join(_STRUCT_CODES[ctype] for _, ctype in kind._fields_)
+        pointers = tuple(i for i, (_, ctype) in enumerate(kind._fields_) if ctype is _PTR)
+        entry = _layouts[kind] = (struct.Struct(fmt), dict.fromkeys(names, 0), operator.itemgetter(*names), pointers)
+    return entry
+
+
+def make_params(kind: type[ctypes.Structure], **values) -> ctypes.Structure:
+    """A `kind` struct with the named fields set (a tensor as its device address, None as null) and every other
+    field zero.
+
+    Raises:
+        TypeError: a name that is not a field of `kind`.
+        OverflowError: a value out of its field's C range (ctypes alone would silently wrap it around).
+    """
+    layout, zeros, in_order, pointers = _layout(kind)
+    merged = zeros | values
+    if len(merged) != len(zeros):
+        raise TypeError(f"{kind.__name__} has no field {', '.join(sorted(values.keys() - zeros.keys()))}")
+    ordered = list(in_order(merged))
+    for i in pointers:  # a tensor as its address, None as null
+        value = ordered[i]
+        ordered[i] = 0 if value is None else (value if type(value) is int else value.data_ptr())
+    params = kind()
+    try:
+        layout.pack_into(params, 0, *ordered)
+    except struct.error as exc:
+        for (name, ctype), value in zip(kind._fields_, ordered):
+            try:
+                struct.pack("@" + _STRUCT_CODES[ctype], value)
+            except struct.error:
+                raise OverflowError(f"{kind.__name__}.{name} = {value!r} does not fit its C type "
+                                    f"{ctype.__name__}") from exc
+        raise
+    return params
+
+
+def stride_fields(*tensors: tuple[str, torch.Tensor | None, str]) -> dict[str, int]:
+    """The stride fields of (prefix, tensor, names) triples: `prefix`_`name` for each letter of `names` (e.g.
+    ("su", u, "bdhw") gives su_b, su_d, su_h, su_w), zeros for a None tensor."""
+    keys = _stride_keys.get(tuple((prefix, names) for prefix, _, names in tensors))
+    if keys is None:
+        keys = _stride_keys[tuple((prefix, names) for prefix, _, names in tensors)] = tuple(
+            f"{prefix}_{name}" for prefix, _, names in tensors for name in names)
+    strides = ()
+    for _, t, names in tensors:
+        strides += (0,) * len(names) if t is None else t.stride()
+    return dict(zip(keys, strides))
+
+
+_stride_keys: dict[tuple, tuple[str, ...]] = {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Private APIs of CuPy and PyTorch, each reached through one guarded function.
+
+#: The attributes of CuPy's low-level bindings the launcher calls: cupy_backends.cuda.api.driver.launchKernel (the
+#: driver's cuLaunchKernel) and cupy_backends.cuda.api.runtime.getDevice / setDevice.
+CUPY_DRIVER_ATTRS = ("launchKernel",)
+CUPY_RUNTIME_ATTRS = ("getDevice", "setDevice")
+#: PyTorch's raw stream getter: the handle of a device's current stream without building a Stream object.
+TORCH_RAW_STREAM_ATTR = "_cuda_getCurrentRawStream"
+
+
+def check_private_api(module, attrs: Sequence[str], what: str, version: str) -> None:
+    """Raise a RuntimeError naming `what` (a package at `version`) when `module` lacks any of `attrs`."""
+    missing = [name for name in attrs if not hasattr(module, name)]
+    if missing:
+        raise RuntimeError(
+            f"mamba2d's CUDA launcher needs {module.__name__}.{', '.join(missing)} of {what}, which this installed "
+            f"version ({version}) does not have; install a {what} version that has it (see pyproject.toml)"
+        )
+
+
+_api = None  # (driver, runtime) of cupy_backends, imported and checked by the first launch
+
+
+def cupy_driver_api():
+    """CuPy's bindings (driver, runtime) of the CUDA driver and runtime APIs, checked to have what the launcher
+    calls."""
+    global _api
+    if _api is None:
+        cupy = require_cupy()
+        from cupy_backends.cuda.api import driver, runtime
+
+        check_private_api(driver, CUPY_DRIVER_ATTRS, "cupy", cupy.__version__)
+        check_private_api(runtime, CUPY_RUNTIME_ATTRS, "cupy", cupy.__version__)
+        _api = driver, runtime
+    return _api
+
+
+_raw_stream = None
+
+
+def current_raw_stream(index: int) -> int:
+    """The handle of PyTorch's current stream of device `index`: torch._C's raw getter, which skips building a
+    torch.cuda.Stream object per launch (Triton's launcher reads it the same way)."""
+    global _raw_stream
+    if _raw_stream is None:
+        check_private_api(torch._C, (TORCH_RAW_STREAM_ATTR,), "torch", torch.__version__)
+        _raw_stream = getattr(torch._C, TORCH_RAW_STREAM_ATTR)
+    return _raw_stream(index)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch
 
 _functions: dict[tuple[int, int], tuple[int, int]] = {}  # (device, id(kernel)) -> (CUfunction, smem limit set)
 
@@ -156,31 +254,11 @@ def _function_pointer(fn, index: int, smem: int) -> int:
     return entry[0]
 
 
-def _current_stream(index: int) -> int:
-    # PyTorch's raw handle getter takes ~0.3 us where torch.cuda.current_stream(...).cuda_stream builds a Stream
-    # object (~6 us per launch); Triton's launcher reads it the same way.
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    return raw(index) if raw is not None else torch.cuda.current_stream(index).cuda_stream
-
-
-_api = None  # (driver, runtime) of cupy_backends, imported by the first launch
-
-
-def _cuda_api():
-    global _api
-    if _api is None:
-        require_cupy()
-        from cupy_backends.cuda.api import driver, runtime
-
-        _api = driver, runtime
-    return _api
-
-
 def launch_kernel(fn, device: torch.device, blocks: tuple[int, int], threads: int, smem: int,
-                  args: KernelArgs) -> None:
-    """Launch CuPy kernel `fn` on a (blocks[0], blocks[1]) grid of `threads`-thread blocks with `smem` bytes of
-    dynamic shared memory, on PyTorch's current stream of `device`."""
-    driver, runtime = _cuda_api()
+                  params: ctypes.Structure) -> None:
+    """Launch CuPy kernel `fn` with its parameter struct `params` on a (blocks[0], blocks[1]) grid of
+    `threads`-thread blocks with `smem` bytes of dynamic shared memory, on PyTorch's current stream of `device`."""
+    driver, runtime = cupy_driver_api()
     index = device_index(device)
     previous = runtime.getDevice()
     # Always set, even where already the current device: that also makes the device's primary context current for
@@ -188,8 +266,10 @@ def launch_kernel(fn, device: torch.device, blocks: tuple[int, int], threads: in
     runtime.setDevice(index)
     try:
         ptr = _function_pointer(fn, index, smem)
-        _, params = args.packed()
-        driver.launchKernel(ptr, blocks[0], blocks[1], 1, threads, 1, 1, smem, _current_stream(index), params, 0)
+        # kernelParams: one pointer per kernel parameter, here the one struct (the driver copies it at launch)
+        kernel_params = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        driver.launchKernel(ptr, blocks[0], blocks[1], 1, threads, 1, 1, smem, current_raw_stream(index),
+                            ctypes.addressof(kernel_params), 0)
     finally:
         if previous != index:
             runtime.setDevice(previous)

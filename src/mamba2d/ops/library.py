@@ -17,14 +17,15 @@ from torch import Tensor
 
 from . import cuda_build
 from .contract import check_scan_inputs, parse_directions
+from .cuda_build import DEFAULT_TUNING, ScanTuning
 from .cuda_scan import (
     MAX_D_STATE,
     SUPPORTED_DTYPES,
     bwd_impl,
     cupy_importable,
     fwd_impl,
+    plan_for,
     require_cupy,
-    saves_checkpoint,
 )
 
 
@@ -52,18 +53,11 @@ def _tensor(t: Optional[Tensor], like: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t is not None else like.new_empty((0,), dtype=dtype)
 
 
-def _ckpt_numels(u: Tensor, B: Tensor, save_ckpt: bool) -> tuple[int, int]:
-    batch, dim, height, width = (int(s) for s in u.shape)
-    groups, d_state = int(B.shape[1]), int(B.shape[2])
-    ckv_n, ckh_n = cuda_build.checkpoint_sizes(batch, dim, height, width, groups, d_state)
-    cfg = cuda_build.launch_config(batch, dim, height, width, groups, d_state)
-    wave = cuda_build.uses_wave(batch, dim, height, width, groups, d_state)
-    return (ckv_n if save_ckpt and (wave or saves_checkpoint(cfg, d_state)) else 0), ckh_n
-
-
 @scan2d_fwd.register_fake
 def _scan2d_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt):
-    ckv_n, ckh_n = _ckpt_numels(u, B, save_ckpt)
+    plan = plan_for(u, B, backward=False, has_z=z is not None, out_fp32=out_fp32)
+    ckv_n = plan.ckv_numel if save_ckpt and plan.keeps_checkpoint else 0
+    ckh_n = plan.ckh_numel
     y = u.new_empty(tuple(u.shape), dtype=torch.float32 if out_fp32 else u.dtype)
     return y, u.new_empty((ckv_n,), dtype=torch.float32), u.new_empty((ckh_n,), dtype=torch.float32)
 
@@ -157,11 +151,24 @@ def selective_scan_2d_cuda(
     delta_softplus: bool = True,
     direction: str | Sequence[str] = "tl_hv",
     out_dtype: torch.dtype | None = None,
+    *,
+    tuning: ScanTuning = DEFAULT_TUNING,
+    poison_outputs: bool = False,
 ) -> torch.Tensor:
     """The 2D selective scan (docs/scan.md) on the CUDA kernels (same signature and errors as the reference).
 
     Under CUDA autocast, u, delta, B, C and z are cast to the autocast dtype (A, D, delta_bias stay float32) and the
     output has that dtype unless `out_dtype` says otherwise.
+
+    Args:
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, out_dtype: as `mamba2d.ops.selective_scan_2d`.
+        tuning: the kernels' knobs (benchmarks and tests; the public op runs the defaults). Eager calls only: under
+            torch.compile the custom ops run the defaults.
+        poison_outputs: fill every output and scratch buffer with NaN before each launch, forward and backward, so
+            that an element a kernel fails to write shows (tests). Eager calls only.
+
+    Returns:
+        y, (batch, dim, H, W).
     """
     if not cupy_importable():
         require_cupy()
@@ -196,29 +203,38 @@ def selective_scan_2d_cuda(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)
     )
     if torch.compiler.is_compiling():
+        if tuning is not DEFAULT_TUNING or poison_outputs:
+            raise ValueError("selective_scan_2d_cuda: tuning and poison_outputs apply to eager calls only; under "
+                             "torch.compile the custom ops run the default tuning")
         return torch.ops.mamba2d.scan2d_fwd(u, delta, A32, B, C, D32, z, bias32, bool(delta_softplus), codes, out_fp32,
                                             needs_grad)[0]
-    if not needs_grad:  # nothing to record: the launcher alone (an autograd.Function costs 12-20 us of host time)
-        return fwd_impl(u, delta, A32, B, C, D32, z, bias32, bool(delta_softplus), codes, out_fp32, False)[0]
-    return _EagerScan2d.apply(u, delta, A32, B, C, D32, z, bias32, (bool(delta_softplus), codes, out_fp32))
+    if not needs_grad:  # nothing to record: the launcher alone (an autograd.Function costs host time)
+        return fwd_impl(u, delta, A32, B, C, D32, z, bias32, bool(delta_softplus), codes, out_fp32, False,
+                        tuning=tuning, poison=poison_outputs)[0]
+    return _EagerScan2d.apply(u, delta, A32, B, C, D32, z, bias32,
+                              (bool(delta_softplus), codes, out_fp32, tuning, poison_outputs))
 
 
 class _EagerScan2d(torch.autograd.Function):
     """Eager-mode twin of the mamba2d::scan2d_fwd/bwd custom ops: the same launchers without the custom-op dispatch
-    and its per-call checks. On H100 machines (bench shape b, fp32) the call-to-finish fwd+bwd time fell from 2.35 to
-    1.92 ms while the kernel time stayed 1.67 ms. torch.compile traces the custom ops instead. The flags travel as
-    one argument (`options`: delta_softplus, direction codes, out_fp32): each argument of `apply` costs host time."""
+    and its per-call checks (host time per call). torch.compile traces the custom ops instead. The flags travel as
+    one argument (`options`: delta_softplus, direction codes, out_fp32, tuning, poison_outputs): each argument of
+    `apply` costs host time."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, options):
-        delta_softplus, directions, out_fp32 = options
-        y, ckv, ckh = fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, True)
+        delta_softplus, directions, out_fp32, tuning, poison = options
+        y, ckv, ckh = fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, True,
+                               tuning=tuning, poison=poison)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckv, ckh)
-        ctx.delta_softplus, ctx.directions = delta_softplus, directions
+        ctx.delta_softplus, ctx.directions, ctx.tuning, ctx.poison = delta_softplus, directions, tuning, poison
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        grads = input_grads(ctx.saved_tensors, dy, ctx.delta_softplus, ctx.directions, bwd_impl)
+        def bwd(*args):
+            return bwd_impl(*args, tuning=ctx.tuning, poison=ctx.poison)
+
+        grads = input_grads(ctx.saved_tensors, dy, ctx.delta_softplus, ctx.directions, bwd)
         return (*grads[:8], None)  # the eight tensor inputs, then `options`

@@ -1,0 +1,67 @@
+// Parameters of the 2D scan and layer-norm kernels, each kernel's passed by value as one struct.
+//
+// Plain C++ (no CUDA keyword), so that a host compiler can check the layout: mamba2d/ops/cuda_launch.py mirrors each
+// struct field by field as a ctypes.Structure and fills it by name, and tests/ops/test_scan_cuda_cpu.py compares
+// sizeof and every offsetof printed by a host program built from this header with ctypes' layout. Keep the two in
+// the same order; a pointer field the kernel does not use is null.
+#pragma once
+
+typedef long long m2d_i64;
+
+// One struct for the four scan kernels (per-band and wavefront, forward and backward): each reads the fields it
+// needs. Tensor pointers are untyped where their element type is a template argument of the kernel (T, TO, TG).
+// Strides are in elements: the leading two (batch, channel or group) 64-bit, the in-map ones 32-bit.
+struct M2DScanParams {
+    // inputs
+    const void* u;      // T [batch][dim][H][W] (strided)
+    const void* delta;  // T, like u
+    const void* z;      // T, like u, or null: no gate
+    const void* dout;   // TO, like u (backward)
+    const void* Bm;     // T [batch][G][N][H][W] (strided)
+    const void* Cm;     // T, like B
+    const float* A;     // [dim][N]
+    const float* Dv;    // [dim] or null
+    const float* dbias;  // [dim] or null
+    const int* dirs;     // [G] direction codes (mamba2d.ops.cuda_build.direction_code)
+    // outputs and checkpoints (float32 unless typed by the kernel)
+    void* y;       // TO [parts][batch][dim][H][W] (forward)
+    float* ckv;    // per-band: vertical state at each band start (written forward, read backward)
+    float* ckh;    // per-band: row state at each tile start
+    float* dck;    // per-band backward: scratch of the row adjoints at tile starts
+    float* tops;   // wavefront: band tops (written forward, read backward)
+    float* ck;     // wavefront backward: scratch of each lane's states at chunk ends
+    float* bot;    // wavefront backward: the column adjoint leaving a band's top row
+    void* du;      // TG (per-band) or T (wavefront)
+    void* ddelta;  // like du
+    void* dz;      // T or null
+    float* dBp;    // per-block partial dB
+    float* dCp;    // per-block partial dC
+    float* dAp;    // [batch][dim][N]
+    float* dDp;    // [parts][batch][dim]
+    float* dbp;    // [parts][batch][dim]
+    // 64-bit strides of u, delta, z, dout, B, C and the number of (batch, channel) maps
+    m2d_i64 su_b, su_d, sd_b, sd_d, sz_b, sz_d, so_b, so_d, sB_b, sB_g, sC_b, sC_g;
+    m2d_i64 nmaps;
+    // sizes and flags
+    int dim, H, W, G, N, softplus;
+    // 32-bit in-map strides
+    int su_h, su_w, sd_h, sd_w, sz_h, sz_w, so_h, so_w, sB_n, sB_h, sB_w, sC_n, sC_h, sC_w;
+    // per-band work split (mamba2d.ops.cuda_build.LaunchConfig) and vector accesses
+    int S, WPM, CH, ntiles, nbands, NP, vec;
+    // wavefront: keep every band's top (forward), staged chunks of the longest band (backward)
+    int keep_tops, ck_chunks;
+};
+
+// The layer-norm forward (layer_norm.cu).
+struct M2DLayerNormParams {
+    const void* x;        // T [rows][C]
+    const float* weight;  // [C] or null
+    const float* bias;    // [C] or null
+    void* y;              // TO [rows][C]
+    float* mean_out;      // [rows] or null
+    float* rstd_out;      // [rows] or null
+    void* x_low;          // TO [rows][C] or null
+    m2d_i64 rows;
+    int C;
+    float eps;
+};
