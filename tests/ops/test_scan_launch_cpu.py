@@ -104,6 +104,22 @@ def test_benchmark_tuning_names_bad_specs(spec, message):
         tool.from_env({tool.ENV: spec})
 
 
+def test_benchmark_scan_keeps_the_public_signature_and_falls_back_off_gpu():
+    """tools/scan_tuning.scan(tuning) stands in for selective_scan_2d in the benchmarks: same call, the reference for
+    CPU tensors or backend="reference" (the tuning only reaches the CUDA kernels)."""
+    from mamba2d.ops import selective_scan_2d_ref
+
+    tool = _load_tool("scan_tuning")
+    scan = tool.scan(ScanTuning(force_wavefront=True))
+    u = torch.randn(1, 4, 5, 6)
+    B = torch.randn(1, 2, 3, 5, 6)
+    args = (u, u.clone(), -torch.rand(4, 3), B, B.clone())
+    expected = selective_scan_2d_ref(*args, direction=["tl_hv", "br_vh"])
+    assert torch.equal(scan(*args, direction=["tl_hv", "br_vh"]), expected)
+    assert torch.equal(scan(*args, direction=["tl_hv", "br_vh"], backend="reference"), expected)
+    assert scan.__name__ == "selective_scan_2d"
+
+
 def test_the_library_reads_no_environment_variable():
     """Tuning is a value passed down; only tools/ read MAMBA2D_SCAN_TUNE."""
     for path in sorted((REPO / "src" / "mamba2d" / "ops").glob("*.py")):
