@@ -16,6 +16,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from jsonargparse import ArgumentParser
+
 from ..analysis import curves, erf, flops, throughput
 from . import lightning, wsi, zoo
 from .commands import Command, add_subcommands, function_command, new_parser
@@ -40,7 +42,7 @@ def commands() -> dict[str, Command]:
     }
 
 
-def build_parser(tools: dict[str, Command] | None = None):
+def build_parser(tools: dict[str, Command] | None = None) -> ArgumentParser:
     """The `mamba2d` parser: the training subcommands (listed; LightningCLI parses them) and the tools.
 
     Args:
