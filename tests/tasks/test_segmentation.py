@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 from dense_data import make_ade20k
+from lightning.pytorch import Trainer
 from PIL import Image
 from torchvision import tv_tensors
 
 from mamba2d.cli.lightning import build_cli
-from mamba2d.data.ade20k import ADE20KDataset, SegmentationTrainTransform, read_label_png
+from mamba2d.data.ade20k import ADE20KDataModule, ADE20KDataset, SegmentationTrainTransform, read_label_png
 from mamba2d.models.upernet import UperNet
-from mamba2d.tasks.segmentation import class_palette
+from mamba2d.tasks.segmentation import SemanticSegmenter, class_palette
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "segmentation"
 
@@ -171,10 +172,12 @@ def test_overfits_simple_shapes_to_miou_090(in_tmp):
 
 
 def test_model_and_data_class_counts_must_agree(in_tmp):
+    """Under the CLI the data sets num_classes; a task built in Python for other data stops before training."""
     root = make_ade20k(in_tmp, n_train=2, n_val=1, size=64)
+    model = SemanticSegmenter(backbone="vmamba2d_nano", num_classes=150, decoder_channels=32, aux_channels=16)
+    trainer = Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match="num_classes=150 but the data .* has num_classes=3"):
-        build_cli(["fit", "--config", str(CONFIGS / "ade20k_upernet_vmamba2d_tiny.yaml"), *small_args(root),
-                   "--model.init_args.num_classes", "150", "--trainer.fast_dev_run", "1"])
+        trainer.fit(model, ADE20KDataModule(str(root), num_classes=3, num_workers=0))
 
 
 def test_upernet_heads_have_mmsegs_norms_and_initialisation():
