@@ -125,3 +125,20 @@ def test_kfold_summary_csv_and_figure(tmp_path):
     assert [r["metric"] for r in rows] == ["test/acc", "test/auroc"]
     assert float(rows[1]["mean"]) == pytest.approx(0.9) and float(rows[1]["std"]) == pytest.approx(np.std([.8, .9, 1]))
     _check_png(figure)
+
+
+@pytest.mark.parametrize("command", ["benchmark", "sweep"])
+def test_spatial_benchmark_and_sweep_write_their_report(tmp_path, command, capsys):
+    small = ["--models", "[mean]", "--seeds", "[0]", "--val", "4", "--test", "4", "--epochs", "1",
+             "--bags.grid_min", "6", "--bags.grid_max", "7", "--bags.positive_min", "3", "--bags.positive_max", "4",
+             "--bags.feature_dim", "8", "--threads", "1"]
+    if command == "sweep":
+        args = ["wsi", "sweep", str(tmp_path), *small, "--amplitudes", "[1.0, 3.0]", "--train_sizes", "[4]"]
+    else:
+        args = ["wsi", "benchmark", *small, "--train", "4", "--out", str(tmp_path)]
+    main(args)
+    for name in (f"{command}.json", f"{command}.md", f"{command}.png", "examples.png"):
+        assert (tmp_path / name).is_file(), name
+    _check_png(tmp_path / f"{command}.png")
+    _check_png(tmp_path / "examples.png")
+    assert "| mean |" in (tmp_path / f"{command}.md").read_text()

@@ -72,7 +72,9 @@ def main(args: Sequence[str] | None = None) -> int:
         cut = args.index("--")
         args, extra = args[:cut], args[cut + 1:]
     tools = commands()
-    keys = build_parser(tools).parse_args(args)
+    parser = build_parser(tools)
+    keys = parser.parse_args(args)
+    keys = parser.instantiate_classes(keys)  # dataclass-typed keys (e.g. `wsi benchmark --bags.*`) become instances
     name = keys["command"]
     if extra:
         if name != "kfold":

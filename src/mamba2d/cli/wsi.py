@@ -6,6 +6,7 @@ Each subcommand's options are the parameters of the library functions it calls (
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,10 +19,19 @@ from ..data.spatial_bags import BENCHMARK_BAGS, BENCHMARK_EPOCHS, BENCHMARK_LR, 
 from ..data.splits import make_kfold_splits, read_csv_rows, write_split_file
 from ..wsi.extract import extract_features
 from ..wsi.heatmap import model_scores, render_heatmap
-from ..wsi.spatial_benchmark import BENCHMARK_MODELS, format_table, run_spatial_benchmark
+from ..wsi.spatial_benchmark import (
+    BENCHMARK_MODELS,
+    format_sweep_table,
+    format_table,
+    plot_benchmark,
+    plot_example_bags,
+    plot_sweep,
+    run_spatial_benchmark,
+    run_spatial_sweep,
+)
 from .commands import Command, call, function_command, group_command
 
-__all__ = ["benchmark", "command", "write_kfold_splits"]
+__all__ = ["benchmark", "command", "sweep", "write_kfold_splits"]
 
 
 def _extract(keys: Namespace) -> int:
@@ -85,7 +95,8 @@ def write_kfold_splits(csv: Path, out: Path, folds: int = 5, task: str = "classi
 def benchmark(models: Sequence[str] = tuple(BENCHMARK_MODELS), seeds: Sequence[int] = (0, 1, 2),
               train: int = BENCHMARK_SPLITS["train"], val: int = BENCHMARK_SPLITS["val"],
               test: int = BENCHMARK_SPLITS["test"], epochs: int = BENCHMARK_EPOCHS, lr: float = BENCHMARK_LR,
-              bags: SpatialBagConfig = BENCHMARK_BAGS, threads: int = 1, work_dir: Path | None = None) -> list[dict]:
+              bags: SpatialBagConfig = BENCHMARK_BAGS, threads: int = 1, work_dir: Path | None = None,
+              out: Path | None = None) -> list[dict]:
     """Spatial MIL benchmark: every model on synthetic compact-vs-scattered bags, mean ± std over seeds.
 
     Args:
@@ -99,6 +110,8 @@ def benchmark(models: Sequence[str] = tuple(BENCHMARK_MODELS), seeds: Sequence[i
         bags: Bag geometry and signal (`mamba2d.data.spatial_bags.SpatialBagConfig`).
         threads: torch CPU threads (on bags this small, threading costs more than it gains).
         work_dir: Keep bags and checkpoints there (default: a temporary folder).
+        out: Write benchmark.json, benchmark.md, benchmark.png (AUROC per model and seed) and examples.png
+            (example bags of each class) there.
 
     Returns:
         One row per (model, seed): model, seed, acc, auroc.
@@ -107,7 +120,54 @@ def benchmark(models: Sequence[str] = tuple(BENCHMARK_MODELS), seeds: Sequence[i
     rows = run_spatial_benchmark(list(models), list(seeds), train, val, test, epochs, lr, bags, work_dir)
     for row in rows:
         print(f"{row['model']} seed {row['seed']}: acc {row['acc']:.3f} auroc {row['auroc']:.3f}")
-    print(format_table(rows, bags))
+    table = format_table(rows, bags)
+    print(table)
+    if out is not None:
+        _write_report(Path(out), "benchmark", rows, table, plot_benchmark(rows), bags)
+    return rows
+
+
+def _write_report(out: Path, name: str, rows: list[dict], table: str, figure, bags: SpatialBagConfig) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    (out / f"{name}.md").write_text(table + "\n")
+    figure.savefig(out / f"{name}.png", dpi=110)
+    plot_example_bags(bags).savefig(out / "examples.png", dpi=110)
+    print(f"wrote {name}.json, {name}.md, {name}.png and examples.png to {out}")
+
+
+def sweep(out: Path, models: Sequence[str] = tuple(BENCHMARK_MODELS), seeds: Sequence[int] = (0, 1, 2),
+          amplitudes: Sequence[float] = (1.0, 2.0, 3.0), train_sizes: Sequence[int] = (32, BENCHMARK_SPLITS["train"]),
+          val: int = BENCHMARK_SPLITS["val"], test: int = BENCHMARK_SPLITS["test"], epochs: int = BENCHMARK_EPOCHS,
+          lr: float = BENCHMARK_LR, bags: SpatialBagConfig = BENCHMARK_BAGS, threads: int = 1,
+          work_dir: Path | None = None) -> list[dict]:
+    """Spatial MIL sweep: the benchmark at every per-patch signal strength and training-set size, so the point
+    where each model stops learning is visible. Writes sweep.json, sweep.md (mean ± std AUROC per point),
+    sweep.png (AUROC curves with seeds) and examples.png.
+
+    Args:
+        out: Folder of the report.
+        models: Names of `mamba2d.models.mil.MIL_MODELS`.
+        seeds: Seeds of bags, weights and data order.
+        amplitudes: Signal strengths of a positive patch.
+        train_sizes: Numbers of training bags.
+        val: Validation bags (model selection on AUROC).
+        test: Test bags (the reported metrics).
+        epochs: Training epochs of every fit.
+        lr: Learning rate of every fit.
+        bags: Bag geometry (its amplitude is swept).
+        threads: torch CPU threads.
+        work_dir: Keep bags and checkpoints there (default: a temporary folder).
+
+    Returns:
+        One row per fit: model, seed, amplitude, n_train, acc, auroc.
+    """
+    torch.set_num_threads(threads)
+    rows = run_spatial_sweep(list(models), list(seeds), list(amplitudes), list(train_sizes), val, test, epochs, lr,
+                             bags, work_dir)
+    table = format_sweep_table(rows)
+    print(table)
+    _write_report(Path(out), "sweep", rows, table, plot_sweep(rows), bags)
     return rows
 
 
@@ -122,4 +182,5 @@ def command() -> Command:
                                     "(PNG)."),
         "splits": function_command(write_kfold_splits, positional=False),
         "benchmark": function_command(benchmark),
+        "sweep": function_command(sweep),
     })

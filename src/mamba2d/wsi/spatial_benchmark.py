@@ -214,6 +214,48 @@ def plot_example_bags(config: SpatialBagConfig | None = None, per_class: int = 3
     return figure
 
 
+def plot_benchmark(rows: list[dict]) -> Figure:
+    """Test AUROC of each model: every seed as a dot, the mean as a bar, chance (0.5) dashed.
+
+    Args:
+        rows: Output of `run_spatial_benchmark` (model, seed, acc, auroc).
+
+    Returns:
+        The figure (matplotlib's Figure API, no global state).
+    """
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    figure = Figure(figsize=(1.0 + 0.9 * len(models), 3.4), layout="constrained")
+    ax = figure.subplots()
+    for index, model in enumerate(models):
+        values = [r["auroc"] for r in rows if r["model"] == model]
+        ax.bar(index, np.mean(values), color=f"C{index}", alpha=0.35, width=0.7)
+        ax.scatter([index] * len(values), values, color=f"C{index}", s=14, zorder=3)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0.3, 1.02)
+    ax.set_ylabel("test AUROC (bar: mean; dots: seeds)")
+    return figure
+
+
+def format_sweep_table(rows: list[dict]) -> str:
+    """Markdown table of a sweep: one row per model, one column per (training bags, amplitude), mean ± std of the
+    test AUROC over seeds.
+
+    Args:
+        rows: Output of `run_spatial_sweep`.
+    """
+    points = sorted({(r["n_train"], r["amplitude"]) for r in rows})
+    header = "| model | " + " | ".join(f"n={n}, a={a:g}" for n, a in points) + " |"
+    lines = [header, "|---" * (len(points) + 1) + "|"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        cells = []
+        for n, a in points:
+            values = np.array([r["auroc"] for r in rows if (r["model"], r["n_train"], r["amplitude"]) == (model, n, a)])
+            cells.append(f"{values.mean():.2f} ± {values.std():.2f}")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict], config: SpatialBagConfig | None = None) -> str:
     """Markdown table: mean ± std over seeds of test accuracy and AUROC per model."""
     lines = ["| model | test accuracy | test AUROC | seeds |", "|---|---|---|---|"]
