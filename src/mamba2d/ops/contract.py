@@ -17,6 +17,17 @@ PARAM_DTYPES = (torch.float32, torch.float64)
 
 @dataclass(frozen=True)
 class ScanShape:
+    """The sizes of one scan call, read from `u` (batch, dim, H, W) and `B` (batch, G, N, H, W).
+
+    Args:
+        batch: Batch size.
+        dim: Channels of `u`.
+        height: Rows H of the map.
+        width: Columns W of the map.
+        groups: B/C groups G (channel d uses group `d // (dim // G)`).
+        d_state: States N per channel.
+    """
+
     batch: int
     dim: int
     height: int
@@ -29,12 +40,27 @@ def direction_transform(direction: str) -> tuple[bool, bool, bool]:
     """Return (flip_rows, flip_cols, transpose) that turn `direction` into `tl_hv`.
 
     The flips are applied first, then the transpose; undo in the opposite order.
+
+    Args:
+        direction: One of `DIRECTIONS` (`{tl,tr,bl,br}_{hv,vh}`).
     """
     corner, order = direction.split("_")
     return corner[0] == "b", corner[1] == "r", order == "vh"
 
 
 def parse_directions(direction: str | Sequence[str], groups: int) -> tuple[str, ...]:
+    """One direction name per B/C group, checked against `DIRECTIONS`.
+
+    Args:
+        direction: One name for every group, or exactly one name per group.
+        groups: The number of groups G (B.shape[1]).
+
+    Returns:
+        `groups` direction names.
+
+    Raises:
+        ValueError: When the count is not `groups` or a name is unknown.
+    """
     names = (direction,) * groups if isinstance(direction, str) else tuple(direction)
     if len(names) != groups:
         raise ValueError(
@@ -53,9 +79,19 @@ def _type_name(value: object) -> str:
 
 
 def check_argument_types(tensors: dict[str, object], out_dtype: object = None) -> None:
-    """Raise a TypeError naming the argument when one of `tensors` (name -> value; None allowed) is not a
-    torch.Tensor or `out_dtype` is neither None nor a torch.dtype. Runs before any backend is chosen, so a numpy array
-    or a list is named as such instead of failing inside a backend."""
+    """Raise a TypeError naming the argument when one of `tensors` is not a torch.Tensor or `out_dtype` is neither
+    None nor a torch.dtype.
+
+    Runs before any backend is chosen, so a numpy array or a list is named as such instead of failing inside a
+    backend.
+
+    Args:
+        tensors: Argument name -> value (None allowed: an optional argument left out).
+        out_dtype: The requested output dtype, or None.
+
+    Raises:
+        TypeError: Naming the first argument of the wrong type.
+    """
     for name, value in tensors.items():
         if value is not None and not isinstance(value, torch.Tensor):
             raise TypeError(f"selective_scan_2d: {name} must be a torch.Tensor, got {_type_name(value)}")
@@ -79,7 +115,28 @@ def check_scan_inputs(
     delta_bias: torch.Tensor | None,
     out_dtype: torch.dtype | None,
 ) -> ScanShape:
-    """Validate shapes, dtypes and devices; raise errors that name the argument, expected and actual."""
+    """Validate the shapes, dtypes and devices of a scan call (the contract: docs/scan.md).
+
+    Errors name the argument, the expected and the actual value.
+
+    Args:
+        u: Input, (batch, dim, H, W) in float32, float16, bfloat16 or float64.
+        delta: Step sizes before softplus, (batch, dim, H, W) in u's dtype.
+        A: State matrix, (dim, N) in float32 or float64.
+        B: Input projection, (batch, G, N, H, W) in u's dtype, with dim divisible by G.
+        C: Output projection, (batch, G, N, H, W) in u's dtype.
+        D: Skip weights, (dim,) in float32 or float64, or None.
+        z: Gate, (batch, dim, H, W) in u's dtype, or None.
+        delta_bias: Added to delta before softplus, (dim,) in float32 or float64, or None.
+        out_dtype: None, torch.float32 or u's dtype.
+
+    Returns:
+        The sizes of the call.
+
+    Raises:
+        TypeError: A missing tensor, a non-tensor argument or a dtype outside the contract.
+        ValueError: A shape outside the contract, an empty input or tensors on different devices.
+    """
     named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
     for name in ("u", "delta", "A", "B", "C"):
         if named[name] is None:

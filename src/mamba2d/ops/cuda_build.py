@@ -159,7 +159,11 @@ DEFAULT_TUNING = ScanTuning()
 
 
 def band_shapes(tuning: ScanTuning = DEFAULT_TUNING) -> tuple[tuple[int, int], ...]:
-    """Every (rows per band R, columns per thread K) the kernels are instantiated for."""
+    """Every (rows per band R, columns per thread K) the kernels are instantiated for.
+
+    Args:
+        tuning: The kernels' knobs.
+    """
     shapes = [(tuning.rows_per_band, 1)]
     k = 2
     while k <= tuning.max_cols_per_thread:
@@ -185,7 +189,11 @@ def kernel_dir() -> Path:
 
 @lru_cache(maxsize=None)
 def kernel_source(name: str) -> str:
-    """The kernel source `name` with its local `#include "x.cuh"` lines replaced by the files' text (each file once)."""
+    """The kernel source `name` with its local `#include "x.cuh"` lines replaced by the files' text (each file once).
+
+    Args:
+        name: A source file of `kernel_dir()` (e.g. BAND_SOURCE).
+    """
     root = kernel_dir()
     seen: set[str] = set()
 
@@ -201,7 +209,12 @@ def kernel_source(name: str) -> str:
 
 
 def variant_tags(dtype: torch.dtype, out_fp32: bool) -> tuple[str, str]:
-    """(input, output) C++ storage types of a launch on `dtype` inputs, with a float32 output or one like the input."""
+    """(input, output) C++ storage types of a launch on `dtype` inputs, with a float32 output or one like the input.
+
+    Args:
+        dtype: The dtype of u, delta, B, C and z (a key of DTYPE_TAGS).
+        out_fp32: The output is float32 (else the input's type).
+    """
     tag = DTYPE_TAGS[dtype]
     return tag, ("float" if out_fp32 else tag)
 
@@ -230,7 +243,11 @@ def kernel_names(in_tag: str, out_tag: str, rows: int, cols: int, layout: int, h
 
 
 def fwd_min_blocks_options(tuning: ScanTuning = DEFAULT_TUNING) -> tuple[int, ...]:
-    """Occupancy targets the forward kernels are instantiated for."""
+    """Occupancy targets the forward kernels are instantiated for.
+
+    Args:
+        tuning: The kernels' knobs.
+    """
     return tuple(dict.fromkeys((tuning.fwd_min_blocks, FWD_MIN_BLOCKS_LARGE_STATE)))
 
 
@@ -243,7 +260,12 @@ def layout_options(cols: int, tuning: ScanTuning = DEFAULT_TUNING) -> tuple[int,
     """Row layouts a band shape is instantiated for (what launch_config can choose): several slots per warp or one
     warp per row for one column per thread (maps up to 32 wide), one warp or several per row for K > 1 (33-128
     columns, and wide maps), several slots per warp for K = 2 (maps 9-16 wide); wide rows of one column per thread
-    only where the tuning asks for them."""
+    only where the tuning asks for them.
+
+    Args:
+        cols: Columns per thread K of the band shape.
+        tuning: The kernels' knobs.
+    """
     if cols == 2 and tuning.narrow_pairs:
         return tuple(LAYOUTS.values())
     if cols > 1:
@@ -262,8 +284,16 @@ def all_variants() -> list[tuple[str, str]]:
 
 
 def source_kernel_names(source: str, arch: int = 90, tuning: ScanTuning = DEFAULT_TUNING) -> list[str]:
-    """Every kernel instantiation of scan source `source` (BAND_SOURCE or WAVE_SOURCE) a launch on an sm_`arch` card
-    may ask for."""
+    """Every kernel instantiation of a scan source that a launch on an sm_`arch` card may ask for.
+
+    Args:
+        source: BAND_SOURCE or WAVE_SOURCE.
+        arch: The card's compute capability times ten (sm_90 and later add the clustered wavefront backward).
+        tuning: The kernels' knobs.
+
+    Raises:
+        ValueError: When `source` is not one of SCAN_SOURCES.
+    """
     if source == BAND_SOURCE:
         # a state split runs without the z gate (the launcher applies it) and with float32 partial gradients
         names = [name for variant in all_variants() for shape in band_shapes(tuning)
@@ -281,7 +311,13 @@ def source_kernel_names(source: str, arch: int = 90, tuning: ScanTuning = DEFAUL
 
 def nvcc_translation_unit(source: str, arch: int = 90, tuning: ScanTuning = DEFAULT_TUNING) -> str:
     """Source for an nvcc check of scan source `source` for sm_`arch`: its kernels plus host code taking each
-    instantiation's address (forces codegen)."""
+    instantiation's address (forces codegen).
+
+    Args:
+        source: BAND_SOURCE or WAVE_SOURCE.
+        arch: The card's compute capability times ten.
+        tuning: The kernels' knobs.
+    """
     refs = ",\n    ".join(f"(void*)&{name}" for name in source_kernel_names(source, arch, tuning))
     return kernel_source(source) + f"\n\nvoid* mamba2d_force_instantiation[] = {{\n    {refs}\n}};\n"
 
@@ -299,12 +335,23 @@ def _pow2_at_least(n: int) -> int:
 
 def layer_norm_lanes(channels: int) -> tuple[int, int]:
     """(lanes per row, values per lane) of the layer-norm kernel for rows of `channels` values: about 8 values per
-    lane, lanes a power of two up to 32 (several rows per warp for short rows), values a power of two from 4."""
+    lane, lanes a power of two up to 32 (several rows per warp for short rows), values a power of two from 4.
+
+    Args:
+        channels: Values per row (the normalised dimension).
+    """
     lanes = min(32, _pow2_at_least(_ceil_div(channels, 8)))
     return lanes, max(4, _pow2_at_least(_ceil_div(channels, lanes)))
 
 
 def layer_norm_kernel_name(in_tag: str, out_tag: str, channels: int) -> str:
+    """Name expression (NVRTC) of the layer-norm forward instantiation for rows of `channels` values.
+
+    Args:
+        in_tag: C++ storage type of the input (DTYPE_TAGS).
+        out_tag: C++ storage type of the output.
+        channels: Values per row (`layer_norm_lanes` picks the template's lanes and values per lane).
+    """
     lanes, values = layer_norm_lanes(channels)
     return f"mamba2d_layer_norm_fwd<{in_tag}, {out_tag}, {lanes}, {values}>"
 
@@ -320,26 +367,45 @@ def nvcc_layer_norm_translation_unit() -> str:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Work split of one per-band launch (see the comment at the top of scan2d_band.cu)."""
+    """Work split of one per-band launch (see the comment at the top of scan2d_band.cu).
 
-    S: int  # lanes per slot segment (power of two <= 32)
-    WPM: int  # warps per slot (> 1 only when S == 32)
-    R: int  # rows per band
-    K: int  # consecutive columns per thread
-    parts: int  # blocks per channel chunk, each owning states_per_part of the N states (grid y)
+    Args:
+        S: Lanes per slot segment (a power of two up to 32).
+        WPM: Warps per slot (above 1 only when S == 32).
+        R: Rows per band.
+        K: Consecutive columns per thread.
+        parts: Blocks per channel chunk, each owning `states_per_part` of the N states (grid y).
+        states_per_part: States per block.
+        fwd_min_blocks: The forward's occupancy target (a template argument of the forward kernel).
+        CH: Channel slots per block.
+        ntiles: Column tiles walked by each block.
+        nbands: Row bands of R rows.
+        threads: Threads per block.
+        blocks: Grid x: batch x groups x channel chunks.
+        cpg: Channel chunks (blocks) per (batch, group).
+        smem_fwd: Bytes of dynamic shared memory of the forward.
+        smem_bwd: Bytes of dynamic shared memory of the backward.
+    """
+
+    S: int
+    WPM: int
+    R: int
+    K: int
+    parts: int
     states_per_part: int
-    fwd_min_blocks: int  # forward occupancy target (template argument of the forward kernel)
-    CH: int  # channel slots per block
-    ntiles: int  # column tiles walked by each block
-    nbands: int  # row bands of R rows
+    fwd_min_blocks: int
+    CH: int
+    ntiles: int
+    nbands: int
     threads: int
-    blocks: int  # grid x: batch x groups x channel chunks
-    cpg: int  # channel chunks (blocks) per (batch, group)
-    smem_fwd: int  # bytes of dynamic shared memory
+    blocks: int
+    cpg: int
+    smem_fwd: int
     smem_bwd: int
 
     @property
     def tile_width(self) -> int:
+        """Pixel columns one tile of a block covers: S lanes x WPM warps x K columns per thread."""
         return self.S * self.WPM * self.K
 
     @property
@@ -359,7 +425,18 @@ def launch_config(batch: int, dim: int, height: int, width: int, groups: int, d_
                   backward: bool = False, tuning: ScanTuning = DEFAULT_TUNING) -> LaunchConfig:
     """Work split of the per-band forward (or, with `backward`, backward) launch; both walk the same bands and tiles
     and split the states alike, so the checkpoints written by one are read by the other whatever their channel
-    slots per block."""
+    slots per block.
+
+    Args:
+        batch: Batch size.
+        dim: Channels.
+        height: Rows H of the map.
+        width: Columns W of the map.
+        groups: B/C groups G.
+        d_state: States N per channel.
+        backward: Split the backward launch (else the forward).
+        tuning: The kernels' knobs.
+    """
     batch, dim, height, width, groups, d_state = (int(v) for v in (batch, dim, height, width, groups, d_state))
     whole = _launch_config(batch, dim, height, width, groups, d_state, 1, False, tuning)
     parts = state_parts(whole.blocks, d_state, whole.R, tuning.split_target_blocks)
@@ -371,7 +448,14 @@ def launch_config(batch: int, dim: int, height: int, width: int, groups: int, d_
 def state_parts(blocks: int, d_state: int, rows: int, target_blocks: int = DEFAULT_TUNING.split_target_blocks) -> int:
     """Blocks per channel chunk when `blocks` chunks are too few for the GPU: as many parts as bring the launch to
     `target_blocks`, none empty. Only for N > R, where the backward rebuilds the checkpoints with the forward
-    kernel anyway (so a split never costs a saved checkpoint)."""
+    kernel anyway (so a split never costs a saved checkpoint).
+
+    Args:
+        blocks: Channel-chunk blocks of the launch without a split.
+        d_state: States N per channel.
+        rows: Rows per band R.
+        target_blocks: The block count a split aims for.
+    """
     if d_state <= rows or blocks >= target_blocks:
         return 1
     per_part = _ceil_div(d_state, min(d_state, _ceil_div(target_blocks, blocks)))
@@ -442,6 +526,15 @@ def uses_wave(batch: int, dim: int, height: int, width: int, groups: int, d_stat
     WAVE_MIN_BUSY of the lane-steps busy, at most WAVE_MAX_MAPS maps, and tiles that fit WAVE_MAX_SMEM (forward and
     backward). `tuning.force_wavefront`: every shape whose tiles fit. A launch takes both wavefront kernels or
     neither.
+
+    Args:
+        batch: Batch size.
+        dim: Channels.
+        height: Rows H of the map.
+        width: Columns W of the map.
+        groups: B/C groups G.
+        d_state: States N per channel.
+        tuning: The kernels' knobs.
     """
     force = tuning.force_wavefront
     if not force and (d_state < tuning.wave_min_states or height < WAVE_MIN_ROWS):
@@ -456,15 +549,25 @@ def uses_wave(batch: int, dim: int, height: int, width: int, groups: int, d_stat
 
 
 def wave_busy(height: int, width: int) -> float:
-    """Share of the wavefront's lane-steps that hold a pixel: rows over 32-row bands, columns over steps."""
+    """Share of the wavefront's lane-steps that hold a pixel: rows over 32-row bands, columns over steps.
+
+    Args:
+        height: Rows H of the map.
+        width: Columns W of the map.
+    """
     bands = _ceil_div(height, 32)
     return height / (32 * bands) * width / (width + min(32, height) - 1)
 
 
 @dataclass(frozen=True)
 class WaveConfig:
-    """Launch of the wavefront kernels: one block of `warps` warps per map, `states_per_lane` states per warp,
-    `steps` steps of the wavefront staged in shared memory at once (M2D_WAVE_T)."""
+    """Launch of the wavefront kernels: one block per map, each lane of a warp one row of a 32-row band.
+
+    Args:
+        states_per_lane: States each lane scans at once (the warp's share of the N states).
+        warps: Warps per block.
+        steps: Steps of the wavefront staged in shared memory at once (M2D_WAVE_T).
+    """
 
     states_per_lane: int
     warps: int
@@ -472,18 +575,28 @@ class WaveConfig:
 
     @property
     def threads(self) -> int:
+        """Threads per block."""
         return 32 * self.warps
 
     def smem(self, d_state: int) -> int:
         """Bytes of the forward's staged tiles: dt, dt * u and D * u; B, C and the vertical states per state (and a
-        zero state); each warp's partial y; the band's top row per state (layout at the top of the kernel)."""
+        zero state); each warp's partial y; the band's top row per state (layout at the top of the kernel).
+
+        Args:
+            d_state: States N per channel.
+        """
         row = self.steps + 1
         return 4 * ((3 + 3 * (d_state + 1) + self.warps) * 32 * row + (d_state + 1) * row)
 
     def smem_bwd(self, d_state: int, has_z: bool) -> int:
         """Bytes of the backward's tiles: dt, dt * u, u, dy and the softplus slope; B and C per state (and a zero
         state); each warp's shares of d u, d dt (with z: and of the ungated y, and dz's factor); three rows per
-        state of band edges."""
+        state of band edges.
+
+        Args:
+            d_state: States N per channel.
+            has_z: The z gate is applied in the kernel.
+        """
         row = self.steps + 1
         tiles = 5 + 2 * (d_state + 1) + 2 * self.warps + (self.warps + 1 if has_z else 0)
         return 4 * (tiles * 32 * row + 3 * (d_state + 1) * row)
@@ -491,7 +604,12 @@ class WaveConfig:
 
 def wave_config(d_state: int, tuning: ScanTuning = DEFAULT_TUNING) -> WaveConfig:
     """The wavefront launch of maps with `d_state` states: at least `tuning.wave_states_per_lane` states a lane, and
-    no more warps than a block holds."""
+    no more warps than a block holds.
+
+    Args:
+        d_state: States N per channel.
+        tuning: The kernels' knobs.
+    """
     per_lane = max(min(tuning.wave_states_per_lane, _pow2_at_least(d_state)),
                    _pow2_at_least(_ceil_div(d_state, MAX_THREADS // 32)))
     return WaveConfig(states_per_lane=per_lane, warps=_ceil_div(d_state, per_lane), steps=tuning.wave_steps)
@@ -499,14 +617,29 @@ def wave_config(d_state: int, tuning: ScanTuning = DEFAULT_TUNING) -> WaveConfig
 
 def wave_kernel_names(in_tag: str, out_tag: str, states_per_lane: int, has_z: bool,
                       cluster: int = 1) -> tuple[str, str]:
-    """Name expressions of the wavefront forward and backward kernels of one variant (`cluster`: blocks of the
-    backward's thread-block clusters)."""
+    """Name expressions (NVRTC) of the wavefront forward and backward kernels of one variant.
+
+    Args:
+        in_tag: C++ storage type of the inputs (DTYPE_TAGS).
+        out_tag: C++ storage type of y (and of dout in the backward).
+        states_per_lane: States a lane scans at once (WAVE_LANE_STATES).
+        has_z: The z gate is applied in the kernels.
+        cluster: Blocks per thread-block cluster of the backward (1: none).
+
+    Returns:
+        (forward, backward) name expressions.
+    """
     args = f"{in_tag}, {out_tag}, {states_per_lane}, {'true' if has_z else 'false'}"
     return f"mamba2d_scan2d_fwd_wave<{args}>", f"mamba2d_scan2d_bwd_wave<{args}, {cluster}>"
 
 
 def wave_cluster_options(arch: int, tuning: ScanTuning = DEFAULT_TUNING) -> tuple[int, ...]:
-    """Cluster sizes of the wavefront backward compiled for sm_`arch` (clusters need sm_90)."""
+    """Cluster sizes of the wavefront backward compiled for sm_`arch` (clusters need sm_90).
+
+    Args:
+        arch: The card's compute capability times ten.
+        tuning: The kernels' knobs.
+    """
     cluster = tuning.wave_cluster
     return (1, cluster) if arch >= WAVE_CLUSTER_MIN_ARCH and cluster > 1 else (1,)
 
@@ -514,19 +647,38 @@ def wave_cluster_options(arch: int, tuning: ScanTuning = DEFAULT_TUNING) -> tupl
 def wave_cluster(dim: int, groups: int, arch: int, tuning: ScanTuning = DEFAULT_TUNING) -> int:
     """Blocks per thread-block cluster of a wavefront backward launch on an sm_`arch` card: `tuning.wave_cluster`
     consecutive channels of a group where the card has clusters and each group's channels fill whole clusters (the
-    cluster adds their dB/dC tiles in shared memory before they leave the SMs), else 1."""
+    cluster adds their dB/dC tiles in shared memory before they leave the SMs), else 1.
+
+    Args:
+        dim: Channels.
+        groups: B/C groups G.
+        arch: The card's compute capability times ten.
+        tuning: The kernels' knobs.
+    """
     cluster = max(wave_cluster_options(arch, tuning))
     return cluster if (dim // groups) % cluster == 0 else 1
 
 
 def wave_band_tops(height: int, width: int, d_state: int) -> int:
     """Float32 elements per map of the wavefront forward's band tops (the vertical states of each band's last row
-    but the bottom band's), which its backward restarts every band from."""
+    but the bottom band's), which its backward restarts every band from.
+
+    Args:
+        height: Rows H of the map.
+        width: Columns W of the map.
+        d_state: States N per channel.
+    """
     return (height - 1) // 32 * d_state * width
 
 
 def wave_chunks(height: int, width: int, steps: int = DEFAULT_TUNING.wave_steps) -> int:
-    """Staged chunks of the longest band of the wavefront kernels (W + 31 steps for a full band of 32 rows)."""
+    """Staged chunks of the longest band of the wavefront kernels (W + 31 steps for a full band of 32 rows).
+
+    Args:
+        height: Rows H of the map.
+        width: Columns W of the map.
+        steps: Steps per staged chunk.
+    """
     return _ceil_div(width + min(32, height) - 1, steps)
 
 
@@ -535,7 +687,16 @@ def wave_tile_index(height: int, width: int, d_state: int, code: int, device=Non
     """Where the wavefront backward's tile-ordered dB / dC of a map ([band][chunk][N][32 rows][`steps` steps],
     `wave_chunks` chunks a band) holds each (state, row, column) of the map in direction `code`: an int64 index of
     N * H * W entries (on `device`). Lane r of a band's tile at step t holds the scan-frame pixel (32 * band + r,
-    t - r)."""
+    t - r).
+
+    Args:
+        height: Rows H of the map.
+        width: Columns W of the map.
+        d_state: States N per channel.
+        code: The direction's `direction_code` (its flips place the scan frame's origin).
+        device: Where the index is built (None: PyTorch's default device).
+        steps: Steps per staged chunk.
+    """
     fr, fc = code & 1, (code >> 1) & 1
     i = torch.arange(height, device=device).view(-1, 1)
     j = torch.arange(width, device=device).view(1, -1)
@@ -549,7 +710,14 @@ def wave_tile_index(height: int, width: int, d_state: int, code: int, device=Non
 
 
 def wave_tile_elements(height: int, width: int, d_state: int, steps: int = DEFAULT_TUNING.wave_steps) -> int:
-    """Float32 elements per map of the wavefront backward's tile-ordered dB (or dC)."""
+    """Float32 elements per map of the wavefront backward's tile-ordered dB (or dC).
+
+    Args:
+        height: Rows H of the map.
+        width: Columns W of the map.
+        d_state: States N per channel.
+        steps: Steps per staged chunk.
+    """
     return _ceil_div(height, 32) * wave_chunks(height, width, steps) * d_state * 32 * steps
 
 
@@ -557,7 +725,7 @@ def wave_tile_elements(height: int, width: int, d_state: int, steps: int = DEFAU
 class LaunchPlan:
     """One launch of the scan's forward or backward kernel, decided once per call by `launch_plan`.
 
-    Attributes:
+    Args:
         backward: a backward launch (else a forward one).
         wave: the wavefront kernels (scan2d_wave.cu), else the per-band ones (scan2d_band.cu).
         band: the per-band work split (None for the wavefront kernels).
@@ -662,6 +830,12 @@ def launch_plan(shape: ScanShape, dtype: torch.dtype, *, backward: bool, has_z: 
 
 
 def direction_code(name: str) -> int:
-    """Bit 0: start at the bottom row, bit 1: start at the right column, bit 2: columns first ("vh")."""
+    """The kernels' integer code of a direction name.
+
+    Bit 0: start at the bottom row, bit 1: start at the right column, bit 2: columns first ("vh").
+
+    Args:
+        name: One of `DIRECTIONS` (`{tl,tr,bl,br}_{hv,vh}`).
+    """
     corner, order = name.split("_")
     return int(corner[0] == "b") | (int(corner[1] == "r") << 1) | (int(order == "vh") << 2)

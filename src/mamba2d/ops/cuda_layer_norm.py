@@ -23,7 +23,13 @@ _kernels: dict[tuple[int, str, str, tuple[int, int]], object] = {}
 
 
 def usable(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
-    """Whether layer_norm(rows, ...) over the last dimension can run on the kernel."""
+    """Whether layer_norm(rows, ...) over the last dimension can run on the kernel.
+
+    Args:
+        rows: The input, normalised over its last dimension.
+        weight: Per-channel scale, or None.
+        bias: Per-channel shift, or None.
+    """
     channels = rows.shape[-1] if rows.dim() else 0
     if not (rows.is_cuda and rows.dtype in cuda_build.DTYPE_TAGS and 0 < channels <= cuda_build.LAYER_NORM_MAX_C
             and rows.is_contiguous() and rows.numel() > 0):
@@ -36,7 +42,15 @@ def usable(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor |
 def layer_norm(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                out_dtype: torch.dtype) -> torch.Tensor:
     """F.layer_norm over the last dimension of `rows` (statistics in float32, weight and bias applied in float32),
-    output in `out_dtype`; differentiable. The caller checks `usable` first."""
+    output in `out_dtype`; differentiable. The caller checks `usable` first.
+
+    Args:
+        rows: The input, contiguous on a CUDA device, at most LAYER_NORM_MAX_C values per row.
+        weight: Per-channel scale of shape (C,), or None.
+        bias: Per-channel shift of shape (C,), or None.
+        eps: Added to the variance before the square root.
+        out_dtype: The output's dtype (under autocast, lower than the input's).
+    """
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (rows, weight, bias))
     if wants_grad:
         return _LayerNorm.apply(rows, weight, bias, eps, out_dtype)

@@ -39,7 +39,12 @@ _dirs_cache: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
 
 
 def supports(u: torch.Tensor, B: torch.Tensor) -> bool:
-    """Whether the kernels handle these inputs (used by backend='auto' to fall back to the reference)."""
+    """Whether the kernels handle these inputs (used by backend='auto' to fall back to the reference).
+
+    Args:
+        u: The scan's input (its dtype must be one of SUPPORTED_DTYPES).
+        B: The scan's B, (batch, G, N, H, W) with N up to MAX_D_STATE.
+    """
     return u.dtype in SUPPORTED_DTYPES and B.dim() == 5 and 1 <= B.shape[2] <= MAX_D_STATE
 
 
@@ -63,7 +68,16 @@ def _device_arch(index: int) -> int:
 
 def plan_for(u: torch.Tensor, B: torch.Tensor, *, backward: bool, has_z: bool, out_fp32: bool,
              tuning: ScanTuning = DEFAULT_TUNING) -> LaunchPlan:
-    """The launch plan of a call on these tensors (a backward's on the architecture of u's card: its clusters)."""
+    """The launch plan of a call on these tensors (a backward's on the architecture of u's card: its clusters).
+
+    Args:
+        u: The scan's input, (batch, dim, H, W) (real or fake tensor).
+        B: The scan's B, (batch, G, N, H, W).
+        backward: Plan the backward launch (else the forward).
+        has_z: The z gate is given.
+        out_fp32: Forward: y is float32; backward: the incoming gradient is float32.
+        tuning: The kernels' knobs.
+    """
     arch = _device_arch(device_index(u.device)) if backward and u.device.type == "cuda" else 0
     # plain ints (a fake tensor's sizes may be symbolic: int() specialises them, as the kernels need)
     sizes = (*map(int, u.shape), int(B.shape[1]), int(B.shape[2]))
@@ -194,8 +208,30 @@ def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, ou
     band tops and ckh None of the wavefront kernels.
 
     With the states split over blocks (plan.split) the kernel writes one float32 partial y per part, without the z
-    gate; they are summed here in a fixed order and gated after the sum. `tuning`: the kernels' knobs; `poison`:
-    fill every output and scratch buffer with NaN first (tests)."""
+    gate; they are summed here in a fixed order and gated after the sum. The caller has checked the inputs
+    (`contract.check_scan_inputs`) and cast A, D and delta_bias to contiguous float32.
+
+    Args:
+        u: Input, (batch, dim, H, W), contiguous or strided.
+        delta: Step sizes, like u.
+        A: State matrix, (dim, N) float32.
+        B: Input projection, (batch, G, N, H, W) in u's dtype.
+        C: Output projection, like B.
+        D: Skip weights, (dim,) float32, or None.
+        z: Gate, like u, or None.
+        delta_bias: (dim,) float32, or None.
+        delta_softplus: Whether dt is `softplus(delta + delta_bias)`.
+        directions: One `cuda_build.direction_code` per group.
+        out_fp32: y is float32 (else u's dtype).
+        save_ckpt: Keep the checkpoints for a backward (when the plan keeps them).
+        y_needed: Allocate and write y (False: a rebuild of the checkpoints only).
+        rebuild: Always return the checkpoints (the backward's recomputation).
+        tuning: The kernels' knobs.
+        poison: Fill every output and scratch buffer with NaN first (tests).
+
+    Returns:
+        (y, ckv, ckh), y None unless `y_needed`.
+    """
     plan = plan_for(u, B, backward=False, has_z=z is not None, out_fp32=out_fp32, tuning=tuning)
     _check_sizes(u, B, plan)
     u, delta, z, B, C = (_fit_int32(t, n) for t, n in ((u, "u"), (delta, "delta"), (z, "z"), (B, "B"), (C, "C")))
@@ -294,7 +330,31 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
 
     With the states split over blocks the kernel writes float32 partials of du, ddelta, dD and d(delta_bias) per
     part, summed here in a fixed order; the z gate's gradients come from the summed forward output (recomputed with
-    the checkpoints), outside the kernel. `tuning` and `poison` as in `fwd_impl`."""
+    the checkpoints), outside the kernel.
+
+    Args:
+        dout: Gradient of y, (batch, dim, H, W) in float32 or u's dtype.
+        u: Input, (batch, dim, H, W), contiguous or strided.
+        delta: Step sizes, like u.
+        A: State matrix, (dim, N) float32.
+        B: Input projection, (batch, G, N, H, W) in u's dtype.
+        C: Output projection, like B.
+        D: Skip weights, (dim,) float32, or None.
+        z: Gate, like u, or None.
+        delta_bias: (dim,) float32, or None.
+        ckv: The forward's first checkpoint (`fwd_impl`), or None or empty to recompute it.
+        ckh: The forward's second checkpoint, or None or empty.
+        delta_softplus: Whether dt is `softplus(delta + delta_bias)`.
+        directions: One `cuda_build.direction_code` per group.
+        tuning: The kernels' knobs.
+        poison: Fill every output and scratch buffer with NaN first (tests).
+
+    Returns:
+        (du, ddelta, dA, dB, dC, dD, dz, d(delta_bias)); dz is None without z.
+
+    Raises:
+        TypeError: When dout is neither float32 nor u's dtype.
+    """
     if dout.dtype not in (torch.float32, u.dtype):
         raise TypeError(f"selective_scan_2d backward: gradient dtype {dout.dtype} is neither float32 nor {u.dtype}")
     plan = plan_for(u, B, backward=True, has_z=z is not None, out_fp32=dout.dtype == torch.float32, tuning=tuning)

@@ -44,6 +44,25 @@ def scan2d_fwd(
     out_fp32: bool,
     save_ckpt: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """The scan's forward as a custom op (`mamba2d::scan2d_fwd`) on checked inputs (`selective_scan_2d_cuda`).
+
+    Args:
+        u: Input, (batch, dim, H, W), contiguous or strided.
+        delta: Step sizes, like u.
+        A: State matrix, (dim, N) float32.
+        B: Input projection, (batch, G, N, H, W) in u's dtype.
+        C: Output projection, like B.
+        D: Skip weights, (dim,) float32, or None.
+        z: Gate, like u, or None.
+        delta_bias: (dim,) float32, or None.
+        delta_softplus: Whether dt is `softplus(delta + delta_bias)`.
+        directions: One `cuda_build.direction_code` per group.
+        out_fp32: y is float32 (else u's dtype).
+        save_ckpt: Keep the checkpoints for the backward.
+
+    Returns:
+        (y, ckv, ckh); an absent checkpoint is an empty float32 tensor.
+    """
     y, ckv, ckh = fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt)
     return y, _tensor(ckv, u, torch.float32), _tensor(ckh, u, torch.float32)
 
@@ -78,6 +97,26 @@ def scan2d_bwd(
     delta_softplus: bool,
     directions: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The scan's backward as a custom op (`mamba2d::scan2d_bwd`).
+
+    Args:
+        dout: Gradient of y, (batch, dim, H, W) in float32 or u's dtype.
+        u: Input, (batch, dim, H, W), contiguous or strided.
+        delta: Step sizes, like u.
+        A: State matrix, (dim, N) float32.
+        B: Input projection, (batch, G, N, H, W) in u's dtype.
+        C: Output projection, like B.
+        D: Skip weights, (dim,) float32, or None.
+        z: Gate, like u, or None.
+        delta_bias: (dim,) float32, or None.
+        ckv: The forward's first checkpoint (empty: recomputed).
+        ckh: The forward's second checkpoint (may be empty).
+        delta_softplus: Whether dt is `softplus(delta + delta_bias)`.
+        directions: One `cuda_build.direction_code` per group.
+
+    Returns:
+        (du, ddelta, dA, dB, dC, dD, dz, d(delta_bias)); dz is empty without z.
+    """
     du, ddelta, dA, dB, dC, dD, dz, dbias = bwd_impl(
         dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus, directions
     )
@@ -111,8 +150,18 @@ def _setup_context(ctx, inputs, output):
 
 
 def input_grads(saved: tuple, dy: Tensor, delta_softplus: bool, directions: list[int], bwd) -> tuple:
-    """Gradients of scan2d_fwd's twelve inputs from its saved tensors; `bwd` runs the backward (the custom op, or
-    the launcher directly on the eager fast path)."""
+    """Gradients of scan2d_fwd's twelve inputs from its saved tensors.
+
+    Args:
+        saved: The forward's saved (u, delta, A, B, C, D, z, delta_bias, ckv, ckh).
+        dy: Gradient of y.
+        delta_softplus: Whether dt is `softplus(delta + delta_bias)`.
+        directions: One `cuda_build.direction_code` per group.
+        bwd: Runs the backward: the custom op, or the launcher directly on the eager fast path.
+
+    Returns:
+        One gradient per input of scan2d_fwd, None for an absent optional tensor and for the flags.
+    """
     u, delta, A, B, C, D, z, delta_bias, ckv, ckh = saved
     du, ddelta, dA, dB, dC, dD, dz, dbias = bwd(dy, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus,
                                                 directions)
@@ -161,7 +210,17 @@ def selective_scan_2d_cuda(
     output has that dtype unless `out_dtype` says otherwise.
 
     Args:
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, out_dtype: as `mamba2d.ops.selective_scan_2d`.
+        u: Input, (batch, dim, H, W) in float32, float16 or bfloat16, on a CUDA device.
+        delta: Step sizes, (batch, dim, H, W) in u's dtype.
+        A: State matrix, (dim, N) in float32, N up to MAX_D_STATE.
+        B: Input projection, (batch, G, N, H, W) in u's dtype.
+        C: Output projection, (batch, G, N, H, W) in u's dtype.
+        D: Skip weights, (dim,) in float32, or None.
+        z: Gate, (batch, dim, H, W) in u's dtype, or None.
+        delta_bias: Added to delta before softplus, (dim,) in float32, or None.
+        delta_softplus: Whether dt is `softplus(delta + delta_bias)`.
+        direction: One of `DIRECTIONS` or one name per group.
+        out_dtype: None (u's dtype) or torch.float32.
         tuning: the kernels' knobs (benchmarks and tests; the public op runs the defaults). Eager calls only: under
             torch.compile the custom ops run the defaults.
         poison_outputs: fill every output and scratch buffer with NaN before each launch, forward and backward, so
@@ -169,6 +228,10 @@ def selective_scan_2d_cuda(
 
     Returns:
         y, (batch, dim, H, W).
+
+    Raises:
+        ValueError: Inputs off the GPU, N above MAX_D_STATE, or tuning/poisoning under torch.compile.
+        TypeError: float64 inputs (the kernels take float32, float16 and bfloat16).
     """
     if not cupy_importable():
         require_cupy()

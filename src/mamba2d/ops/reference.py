@@ -15,7 +15,15 @@ from .contract import check_scan_inputs, direction_transform, parse_directions
 
 
 def linear_recurrence(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Inclusive scan h[j] = a[j] * h[j-1] + x[j] along the last dimension, h[-1] = 0."""
+    """Inclusive scan h[j] = a[j] * h[j-1] + x[j] along the last dimension, h[-1] = 0.
+
+    Args:
+        a: Decay per step, broadcast-compatible with `x` (same size along the last dimension).
+        x: Input per step.
+
+    Returns:
+        h, shaped like `x`.
+    """
     length = x.shape[-1]
     if length == 1:  # h = a * h[-1] + x with h[-1] = 0, written out so `a` gets a zero gradient rather than none
         return torch.addcmul(x, a, torch.zeros_like(x))
@@ -66,6 +74,34 @@ def selective_scan_2d_ref(
     direction: str | Sequence[str] = "tl_hv",
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
+    """2D selective scan in pure PyTorch (the contract: docs/scan.md), differentiable by autograd.
+
+    Per channel d, state n and pixel (i, j): `dt = softplus(delta + delta_bias)`, `Abar = exp(dt * A)`, a row scan
+    `g[i,j] = Abar g[i,j-1] + dt B u`, a column scan `h[i,j] = Abar h[i-1,j] + g[i,j]`, `y = sum_n C h + D u`, gated
+    by `silu(z)`; channel d uses the B/C group `d // (dim // G)`. Arithmetic runs in float32 (float64 for float64
+    inputs). It materialises (batch, dim, N, H, W) tensors, so it suits CPUs, tests and small maps.
+
+    Args:
+        u: Input, (batch, dim, H, W) in float32, float16, bfloat16 or float64.
+        delta: Step sizes, (batch, dim, H, W) in u's dtype.
+        A: State matrix, (dim, N) in float32 (float64 allowed), negative for a decaying state.
+        B: Input projection, (batch, G, N, H, W) in u's dtype; dim must be divisible by G.
+        C: Output projection, (batch, G, N, H, W) in u's dtype.
+        D: Skip weights added as `D * u`, (dim,) in float32, or None.
+        z: Gate applied as `y * silu(z)`, (batch, dim, H, W) in u's dtype, or None.
+        delta_bias: Added to delta before softplus, (dim,) in float32, or None.
+        delta_softplus: Whether dt is `softplus(delta + delta_bias)` (else `delta + delta_bias`).
+        direction: Origin corner and pass order, one of `DIRECTIONS` (`{tl,tr,bl,br}_{hv,vh}`) or one name per
+            group.
+        out_dtype: The output's dtype: None (u's dtype) or torch.float32.
+
+    Returns:
+        y, (batch, dim, H, W) in `out_dtype`.
+
+    Raises:
+        TypeError: An argument of the wrong type or dtype (`contract.check_scan_inputs`).
+        ValueError: A shape, direction or device outside the contract.
+    """
     shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, out_dtype)
     directions = parse_directions(direction, shape.groups)
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32

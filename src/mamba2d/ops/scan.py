@@ -15,7 +15,12 @@ BACKENDS = ("auto", "cuda", "reference", SHAPE_ONLY)
 
 
 def cuda_backend_available(u: torch.Tensor, B: torch.Tensor | None = None) -> bool:
-    """True when `u` lives on a GPU and the CuPy kernels can run (CuPy importable, dtype and N supported)."""
+    """True when `u` lives on a GPU and the CuPy kernels can run (CuPy importable, dtype and N supported).
+
+    Args:
+        u: The scan's input (its device and dtype decide).
+        B: The scan's B, (batch, G, N, H, W), whose N is checked against the kernels' limit; None skips that check.
+    """
     if u.device.type != "cuda":
         return False
     if B is not None and not cuda_scan.supports(u, B):
@@ -37,13 +42,35 @@ def selective_scan_2d(
     out_dtype: torch.dtype | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """2D selective scan (the contract: docs/scan.md).
+    """2D selective scan (the contract: docs/scan.md), on the CUDA kernels or the PyTorch reference.
 
-    u, delta, z: (batch, dim, H, W); A: (dim, N) float32; B, C: (batch, G, N, H, W); D, delta_bias: (dim,) float32.
-    `direction` is one of `{tl,tr,bl,br}_{hv,vh}` or one name per group. Returns (batch, dim, H, W) in `out_dtype`
-    (default: u's dtype). `backend`: "auto" (CUDA kernels for GPU tensors when CuPy is installed, else reference),
-    "cuda", "reference", or "shape_only" (zeros of the output's shape through one op that FLOP counters see:
-    `mamba2d.ops.flops`).
+    Per channel d, state n and pixel (i, j): `dt = softplus(delta + delta_bias)`, `Abar = exp(dt * A)`, a row scan
+    `g[i,j] = Abar g[i,j-1] + dt B u`, a column scan `h[i,j] = Abar h[i-1,j] + g[i,j]`, `y = sum_n C h + D u`, gated
+    by `silu(z)`; channel d uses the B/C group `d // (dim // G)`. Arithmetic accumulates in float32.
+
+    Args:
+        u: Input, (batch, dim, H, W) in float32, float16 or bfloat16 (float64: reference only).
+        delta: Step sizes, (batch, dim, H, W) in u's dtype.
+        A: State matrix, (dim, N) in float32, negative for a decaying state.
+        B: Input projection, (batch, G, N, H, W) in u's dtype; dim must be divisible by G.
+        C: Output projection, (batch, G, N, H, W) in u's dtype.
+        D: Skip weights added as `D * u`, (dim,) in float32, or None.
+        z: Gate applied as `y * silu(z)`, (batch, dim, H, W) in u's dtype, or None.
+        delta_bias: Added to delta before softplus, (dim,) in float32, or None.
+        delta_softplus: Whether dt is `softplus(delta + delta_bias)` (else `delta + delta_bias`).
+        direction: Origin corner and pass order, one of `DIRECTIONS` (`{tl,tr,bl,br}_{hv,vh}`) or one name per
+            group.
+        out_dtype: The output's dtype: None (u's dtype) or torch.float32.
+        backend: "auto" (the CUDA kernels for supported GPU tensors when CuPy is installed, else the reference),
+            "cuda", "reference", or "shape_only" (zeros of the output's shape through one op that FLOP counters
+            see: `mamba2d.ops.flops`).
+
+    Returns:
+        y, (batch, dim, H, W) in `out_dtype`.
+
+    Raises:
+        ValueError: An unknown `backend`, or a shape, direction or device outside the contract.
+        TypeError: An argument of the wrong type or dtype.
     """
     if backend not in BACKENDS:
         raise ValueError(f"selective_scan_2d: backend must be one of {BACKENDS}, got {backend!r}")
