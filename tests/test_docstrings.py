@@ -17,8 +17,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "mamba2d"
 
-# Subpackages (every module under them), plain modules, and the package root (its __init__ only).
-CHECKED = ("mamba2d.models", "mamba2d.zoo", "mamba2d.checkpoints", "mamba2d.compat", "mamba2d.resources", "mamba2d")
+# Subpackages (every module under them), plain modules, and the package root (its __init__ only): the whole package.
+CHECKED = ("mamba2d.analysis", "mamba2d.cli", "mamba2d.data", "mamba2d.models", "mamba2d.ops", "mamba2d.tasks",
+           "mamba2d.wsi", "mamba2d.zoo", "mamba2d.checkpoints", "mamba2d.compat", "mamba2d.resources", "mamba2d")
 
 # Overrides of PyTorch / Lightning hooks: their parameters are the framework's and documented there, and
 # jsonargparse never builds a CLI key from them. Names ending in "_dataloader" and starting with "on_" are hooks too.
@@ -27,18 +28,29 @@ FRAMEWORK_HOOKS = frozenset({
     "state_dict", "load_state_dict", "extra_repr",
 })
 
+# Hooks of framework base classes that the framework calls with its own arguments (torchmetrics' `Metric.update` /
+# `compute`, Lightning's `BasePredictionWriter.write_on_batch_end` / `write_on_epoch_end`): exempt only in a class
+# that names the base among its own bases, since these names are ordinary elsewhere (a `compute` function, an
+# `update` method of any class). The source is read with `ast`, so a subclass of a subclass is checked in full.
+BASE_HOOKS = {
+    "Metric": frozenset({"update", "compute"}),
+    "BasePredictionWriter": frozenset({"write_on_batch_end", "write_on_epoch_end"}),
+}
+
 # Decorators whose class's __init__ parameters are its annotated class attributes.
 FIELD_CLASS_DECORATORS = ("dataclass",)
 FIELD_CLASS_BASES = ("NamedTuple",)
 
 
-def is_framework_hook(name: str) -> bool:
-    """Whether method `name` overrides a PyTorch / Lightning hook (exempt from the check).
+def is_framework_hook(name: str, bases: tuple[str, ...] = ()) -> bool:
+    """Whether method `name` overrides a PyTorch / Lightning / torchmetrics hook (exempt from the check).
 
     Args:
         name: The method's name.
+        bases: The last dotted component of each base of the method's class (`torchmetrics.Metric` -> 'Metric').
     """
-    return name in FRAMEWORK_HOOKS or name.endswith("_dataloader") or name.startswith("on_")
+    return (name in FRAMEWORK_HOOKS or name.endswith("_dataloader") or name.startswith("on_")
+            or any(name in BASE_HOOKS.get(base, ()) for base in bases))
 
 
 def _documented(docstring: str | None) -> set[str]:
@@ -85,7 +97,8 @@ def offenders(source: str, filename: str) -> list[str]:
 
     A class may document its __init__ parameters in the class docstring or in __init__'s (jsonargparse reads both);
     a dataclass's or NamedTuple's parameters are its fields. `*args` / `**kwargs` count as documented under either
-    spelling. Methods that override framework hooks (`FRAMEWORK_HOOKS`) are exempt.
+    spelling. Methods that override framework hooks (`FRAMEWORK_HOOKS`, and `BASE_HOOKS` in a class deriving from
+    their base) are exempt.
 
     Args:
         source: Python source text.
@@ -112,8 +125,9 @@ def offenders(source: str, filename: str) -> list[str]:
         else:
             params = []
         found.append(_check(where, [ast.get_docstring(node)] + ([ast.get_docstring(init)] if init else []), params))
+        bases = tuple(_name(base) for base in node.bases)
         for method in methods:
-            if method.name.startswith("_") or is_framework_hook(method.name):
+            if method.name.startswith("_") or is_framework_hook(method.name, bases):
                 continue
             found.append(_check(f"{filename}:{method.lineno} {node.name}.{method.name}",
                                 [ast.get_docstring(method)], _parameters(method, method=True)))
@@ -180,6 +194,17 @@ CHECKER_CASES = {
     "framework hooks exempt": ('class C:\n    """C."""\n    def forward(self, x):\n        pass\n'
                                '    def train_dataloader(self):\n        pass\n'
                                '    def on_fit_start(self):\n        pass\n', []),
+    "base hooks exempt in a subclass": ('class M(torchmetrics.Metric):\n    """M."""\n'
+                                        '    def update(self, x):\n        pass\n'
+                                        '    def compute(self):\n        pass\n'
+                                        'class W(BasePredictionWriter):\n    """W."""\n'
+                                        '    def write_on_batch_end(self, trainer, *args):\n        pass\n'
+                                        '    def write_on_epoch_end(self, trainer, predictions):\n        pass\n', []),
+    "base hooks checked elsewhere": ('class C(Callback):\n    """C."""\n    def update(self, x):\n        pass\n'
+                                     '    def write_on_epoch_end(self, trainer):\n        pass\n'
+                                     'def compute(x):\n    pass\n',
+                                     ["x.py:3 C.update: no docstring", "x.py:5 C.write_on_epoch_end: no docstring",
+                                      "x.py:7 compute: no docstring"]),
 }
 
 

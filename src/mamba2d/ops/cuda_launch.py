@@ -57,14 +57,30 @@ def require_cupy():
 
 
 def device_index(device: torch.device) -> int:
-    """The CUDA ordinal of `device` (the current device where it has none)."""
+    """The CUDA ordinal of `device` (the current device where it has none).
+
+    Args:
+        device: A CUDA device.
+    """
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def compiled_kernels(cache: dict, key: tuple, index: int, source: str, names: Callable[[], Sequence[str]],
                      options: tuple[str, ...] = cuda_build.COMPILE_OPTIONS) -> tuple:
     """The kernels `names()` of cuda_ops/`source` on device `index`, compiled by NVRTC once per `key` of `cache`
-    (CuPy caches the binaries on disk)."""
+    (CuPy caches the binaries on disk).
+
+    Args:
+        cache: The caller's memo of compiled kernels, key -> functions.
+        key: What identifies this compilation in `cache` (device, variant, options).
+        index: The CUDA ordinal to compile for.
+        source: A kernel source file of cuda_ops/ (`cuda_build.kernel_source` splices its includes).
+        names: Returns the kernels' name expressions; called only on a cache miss.
+        options: NVRTC's compile options.
+
+    Returns:
+        The CuPy functions, in the order of `names()`.
+    """
     fns = cache.get(key)
     if fns is None:
         cupy = require_cupy()
@@ -122,7 +138,11 @@ _layouts: dict[type, tuple] = {}
 
 def struct_layout(kind: type[ctypes.Structure]) -> struct.Struct:
     """The `struct` module's native layout of `kind`'s fields in order (equal to ctypes' own: both follow the C
-    compiler's natural alignment); packing into it range-checks every value in C."""
+    compiler's natural alignment); packing into it range-checks every value in C.
+
+    Args:
+        kind: A parameter struct (`ScanParams` or `LayerNormParams`).
+    """
     return _layout(kind)[0]
 
 
@@ -141,6 +161,11 @@ def _layout(kind: type[ctypes.Structure]) -> tuple:
 def make_params(kind: type[ctypes.Structure], **values) -> ctypes.Structure:
     """A `kind` struct with the named fields set (a tensor as its device address, None as null) and every other
     field zero.
+
+    Args:
+        kind: The parameter struct (`ScanParams` or `LayerNormParams`).
+        **values: Field name -> value: an int or float, a tensor (its device address) or None (null) for a pointer
+            field, or an int address.
 
     Raises:
         TypeError: a name that is not a field of `kind`.
@@ -170,7 +195,11 @@ def make_params(kind: type[ctypes.Structure], **values) -> ctypes.Structure:
 
 def stride_fields(*tensors: tuple[str, torch.Tensor | None, str]) -> dict[str, int]:
     """The stride fields of (prefix, tensor, names) triples: `prefix`_`name` for each letter of `names` (e.g.
-    ("su", u, "bdhw") gives su_b, su_d, su_h, su_w), zeros for a None tensor."""
+    ("su", u, "bdhw") gives su_b, su_d, su_h, su_w), zeros for a None tensor.
+
+    Args:
+        *tensors: (prefix, tensor or None, one letter per dimension of the tensor) triples.
+    """
     keys = _stride_keys.get(tuple((prefix, names) for prefix, _, names in tensors))
     if keys is None:
         keys = _stride_keys[tuple((prefix, names) for prefix, _, names in tensors)] = tuple(
@@ -196,7 +225,14 @@ TORCH_RAW_STREAM_ATTR = "_cuda_getCurrentRawStream"
 
 
 def check_private_api(module, attrs: Sequence[str], what: str, version: str) -> None:
-    """Raise a RuntimeError naming `what` (a package at `version`) when `module` lacks any of `attrs`."""
+    """Raise a RuntimeError naming `what` (a package at `version`) when `module` lacks any of `attrs`.
+
+    Args:
+        module: The module holding the private entry points.
+        attrs: The attribute names the launcher calls.
+        what: The package the module belongs to (e.g. "cupy").
+        version: The installed version of that package.
+    """
     missing = [name for name in attrs if not hasattr(module, name)]
     if missing:
         raise RuntimeError(
@@ -227,7 +263,11 @@ _raw_stream = None
 
 def current_raw_stream(index: int) -> int:
     """The handle of PyTorch's current stream of device `index`: torch._C's raw getter, which skips building a
-    torch.cuda.Stream object per launch (Triton's launcher reads it the same way)."""
+    torch.cuda.Stream object per launch (Triton's launcher reads it the same way).
+
+    Args:
+        index: The CUDA ordinal.
+    """
     global _raw_stream
     if _raw_stream is None:
         check_private_api(torch._C, (TORCH_RAW_STREAM_ATTR,), "torch", torch.__version__)
@@ -257,7 +297,16 @@ def _function_pointer(fn, index: int, smem: int) -> int:
 def launch_kernel(fn, device: torch.device, blocks: tuple[int, int], threads: int, smem: int,
                   params: ctypes.Structure) -> None:
     """Launch CuPy kernel `fn` with its parameter struct `params` on a (blocks[0], blocks[1]) grid of
-    `threads`-thread blocks with `smem` bytes of dynamic shared memory, on PyTorch's current stream of `device`."""
+    `threads`-thread blocks with `smem` bytes of dynamic shared memory, on PyTorch's current stream of `device`.
+
+    Args:
+        fn: A CuPy kernel function (`compiled_kernels`).
+        device: The tensors' CUDA device.
+        blocks: Grid (x, y) in blocks.
+        threads: Threads per block.
+        smem: Bytes of dynamic shared memory per block.
+        params: The kernel's parameter struct (`make_params`).
+    """
     driver, runtime = cupy_driver_api()
     index = device_index(device)
     previous = runtime.getDevice()

@@ -78,7 +78,25 @@ def fit_and_test(model: str, data_dir: Path, seed: int, epochs: int, lr: float, 
 def run_spatial_benchmark(models: list[str], seeds: list[int], n_train: int, n_val: int, n_test: int, epochs: int,
                           lr: float = BENCHMARK_LR, config: SpatialBagConfig | None = None,
                           work_dir: str | Path | None = None) -> list[dict]:
-    """One row per (model, seed): model, seed, acc, auroc."""
+    """Fit and test every model on freshly generated spatial bags, once per seed.
+
+    Each seed writes its own train/val/test bags (`write_spatial_bags`); every model is then fitted on them and
+    tested with the checkpoint selected on validation (`fit_and_test`).
+
+    Args:
+        models: Names of `mamba2d.models.mil.MIL_MODELS` (with their `BENCHMARK_MODELS` arguments).
+        seeds: Seeds of bags, weights and data order.
+        n_train: Training bags.
+        n_val: Validation bags (model selection).
+        n_test: Test bags (the reported metrics).
+        epochs: Training epochs of every fit.
+        lr: Learning rate of every fit.
+        config: Bag geometry and signal. Default `BENCHMARK_BAGS`.
+        work_dir: Keep bags and checkpoints there (default: a temporary folder).
+
+    Returns:
+        One row per (model, seed): model, seed, acc, auroc.
+    """
     config = config or BENCHMARK_BAGS
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     rows = []
@@ -257,7 +275,12 @@ def format_sweep_table(rows: list[dict]) -> str:
 
 
 def format_table(rows: list[dict], config: SpatialBagConfig | None = None) -> str:
-    """Markdown table: mean ± std over seeds of test accuracy and AUROC per model."""
+    """Markdown table: mean ± std over seeds of test accuracy and AUROC per model.
+
+    Args:
+        rows: Output of `run_spatial_benchmark`.
+        config: The bags' configuration, listed under the table when given.
+    """
     lines = ["| model | test accuracy | test AUROC | seeds |", "|---|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         acc = np.array([r["acc"] for r in rows if r["model"] == model])
