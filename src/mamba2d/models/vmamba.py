@@ -77,14 +77,17 @@ class ChannelsLastLayerNorm2d(LayerNorm2d):
         eps: Added to the variance. The default is upstream VMamba's and 2DVMamba's (they build every norm with
             `nn.LayerNorm`, eps 1e-5), not timm LayerNorm2d's 1e-6: SS2D's out_norm sees inputs of very small
             variance, where the two give different models.
+        kernel: Normalise on the CUDA kernel where it can run; False keeps PyTorch's norm everywhere (the
+            attribute of the same name may be changed on a built model, e.g. to compare the two).
     """
 
-    def __init__(self, num_channels: int, eps: float = DEFAULT_NORM_EPS):
+    def __init__(self, num_channels: int, eps: float = DEFAULT_NORM_EPS, kernel: bool = True):
         super().__init__(num_channels, eps=eps)
+        self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.permute(0, 2, 3, 1)
-        if cuda_layer_norm.usable(rows, self.weight, self.bias):
+        if self.kernel and cuda_layer_norm.usable(rows, self.weight, self.bias):
             out = cuda_layer_norm.layer_norm(rows, self.weight, self.bias, self.eps, self._out_dtype(x))
             return out.permute(0, 3, 1, 2)
         return self._pytorch_norm(rows).permute(0, 3, 1, 2)

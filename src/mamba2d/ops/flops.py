@@ -102,6 +102,19 @@ def _shape_only_fake(u, delta, A, B, C, D, z, delta_bias, out_dtype):
     return u.new_empty(u.shape, dtype=out_dtype or u.dtype)
 
 
+def _shape_only_setup(ctx, inputs, output) -> None:
+    ctx.like = [(t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor) else None for t in inputs[:8]]
+
+
+def _shape_only_backward(ctx, grad):
+    # Zero gradients, each a new contiguous tensor of its input's shape: the layouts the CUDA kernels allocate, so a
+    # layout audit of a training step sees the model's own memory traffic and nothing of a scan.
+    return (*(None if like is None else torch.zeros(like[0], dtype=like[1], device=like[2]) for like in ctx.like), None)
+
+
+_shape_only_op.register_autograd(_shape_only_backward, setup_context=_shape_only_setup)
+
+
 def shape_only_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -118,7 +131,9 @@ def shape_only_scan(
     """Zeros of the scan's output shape and dtype, through the one counted op `mamba2d_flops::selective_scan_2d`.
 
     The inputs are checked as the real scan checks them, so a model that would fail to scan fails to count too.
-    FLOPs depend on shapes only, so counting need not pay for the CPU reference scan. Forward only.
+    FLOPs depend on shapes only, so counting need not pay for the CPU reference scan. Differentiable with zero
+    gradients in the layouts the CUDA kernels give (contiguous, each input's shape): a training step of a model
+    built with `scan_backend="shape_only"` shows the model's own memory traffic, as the layout tests audit it.
 
     Args:
         u: (batch, dim, H, W).
