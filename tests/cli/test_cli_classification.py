@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from lightning.pytorch.callbacks import (
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from mamba2d.checkpoints import CheckpointError
 from mamba2d.cli.lightning import build_cli, main
 from mamba2d.data.digits import DigitsDataModule
 from mamba2d.data.images import ImageFolderDataModule
@@ -80,6 +82,59 @@ def test_fit_then_test_best_checkpoint_and_saved_config(in_tmp):
     assert best.is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     cli = build_cli(["test", "--config", config, "--ckpt_path", str(best), "--trainer.limit_test_batches", "2"])
     assert 0.0 <= float(cli.trainer.callback_metrics["test/acc1"]) <= 1.0
+    # test and predict write beside the checkpoint's run, not into a new version_N; a second test does not overwrite
+    assert (run / "test" / "metrics.csv").is_file() and list((run / "test").glob("events.out.tfevents.*"))
+    assert (run / "test" / "config.yaml").is_file()
+    build_cli(["test", "--config", config, "--ckpt_path", str(best), "--trainer.limit_test_batches", "1"])
+    assert (run / "test_1" / "metrics.csv").is_file()
+    cli = build_cli(["predict", "--config", config, "--ckpt_path", str(best), "--trainer.limit_predict_batches", "1"])
+    assert cli.trainer.log_dir == str(run / "predict") and (run / "predict" / "config.yaml").is_file()
+    assert [p.name for p in run.parent.iterdir()] == ["version_0"]
+    # the README's demo picks the newest run with `ls -td version_*/`: a later fit's, even after testing an older run
+    main(["fit", "--config", config, *overrides])
+    build_cli(["test", "--config", config, "--ckpt_path", str(best), "--trainer.limit_test_batches", "1"])
+    main(["fit", "--config", config, *overrides])
+    newest = max(run.parent.glob("version_*"), key=lambda p: p.stat().st_mtime_ns)
+    assert newest.name == "version_2"
+
+
+def corrupt_copies(best: Path) -> list[Path]:
+    """A checkpoint truncated to half its size and a file of garbage bytes, both named *.ckpt."""
+    truncated = best.parent / "truncated.ckpt"
+    truncated.write_bytes(best.read_bytes()[: best.stat().st_size // 2])
+    garbage = best.parent / "garbage.ckpt"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    return [truncated, garbage]
+
+
+def test_corrupt_checkpoint_is_named_and_leaves_no_run_folder(in_tmp, capsys):
+    config = str(CONFIGS / "digits_vmamba2d_nano.yaml")
+    main(["fit", "--config", config, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+          "--trainer.limit_val_batches", "1"])
+    run = in_tmp / "runs" / "digits_vmamba2d_nano" / "version_0"
+    for bad in corrupt_copies(run / "checkpoints" / "best.ckpt"):
+        for subcommand in ("fit", "validate", "test", "predict"):
+            with pytest.raises(CheckpointError, match=rf"{bad}.*corrupt or not a checkpoint") as error:
+                main([subcommand, "--config", config, "--ckpt_path", str(bad)])
+            assert "weights_only" not in str(error.value)
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoints"]
+
+
+def test_failed_command_leaves_no_half_empty_run_folder(in_tmp):
+    # AdamW rejects the lr in configure_optimizers: after the run folder got its config.yaml, before any result
+    with pytest.raises(ValueError, match="learning rate"):
+        main(["fit", "--config", str(CONFIGS / "digits_vmamba2d_nano.yaml"), "--model.init_args.lr", "-1"])
+    assert not (in_tmp / "runs").exists()
+
+
+def test_start_up_is_quiet_but_keeps_lightnings_useful_lines(in_tmp, caplog):
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
+    build_cli(["fit", "--config", str(CONFIGS / "digits_vmamba2d_nano.yaml"), "--trainer.fast_dev_run", "1",
+               "--trainer.enable_progress_bar", "false"])
+    text = "\n".join(caplog.messages)
+    assert "Tip:" not in text and "litlogger" not in text and "litmodels" not in text
+    assert "GPU available" in text  # Lightning's other start-up lines still come through
 
 
 def test_help_and_print_config(capsys):

@@ -10,10 +10,25 @@ data knows them, e.g. from its folders or CSV). Configs are read in jsonargparse
 Two callbacks are added when the config has none of their kind, through the public `before_instantiate_classes`
 hook: a rich progress bar (unless `--trainer.enable_progress_bar false`) and a `LearningRateMonitor` (when a
 logger is configured).
+
+Runs stay tidy:
+- `validate`, `test` and `predict` with `--ckpt_path <run>/checkpoints/<file>` write beside that run, into
+  `<run>/<subcommand>/` (`<run>/test_1/`, ... when it exists), not into a new `version_N`: the loggers' `save_dir`,
+  `name` and `version` and the trainer's `default_root_dir` (which prediction writers follow) are set before the
+  classes are instantiated.
+- A `--ckpt_path` file is checked (`mamba2d.checkpoints.check_checkpoint_file`) before anything is built, so a
+  truncated or foreign file is named as such.
+- A command that fails removes the run folder it created when that folder holds no more than its config, hparams
+  and TensorBoard header files.
+
+Lightning's "💡 Tip" advertisements (litlogger, litmodels) are filtered out of its log; its other messages and
+warnings are kept.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
 import warnings
 from pathlib import Path
 
@@ -24,11 +39,22 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import mamba2d  # noqa: F401  (registers the backbones with timm)
 
+from ..checkpoints import check_checkpoint_file
+
 # Every DataModule, task and callback is imported before parsing, so that short class names resolve.
 from ..data import ade20k, coco, digits, images, slides  # noqa: F401
 from ..tasks import checkpointing, classification, detection, mil, segmentation  # noqa: F401
 
 RUN_ROOT = "runs"
+
+#: `ckpt_path` values that Lightning resolves itself (not files).
+LIGHTNING_CKPT_NAMES = ("best", "last", "hpc", "registry")
+
+#: Subcommands that write beside the run of their `--ckpt_path`.
+EVALUATION_SUBCOMMANDS = ("validate", "test", "predict")
+
+#: Files a run folder may hold and still be empty of results (written before the first step).
+START_UP_FILES = ("config.yaml", "hparams.yaml", "events.out.tfevents.*")
 
 #: (DataModule attribute, task argument) pairs: the task takes the data's value when the DataModule has it.
 DATA_TO_MODEL_LINKS = (("num_classes", "num_classes"), ("task", "task"), ("num_bins", "num_bins"))
@@ -44,7 +70,26 @@ def _resolve_class(class_path: str) -> type | None:
 
 
 class Mamba2dCLI(LightningCLI):
-    """LightningCLI with the data → model links and the default progress bar and learning-rate monitor."""
+    """LightningCLI with the data → model links, the default progress bar and learning-rate monitor, checked
+    checkpoints, evaluation beside the checkpoint's run, and no run folder left behind by a failed command."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        """Run LightningCLI; when it fails, remove the run folders this command created that hold no results.
+
+        Args:
+            *args: LightningCLI's positional arguments.
+            **kwargs: LightningCLI's keyword arguments.
+        """
+        self._fresh_run_dirs: list[Path] = []
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            for folder in self._fresh_run_dirs:
+                if folder.is_dir() and all(
+                    any(f.match(pattern) for pattern in START_UP_FILES) for f in folder.rglob("*") if f.is_file()
+                ):
+                    shutil.rmtree(folder)
+            raise
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link the DataModule's `task`, `num_classes` and `num_bins` to the task's arguments of the same name.
@@ -57,6 +102,22 @@ class Mamba2dCLI(LightningCLI):
         """
         for source, target in DATA_TO_MODEL_LINKS:
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse the arguments, then check a `--ckpt_path` file before LightningCLI reads its hyperparameters.
+
+        Args:
+            parser: The CLI's parser.
+            args: Command-line arguments (None: the process's own).
+
+        Raises:
+            CheckpointError: The `--ckpt_path` file is missing, empty, truncated or not a checkpoint.
+        """
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if _is_local_file(ckpt_path):
+            check_checkpoint_file(ckpt_path)
 
     def before_instantiate_classes(self) -> None:
         """Add a `RichProgressBar` and a `LearningRateMonitor` to `trainer.callbacks` when none of their kind is
@@ -73,7 +134,70 @@ class Mamba2dCLI(LightningCLI):
             callbacks.append(Namespace(class_path="lightning.pytorch.callbacks.LearningRateMonitor",
                                        init_args=Namespace(logging_interval="step")))
         trainer.callbacks = callbacks
+        ckpt_path = config.get("ckpt_path") if self.subcommand else None
+        if self.subcommand in EVALUATION_SUBCOMMANDS and _is_local_file(ckpt_path):
+            _write_beside_run(trainer, Path(ckpt_path), self.subcommand)
         _share_logger_version(trainer.logger)
+
+    def _note_fresh_run_dirs(self) -> None:
+        """Record the topmost folder each logger is about to create, to remove it should the command fail."""
+        for logger in self.trainer.loggers:
+            folder = Path(logger.log_dir) if logger.log_dir else None
+            while folder is not None and not folder.parent.exists():
+                folder = folder.parent
+            if folder is not None and not folder.exists():
+                self._fresh_run_dirs.append(folder)
+
+    def before_fit(self) -> None:
+        """Note the run folders that `fit` creates."""
+        self._note_fresh_run_dirs()
+
+    def before_validate(self) -> None:
+        """Note the run folders that `validate` creates."""
+        self._note_fresh_run_dirs()
+
+    def before_test(self) -> None:
+        """Note the run folders that `test` creates."""
+        self._note_fresh_run_dirs()
+
+    def before_predict(self) -> None:
+        """Note the run folders that `predict` creates."""
+        self._note_fresh_run_dirs()
+
+
+class _NoAdvertisements(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... litlogger / litmodels" lines: advertisements for cloud services, printed on
+    every run, that Lightning offers no setting to turn off. Every other message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+_QUIET_TIPS = _NoAdvertisements()
+
+
+def _is_local_file(ckpt_path) -> bool:
+    """Whether a `ckpt_path` names a local file (not None, not one of Lightning's names, not a URL)."""
+    return (isinstance(ckpt_path, (str, Path)) and str(ckpt_path).split(":")[0] not in LIGHTNING_CKPT_NAMES
+            and "://" not in str(ckpt_path))
+
+
+def _write_beside_run(trainer: Namespace, ckpt_path: Path, subcommand: str) -> None:
+    """Point the loggers and `default_root_dir` at `<run>/<subcommand>` (or `<subcommand>_1`, ... when it exists)
+    for a checkpoint in `<run>/checkpoints/`; a checkpoint elsewhere leaves them as configured."""
+    if ckpt_path.parent.name != "checkpoints":
+        return
+    run = ckpt_path.resolve().parent.parent
+    folder, n = run / subcommand, 0
+    while folder.exists():
+        n += 1
+        folder = run / f"{subcommand}_{n}"
+    trainer.default_root_dir = str(folder)
+    loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+    for logger in loggers:
+        init = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if init is not None and "save_dir" in init:
+            init.save_dir, init.name, init.version = str(run), "", folder.name
 
 
 def _share_logger_version(loggers) -> None:
@@ -108,6 +232,9 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     Returns:
         The CLI object (`model`, `datamodule`, `trainer`).
     """
+    # Lightning's rank-zero messages go through this logger; a filter (the logging module's public API) drops only
+    # the tips, and adding the same filter again is a no-op.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_QUIET_TIPS)
     with warnings.catch_warnings():
         # Passing args in-process (tests, `mamba2d kfold`) is deliberate, whatever the process's own argv says.
         warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
