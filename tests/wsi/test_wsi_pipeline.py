@@ -14,6 +14,7 @@ from mil_helpers import write_bag, write_table
 from PIL import Image
 from skimage.data import immunohistochemistry
 
+from mamba2d.checkpoints import CheckpointError
 from mamba2d.data.bags import read_bag
 from mamba2d.data.slides import SlideBagDataModule
 from mamba2d.models.mil import MambaMIL2D
@@ -259,6 +260,21 @@ def test_extracted_bag_through_datamodule_model_and_heatmap(test_slide, tmp_path
     png = render_heatmap(test_slide, coords, scores, stride, tmp_path / "heatmap.png", thumbnail_size=512)
     image = matplotlib.image.imread(png)
     assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 300 and image[..., :3].std() > 0.05
+
+
+def test_heatmap_names_a_truncated_or_garbage_checkpoint(tmp_path):
+    module = SlideMIL("abmil", in_dim=8, num_classes=2)
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": lightning.__version__}, ckpt)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    for bad in (truncated, garbage):
+        with pytest.raises(CheckpointError, match=rf"{bad}.*corrupt or not a checkpoint") as error:
+            model_scores(bad, tmp_path / "unused.h5")
+        assert "weights_only" not in str(error.value)
 
 
 def test_corrupt_or_missing_slides_give_errors_naming_the_file(tmp_path):

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 from skimage.measure import find_contours
 
+from ..checkpoints import check_checkpoint_file
 from ..data.bags import read_bag
 from .slide import open_slide, read_thumbnail
 
@@ -163,9 +164,13 @@ def model_scores(checkpoint: str | Path, features_h5: str | Path, patch_stride: 
 
     Returns:
         (coords, scores, patch stride at level 0, bag logits).
+
+    Raises:
+        CheckpointError: `checkpoint` is missing, truncated or not a checkpoint (named before Lightning reads it).
     """
     from ..tasks.mil import SlideMIL
 
+    check_checkpoint_file(checkpoint)
     # weights=None: the checkpoint holds the trained weights; the starting ones need not exist any more
     module = SlideMIL.load_from_checkpoint(str(checkpoint), map_location=device, weights=None).eval()
     bag = read_bag(features_h5, patch_stride)
