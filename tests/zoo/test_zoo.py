@@ -231,6 +231,20 @@ def test_offline_download_says_what_to_get_and_where(private_zoo):
     assert model_2d.scan == "2d"
 
 
+@pytest.mark.parametrize("progress", [False, True])
+def test_zoo_fetch_progress_bar_is_explicit(private_zoo, monkeypatch, capfd, progress):
+    zoo_dir, home, write = private_zoo
+    monkeypatch.delenv(zoo.OFFLINE_ENV)
+    source = zoo_dir / "published.safetensors"
+    sha, size = zoo.export(timm.create_model("vmamba_nano", num_classes=10).state_dict(), source)
+    manifest = write([_entry("vmamba_nano.web", url=source.as_uri(), sha256=sha, size=size)])
+    assert main(["zoo", "fetch", "vmamba_nano.web", "--manifest", str(manifest.path),
+                 "--progress", str(progress).lower()]) == 0
+    assert (home / "checkpoints" / "published.safetensors").is_file()
+    err = capfd.readouterr().err
+    assert ("100%" in err) is progress  # torch.hub's tqdm bar ends at 100%
+
+
 def test_manifest_is_validated(private_zoo):
     _, _, write = private_zoo
     with pytest.raises(zoo.ZooError, match="has no sha256; give one or mark it status: 'sha256 not yet verified'"):

@@ -65,16 +65,17 @@ def info(name: str, manifest: Path | None = None) -> int:
     return 0
 
 
-def fetch_entry(name: str, force: bool = False, manifest: Path | None = None) -> int:
+def fetch_entry(name: str, force: bool = False, manifest: Path | None = None, progress: bool | None = None) -> int:
     """Download an entry into the cache and check its sha256.
 
     Args:
         name: Entry name (arch.tag).
         force: Download again even when the file is present.
         manifest: A manifest of your own (default: the one shipped).
+        progress: Show a download progress bar (default: when stderr is a terminal).
     """
     zoo = _manifest(manifest)
-    print(f"{name}: {fetch(zoo.get(name), zoo, force=force)}")
+    print(f"{name}: {fetch(zoo.get(name), zoo, force=force, progress=progress)}")
     return 0
 
 

@@ -74,7 +74,7 @@ def _check_hash(entry: Entry, manifest: Manifest, path: Path) -> str:
     return actual
 
 
-def fetch(entry: Entry, manifest: Manifest, force: bool = False) -> Path:
+def fetch(entry: Entry, manifest: Manifest, force: bool = False, progress: bool | None = None) -> Path:
     """Make the entry's file present locally (downloading its URL if needed) and return its verified path.
 
     Downloads are refused when $MAMBA2D_OFFLINE is set; failing downloads raise ZooFileMissing saying what to
@@ -84,6 +84,7 @@ def fetch(entry: Entry, manifest: Manifest, force: bool = False) -> Path:
         entry: The entry.
         manifest: The manifest it belongs to.
         force: Download again even if the file is present.
+        progress: Show a download progress bar on stderr (None: when stderr is a terminal).
     """
     path = local_path(entry, manifest)
     if path.exists() and not force:
@@ -95,8 +96,9 @@ def fetch(entry: Entry, manifest: Manifest, force: bool = False) -> Path:
         raise ZooFileMissing(_missing_message(entry, manifest, path, f"{path} is not cached and {OFFLINE_ENV} is set"))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(path.suffix + ".partial")
+    show_bar = sys.stderr.isatty() if progress is None else progress
     try:
-        torch.hub.download_url_to_file(entry.url, str(partial), progress=sys.stderr.isatty())
+        torch.hub.download_url_to_file(entry.url, str(partial), progress=show_bar)
     except Exception as exc:  # network errors come in many types (URLError, HTTPError, timeouts, SSL)
         partial.unlink(missing_ok=True)
         raise ZooFileMissing(_missing_message(entry, manifest, path, f"downloading failed ({exc})")) from exc
