@@ -1,11 +1,17 @@
-"""Discrete-time survival loss, risk and the C-index Metric (checked against lifelines)."""
+"""Discrete-time survival loss, risk and the C-index Metric (checked against lifelines); the survival test's
+Kaplan-Meier figure."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from mil_helpers import survival_folder
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from mamba2d.cli.lightning import build_cli
 from mamba2d.tasks.survival import ConcordanceIndex, concordance_index, discrete_time_nll, risk_score, survival_curve
 
 
@@ -67,3 +73,24 @@ def test_cindex_extremes():
     assert concordance_index(-time, time, event) == 1.0
     assert concordance_index(time, time, event) == 0.0
     assert math.isnan(concordance_index(time, time, torch.zeros(4)))  # no comparable pair
+
+
+def test_survival_test_writes_kaplan_meier_curves_beside_the_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bags = tmp_path / "bags"
+    bags.mkdir()
+    csv = survival_folder(bags, cases=24)
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "wsi" / "survival_mean.yaml")
+    args = ["--config", config, "--data.init_args.features_dir", str(bags), "--data.init_args.csv_path", str(csv),
+            "--data.init_args.split_dir", "null", "--model.init_args.in_dim", "8", "--trainer.accelerator", "cpu"]
+    build_cli(["fit", *args, "--trainer.max_epochs", "1"])
+    run = tmp_path / "runs" / "wsi_survival_mean" / "version_0"
+    build_cli(["test", *args, "--ckpt_path", str(run / "checkpoints" / "best.ckpt")])
+    png = run / "test" / "test_km_risk_groups.png"
+    with Image.open(png) as image:
+        assert image.size == (500, 380)  # risk_group_figure's 5 x 3.8 inches at 100 dpi
+        pixels = np.asarray(image.convert("L"), dtype=float)
+    assert pixels.std() > 10 and (pixels < 128).mean() > 0.01  # curves, axes and text, not a blank page
+    events = EventAccumulator(str(run / "test"))
+    events.Reload()
+    assert "test/km_risk_groups" in events.Tags()["images"]

@@ -9,6 +9,7 @@ Lightning's `LearningRateMonitor`), never returned from `configure_callbacks`, s
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -16,11 +17,26 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from torchmetrics import Metric, MetricCollection
 
 from .optim import adamw_no_decay_on_1d, warmup_then_decay
 
-__all__ = ["BaseTask"]
+__all__ = ["BaseTask", "render_figure"]
+
+
+def render_figure(figure: Figure) -> np.ndarray:
+    """The figure's pixels, rendered with the Agg canvas (no pyplot, no global backend).
+
+    Args:
+        figure: A matplotlib Figure.
+
+    Returns:
+        (H, W, 3) uint8 RGB.
+    """
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3]
 
 
 class BaseTask(LightningModule):
@@ -114,11 +130,31 @@ class BaseTask(LightningModule):
             figure = plot(batch, prediction)
         except NotImplementedError:
             return
-        canvas = FigureCanvasAgg(figure)  # rendered here, without pyplot
-        canvas.draw()
-        image = np.asarray(canvas.buffer_rgba())[..., :3]
+        image = render_figure(figure)
         for writer in writers:
             writer.add_image("val/samples", image, global_step=self.global_step, dataformats="HWC")
+
+    def save_figure(self, figure: Figure, name: str) -> Path:
+        """Write `figure` as `<name>.png` (a "/" becomes "_") in the run's log folder and add it to every TensorBoard
+        logger as the image `name` (rank 0 only).
+
+        Args:
+            figure: A matplotlib Figure (built with the Figure API).
+            name: The TensorBoard tag, e.g. "test/km_risk_groups".
+
+        Returns:
+            The PNG's path.
+        """
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        path = folder / f"{name.replace('/', '_')}.png"
+        if self.trainer.is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+            figure.savefig(path)
+            image = render_figure(figure)
+            for logger in self.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_image(name, image, global_step=self.global_step, dataformats="HWC")
+        return path
 
     def steps_per_epoch(self) -> int:
         """Optimiser steps in one training epoch (at least 1)."""

@@ -3,7 +3,8 @@
 One bag per step (a `SlideBagDataModule` batch is one bag dict). Classification: cross-entropy; accuracy (micro),
 balanced accuracy, macro F1 and macro one-vs-rest AUROC. Survival: discrete-time NLL over exactly `num_bins`
 outputs; risk = -sum(S); Harrell's C-index. The best checkpoint is chosen on the validation split only
-(`monitor`); `mamba2d test --ckpt_path .../best.ckpt` or `mamba2d kfold` report the held-out test split.
+(`monitor`); `mamba2d test --ckpt_path .../best.ckpt` or `mamba2d kfold` report the held-out test split; a
+survival test also writes the Kaplan-Meier curves by predicted risk group (`test_km_risk_groups.png`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
+from torchmetrics.utilities import dim_zero_cat
 
 from ..data.bags import check_feature_dim
 from ..models.mil import MIL_MODELS, MILOutput, create_mil_model
 from ..zoo import load_weights
 from .base import BaseTask
 from .survival import ConcordanceIndex, discrete_time_nll, risk_score
+from .survival_curves import risk_group_figure
 
 MIL_TASKS = ("classification", "survival")
 
@@ -70,6 +73,8 @@ class SlideMIL(BaseTask):
             raise ValueError(f"SlideMIL: unknown model {model!r}; choose one of {', '.join(MIL_MODELS)}")
         self.weights = weights
         super().__init__()
+        # The test split's (risk, time, event), gathered across processes for the Kaplan-Meier figure.
+        self.test_outcomes = ConcordanceIndex() if task == "survival" else None
 
     @property
     def num_outputs(self) -> int:
@@ -156,7 +161,25 @@ class SlideMIL(BaseTask):
         self.log_figure(bag, prediction, batch_idx)
 
     def test_step(self, bag: dict, batch_idx: int) -> None:
-        self._evaluate(bag, self.test_metrics, "test")
+        output = self._evaluate(bag, self.test_metrics, "test")
+        if self.test_outcomes is not None:
+            self.test_outcomes.update(risk_score(output.logits)[None], bag["time"].reshape(1),
+                                      (1 - bag["censorship"]).reshape(1))
+
+    def on_test_epoch_start(self) -> None:
+        if self.test_outcomes is not None:
+            self.test_outcomes.reset()
+
+    def on_test_epoch_end(self) -> None:
+        """Survival: save the Kaplan-Meier curves of the test cases split at the median predicted risk, with the
+        log-rank p-value, as `test_km_risk_groups.png` in the run's log folder and to TensorBoard."""
+        if self.test_outcomes is None or not self.test_outcomes.risk:
+            return
+        with self.test_outcomes.sync_context():
+            risk, time, event = (dim_zero_cat(getattr(self.test_outcomes, key)).float().cpu().numpy()
+                                 for key in ("risk", "time", "event"))
+        self.save_figure(risk_group_figure(risk, time, event), "test/km_risk_groups")
+        self.test_outcomes.reset()
 
     def predict_step(self, bag: dict, batch_idx: int) -> dict:
         out = self(bag)
