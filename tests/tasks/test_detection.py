@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from dense_data import COCO_CATEGORIES, make_coco
 from lightning.pytorch import Trainer
+from PIL import Image
 
 from mamba2d.cli.lightning import build_cli
 from mamba2d.data.coco import COCODataModule, COCOInstances
@@ -146,6 +148,30 @@ def test_predict_writes_coco_results_json_with_original_category_ids(in_tmp, coc
     assert all(len(r["bbox"]) == 4 and r["bbox"][2] >= 0 and 0 <= r["score"] <= 1 for r in results)
     detections = COCO(str(coco_root / "annotations" / "instances_val2017.json")).loadRes(str(out))
     assert len(detections.getAnnIds()) == len(results)
+    # overlays beside the JSON: one PNG per image at the image's size, the image with its detections drawn over it
+    images = {int(p.stem): p for p in (out.parent / "overlays").glob("*.png")}
+    assert set(images) == {r["id"] for r in json.loads(
+        (coco_root / "annotations" / "instances_val2017.json").read_text())["images"]}
+    for path in images.values():
+        with Image.open(path) as picture:
+            assert picture.size == (96, 96) and picture.mode == "RGB"
+            assert np.asarray(picture).std() > 5
+
+
+def test_predict_overlays_show_the_detections(in_tmp, coco_root):
+    build_cli(["predict", "--config", str(CONFIGS / "coco_maskrcnn_vmamba2d_tiny_1x.yaml"), *small_args(coco_root),
+               "--model.init_args.box_score_thresh", "0.0", "--trainer.callbacks+=COCOPredictionWriter",
+               "--trainer.callbacks.overlay_threshold", "0.0", "--trainer.limit_predict_batches", "1"])
+    run = in_tmp / "runs" / "coco_maskrcnn_vmamba2d_tiny_1x" / "version_0"
+    (with_boxes, *_) = sorted((run / "overlays").glob("*.png"))
+    build_cli(["predict", "--config", str(CONFIGS / "coco_maskrcnn_vmamba2d_tiny_1x.yaml"), *small_args(coco_root),
+               "--model.init_args.box_score_thresh", "0.0", "--trainer.callbacks+=COCOPredictionWriter",
+               "--trainer.callbacks.overlay_threshold", "1.1", "--trainer.limit_predict_batches", "1"])
+    plain = run.parent / "version_1" / "overlays" / with_boxes.name
+    assert (run / "predictions.json").is_file()
+    with Image.open(with_boxes) as a, Image.open(plain) as b:
+        drawn = (np.asarray(a).astype(int) - np.asarray(b).astype(int)) != 0
+    assert drawn.any(axis=-1).mean() > 0.01  # the low-score detections were drawn over the image
 
 
 def test_overfits_simple_shapes_to_box_ap50_090(in_tmp):

@@ -1,5 +1,5 @@
 """Detection and instance segmentation: torchvision Mask R-CNN over any timm backbone + FPN, COCO box/mask mAP;
-COCO-format result JSON from `mamba2d predict`."""
+COCO-format result JSON and overlay PNGs from `mamba2d predict`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
 from torchmetrics.detection import MeanAveragePrecision
 
 from .. import zoo  # noqa: F401  (registers the backbones and the zoo's pretrained tags with timm)
@@ -181,13 +182,48 @@ class COCOPredictionWriter(BasePredictionWriter):
     of `pycocotools.COCO.loadRes`): a list of {image_id, category_id, bbox [x, y, w, h], score, segmentation RLE}.
     Labels are mapped back to the COCO category ids of the DataModule. Default file: `<log dir>/predictions.json`.
 
+    Beside the JSON, `overlays/<image_id>.png` shows each image with its detections scored `overlay_threshold` or
+    more (masks and labelled boxes, drawn by the DataModule's `draw_instances` with torchvision's utilities).
+
     Args:
         output_file: The JSON file (None: `predictions.json` in the run's log folder).
+        overlays: Write the overlay PNGs.
+        overlay_threshold: Detections scored below this are not drawn.
     """
 
-    def __init__(self, output_file: str | None = None):
-        super().__init__(write_interval="epoch")
+    def __init__(self, output_file: str | None = None, overlays: bool = True, overlay_threshold: float = 0.5):
+        super().__init__(write_interval="batch_and_epoch")
         self.output_file = output_file
+        self.overlays = overlays
+        self.overlay_threshold = overlay_threshold
+
+    def _json_path(self, trainer: Trainer) -> Path:
+        return Path(self.output_file or Path(trainer.log_dir or trainer.default_root_dir) / "predictions.json")
+
+    def write_on_batch_end(self, trainer: Trainer, pl_module, prediction, batch_indices, batch, batch_idx: int,
+                           dataloader_idx: int = 0) -> None:
+        """Write the overlay PNG of each image of the batch (Lightning's `BasePredictionWriter` hook).
+
+        Args:
+            trainer: The running trainer (its DataModule draws the instances).
+            pl_module: The `InstanceDetector`.
+            prediction: Its predict output for the batch ("detections", "image_ids").
+            batch_indices: Indices of the batch's samples.
+            batch: The batch (list of images, list of target dicts).
+            batch_idx: Index of the batch.
+            dataloader_idx: Index of the dataloader.
+        """
+        if not self.overlays:
+            return
+        draw = getattr(trainer.datamodule, "draw_instances", None)
+        if draw is None:
+            raise ValueError("COCOPredictionWriter: overlays need the DataModule's `draw_instances(image, "
+                             "instances)`; set overlays: false for a DataModule without it")
+        folder = self._json_path(trainer).parent / "overlays"
+        folder.mkdir(parents=True, exist_ok=True)
+        for image, image_id, det in zip(batch[0], prediction["image_ids"], prediction["detections"]):
+            picture = draw(image, det, score_threshold=self.overlay_threshold)
+            Image.fromarray(picture.permute(1, 2, 0).cpu().numpy()).save(folder / f"{image_id}.png")
 
     def write_on_epoch_end(self, trainer: Trainer, pl_module, predictions, batch_indices) -> None:
         """Write every detection of the predict epoch (Lightning's `BasePredictionWriter` hook).
@@ -212,6 +248,6 @@ class COCOPredictionWriter(BasePredictionWriter):
                         "bbox": [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)], "score": round(score, 4),
                         "segmentation": _mask_to_rle(mask),
                     })
-        path = Path(self.output_file or Path(trainer.log_dir or trainer.default_root_dir) / "predictions.json")
+        path = self._json_path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results))
