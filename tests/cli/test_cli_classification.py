@@ -72,7 +72,7 @@ def test_imagenet_recipe_configs_fast_dev_run_on_cpu(in_tmp, arch):
     assert trainable == {f"model.{name}" for name, _ in cli.model.model.named_parameters()}
 
 
-def test_fit_then_test_best_checkpoint_and_saved_config(in_tmp):
+def test_fit_then_test_best_checkpoint_and_saved_config(in_tmp, recwarn):
     config = str(CONFIGS / "digits_vmamba2d_nano.yaml")
     overrides = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2"]
     main(["fit", "--config", config, *overrides])
@@ -85,6 +85,7 @@ def test_fit_then_test_best_checkpoint_and_saved_config(in_tmp):
     # test and predict write beside the checkpoint's run, not into a new version_N; a second test does not overwrite
     assert (run / "test" / "metrics.csv").is_file() and list((run / "test").glob("events.out.tfevents.*"))
     assert (run / "test" / "config.yaml").is_file()
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]  # no fit bookkeeping restored
     build_cli(["test", "--config", config, "--ckpt_path", str(best), "--trainer.limit_test_batches", "1"])
     assert (run / "test_1" / "metrics.csv").is_file()
     cli = build_cli(["predict", "--config", config, "--ckpt_path", str(best), "--trainer.limit_predict_batches", "1"])

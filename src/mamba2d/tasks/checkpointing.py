@@ -47,7 +47,23 @@ class ResumeRandomState(Callback):
             self._pending = None
 
 
-class BestCheckpoint(ModelCheckpoint):
+class _RestoredOnlyForFit(ModelCheckpoint):
+    """A `ModelCheckpoint` whose bookkeeping (best score, paths) is restored from a checkpoint only by `fit`.
+
+    `validate`, `test` and `predict` write no checkpoint, and they log beside the run (not into its `checkpoints/`
+    folder), so restoring would only warn that the folder changed.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._stage = stage
+        super().setup(trainer, pl_module, stage)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if getattr(self, "_stage", "fit") == "fit":
+            super().load_state_dict(state_dict)
+
+
+class BestCheckpoint(_RestoredOnlyForFit):
     """`best.ckpt`: the checkpoint of the best validation epoch, ties broken by a second metric.
 
     A metric that saturates (a validation AUROC of 1.0 reached early and kept) would otherwise leave the first epoch
@@ -120,7 +136,7 @@ class BestCheckpoint(ModelCheckpoint):
         self.best_tie_value = state_dict.get("best_tie_value")
 
 
-class LastCheckpoint(ModelCheckpoint):
+class LastCheckpoint(_RestoredOnlyForFit):
     """`last.ckpt` rewritten after every epoch (Lightning's own `save_last` only writes when a new best is saved).
 
     Args:
