@@ -18,6 +18,7 @@ import torch
 
 import mamba2d.zoo as zoo
 from mamba2d.data.digits import DigitsDataModule
+from mamba2d.models import input_normalization
 
 
 @torch.no_grad()
@@ -25,9 +26,10 @@ def digits_test_accuracy(model: torch.nn.Module, image_size: int = 32) -> tuple[
     data = DigitsDataModule(batch_size=128, image_size=image_size)
     data.setup("test")
     model.eval()
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in input_normalization(model))
     correct = total = 0
     for images, labels in data.test_dataloader():
-        correct += int((model(images).argmax(dim=1) == labels).sum())
+        correct += int((model((images - mean) / std).argmax(dim=1) == labels).sum())
         total += len(labels)
     return correct, total
 

@@ -6,13 +6,17 @@ import warnings
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Trainer
+from sklearn.datasets import load_digits
 
 import mamba2d  # noqa: F401
 import mamba2d.zoo as zoo
-from mamba2d.data.digits import DigitsDataModule
+from mamba2d.data.digits import DigitsDataModule, digit_images
 from mamba2d.data.slides import SlideBagDataModule
 from mamba2d.data.spatial_bags import BENCHMARK_BAGS, BENCHMARK_SPLITS, write_spatial_bags
+from mamba2d.models import input_normalization
+from mamba2d.tasks.classification import ImageClassifier
 from mamba2d.tasks.mil import SlideMIL
 
 TRAINED = [n for n in zoo.list() if zoo.get(n).provenance == "trained here"]
@@ -31,11 +35,13 @@ def test_trained_checkpoints_are_published_and_verified():
 def test_digits_checkpoint_reproduces_recorded_accuracy(name):
     entry = zoo.get(name)
     model = zoo.load(name)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in input_normalization(model))
     data = DigitsDataModule(batch_size=128, image_size=entry.input["size"])
     data.setup("test")
     correct = total = 0
     with torch.no_grad():
         for images, labels in data.test_dataloader():
+            images = (images - mean) / std  # [0, 1] batches, normalised as the tag's cfg says
             correct += int((model(images).argmax(dim=1) == labels).sum())
             total += len(labels)
     assert (correct, total) == (entry.metrics["test_correct"], entry.metrics["test_images"])
@@ -45,6 +51,29 @@ def test_digits_checkpoint_reproduces_recorded_accuracy(name):
     assert via_timm.num_classes == 10 and via_timm.pretrained_cfg["tag"] == "digits"
     with torch.no_grad():
         torch.testing.assert_close(via_timm(images), model(images))
+
+
+@pytest.mark.parametrize("name", DIGITS)
+def test_digits_classifier_sees_the_training_input_bit_for_bit(name, tmp_path):
+    """The checkpoints were trained on digits normalised to [-1, 1] inside the data; now the data yields [0, 1]
+    and the classifier normalises by the tag's cfg. The network input must be the same tensor, and the task must
+    reproduce the recorded test metric."""
+    entry = zoo.get(name)
+    size = entry.input["size"]
+    raw = torch.from_numpy(load_digits().images).float().div(16.0).unsqueeze(1)
+    trained_on = F.interpolate(raw, size=(size, size), mode="bilinear", align_corners=False).sub(0.5).div(0.5)
+    trained_on = trained_on.expand(-1, 3, -1, -1)
+
+    task = ImageClassifier(backbone=name, num_classes=10, pretrained=True)
+    data = DigitsDataModule(batch_size=128, image_size=size)
+    data.setup("test")
+    assert torch.equal(task.normalize(digit_images(size)[0]), trained_on)
+
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        (metrics,) = trainer.test(task, datamodule=data, verbose=False)
+    assert metrics["test/acc1"] == pytest.approx(entry.metrics["test_acc1"], abs=5e-5)
 
 
 @pytest.fixture(scope="module")

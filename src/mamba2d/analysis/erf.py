@@ -315,23 +315,17 @@ def resolve_model(spec: str, random_init: bool = False, seed: int = 0) -> tuple[
 
 
 def normalisation(spec: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Input mean/std for `spec`: the zoo entry's, else the architecture's pretrained cfg (ImageNet's by default).
+    """Input mean/std for `spec`: its pretrained cfg (`mamba2d.models.input_normalization`; a zoo backbone's name is
+    its timm tag, whose cfg carries the entry's input statistics), the architecture's for ARCH=CHECKPOINT.
 
     The random-init twin of a model uses the same normalisation, so both rows see identical inputs.
 
     Args:
         spec: Zoo name, ARCH=CHECKPOINT or timm name.
     """
-    import timm
+    from ..models import input_normalization
 
-    from .. import zoo
-
-    if zoo.is_entry(spec) and "mean" in zoo.get(spec).input:
-        entry = zoo.get(spec)
-        return tuple(entry.input["mean"]), tuple(entry.input["std"])
-    arch = zoo.get(spec).arch if zoo.is_entry(spec) else spec.split("=", 1)[0]
-    cfg = timm.models.get_pretrained_cfg(arch)
-    return tuple(cfg.mean), tuple(cfg.std)
+    return input_normalization(spec.split("=", 1)[0])
 
 
 def compute(specs: Sequence[str], images: np.ndarray, random_init: bool = False, device: str = "cpu",

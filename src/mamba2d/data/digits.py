@@ -15,7 +15,10 @@ DIGITS_MAX = 16.0  # pixel values of load_digits() run 0..16
 
 
 def digit_images(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """All digits as (n, 3, size, size) float images normalised to [-1, 1], and their labels.
+    """All digits as (n, 3, size, size) float images in [0, 1], and their labels.
+
+    The classifier normalises them with its backbone's pretrained cfg: the zoo's `*.digits` tags (and the nano
+    sizes) say mean = std = 0.5, so the network sees exactly the [-1, 1] input those checkpoints were trained on.
 
     Args:
         size: Side of the upsampled square images.
@@ -23,14 +26,14 @@ def digit_images(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     data = load_digits()
     images = torch.from_numpy(data.images).float().div(DIGITS_MAX).unsqueeze(1)
     images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    return images.sub(0.5).div(0.5).expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(data.target).long()
+    return images.expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(data.target).long()
 
 
 class DigitsDataModule(BaseDataModule):
     """Fixed stratified train/val/test split (70/15/15 by default) of the digits, upsampled to `image_size`.
 
     The split depends only on `split_seed`, so every run and every model sees the same held-out images; `predict`
-    runs on the test split. Batches are (images (B, 3, S, S) in [-1, 1], labels (B,)).
+    runs on the test split. Batches are (images (B, 3, S, S) in [0, 1], labels (B,)).
 
     Args:
         batch_size: Images per batch.

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform
 from torch.utils.data import Dataset
+from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from .base import BaseDataModule, image_grid_figure, predicted_labels
@@ -42,9 +44,11 @@ def image_folder(root: Path, transform) -> ImageFolder:
 
 
 class ImageFolderDataModule(BaseDataModule):
-    """Train/val (optionally test) ImageFolders. Training uses timm's RandAugment/random-erasing pipeline.
+    """Train/val (optionally test) ImageFolders. Training uses timm's RandAugment pipeline.
 
-    `predict` runs on the test folder (default: the validation folder). Batches are (images, labels).
+    `predict` runs on the test folder (default: the validation folder). Batches are (images in [0, 1], labels): the
+    classifier normalises them with its backbone's mean and std and applies random erasing after that (timm's
+    prefetcher order), so this module need not know the backbone.
 
     Args:
         root: Folder holding the split folders.
@@ -54,7 +58,6 @@ class ImageFolderDataModule(BaseDataModule):
         crop_pct: Evaluation centre-crop fraction (timm's crop_pct).
         interpolation: Resize interpolation.
         auto_augment: timm auto-augment policy of training (None: off).
-        re_prob: Random-erasing probability of training.
         color_jitter: Colour-jitter strength of training.
         train_dir: Training folder under `root`.
         val_dir: Validation folder under `root`.
@@ -71,7 +74,6 @@ class ImageFolderDataModule(BaseDataModule):
         crop_pct: float = 0.875,
         interpolation: str = "bicubic",
         auto_augment: str | None = "rand-m9-mstd0.5-inc1",
-        re_prob: float = 0.25,
         color_jitter: float = 0.4,
         train_dir: str = "train",
         val_dir: str = "val",
@@ -91,11 +93,13 @@ class ImageFolderDataModule(BaseDataModule):
 
     def _transform(self, training: bool):
         hp = self.hparams
-        return create_transform(
+        # normalize=False: uint8 tensors, no normalisation (the classifier's). timm's `mean` left at its default
+        # serves only as RandAugment's fill colour: ImageNet's mean pixel, as in VMamba's recipe.
+        pipeline = create_transform(
             hp.input_size, is_training=training, auto_augment=hp.auto_augment if training else None,
-            re_prob=hp.re_prob if training else 0.0, color_jitter=hp.color_jitter,
-            interpolation=hp.interpolation, crop_pct=hp.crop_pct,
+            color_jitter=hp.color_jitter, interpolation=hp.interpolation, crop_pct=hp.crop_pct, normalize=False,
         )
+        return transforms.Compose([pipeline, transforms.ConvertImageDtype(torch.float32)])
 
     def setup(self, stage: str | None = None) -> None:
         root = Path(self.hparams.root)

@@ -18,11 +18,9 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from .normalization import input_normalization
+
 __all__ = ["TimmFPNBackbone", "build_mask_rcnn"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 class TimmFPNBackbone(nn.Module):
     """A timm feature model (four stages) followed by an FPN with an extra max-pooled level: five maps.
@@ -76,10 +74,10 @@ def build_mask_rcnn(
 ) -> MaskRCNN:
     """torchvision MaskRCNN on `TimmFPNBackbone`. `num_classes` counts object classes; background is added here.
 
-    Images are resized inside the model so that the shorter side is `min_size` (longer side at most `max_size`) and
-    normalised with ImageNet statistics; outputs are mapped back to the input image size. Defaults are the COCO
-    setup of Mask R-CNN as VMamba's detector configures it (mmdetection's): 80 classes, 800 x 1333 resizing,
-    anchors 32-512 with ratios 0.5, 1, 2.
+    Images ([0, 1]) are resized inside the model so that the shorter side is `min_size` (longer side at most
+    `max_size`) and normalised with the backbone's pretrained cfg (`input_normalization`); outputs are mapped back to
+    the input image size. Defaults are the COCO setup of Mask R-CNN as VMamba's detector configures it
+    (mmdetection's): 80 classes, 800 x 1333 resizing, anchors 32-512 with ratios 0.5, 1, 2.
 
     Args:
         backbone: A timm model name that supports `features_only` with four stages.
@@ -99,13 +97,15 @@ def build_mask_rcnn(
     if len(anchor_sizes) != 5:
         raise ValueError(f"build_mask_rcnn: anchor_sizes needs one size per FPN level (5), got {list(anchor_sizes)}")
     anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes))
+    body = TimmFPNBackbone(backbone, pretrained, backbone_kwargs, fpn_channels)
+    mean, std = input_normalization(body.body)
     return MaskRCNN(
-        TimmFPNBackbone(backbone, pretrained, backbone_kwargs, fpn_channels),
+        body,
         num_classes=num_classes + 1,
         min_size=min_size,
         max_size=max_size,
-        image_mean=list(IMAGENET_MEAN),
-        image_std=list(IMAGENET_STD),
+        image_mean=list(mean),
+        image_std=list(std),
         rpn_anchor_generator=anchors,
         **maskrcnn_kwargs,
     )

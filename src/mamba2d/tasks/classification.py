@@ -8,17 +8,24 @@ import timm
 import torch
 import torch.nn as nn
 from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from .. import zoo  # noqa: F401  (registers the backbones and the zoo's pretrained tags with timm)
+from ..models import input_normalization
 from .base import BaseTask
 
 
 class ImageClassifier(BaseTask):
     """Classifier over `timm.create_model(backbone, num_classes=..., **backbone_kwargs)`.
+
+    Batches are (images in [0, 1], labels); the images are normalised here, on the device, with the mean and std of
+    the backbone's pretrained cfg (`input_normalization`), as timm's training script does with its prefetcher, so
+    the DataModule need not know the backbone. Training then applies timm's random erasing (`re_prob`) to the
+    normalised images and mixup/cutmix.
 
     Label smoothing, timm mixup/cutmix, optional EMA weights (used for validation and test when `ema_eval`), AdamW
     without decay on norms/biases/1-D params, per-step linear warm-up then cosine decay, top-1/top-5 accuracy
@@ -35,6 +42,8 @@ class ImageClassifier(BaseTask):
         warmup_epochs: Linear warm-up length in epochs (fractions allowed), counted in optimiser steps.
         min_lr_ratio: The cosine decay ends at this fraction of `lr`.
         label_smoothing: Label smoothing of the training loss.
+        re_prob: Probability of timm's random erasing (one constant-filled box, in normalised space) per training
+            image (0: off).
         mixup_alpha: timm Mixup's mixup alpha (0: off).
         cutmix_alpha: timm Mixup's cutmix alpha (0: off).
         mixup_prob: Probability of applying mixup or cutmix to a batch.
@@ -59,6 +68,7 @@ class ImageClassifier(BaseTask):
         warmup_epochs: float = 0.0,
         min_lr_ratio: float = 0.0,
         label_smoothing: float = 0.0,
+        re_prob: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         mixup_prob: float = 1.0,
@@ -70,11 +80,14 @@ class ImageClassifier(BaseTask):
         super().__init__()
 
     def configure_models(self) -> None:
-        """The timm network, its optional EMA copy, mixup/cutmix and the losses."""
+        """The timm network, its input normalisation, its optional EMA copy, mixup/cutmix and the losses."""
         hp = self.hparams
         self.model = timm.create_model(
             hp.backbone, pretrained=self.pretrained, num_classes=hp.num_classes, **(hp.backbone_kwargs or {})
         )
+        mean, std = input_normalization(self.model)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.ema = None
         if hp.ema_decay:
             # timm leaves the copy trainable; DDP would then wait forever for gradients of the EMA weights
@@ -102,12 +115,24 @@ class ImageClassifier(BaseTask):
         """The network that validates, tests and predicts: the EMA copy when there is one and `ema_eval`."""
         return self.ema.module if self.ema is not None and self.hparams.ema_eval else self.model
 
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """The network's input for [0, 1] images (B, C, H, W): normalised by the backbone's mean and std.
+
+        Args:
+            images: Images in [0, 1].
+        """
+        return (images - self.mean) / self.std
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, num_classes) of the trained network for images (B, C, H, W)."""
-        return self.model(x)
+        """Logits (B, num_classes) of the trained network for [0, 1] images (B, C, H, W)."""
+        return self.model(self.normalize(x))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
+        images = self.normalize(images)
+        if self.hparams.re_prob > 0:
+            # timm's erasing draws boxes per image in place; timm's prefetcher also erases after normalising
+            images = RandomErasing(self.hparams.re_prob, mode="const", device=images.device)(images)
         targets = labels
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
@@ -125,7 +150,7 @@ class ImageClassifier(BaseTask):
 
     def _evaluate(self, batch, metrics: MetricCollection, prefix: str) -> torch.Tensor:
         images, targets = batch
-        logits = self.eval_model(images)
+        logits = self.eval_model(self.normalize(images))
         self.log(f"{prefix}/loss", self.eval_loss(logits, targets), batch_size=images.shape[0], sync_dist=True)
         metrics.update(logits, targets)
         self.log_dict(metrics, prog_bar=True, batch_size=images.shape[0])
@@ -140,6 +165,6 @@ class ImageClassifier(BaseTask):
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        probs = self.eval_model(images).softmax(dim=-1)
+        probs = self.eval_model(self.normalize(images)).softmax(dim=-1)
         return {"probs": probs, "label": probs.argmax(dim=-1)}
 

@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from .. import zoo  # noqa: F401  (registers the backbones and the zoo's pretrained tags with timm)
 from ..data.base import class_palette
+from ..models import input_normalization
 from ..models.upernet import UperNet
 from .base import BaseTask
 from .optim import warmup_then_decay
@@ -22,8 +23,6 @@ from .optim import warmup_then_decay
 __all__ = ["SemanticSegmenter", "SegmentationPredictionWriter", "class_palette"]
 
 IGNORE_INDEX = 255
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class SemanticSegmenter(BaseTask):
@@ -88,14 +87,15 @@ class SemanticSegmenter(BaseTask):
         super().__init__()
 
     def configure_models(self) -> None:
-        """UperNet on the backbone, and the input normalisation."""
+        """UperNet on the backbone, and the input normalisation of the backbone's pretrained cfg."""
         hp = self.hparams
         self.model = UperNet(
             hp.backbone, hp.num_classes, self.pretrained, hp.backbone_kwargs, hp.decoder_channels, hp.pool_scales,
             hp.dropout, hp.aux_channels, aux_index=2 if hp.aux_weight > 0 else None,
         )
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        mean, std = input_normalization(self.model.backbone)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     def metrics(self) -> MetricCollection:
         """Mean IoU over classes and pixel accuracy, ignoring label 255."""

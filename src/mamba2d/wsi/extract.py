@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .. import zoo
+from ..models import input_normalization
 from .heatmap import render_tiling_preview
 from .slide import SLIDE_SUFFIXES, SlideError, open_slide
 from .tiling import TilingPlan, plan_tiles
@@ -120,13 +121,12 @@ def load_backbone(name: str, pretrained: bool = False, checkpoint: str | None = 
         model.reset_classifier(0)
     else:
         model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-    cfg = model.pretrained_cfg or {}
+    mean, std = input_normalization(model)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     resolved = torch.device(device)
     model = model.eval().to(resolved)
-    return Embedder(model, name, tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-                    tuple(cfg.get("std", (0.229, 0.224, 0.225))), resolved)
+    return Embedder(model, name, mean, std, resolved)
 
 
 def bag_attributes(plan: TilingPlan, slide_path: Path, out_dir: Path, backbone: str) -> dict:
