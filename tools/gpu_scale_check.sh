@@ -16,7 +16,7 @@ recipe() {  # recipe NAME ARCH DEVICES BATCH_PER_GPU EPOCHS [extra args]
   local name=$1 arch=$2 devices=$3 batch=$4 epochs=$5; shift 5
   timeout 150 python3 -m mamba2d fit --config $CFG/imagenet_${arch}_tiny.yaml --trainer.devices "$devices" \
     --trainer.strategy "$([ "$devices" = 1 ] && echo auto || echo ddp)" --trainer.max_epochs "$epochs" \
-    --model.init_args.num_classes 100 --model.init_args.warmup_epochs 1 --model.init_args.lr 5e-4 \
+    --model.init_args.warmup_epochs 1 --model.init_args.lr 5e-4 \
     --data.init_args.root "$WORK/imagenet" --data.init_args.batch_size "$batch" --data.init_args.num_workers 7 \
     --trainer.logger.init_args.save_dir "$WORK/runs" \
     --trainer.logger.init_args.name "$name" --trainer.log_every_n_steps 10 --trainer.enable_progress_bar false \

@@ -61,7 +61,7 @@ def test_imagenet_recipe_configs_fast_dev_run_on_cpu(in_tmp, arch):
     cli = build_cli([
         "fit", "--config", str(CONFIGS / f"imagenet_{arch}_tiny.yaml"), "--trainer.fast_dev_run", "1",
         "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
-        "--trainer.precision", "32", "--model.init_args.num_classes", "3", f"--data.init_args.root={root}",
+        "--trainer.precision", "32", f"--data.init_args.root={root}",
         "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0", "--data.init_args.input_size", "32",
         "--data.init_args.pin_memory", "false",
     ])
@@ -231,3 +231,15 @@ def test_unreadable_image_is_named(tmp_path):
     index = [i for i, (path, _) in enumerate(dm.train_set.samples) if path.endswith("broken.jpg")][0]
     with pytest.raises(OSError, match="broken.jpg"):
         dm.train_set[index]
+
+
+def test_a_model_key_linked_from_the_data_is_not_silently_replaced(in_tmp):
+    with pytest.raises(ValueError, match="--model.init_args.num_classes on the command line.*from the DataModule"):
+        main(["fit", "--config", str(CONFIGS / "digits_vmamba2d_nano.yaml"), "--model.init_args.num_classes", "7"])
+    config = yaml.safe_load((CONFIGS / "digits_vmamba2d_nano.yaml").read_text())
+    config["model"]["init_args"]["num_classes"] = 7
+    path = in_tmp / "seven.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=f"model.init_args.num_classes in {path}"):
+        main(["fit", "--config", str(path)])
+    assert not (in_tmp / "runs").exists()

@@ -33,7 +33,7 @@ def small_args(root: Path, size: int = 96) -> list[str]:
     """The 1x recipe shrunk to 2 classes, 96 px images, small anchors and a narrow FPN, on CPU."""
     return [
         "--trainer.accelerator", "cpu", "--trainer.callbacks", "[]",
-        "--model.init_args.backbone", "vmamba2d_nano", "--model.init_args.num_classes", "2",
+        "--model.init_args.backbone", "vmamba2d_nano",
         "--model.init_args.min_size", str(size), "--model.init_args.max_size", str(size),
         "--model.init_args.anchor_sizes", "[8,16,32,64,128]", "--model.init_args.fpn_channels", "64",
         "--model.init_args.maskrcnn_kwargs", SMALL_RCNN, "--model.init_args.box_detections_per_img", "20",

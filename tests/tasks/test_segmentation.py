@@ -26,7 +26,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "segmentation"
 def small_args(root: Path, crop: int = 48) -> list[str]:
     return [
         "--trainer.accelerator", "cpu", "--trainer.callbacks", "[]",
-        "--model.init_args.backbone", "vmamba2d_nano", "--model.init_args.num_classes", "3",
+        "--model.init_args.backbone", "vmamba2d_nano",
         "--model.init_args.decoder_channels", "32", "--model.init_args.aux_channels", "16",
         f"--data.init_args.root={root}", "--data.init_args.num_classes", "3",
         "--data.init_args.scale", "[128,64]", "--data.init_args.crop_size", str(crop),

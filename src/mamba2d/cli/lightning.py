@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
@@ -58,6 +60,23 @@ START_UP_FILES = ("config.yaml", "hparams.yaml", "events.out.tfevents.*")
 
 #: (DataModule attribute, task argument) pairs: the task takes the data's value when the DataModule has it.
 DATA_TO_MODEL_LINKS = (("num_classes", "num_classes"), ("task", "task"), ("num_bins", "num_bins"))
+
+
+def _linked_keys_set(args: list[str]) -> list[str]:
+    """Where the command line or a `--config` file sets a model key that the CLI links from the data (the link
+    would silently replace it)."""
+    targets = [target for _, target in DATA_TO_MODEL_LINKS]
+    found = []
+    for i, token in enumerate(args):
+        key, _, inline = token.partition("=")
+        found += [f"{key} on the command line" for t in targets if key in (f"--model.init_args.{t}", f"--model.{t}")]
+        path = Path(inline or (args[i + 1] if i + 1 < len(args) else "")) if key in ("--config", "-c") else None
+        if path is not None and path.is_file():
+            model = (yaml.safe_load(path.read_text()) or {}).get("model")
+            if isinstance(model, dict):
+                keys = set(model) | set(model.get("init_args") or {})
+                found += [f"model.init_args.{t} in {path}" for t in targets if t in keys]
+    return found
 
 
 def _resolve_class(class_path: str) -> type | None:
@@ -112,7 +131,14 @@ class Mamba2dCLI(LightningCLI):
 
         Raises:
             CheckpointError: The `--ckpt_path` file is missing, empty, truncated or not a checkpoint.
+            ValueError: A model key that the CLI links from the data (`DATA_TO_MODEL_LINKS`) is set by hand.
         """
+        raw = sys.argv[1:] if args is None else args
+        given = _linked_keys_set([str(a) for a in raw]) if isinstance(raw, (list, tuple)) else []
+        if given:
+            raise ValueError(f"{'; '.join(given)}: the CLI sets the model's "
+                             f"{', '.join(t for _, t in DATA_TO_MODEL_LINKS)} from the DataModule; set them in the "
+                             "data section (--data.init_args.KEY) and remove them from the model")
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
