@@ -45,3 +45,16 @@ def test_register_timm_pretrained_makes_tags_timm_sees(tmp_path):
     assert timm.list_pretrained("compat_test_tiny*") == ["compat_test_tiny.second"]
     with pytest.raises(ValueError, match="not a registered timm model"):
         compat.register_timm_pretrained("no_such_model", cfgs)
+
+
+def test_lightning_rng_states_round_trip_and_a_missing_api_names_the_version():
+    import random
+
+    from mamba2d.compat import _private, collect_rng_states, set_rng_states
+
+    states = collect_rng_states()
+    first = (random.random(), torch.rand(1).item())
+    set_rng_states(states)
+    assert (random.random(), torch.rand(1).item()) == first
+    with pytest.raises(ImportError, match=r"lightning\.fabric\.utilities\.seed\._gone.*tested with lightning 2\.6"):
+        _private("lightning.fabric.utilities.seed", "_gone")

@@ -1,7 +1,9 @@
-"""The private parts of timm that mamba2d relies on, each wrapped once here, with a check that they are still there.
+"""The private parts of timm and Lightning that mamba2d relies on, each wrapped once here, with a check that they
+are still there.
 
-A release of timm that moves one of them fails here, at first use, with a message naming the version we were
-tested with, instead of deep inside a model. `pyproject.toml` bounds timm to the releases tested.
+A release that moves one of them fails here, at first use, with a message naming the version we were tested with,
+instead of deep inside a model or a checkpoint. `pyproject.toml` bounds timm and Lightning to the releases tested.
+(The CUDA launcher's private CuPy and torch calls are guarded the same way in `mamba2d.ops.cuda_launch`.)
 """
 
 from __future__ import annotations
@@ -15,18 +17,38 @@ from typing import Any
 import timm
 from timm.models import DefaultCfg, PretrainedCfg
 
-__all__ = ["TIMM_TESTED", "feature_take_indices", "register_timm_pretrained"]
+__all__ = ["LIGHTNING_TESTED", "TIMM_TESTED", "collect_rng_states", "feature_take_indices", "register_timm_pretrained",
+           "set_rng_states"]
 
 #: The timm releases whose private APIs below were checked (tests/test_compat.py checks them again).
 TIMM_TESTED = "1.0"
+#: The Lightning release whose private RNG-state helpers below were checked.
+LIGHTNING_TESTED = "2.6"
 
 
 def _private(module: str, name: str) -> Any:
+    package = module.split(".")[0]
     try:
         return getattr(import_module(module), name)
     except (ImportError, AttributeError) as exc:
-        raise ImportError(f"mamba2d needs {module}.{name}, which timm {timm.__version__} lacks; mamba2d was tested "
-                          f"with timm {TIMM_TESTED}.x (pip install 'timm>={TIMM_TESTED},<1.1')") from exc
+        tested = TIMM_TESTED if package == "timm" else LIGHTNING_TESTED
+        version = getattr(import_module(package), "__version__", "?")
+        raise ImportError(f"mamba2d needs {module}.{name}, which {package} {version} lacks; mamba2d was tested "
+                          f"with {package} {tested}.x (see the bounds in pyproject.toml)") from exc
+
+
+def collect_rng_states() -> dict[str, Any]:
+    """Lightning's `_collect_rng_states(include_cuda=True)`: the Python, NumPy, torch and CUDA RNG states."""
+    return _private("lightning.fabric.utilities.seed", "_collect_rng_states")(include_cuda=True)
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Lightning's `_set_rng_states`: restore what `collect_rng_states` returned.
+
+    Args:
+        states: The states, as `collect_rng_states` returns them.
+    """
+    _private("lightning.fabric.utilities.seed", "_set_rng_states")(states)
 
 
 def feature_take_indices(num_features: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:

@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from ..compat import collect_rng_states, set_rng_states
 
 
 class ResumeRandomState(Callback):
@@ -29,7 +30,7 @@ class ResumeRandomState(Callback):
         self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        states = _collect_rng_states(include_cuda=True)
+        states = collect_rng_states()
         # NumPy's key array becomes a tensor so that checkpoints still load with torch.load(weights_only=True).
         kind, key, *rest = states["numpy"]
         states["numpy"] = (kind, torch.from_numpy(key.astype(np.int64)), *rest)
@@ -43,7 +44,7 @@ class ResumeRandomState(Callback):
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._pending is not None:
-            _set_rng_states(self._pending)
+            set_rng_states(self._pending)
             self._pending = None
 
 
