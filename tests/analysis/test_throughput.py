@@ -29,13 +29,7 @@ def test_bf16_precision_is_selectable(capsys):
 
 def test_train_step_profile_groups_kernels_by_kind():
     """tools/profile_train_step.py sorts CUDA kernel names into the kinds docs/performance.md reports."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "tools" / "profile_train_step.py"
-    spec = importlib.util.spec_from_file_location("profile_train_step", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _load_tool("profile_train_step")
     expected = {
         "void mamba2d_scan2d_fwd<float, float, 2, 2, 1, false, 3>(float const*)": "scan forward",
         "void mamba2d_scan2d_bwd<m2d_bf16, m2d_bf16, 4, 1, 0, false>(m2d_bf16 const*)": "scan backward",
@@ -47,3 +41,34 @@ def test_train_step_profile_groups_kernels_by_kind():
         "void at::native::GammaBetaBackwardCUDAKernelTemplate<float>": "other",
     }
     assert {name: tool.kernel_group(name) for name in expected} == expected
+
+
+def _load_tool(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_model_benchmark_compares_at_the_same_precision_and_judges_targets():
+    """tools/bench_models.py puts ours beside upstream's figure of the same precision only (bf16 stands alone) and
+    says whether the speed (at least) and memory (at most) targets are met."""
+    tool = _load_tool("bench_models")
+    m = throughput.Measurement
+    fast = tool.row(m("vmamba2d_tiny", "training", "fp32", 128, 224, 1610.0, 18.5, "cuda allocated"), "eager")
+    slow = tool.row(m("vmamba2d_tiny", "training", "fp16", 128, 224, 1880.0, 11.6, "cuda allocated"), "eager")
+    bf16 = tool.row(m("vmamba2d_tiny", "training", "bf16", 128, 224, 2000.0, 11.0, "cuda allocated"), "eager")
+    ckpt = tool.row(m("vmamba2d_tiny", "training", "fp32", 128, 224, 1200.0, 9.0, "cuda allocated"), "eager+ckpt")
+    assert fast["ratio"] == 1610.0 / 805.0 and fast["target_ratio"] == 2.0
+    assert fast["memory_ratio"] == 18.5 / 23.19 and slow["memory_ratio"] == 11.6 / 14.35
+    assert bf16["upstream"] is None and bf16["ratio"] is None
+    assert ckpt["memory_ratio"] is None and ckpt["target_ratio"] is None  # checkpointing has its own row, no target
+    table = tool.markdown([fast, slow, bf16, ckpt], "NVIDIA H100 80GB HBM3").splitlines()
+    assert "GB = 10^9 bytes" in table[0] and "NVIDIA H100 80GB HBM3" in table[0]
+    assert "2.00x (meets ≥2.0x)" in table[4] and "0.80x (meets ≤0.8x)" in table[4]
+    assert "1.99x (misses ≥2.0x)" in table[5] and "0.81x (misses ≤0.8x)" in table[5]
+    assert "| — | — |" in table[6]
