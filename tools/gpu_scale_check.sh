@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Issue 7 on a 2-GPU machine: ImageNet-recipe runs on 1 GPU (vmamba2d_tiny, vmamba_tiny) and DDP on 2 GPUs, a loss
+# Scaling check on a 2-GPU machine: ImageNet-recipe runs on 1 GPU (vmamba2d_tiny, vmamba_tiny) and DDP on 2 GPUs, a loss
 # comparison 1 GPU vs 2 GPUs at the same global batch, model throughput, and a 2DMambaMIL DDP run.
 # Usage: OUT=/some/dir bash tools/gpu_scale_check.sh   (logs and summaries land in $OUT)
 set -uo pipefail
 OUT=${OUT:-runs/scale}; mkdir -p "$OUT"
-WORK=$(mktemp -d); export MAMBA2D_WORK=$WORK
+WORK=$(mktemp -d)
 CFG=configs/classification
 nvidia-smi -L
 python3 tools/make_synthetic_imagefolder.py "$WORK/imagenet" --classes 100 --train-per-class 64 --val-per-class 8 --workers 16
@@ -18,8 +18,8 @@ recipe() {  # recipe NAME ARCH DEVICES BATCH_PER_GPU EPOCHS [extra args]
     --trainer.strategy "$([ "$devices" = 1 ] && echo auto || echo ddp)" --trainer.max_epochs "$epochs" \
     --model.init_args.warmup_epochs 1 --model.init_args.lr 5e-4 \
     --data.init_args.root "$WORK/imagenet" --data.init_args.batch_size "$batch" --data.init_args.num_workers 7 \
-    --trainer.logger.init_args.save_dir "$WORK/runs" \
-    --trainer.logger.init_args.name "$name" --trainer.log_every_n_steps 10 --trainer.enable_progress_bar false \
+    --trainer.logger "{class_path: CSVLogger, init_args: {save_dir: $WORK/runs, name: $name}}" \
+    --trainer.log_every_n_steps 10 --trainer.enable_progress_bar false \
     --trainer.callbacks+=mamba2d.tasks.monitoring.TrainingSpeed "$@" > "$WORK/$name.log" 2>&1
   echo "== $name exit $?"; grep -E "TrainingSpeed|Error|error" "$WORK/$name.log" | tail -3
   summarize
@@ -34,7 +34,7 @@ for devices in 1 2; do
     --trainer.strategy "$([ $devices = 1 ] && echo auto || echo ddp)" --trainer.max_steps 40 \
     --trainer.log_every_n_steps 1 --data.init_args.batch_size $((64 / devices)) \
     --model.init_args.backbone_kwargs '{drop_path_rate: 0.0}' --model.init_args.label_smoothing 0.0 \
-    --trainer.logger.init_args.save_dir "$WORK/runs" --trainer.logger.init_args.name digits_${devices}gpu \
+    --trainer.logger "{class_path: CSVLogger, init_args: {save_dir: $WORK/runs, name: digits_${devices}gpu}}" \
     --trainer.enable_progress_bar false > "$WORK/digits_${devices}gpu.log" 2>&1; echo "== digits ${devices}gpu exit $?"
 done
 summarize
@@ -52,7 +52,7 @@ for devices in 1 2; do
     --trainer.strategy "$([ $devices = 1 ] && echo auto || echo ddp)" --trainer.max_epochs 2 \
     --data.init_args.features_dir "$WORK/bags" --data.init_args.csv_path "$WORK/bags/labels.csv" \
     --data.init_args.split_dir null --model.init_args.in_dim 16 \
-    --trainer.logger.init_args.save_dir "$WORK/runs" --trainer.logger.init_args.name mil_${devices}gpu \
+    --trainer.logger "{class_path: CSVLogger, init_args: {save_dir: $WORK/runs, name: mil_${devices}gpu}}" \
     --trainer.enable_progress_bar false > "$WORK/mil_${devices}gpu.log" 2>&1
   echo "== mil ${devices}gpu exit $? seconds $(( $(date +%s) - start ))"; grep -iE "error|exception" "$WORK/mil_${devices}gpu.log" | tail -3
 done
