@@ -4,7 +4,8 @@
 The memory floor is the bytes that must move once (inputs read + outputs written) over the device-to-device copy
 bandwidth measured in the same run (bytes read + written). Timing: CUDA events, warm-up, median of many runs; "fwd
 ms" / "fwd+bwd" are from the call to the end of the last kernel (host launch overhead included), "gpu fwd" / "gpu
-f+b" with the GPU kept busy while the host enqueues (kernel time alone). Gradients are fresh each rep.
+f+b" with the GPU kept busy while the host enqueues (kernel time alone), "host fwd" / "host f+b" the host's time to
+enqueue one call (Python, dispatch, autograd, launches) while the GPU is busy. Gradients are fresh each rep.
 Shapes (batch x dim x H x W, N, G), the four 2DVMamba directions one per group where G = 4:
   a) 128x384x56x56, N=1, G=4   b) 128x1536x14x14, N=1, G=4   c) 1x256x200x300, N=16, G=1   d) 16x384x128x128, N=1, G=4
 Upstream 2DMamba's kernel on an H100 (NVIDIA H100 80GB HBM3), fwd / fwd+bwd ms with fp32 and with fp16 inputs, is
@@ -21,6 +22,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -69,6 +71,22 @@ def time_ms(fn, reps: int, warmup: int = 3, kernels_only: bool = False) -> float
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def host_ms(fn, reps: int, warmup: int = 3) -> float:
+    """Median host milliseconds to enqueue fn (Python, dispatch, autograd, CuPy, launches) while a spin kernel keeps
+    the GPU busy, so that no call waits for the GPU."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        torch.cuda._sleep(5_000_000)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+        torch.cuda.synchronize()
     return statistics.median(times)
 
 
@@ -136,6 +154,7 @@ def bench(name, dtype_name, reps, bandwidth, accumulate_grads=False):
     fb_ms = time_ms(fwd_bwd, reps)
     fwd_gpu_ms = time_ms(fwd, reps, kernels_only=True)
     fb_gpu_ms = time_ms(fwd_bwd, reps, kernels_only=True)
+    fwd_host_ms, fb_host_ms = host_ms(fwd, reps), host_ms(fwd_bwd, reps)
     fb, fbb = floor_bytes(shape, dtype)
     floor_f = fb / (bandwidth * 1e9) * 1e3
     floor_fb = fbb / (bandwidth * 1e9) * 1e3
@@ -148,6 +167,8 @@ def bench(name, dtype_name, reps, bandwidth, accumulate_grads=False):
         "fwdbwd_ms": fb_ms,
         "fwd_gpu_ms": fwd_gpu_ms,
         "fwdbwd_gpu_ms": fb_gpu_ms,
+        "fwd_host_ms": fwd_host_ms,
+        "fwdbwd_host_ms": fb_host_ms,
         "fwd_GBps": fb / (fwd_ms * 1e-3) / 1e9,
         "fwdbwd_GBps": fbb / (fb_ms * 1e-3) / 1e9,
         "fwd_floor_ms": floor_f,
@@ -171,7 +192,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     parser.add_argument("--accumulate-grads", action="store_true",
-                        help="keep the leaves' .grad between reps (the harness of v1-v7: adds gradient accumulation)")
+                        help="keep the leaves' .grad between reps (adds gradient accumulation to what is timed)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_scan: needs a CUDA GPU", file=sys.stderr)
@@ -186,8 +207,9 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()  # the shape's inputs went with bench's frame
             rows.append(row)
             print(json.dumps(row), flush=True)
-    header = (f"{'shape':<6}{'dtype':<6}{'fwd ms':>9}{'fwd+bwd':>9}{'gpu fwd':>9}{'gpu f+b':>9}{'fwd GB/s':>10}"
-              f"{'fb GB/s':>9}{'fwd/flr':>9}{'fb/flr':>8}{'upstr fb':>9}{'fb/upstr':>9}  targets")
+    header = (f"{'shape':<6}{'dtype':<6}{'fwd ms':>9}{'fwd+bwd':>9}{'gpu fwd':>9}{'gpu f+b':>9}{'host fwd':>9}"
+              f"{'host f+b':>9}{'fwd GB/s':>10}{'fb GB/s':>9}"
+              f"{'fwd/flr':>9}{'fb/flr':>8}{'upstr fb':>9}{'fb/upstr':>9}  targets")
     print(header)
     for r in rows:
         tgt_up = "no upstream kernel" if r["target_upstream_ok"] is None else \
@@ -195,7 +217,7 @@ def main(argv=None) -> int:
         up_fb, up_ratio = r["upstream_fwdbwd_ms"], r["fwdbwd_vs_upstream"]
         tgt_fl = "" if r["target_floor_ok"] is None else f", floor {'ok' if r['target_floor_ok'] else 'MISS'}"
         print(f"{r['shape']:<6}{r['dtype']:<6}{r['fwd_ms']:>9.3f}{r['fwdbwd_ms']:>9.3f}{r['fwd_gpu_ms']:>9.3f}"
-              f"{r['fwdbwd_gpu_ms']:>9.3f}{r['fwd_GBps']:>10.0f}"
+              f"{r['fwdbwd_gpu_ms']:>9.3f}{r['fwd_host_ms']:>9.3f}{r['fwdbwd_host_ms']:>9.3f}{r['fwd_GBps']:>10.0f}"
               f"{r['fwdbwd_GBps']:>9.0f}{r['fwd_vs_floor']:>9.2f}{r['fwdbwd_vs_floor']:>8.2f}"
               f"{up_fb if up_fb else '-':>9}{f'{up_ratio:.2f}' if up_ratio else '-':>9}  {tgt_up}{tgt_fl}")
     if args.json:
