@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from jsonargparse import Namespace
 
-from ..data.spatial_bags import BENCHMARK_BAGS, BENCHMARK_EPOCHS, BENCHMARK_LR, BENCHMARK_SPLITS, SpatialBagConfig
+from ..data.spatial_bags import BENCHMARK_BAGS, BENCHMARK_SPLITS, SpatialBagConfig
 from ..data.splits import make_kfold_splits, read_csv_rows, write_split_file
 from ..wsi.extract import extract_features
 from ..wsi.heatmap import model_scores, render_heatmap
@@ -94,7 +94,7 @@ def write_kfold_splits(csv: Path, out: Path, folds: int = 5, task: str = "classi
 
 def benchmark(models: Sequence[str] = tuple(BENCHMARK_MODELS), seeds: Sequence[int] = (0, 1, 2),
               train: int = BENCHMARK_SPLITS["train"], val: int = BENCHMARK_SPLITS["val"],
-              test: int = BENCHMARK_SPLITS["test"], epochs: int = BENCHMARK_EPOCHS, lr: float = BENCHMARK_LR,
+              test: int = BENCHMARK_SPLITS["test"], epochs: int | None = None, lr: float | None = None,
               bags: SpatialBagConfig = BENCHMARK_BAGS, threads: int = 1, work_dir: Path | None = None,
               out: Path | None = None) -> list[dict]:
     """Spatial MIL benchmark: every model on synthetic compact-vs-scattered bags, mean ± std over seeds.
@@ -105,8 +105,9 @@ def benchmark(models: Sequence[str] = tuple(BENCHMARK_MODELS), seeds: Sequence[i
         train: Training bags per seed.
         val: Validation bags (model selection on AUROC).
         test: Test bags (the reported metrics).
-        epochs: Training epochs of every fit.
-        lr: Learning rate of every fit.
+        epochs: Training epochs of every fit; default: each model's benchmark setting (12; `BENCHMARK_TRAINING` in
+            `mamba2d.wsi.spatial_benchmark` lists the models tuned otherwise).
+        lr: Learning rate of every fit; default: each model's benchmark setting (1e-3 unless tuned otherwise).
         bags: Bag geometry and signal (`mamba2d.data.spatial_bags.SpatialBagConfig`).
         threads: torch CPU threads (on bags this small, threading costs more than it gains).
         work_dir: Keep bags and checkpoints there (default: a temporary folder).
@@ -138,8 +139,8 @@ def _write_report(out: Path, name: str, rows: list[dict], table: str, figure, ba
 
 def sweep(out: Path, models: Sequence[str] = tuple(BENCHMARK_MODELS), seeds: Sequence[int] = (0, 1, 2),
           amplitudes: Sequence[float] = (1.0, 2.0, 3.0), train_sizes: Sequence[int] = (32, BENCHMARK_SPLITS["train"]),
-          val: int = BENCHMARK_SPLITS["val"], test: int = BENCHMARK_SPLITS["test"], epochs: int = BENCHMARK_EPOCHS,
-          lr: float = BENCHMARK_LR, bags: SpatialBagConfig = BENCHMARK_BAGS, threads: int = 1,
+          val: int = BENCHMARK_SPLITS["val"], test: int = BENCHMARK_SPLITS["test"], epochs: int | None = None,
+          lr: float | None = None, bags: SpatialBagConfig = BENCHMARK_BAGS, threads: int = 1,
           work_dir: Path | None = None) -> list[dict]:
     """Spatial MIL sweep: the benchmark at every per-patch signal strength and training-set size, so the point
     where each model stops learning is visible. Writes sweep.json, sweep.md (mean ± std AUROC per point),
@@ -153,8 +154,9 @@ def sweep(out: Path, models: Sequence[str] = tuple(BENCHMARK_MODELS), seeds: Seq
         train_sizes: Numbers of training bags.
         val: Validation bags (model selection on AUROC).
         test: Test bags (the reported metrics).
-        epochs: Training epochs of every fit.
-        lr: Learning rate of every fit.
+        epochs: Training epochs of every fit; default: each model's benchmark setting (12; `BENCHMARK_TRAINING` in
+            `mamba2d.wsi.spatial_benchmark` lists the models tuned otherwise).
+        lr: Learning rate of every fit; default: each model's benchmark setting (1e-3 unless tuned otherwise).
         bags: Bag geometry (its amplitude is swept).
         threads: torch CPU threads.
         work_dir: Keep bags and checkpoints there (default: a temporary folder).
