@@ -2,9 +2,11 @@
 
     python tools/zoo_publish_spatial_mil.py                       # 2DMambaMIL and ABMIL, seed 0
 
-Writes the benchmark's bags for the seed, trains each model exactly as the benchmark does (SlideMIL, selection on
-val AUROC), writes zoo/<model>.spatial_mil.safetensors from the selected checkpoint and prints the manifest fields
-(sha256, size, test metrics of that checkpoint) to paste into zoo/manifest.yaml.
+Writes the benchmark's bags for the seed, trains each model exactly as the benchmark does now (its
+`BENCHMARK_MODELS` arguments and `benchmark_training` setting, SlideMIL, selection on val AUROC; the published
+entries record the arguments they were trained with), writes zoo/<model>.spatial_mil.safetensors from the selected
+checkpoint and prints the manifest fields (sha256, size, test metrics of that checkpoint) to paste into
+zoo/manifest.yaml.
 """
 
 from __future__ import annotations
@@ -16,14 +18,8 @@ from pathlib import Path
 import torch
 
 import mamba2d.zoo as zoo
-from mamba2d.data.spatial_bags import (
-    BENCHMARK_BAGS,
-    BENCHMARK_EPOCHS,
-    BENCHMARK_LR,
-    BENCHMARK_SPLITS,
-    write_spatial_bags,
-)
-from mamba2d.wsi.spatial_benchmark import BENCHMARK_MODELS, fit_and_test
+from mamba2d.data.spatial_bags import BENCHMARK_BAGS, BENCHMARK_SPLITS, write_spatial_bags
+from mamba2d.wsi.spatial_benchmark import BENCHMARK_MODELS, benchmark_training, fit_and_test
 
 
 def main() -> None:
@@ -38,8 +34,10 @@ def main() -> None:
         data_dir = Path(tmp) / "bags"
         write_spatial_bags(data_dir, BENCHMARK_SPLITS, seed=args.seed, config=BENCHMARK_BAGS)
         for model in args.models:
-            task, metrics = fit_and_test(model, data_dir, args.seed, BENCHMARK_EPOCHS, BENCHMARK_LR,
-                                         Path(tmp) / model, feature_dim=BENCHMARK_BAGS.feature_dim)
+            setting = benchmark_training(model)  # the model's own benchmark setting (lr, weight decay, epochs)
+            task, metrics = fit_and_test(model, data_dir, args.seed, setting["epochs"], setting["lr"],
+                                         Path(tmp) / model, feature_dim=BENCHMARK_BAGS.feature_dim,
+                                         weight_decay=setting["weight_decay"])
             name = f"{model}.spatial_mil"
             path = args.out_dir / f"{name}.safetensors"
             sha256, size = zoo.export(task.model.state_dict(), path, metadata={"arch": model})
