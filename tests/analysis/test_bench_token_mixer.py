@@ -2,23 +2,17 @@
 are written, a size that runs out of memory or is too large for attention is recorded, not raised, and the
 model-speed checks compute the ratios they name."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_token_mixer.py"
+from repo_tools import load_tool
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("bench_token_mixer", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_token_mixer")
 
 
 def test_cpu_run_writes_every_record_the_table_and_the_figure(tool, tmp_path, capsys):

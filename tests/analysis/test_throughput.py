@@ -1,5 +1,7 @@
 """Throughput tool on CPU with small settings: every mode and precision runs and the table is printed."""
 
+from repo_tools import load_tool
+
 from mamba2d.analysis import throughput
 from mamba2d.cli import main
 
@@ -29,7 +31,7 @@ def test_bf16_precision_is_selectable(capsys):
 
 def test_train_step_profile_groups_kernels_by_kind():
     """tools/profile_train_step.py sorts CUDA kernel names into the kinds docs/performance.md reports."""
-    tool = _load_tool("profile_train_step")
+    tool = load_tool("profile_train_step")
     expected = {
         "void mamba2d_scan2d_fwd<float, float, 2, 2, 1, false, 3>(float const*)": "scan forward",
         "void mamba2d_scan2d_bwd<m2d_bf16, m2d_bf16, 4, 1, 0, false>(m2d_bf16 const*)": "scan backward",
@@ -43,21 +45,10 @@ def test_train_step_profile_groups_kernels_by_kind():
     assert {name: tool.kernel_group(name) for name in expected} == expected
 
 
-def _load_tool(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
 def test_model_benchmark_compares_at_the_same_precision_and_judges_targets():
     """tools/bench_models.py puts ours beside upstream's figure of the same precision only (bf16 stands alone) and
     says whether the speed (at least) and memory (at most) targets are met."""
-    tool = _load_tool("bench_models")
+    tool = load_tool("bench_models")
     m = throughput.Measurement
     fast = tool.row(m("vmamba2d_tiny", "training", "fp32", 128, 224, 1610.0, 18.5, "cuda allocated"), "eager")
     slow = tool.row(m("vmamba2d_tiny", "training", "fp16", 128, 224, 1880.0, 11.6, "cuda allocated"), "eager")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import importlib.util
 import re
 import shutil
 import struct
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from repo_tools import load_tool
 
 from mamba2d.ops import cuda_build, cuda_launch
 from mamba2d.ops.contract import ScanShape
@@ -23,13 +23,6 @@ from mamba2d.ops.cuda_build import DEFAULT_TUNING, ScanTuning
 from mamba2d.ops.cuda_launch import PARAM_STRUCTS, LayerNormParams, ScanParams, make_params
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _load_tool(name: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -76,7 +69,7 @@ def test_tuning_reaches_the_plan_and_the_compile_options():
 
 
 def test_benchmark_tuning_parses_the_environment_spec():
-    tool = _load_tool("scan_tuning")
+    tool = load_tool("scan_tuning")
     assert tool.from_env({}) == DEFAULT_TUNING and tool.from_env({tool.ENV: ""}) == DEFAULT_TUNING
     tuning = tool.from_env({tool.ENV: "R=2,FWD=4,BWD=2,KMAX=2,LANES=16,BTHR=128,FTHR=256,SPLIT=0,WIDEK=1,PAIRS=0,"
                                       "VEC=0,DBUF=0,BWDN=4,PF=4,LEAN=0,WNS=4,WT=4,WCL=1"})
@@ -99,7 +92,7 @@ def test_benchmark_tuning_parses_the_environment_spec():
     ("WAVE=2", r"WAVE must be 0 .* or 1 .*, got '2'"),
 ])
 def test_benchmark_tuning_names_bad_specs(spec, message):
-    tool = _load_tool("scan_tuning")
+    tool = load_tool("scan_tuning")
     with pytest.raises(ValueError, match=rf"^MAMBA2D_SCAN_TUNE: {message}"):
         tool.from_env({tool.ENV: spec})
 
@@ -109,7 +102,7 @@ def test_benchmark_scan_keeps_the_public_signature_and_falls_back_off_gpu():
     CPU tensors or backend="reference" (the tuning only reaches the CUDA kernels)."""
     from mamba2d.ops import selective_scan_2d_ref
 
-    tool = _load_tool("scan_tuning")
+    tool = load_tool("scan_tuning")
     scan = tool.scan(ScanTuning(force_wavefront=True))
     u = torch.randn(1, 4, 5, 6)
     B = torch.randn(1, 2, 3, 5, 6)
