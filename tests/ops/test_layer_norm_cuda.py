@@ -30,14 +30,15 @@ def _use_kernel(model: torch.nn.Module, on: bool) -> None:
 
 
 class _NormAudit(TorchDispatchMode):
-    """Counts PyTorch's layer norms (aten.native_layer_norm) dispatched while active."""
+    """Counts PyTorch's layer norms dispatched while active: aten.native_layer_norm where autograd records, and
+    aten.layer_norm itself under inference mode, which reaches the dispatcher undecomposed."""
 
     def __init__(self):
         super().__init__()
         self.pytorch_norms = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.pytorch_norms += func is torch.ops.aten.native_layer_norm.default
+        self.pytorch_norms += func in (torch.ops.aten.native_layer_norm.default, torch.ops.aten.layer_norm.default)
         return func(*args, **(kwargs or {}))
 
 
