@@ -41,6 +41,9 @@ struct M2DScanParams {
     float* dbp;    // [parts][batch][dim]
     // 64-bit strides of u, delta, z, dout, B, C and the number of (batch, channel) maps
     m2d_i64 su_b, su_d, sd_b, sd_d, sz_b, sz_d, so_b, so_d, sB_b, sB_g, sC_b, sC_g;
+    // u's offset per group on top of su_d: 0 when u has dim channels, -(dim / G) * su_d when the G groups share one
+    // u of dim / G channels (channel d of group g reads u's channel d - g * dim / G)
+    m2d_i64 su_g;
     m2d_i64 nmaps;
     // sizes and flags
     int dim, H, W, G, N, softplus;

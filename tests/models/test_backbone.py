@@ -227,10 +227,11 @@ class _LayoutAudit(TorchDispatchMode):
 def test_block_layout_copies():
     """One VSSBlock training step on a channels_last stream copies only what the design must copy.
 
-    Forward: u (the four routes share x, the scan reads one NCHW map per route and channel), dts and the dt_proj
-    weight gathered into (image, route) batches for the dt_proj GEMM, and the sum over routes turned channels_last.
-    Backward: the output gradient broadcast to the four routes. Nothing else: no layer norm of a strided tensor, no
-    element-wise op mixing layouts, no gradient that has to be transposed to its tensor's layout.
+    Forward: u (one NCHW copy of x that the four routes share), dts and the dt_proj weight gathered into (image,
+    route) batches for the dt_proj GEMM, and the sum over routes turned channels_last. Backward: the output gradient
+    broadcast to the four routes and u's gradient (the scan's sum over the routes, NCHW) turned channels_last.
+    Nothing else: no layer norm of a strided tensor, no element-wise op mixing layouts, no other gradient that has
+    to be transposed to its tensor's layout.
     """
     torch.manual_seed(0)
     b, dim, h, w = 2, 16, 5, 7
@@ -241,8 +242,8 @@ def test_block_layout_copies():
         y = block(x)
         y.backward(torch.randn_like(y))
 
-    design = {"u": b * k * d * h * w, "dts": b * k * r * h * w, "dt_proj weight": b * k * d * r,
-              "route sum": b * d * h * w, "output gradient": b * k * d * h * w}
+    design = {"u": b * d * h * w, "dts": b * k * r * h * w, "dt_proj weight": b * k * d * r,
+              "route sum": b * d * h * w, "output gradient": b * k * d * h * w, "u gradient": b * d * h * w}
     assert len(audit.copies) <= len(design), audit.copies
     assert sum(numel for *_, numel in audit.copies) <= sum(design.values()), audit.copies
     assert audit.strided_layer_norms == [] and audit.mixed_layouts == []

@@ -551,3 +551,24 @@ def test_wavefront_backward_without_saved_band_tops(H):
     rebuilt = cuda_scan.bwd_impl(dy, *args, None, None, True, directions, **launch)
     for name, g, g2 in zip(GRAD_NAMES, saved, rebuilt):
         assert torch.equal(g, g2), f"d{name} differs"
+
+
+@pytest.mark.parametrize("tuning", [DEFAULT_TUNING, wavefront(), ScanTuning(split_target_blocks=10**9)],
+                         ids=["band", "wave", "split"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("H,W,N,z", [(56, 56, 1, False), (37, 70, 16, True), (1, 33, 2, False), (14, 14, 4, True)])
+def test_groups_share_u(tuning, dtype, H, W, N, z):
+    """u of dim / G channels read by all G = 4 groups (the 2D mixer's routes): against the reference, and bitwise
+    equal to the same kernels on u tiled for every group, whose du summed over the groups is the shared u's."""
+    G, per_group = 4, 6
+    inputs = make_inputs(1, G * per_group, H, W, G, N, dtype=dtype, z=z)
+    inputs["u"] = inputs["u"][:, :per_group].contiguous()
+    directions = group_directions(G)
+    check_against_reference(inputs, directions, tuning=tuning)
+    y, grads, dy = run(inputs, "cuda", direction=directions, tuning=tuning)
+    tiled = {**inputs, "u": inputs["u"].repeat(1, G, 1, 1)}
+    y_tiled, grads_tiled, _ = run(tiled, "cuda", dy=dy, direction=directions, tuning=tuning)
+    grads_tiled["u"] = grads_tiled["u"].unflatten(1, (G, per_group)).sum(dim=1)
+    assert torch.equal(y, y_tiled)
+    for name, g in grads.items():
+        assert torch.equal(g, grads_tiled[name]), f"d{name} differs from the tiled u's"

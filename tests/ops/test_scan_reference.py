@@ -200,3 +200,37 @@ def test_bad_direction_and_backend_are_named():
         selective_scan_2d(**inputs, direction=("tl_hv",) * 3)
     with pytest.raises(ValueError, match="backend must be one of"):
         selective_scan_2d(**inputs, backend="triton")
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (1, 6), (4, 1)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("backend", ["reference", "shape_only"])
+def test_groups_share_u(shape, backend):
+    """u of dim / G channels is read by every group: channel d reads u's channel d % (dim / G). The output and every
+    gradient equal the loop oracle's on u tiled G times along the channels, with u's gradient the sum of the tiles';
+    the shape-only op gives the output's and the gradients' shapes."""
+    groups, per_group = 4, 3
+    inputs = make_inputs(dim=groups * per_group, groups=groups, height=shape[0], width=shape[1], seed=7)
+    shared = torch.randn(2, per_group, *shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    inputs["u"] = shared.requires_grad_()
+    directions = ("tl_hv", "tl_vh", "br_hv", "br_vh")
+    ours = selective_scan_2d(**inputs, direction=directions, backend=backend)
+    assert ours.shape == inputs["delta"].shape
+    got = grads(ours, inputs)
+    assert all(got[name].shape == inputs[name].shape for name in inputs)
+    if backend == "shape_only":
+        return
+    tiled = {**inputs, "u": shared.detach().repeat(1, groups, 1, 1).requires_grad_()}
+    oracle = loop_scan(**tiled, direction=directions)
+    torch.testing.assert_close(ours, oracle, rtol=1e-10, atol=1e-10)
+    want = grads(oracle, tiled)
+    want["u"] = want["u"].unflatten(1, (groups, per_group)).sum(dim=1)
+    for name in inputs:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-9, msg=f"d{name} differs")
+
+
+def test_u_channels_must_be_dim_or_dim_over_groups():
+    """A u that is neither one map per channel nor one per channel of a group is named, with both accepted shapes."""
+    inputs = make_inputs(dim=8, groups=4, grad=False)
+    with pytest.raises(ValueError, match=r"delta must have shape \(batch, dim, H, W\) like u, or \(batch, G \* "
+                                         r"u.shape\[1\], H, W\) when the G groups share u"):
+        selective_scan_2d(**{**inputs, "u": inputs["u"][:, :4]})

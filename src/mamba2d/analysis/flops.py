@@ -125,7 +125,7 @@ def _fvcore_total(model: nn.Module, x: torch.Tensor) -> int:
         raise ImportError("count_flops(fvcore=True) needs fvcore: pip install 'mamba2d[fvcore]'") from exc
 
     def scan_handle(inputs, outputs) -> int:
-        return scan_flops_from_shapes(get_shape(inputs[0]), get_shape(inputs[3]),
+        return scan_flops_from_shapes(get_shape(inputs[1]), get_shape(inputs[3]),
                                       with_D=get_shape(inputs[5]) is not None, with_z=get_shape(inputs[6]) is not None)
 
     def einsum_handle(inputs, outputs) -> int:

@@ -243,14 +243,19 @@ class SS2D(nn.Module):
         dts = dts.permute(2, 0, 1, 3, 4).flatten(0, 1).flatten(2)
         delta = torch.bmm(dt_weights, dts).view(b, k, d, h, w)
         B, C = B.permute(2, 0, 1, 3, 4), C.permute(2, 0, 1, 3, 4)
-        # u broadcasts the pixel rows (not x) to the routes, so that its gradient, a sum over the routes, comes back
-        # channels_last too.
-        u = rows.unsqueeze(1).expand(-1, k, -1, -1).transpose(2, 3).view(b, k, d, h, w)
         if self.scan == "cross1d":
+            # u broadcasts the pixel rows (not x) to the routes, so that its gradient, a sum over the routes, comes
+            # back channels_last too; the column-major routes need their own copy.
+            u = rows.unsqueeze(1).expand(-1, k, -1, -1).transpose(2, 3).view(b, k, d, h, w)
             u, delta, B, C = (_flatten_routes(t) for t in (u, delta, B, C))
+            u = u.flatten(1, 2)  # one NCHW-contiguous map per (route, channel)
+        else:
+            # The four 2D routes read one NCHW copy of x (the scan's shared u), not four: a quarter of the copy's
+            # traffic and of what the scan keeps for its backward, which returns the routes' summed gradient.
+            u = _NCHWCopy.apply(x)
         dtype = x.dtype
         y = selective_scan_2d(
-            u.flatten(1, 2),  # one NCHW-contiguous map per (route, channel): the one copy of x
+            u,
             delta.flatten(1, 2).to(dtype),
             -torch.exp(self.A_logs.float()),
             B.to(dtype),
@@ -271,6 +276,20 @@ class SS2D(nn.Module):
         x = self.act(self.conv2d(self.in_proj(x)))
         y = self.out_norm(self._scan(x))
         return self.dropout(self.out_proj(y))
+
+
+class _NCHWCopy(torch.autograd.Function):
+    """A channels_last map's NCHW-contiguous copy (what the scan reads fastest), whose gradient goes back
+    channels_last: x's other gradient (through the projections) is channels_last, and adding two layouts would read
+    one of them strided."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=torch.channels_last)
 
 
 def _flatten_routes(t: torch.Tensor) -> torch.Tensor:

@@ -17,15 +17,16 @@ PARAM_DTYPES = (torch.float32, torch.float64)
 
 @dataclass(frozen=True)
 class ScanShape:
-    """The sizes of one scan call, read from `u` (batch, dim, H, W) and `B` (batch, G, N, H, W).
+    """The sizes of one scan call, read from `delta` (batch, dim, H, W) and `B` (batch, G, N, H, W).
 
     Args:
         batch: Batch size.
-        dim: Channels of `u`.
+        dim: Channels of `delta` and of the output.
         height: Rows H of the map.
         width: Columns W of the map.
         groups: B/C groups G (channel d uses group `d // (dim // G)`).
         d_state: States N per channel.
+        shared_u: `u` has dim / G channels that every group reads (channel d reads u's channel `d % (dim // G)`).
     """
 
     batch: int
@@ -34,6 +35,7 @@ class ScanShape:
     width: int
     groups: int
     d_state: int
+    shared_u: bool = False
 
 
 def direction_transform(direction: str) -> tuple[bool, bool, bool]:
@@ -120,7 +122,9 @@ def check_scan_inputs(
     Errors name the argument, the expected and the actual value.
 
     Args:
-        u: Input, (batch, dim, H, W) in float32, float16, bfloat16 or float64.
+        u: Input, (batch, dim, H, W) in float32, float16, bfloat16 or float64, or (batch, dim / G, H, W): one map
+            per channel of a group, read by all G groups (channel d reads u's channel `d % (dim / G)`; the
+            gradient is summed over the groups).
         delta: Step sizes before softplus, (batch, dim, H, W) in u's dtype.
         A: State matrix, (dim, N) in float32 or float64.
         B: Input projection, (batch, G, N, H, W) in u's dtype, with dim divisible by G.
@@ -151,18 +155,23 @@ def check_scan_inputs(
     if B.dim() != 5:
         raise ValueError(f"selective_scan_2d: B must be 5-D (batch, G, N, H, W), got shape {tuple(B.shape)}")
     groups, d_state = B.shape[1], B.shape[2]
+    shared_u = groups > 1 and tuple(delta.shape) == (batch, dim * groups, height, width)
+    if shared_u:
+        dim *= groups
     if A.dim() != 2:
         raise ValueError(f"selective_scan_2d: A must be 2-D (dim, N), got shape {tuple(A.shape)}")
     if groups < 1 or dim % groups != 0:
         raise ValueError(f"selective_scan_2d: dim={dim} (u.shape[1]) must be divisible by G={groups} (B.shape[1])")
     if min(batch, dim, height, width, d_state) < 1:
         raise ValueError(f"selective_scan_2d: empty input: u {tuple(u.shape)}, B {tuple(B.shape)}")
-    _expect_shape("delta", delta, tuple(u.shape), "(batch, dim, H, W) like u")
+    full = (batch, dim, height, width)
+    _expect_shape("delta", delta, full, "(batch, dim, H, W) like u, or (batch, G * u.shape[1], H, W) when the G "
+                  "groups share u")
     _expect_shape("A", A, (dim, d_state), "(dim, N)")
     _expect_shape("B", B, (batch, groups, d_state, height, width), "(batch, G, N, H, W)")
     _expect_shape("C", C, (batch, groups, d_state, height, width), "(batch, G, N, H, W) like B")
     if z is not None:
-        _expect_shape("z", z, tuple(u.shape), "(batch, dim, H, W) like u")
+        _expect_shape("z", z, full, "(batch, dim, H, W) like delta")
     for name in ("D", "delta_bias"):
         if named[name] is not None:
             _expect_shape(name, named[name], (dim,), "(dim,)")
@@ -182,4 +191,18 @@ def check_scan_inputs(
         if tensor is not None and tensor.device != u.device:
             raise ValueError(
                 f"selective_scan_2d: {name} is on {tensor.device} but u is on {u.device}; move them together")
-    return ScanShape(batch, dim, height, width, groups, d_state)
+    return ScanShape(batch, dim, height, width, groups, d_state, shared_u)
+
+
+def share_u(u: torch.Tensor, shape: ScanShape) -> torch.Tensor:
+    """u with one map per channel: a shared u (`ScanShape.shared_u`) repeated for every group, as a
+    differentiable copy (its gradient is the sum over the groups); any other u unchanged.
+
+    Args:
+        u: The scan's input.
+        shape: The call's sizes (`check_scan_inputs`).
+    """
+    if not shape.shared_u:
+        return u
+    return u.unsqueeze(1).expand(-1, shape.groups, -1, -1, -1).reshape(shape.batch, shape.dim, shape.height,
+                                                                       shape.width)

@@ -66,27 +66,28 @@ def _device_arch(index: int) -> int:
     return 10 * major + minor
 
 
-def plan_for(u: torch.Tensor, B: torch.Tensor, *, backward: bool, has_z: bool, out_fp32: bool,
+def plan_for(maps: torch.Tensor, B: torch.Tensor, *, backward: bool, has_z: bool, out_fp32: bool,
              tuning: ScanTuning = DEFAULT_TUNING) -> LaunchPlan:
-    """The launch plan of a call on these tensors (a backward's on the architecture of u's card: its clusters).
+    """The launch plan of a call on these tensors (a backward's on the architecture of the tensors' card: its
+    clusters).
 
     Args:
-        u: The scan's input, (batch, dim, H, W) (real or fake tensor).
+        maps: A tensor of one map per channel, (batch, dim, H, W) in the scan's dtype: its delta (real or fake).
         B: The scan's B, (batch, G, N, H, W).
         backward: Plan the backward launch (else the forward).
         has_z: The z gate is given.
         out_fp32: Forward: y is float32; backward: the incoming gradient is float32.
         tuning: The kernels' knobs.
     """
-    arch = _device_arch(device_index(u.device)) if backward and u.device.type == "cuda" else 0
+    arch = _device_arch(device_index(maps.device)) if backward and maps.device.type == "cuda" else 0
     # plain ints (a fake tensor's sizes may be symbolic: int() specialises them, as the kernels need)
-    sizes = (*map(int, u.shape), int(B.shape[1]), int(B.shape[2]))
-    key = (sizes, u.dtype, backward, has_z, out_fp32, arch, tuning)
+    sizes = (*map(int, maps.shape), int(B.shape[1]), int(B.shape[2]))
+    key = (sizes, maps.dtype, backward, has_z, out_fp32, arch, tuning)
     plan = _plans.get(key)
     if plan is None:
         if len(_plans) >= 1024:  # shapes that come and go (a slide's grid per slide): start over
             _plans.clear()
-        plan = _plans[key] = cuda_build.launch_plan(ScanShape(*sizes), u.dtype, backward=backward, has_z=has_z,
+        plan = _plans[key] = cuda_build.launch_plan(ScanShape(*sizes), maps.dtype, backward=backward, has_z=has_z,
                                                     out_fp32=out_fp32, arch=arch, tuning=tuning)
     return plan
 
@@ -169,6 +170,13 @@ def _checkpoints(ckv_n: int, ckh_n: int, like: torch.Tensor) -> tuple[torch.Tens
     return ckv, ckh
 
 
+def _sum_groups(du: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The kernels write one du map per channel; a u shared by the G groups gets their sum (in a fixed order)."""
+    if du.shape[1] == u.shape[1]:
+        return du
+    return du.unflatten(1, (du.shape[1] // u.shape[1], u.shape[1])).sum(dim=1)
+
+
 def _poison(enabled: bool, *tensors) -> None:
     """Fill every given buffer with NaN (a testing aid: an element a kernel fails to write then shows)."""
     if enabled:
@@ -178,12 +186,14 @@ def _poison(enabled: bool, *tensors) -> None:
 
 
 def _common_fields(u, delta, z, B, C, A, D, delta_bias, directions, delta_softplus, dout=None) -> dict:
-    """Parameter fields every scan kernel takes: inputs, sizes and strides."""
-    _, dim, height, width = u.shape
+    """Parameter fields every scan kernel takes: inputs, sizes and strides. A u shared by the groups (dim / G
+    channels) is read at channel d - g * dim / G by group g (`su_g`)."""
+    _, dim, height, width = delta.shape
+    groups = B.shape[1]
     return dict(
         u=u, delta=delta, z=z, dout=dout, Bm=B, Cm=C, A=A, Dv=D, dbias=delta_bias,
-        dirs=_dirs_tensor(directions, u.device), dim=dim, H=height, W=width, G=B.shape[1], N=B.shape[2],
-        softplus=int(bool(delta_softplus)),
+        dirs=_dirs_tensor(directions, u.device), dim=dim, H=height, W=width, G=groups, N=B.shape[2],
+        softplus=int(bool(delta_softplus)), su_g=0 if u.shape[1] == dim else -(dim // groups) * u.stride(1),
         **stride_fields(("su", u, "bdhw"), ("sd", delta, "bdhw"), ("sz", z, "bdhw"), ("so", dout, "bdhw"),
                         ("sB", B, "bgnhw"), ("sC", C, "bgnhw")),
     )
@@ -212,13 +222,13 @@ def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, ou
     (`contract.check_scan_inputs`) and cast A, D and delta_bias to contiguous float32.
 
     Args:
-        u: Input, (batch, dim, H, W), contiguous or strided.
-        delta: Step sizes, like u.
+        u: Input, (batch, dim, H, W) or (batch, dim / G, H, W) shared by the groups, contiguous or strided.
+        delta: Step sizes, (batch, dim, H, W).
         A: State matrix, (dim, N) float32.
         B: Input projection, (batch, G, N, H, W) in u's dtype.
         C: Output projection, like B.
         D: Skip weights, (dim,) float32, or None.
-        z: Gate, like u, or None.
+        z: Gate, like delta, or None.
         delta_bias: (dim,) float32, or None.
         delta_softplus: Whether dt is `softplus(delta + delta_bias)`.
         directions: One `cuda_build.direction_code` per group.
@@ -232,13 +242,13 @@ def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, ou
     Returns:
         (y, ckv, ckh), y None unless `y_needed`.
     """
-    plan = plan_for(u, B, backward=False, has_z=z is not None, out_fp32=out_fp32, tuning=tuning)
-    _check_sizes(u, B, plan)
+    plan = plan_for(delta, B, backward=False, has_z=z is not None, out_fp32=out_fp32, tuning=tuning)
+    _check_sizes(delta, B, plan)
     u, delta, z, B, C = (_fit_int32(t, n) for t, n in ((u, "u"), (delta, "delta"), (z, "z"), (B, "B"), (C, "C")))
     if plan.wave:
         return _wave_fwd(plan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32,
                          rebuild or save_ckpt, y_needed, poison)
-    batch, dim, height, width = u.shape
+    batch, dim, height, width = delta.shape
     cfg, split = plan.band, plan.split
     out_dtype = torch.float32 if out_fp32 else u.dtype
     y = None
@@ -265,7 +275,7 @@ def _wave_fwd(plan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, directi
               poison):
     """The wavefront forward: y gated in the kernel, never split over states. Each band's last row is the next
     band's input; with `keep` every band's is kept (ckv) for the wavefront backward."""
-    batch, dim, height, width = u.shape
+    batch, dim, height, width = delta.shape
     d_state = B.shape[2]
     y = u.new_empty((batch, dim, height, width), dtype=torch.float32 if out_fp32 else u.dtype) if y_needed else None
     tops_n = plan.ckv_numel if keep else batch * dim * d_state * width
@@ -282,7 +292,7 @@ def _wave_bwd(plan, dout, u, delta, A, B, C, D, z, delta_bias, tops, delta_softp
     """The wavefront backward, from the forward's band tops (recomputed when absent). dB and dC come out of the
     kernel per cluster of channels (plan.cluster) in tile order; here they are summed over each group's clusters,
     in a fixed order, and gathered into place."""
-    batch, dim, height, width = u.shape
+    batch, dim, height, width = delta.shape
     groups, d_state = B.shape[1], B.shape[2]
     if height > 32 and (tops is None or tops.numel() == 0):
         _, tops, _ = fwd_impl(u, delta, A, B, C, D, None, delta_bias, delta_softplus, directions, True, True,
@@ -308,7 +318,7 @@ def _wave_bwd(plan, dout, u, delta, A, B, C, D, z, delta_bias, tops, delta_softp
     index = _wave_tile_index(B.shape, directions, u.device, plan.wave_cfg.steps).expand(batch, -1, -1)
     dB, dC = ((t.sum(dim=2) if t.shape[2] > 1 else t.squeeze(2)).gather(2, index).view(B.shape).to(B.dtype)
               for t in (dBp, dCp))
-    return du, ddelta, dAp.sum(dim=0), dB, dC, dDp.sum(dim=0), dz, dbp.sum(dim=0)
+    return _sum_groups(du, u), ddelta, dAp.sum(dim=0), dB, dC, dDp.sum(dim=0), dz, dbp.sum(dim=0)
 
 
 def _wave_tile_index(shape, directions: Sequence[int], device: torch.device, steps: int) -> torch.Tensor:
@@ -333,14 +343,14 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
     the checkpoints), outside the kernel.
 
     Args:
-        dout: Gradient of y, (batch, dim, H, W) in float32 or u's dtype.
-        u: Input, (batch, dim, H, W), contiguous or strided.
-        delta: Step sizes, like u.
+        dout: Gradient of y, like delta, in float32 or u's dtype.
+        u: Input, (batch, dim, H, W) or (batch, dim / G, H, W) shared by the groups, contiguous or strided.
+        delta: Step sizes, (batch, dim, H, W).
         A: State matrix, (dim, N) float32.
         B: Input projection, (batch, G, N, H, W) in u's dtype.
         C: Output projection, like B.
         D: Skip weights, (dim,) float32, or None.
-        z: Gate, like u, or None.
+        z: Gate, like delta, or None.
         delta_bias: (dim,) float32, or None.
         ckv: The forward's first checkpoint (`fwd_impl`), or None or empty to recompute it.
         ckh: The forward's second checkpoint, or None or empty.
@@ -357,14 +367,15 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
     """
     if dout.dtype not in (torch.float32, u.dtype):
         raise TypeError(f"selective_scan_2d backward: gradient dtype {dout.dtype} is neither float32 nor {u.dtype}")
-    plan = plan_for(u, B, backward=True, has_z=z is not None, out_fp32=dout.dtype == torch.float32, tuning=tuning)
-    _check_sizes(u, B, plan)
+    plan = plan_for(delta, B, backward=True, has_z=z is not None, out_fp32=dout.dtype == torch.float32,
+                    tuning=tuning)
+    _check_sizes(delta, B, plan)
     u, delta, z, B, C, dout = (_fit_int32(t, n) for t, n in ((u, "u"), (delta, "delta"), (z, "z"), (B, "B"),
                                                               (C, "C"), (dout, "dout")))
     if plan.wave:
         return _wave_bwd(plan, dout, u, delta, A, B, C, D, z, delta_bias, ckv, delta_softplus, directions, tuning,
                          poison)
-    batch, dim, height, width = u.shape
+    batch, dim, height, width = delta.shape
     groups, d_state = B.shape[1], B.shape[2]
     cfg, split = plan.band, plan.split
     shape = (batch, dim, height, width)
@@ -403,4 +414,4 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
     dB = (dBp.sum(dim=2) if cfg.cpg > 1 else dBp.squeeze(2)).to(B.dtype)
     dC = (dCp.sum(dim=2) if cfg.cpg > 1 else dCp.squeeze(2)).to(C.dtype)
     # every part sums the same dout * u for dD: part 0's
-    return du, ddelta, dAp.sum(dim=0), dB, dC, dDp[0].sum(dim=0), dz, dbp.sum(dim=(0, 1))
+    return _sum_groups(du, u), ddelta, dAp.sum(dim=0), dB, dC, dDp[0].sum(dim=0), dz, dbp.sum(dim=(0, 1))

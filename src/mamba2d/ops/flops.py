@@ -63,22 +63,22 @@ def selective_scan_flops(
 
 
 def scan_flops_from_shapes(
-    u_shape: Sequence[int], B_shape: Sequence[int], with_D: bool, with_z: bool
+    delta_shape: Sequence[int], B_shape: Sequence[int], with_D: bool, with_z: bool
 ) -> int:
-    """`selective_scan_flops` from the op's input shapes: u (batch, dim, H, W) and B (batch, G, N, H, W).
+    """`selective_scan_flops` from the op's input shapes: delta (batch, dim, H, W) and B (batch, G, N, H, W).
 
     Args:
-        u_shape: Shape of u.
+        delta_shape: Shape of delta: one map per channel (u has fewer where the groups share it).
         B_shape: Shape of B.
         with_D: Whether D was given.
         with_z: Whether z was given.
     """
-    if len(u_shape) != 4 or len(B_shape) != 5:
+    if len(delta_shape) != 4 or len(B_shape) != 5:
         raise ValueError(
-            f"scan_flops_from_shapes: expected u (batch, dim, H, W) and B (batch, G, N, H, W), got u {tuple(u_shape)} "
-            f"and B {tuple(B_shape)}"
+            f"scan_flops_from_shapes: expected delta (batch, dim, H, W) and B (batch, G, N, H, W), got delta "
+            f"{tuple(delta_shape)} and B {tuple(B_shape)}"
         )
-    batch, dim, height, width = u_shape
+    batch, dim, height, width = delta_shape
     return selective_scan_flops(batch, dim, height, width, B_shape[2], with_D=with_D, with_z=with_z)
 
 
@@ -94,12 +94,12 @@ def _shape_only_op(
     delta_bias: Optional[torch.Tensor],
     out_dtype: Optional[torch.dtype],
 ) -> torch.Tensor:
-    return torch.zeros(u.shape, dtype=out_dtype or u.dtype, device=u.device)
+    return torch.zeros(delta.shape, dtype=out_dtype or u.dtype, device=u.device)
 
 
 @_shape_only_op.register_fake
 def _shape_only_fake(u, delta, A, B, C, D, z, delta_bias, out_dtype):
-    return u.new_empty(u.shape, dtype=out_dtype or u.dtype)
+    return u.new_empty(delta.shape, dtype=out_dtype or u.dtype)
 
 
 def _shape_only_setup(ctx, inputs, output) -> None:
@@ -136,7 +136,7 @@ def shape_only_scan(
     built with `scan_backend="shape_only"` shows the model's own memory traffic, as the layout tests audit it.
 
     Args:
-        u: (batch, dim, H, W).
+        u: (batch, dim, H, W), or (batch, dim / G, H, W) shared by the groups.
         delta: (batch, dim, H, W).
         A: (dim, N).
         B: (batch, G, N, H, W).
@@ -158,8 +158,8 @@ def flop_counter_formula(u_shape, delta_shape, A_shape, B_shape, C_shape, D_shap
     """The scan's formula in `torch.utils.flop_counter`'s convention, where a multiply-add is two FLOPs.
 
     Args:
-        u_shape: Shape of u.
-        delta_shape: Shape of delta (unused).
+        u_shape: Shape of u (unused: a shared u has fewer channels than the scan).
+        delta_shape: Shape of delta, (batch, dim, H, W).
         A_shape: Shape of A (unused).
         B_shape: Shape of B.
         C_shape: Shape of C (unused).
@@ -168,7 +168,8 @@ def flop_counter_formula(u_shape, delta_shape, A_shape, B_shape, C_shape, D_shap
         *args: The op's remaining arguments (unused).
         **kwargs: `out_shape` (unused).
     """
-    return 2 * scan_flops_from_shapes(u_shape, B_shape, with_D=D_shape is not None, with_z=z_shape is not None)
+    # delta has one map per channel also where the groups share u
+    return 2 * scan_flops_from_shapes(delta_shape, B_shape, with_D=D_shape is not None, with_z=z_shape is not None)
 
 
 __all__ = ["COUNTED_OP_NAME", "SHAPE_ONLY", "flop_counter_formula", "scan_flops_from_shapes", "selective_scan_flops",

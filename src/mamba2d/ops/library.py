@@ -47,13 +47,13 @@ def scan2d_fwd(
     """The scan's forward as a custom op (`mamba2d::scan2d_fwd`) on checked inputs (`selective_scan_2d_cuda`).
 
     Args:
-        u: Input, (batch, dim, H, W), contiguous or strided.
-        delta: Step sizes, like u.
+        u: Input, (batch, dim, H, W) or (batch, dim / G, H, W) shared by the groups, contiguous or strided.
+        delta: Step sizes, (batch, dim, H, W).
         A: State matrix, (dim, N) float32.
         B: Input projection, (batch, G, N, H, W) in u's dtype.
         C: Output projection, like B.
         D: Skip weights, (dim,) float32, or None.
-        z: Gate, like u, or None.
+        z: Gate, like delta, or None.
         delta_bias: (dim,) float32, or None.
         delta_softplus: Whether dt is `softplus(delta + delta_bias)`.
         directions: One `cuda_build.direction_code` per group.
@@ -74,10 +74,10 @@ def _tensor(t: Optional[Tensor], like: Tensor, dtype: torch.dtype) -> Tensor:
 
 @scan2d_fwd.register_fake
 def _scan2d_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt):
-    plan = plan_for(u, B, backward=False, has_z=z is not None, out_fp32=out_fp32)
+    plan = plan_for(delta, B, backward=False, has_z=z is not None, out_fp32=out_fp32)
     ckv_n = plan.ckv_numel if save_ckpt and plan.keeps_checkpoint else 0
     ckh_n = plan.ckh_numel
-    y = u.new_empty(tuple(u.shape), dtype=torch.float32 if out_fp32 else u.dtype)
+    y = u.new_empty(tuple(delta.shape), dtype=torch.float32 if out_fp32 else u.dtype)
     return y, u.new_empty((ckv_n,), dtype=torch.float32), u.new_empty((ckh_n,), dtype=torch.float32)
 
 
@@ -100,14 +100,14 @@ def scan2d_bwd(
     """The scan's backward as a custom op (`mamba2d::scan2d_bwd`).
 
     Args:
-        dout: Gradient of y, (batch, dim, H, W) in float32 or u's dtype.
-        u: Input, (batch, dim, H, W), contiguous or strided.
-        delta: Step sizes, like u.
+        dout: Gradient of y, like delta, in float32 or u's dtype.
+        u: Input, (batch, dim, H, W) or (batch, dim / G, H, W) shared by the groups, contiguous or strided.
+        delta: Step sizes, (batch, dim, H, W).
         A: State matrix, (dim, N) float32.
         B: Input projection, (batch, G, N, H, W) in u's dtype.
         C: Output projection, like B.
         D: Skip weights, (dim,) float32, or None.
-        z: Gate, like u, or None.
+        z: Gate, like delta, or None.
         delta_bias: (dim,) float32, or None.
         ckv: The forward's first checkpoint (empty: recomputed).
         ckh: The forward's second checkpoint (may be empty).
@@ -125,11 +125,11 @@ def scan2d_bwd(
 
 @scan2d_bwd.register_fake
 def _scan2d_bwd_fake(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus, directions):
-    shape = tuple(u.shape)
-    dim = u.shape[1]
+    shape = tuple(delta.shape)
+    dim = delta.shape[1]
     f32 = torch.float32
     return (
-        u.new_empty(shape),
+        u.new_empty(tuple(u.shape)),
         u.new_empty(shape),
         u.new_empty(tuple(A.shape), dtype=f32),
         B.new_empty(tuple(B.shape)),
@@ -210,7 +210,8 @@ def selective_scan_2d_cuda(
     output has that dtype unless `out_dtype` says otherwise.
 
     Args:
-        u: Input, (batch, dim, H, W) in float32, float16 or bfloat16, on a CUDA device.
+        u: Input, (batch, dim, H, W) in float32, float16 or bfloat16, on a CUDA device, or (batch, dim / G, H, W)
+            read by every group.
         delta: Step sizes, (batch, dim, H, W) in u's dtype.
         A: State matrix, (dim, N) in float32, N up to MAX_D_STATE.
         B: Input projection, (batch, G, N, H, W) in u's dtype.

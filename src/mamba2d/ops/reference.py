@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .contract import check_scan_inputs, direction_transform, parse_directions
+from .contract import check_scan_inputs, direction_transform, parse_directions, share_u
 
 
 def linear_recurrence(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +82,8 @@ def selective_scan_2d_ref(
     inputs). It materialises (batch, dim, N, H, W) tensors, so it suits CPUs, tests and small maps.
 
     Args:
-        u: Input, (batch, dim, H, W) in float32, float16, bfloat16 or float64.
+        u: Input, (batch, dim, H, W) in float32, float16, bfloat16 or float64, or (batch, dim / G, H, W) read by
+            every group (channel d reads u's channel `d % (dim / G)`).
         delta: Step sizes, (batch, dim, H, W) in u's dtype.
         A: State matrix, (dim, N) in float32 (float64 allowed), negative for a decaying state.
         B: Input projection, (batch, G, N, H, W) in u's dtype; dim must be divisible by G.
@@ -104,6 +105,7 @@ def selective_scan_2d_ref(
     """
     shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, out_dtype)
     directions = parse_directions(direction, shape.groups)
+    u = share_u(u, shape)
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     batch, dim, height, width = u.shape
     groups, per_group = shape.groups, dim // shape.groups

@@ -49,7 +49,10 @@ def selective_scan_2d(
     by `silu(z)`; channel d uses the B/C group `d // (dim // G)`. Arithmetic accumulates in float32.
 
     Args:
-        u: Input, (batch, dim, H, W) in float32, float16 or bfloat16 (float64: reference only).
+        u: Input, (batch, dim, H, W) in float32, float16 or bfloat16 (float64: reference only), or
+            (batch, dim / G, H, W): one map per channel of a group, read by all G groups (channel d reads u's
+            channel `d % (dim / G)`; its gradient sums the groups'). The four routes of a 2D mixer share one u so,
+            instead of four copies.
         delta: Step sizes, (batch, dim, H, W) in u's dtype.
         A: State matrix, (dim, N) in float32, negative for a decaying state.
         B: Input projection, (batch, G, N, H, W) in u's dtype; dim must be divisible by G.
@@ -66,7 +69,7 @@ def selective_scan_2d(
             see: `mamba2d.ops.flops`).
 
     Returns:
-        y, (batch, dim, H, W) in `out_dtype`.
+        y, (batch, dim, H, W) (delta's shape) in `out_dtype`.
 
     Raises:
         ValueError: An unknown `backend`, or a shape, direction or device outside the contract.
