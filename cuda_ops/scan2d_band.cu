@@ -1,6 +1,6 @@
 // 2D selective scan (contract: docs/scan.md): the per-band forward and backward kernels, for every map the
-// wavefront kernels (scan2d_wave.cu) do not take. Each takes its parameters as one M2DScanParams (scan2d_params.cuh)
-// and unpacks them into locals at the top.
+// wavefront kernels (scan2d_wave.cu) do not take. Each takes its parameters as one grid-constant
+// M2DScanParams (scan2d_params.cuh): pointers unpacked at the top, scalars referenced in place.
 //
 // Work split: one block = CH channels ("slots") of one (batch, group); one thread = K consecutive columns of a slot's
 // tile; each thread keeps a band of R rows x K columns in registers (template arguments R, K, and LAYOUT: how a
@@ -23,7 +23,7 @@
 // LAYOUT: M2D_NARROW, M2D_WARP_ROW or M2D_WIDE (scan2d_common.cuh). HAS_Z: the z gate is given (no code otherwise).
 template <typename T, typename TO, int R, int K, int LAYOUT, bool HAS_Z, int MINB>
 __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
-    mamba2d_scan2d_fwd(const M2DScanParams prm) {
+    mamba2d_scan2d_fwd(const __grid_constant__ M2DScanParams prm) {
     const T* __restrict__ u = static_cast<const T*>(prm.u);
     const T* __restrict__ delta = static_cast<const T*>(prm.delta);
     const T* __restrict__ z = static_cast<const T*>(prm.z);
@@ -36,20 +36,23 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
     TO* __restrict__ y = static_cast<TO*>(prm.y);
     float* __restrict__ ckv = prm.ckv;
     float* __restrict__ ckh = prm.ckh;
-    const int dim = prm.dim, H = prm.H, W = prm.W, G = prm.G, N = prm.N, softplus = prm.softplus;
-    const m2d_i64 su_b = prm.su_b, su_d = prm.su_d, su_g = prm.su_g;
-    const int su_h = prm.su_h, su_w = prm.su_w;
-    const m2d_i64 sd_b = prm.sd_b, sd_d = prm.sd_d;
-    const int sd_h = prm.sd_h, sd_w = prm.sd_w;
-    const m2d_i64 sz_b = prm.sz_b, sz_d = prm.sz_d;
-    const int sz_h = prm.sz_h, sz_w = prm.sz_w;
-    const m2d_i64 sB_b = prm.sB_b, sB_g = prm.sB_g;
-    const int sB_n = prm.sB_n, sB_h = prm.sB_h, sB_w = prm.sB_w;
-    const m2d_i64 sC_b = prm.sC_b, sC_g = prm.sC_g;
-    const int sC_n = prm.sC_n, sC_h = prm.sC_h, sC_w = prm.sC_w;
-    const int S = prm.S, WPM = prm.WPM, CH = prm.CH, ntiles = prm.ntiles, nbands = prm.nbands, NP = prm.NP;
-    const m2d_i64 nmaps = prm.nmaps;
-    const int vec = prm.vec;
+    // The scalars are references into the grid-constant parameter block, read where they are used as separate
+    // kernel parameters were: copied into registers at entry, they crowded out the scan's own values, and the
+    // kernels spilled or recomputed their clamped indices (forward and backward up to a third slower).
+    const int &dim = prm.dim, &H = prm.H, &W = prm.W, &G = prm.G, &N = prm.N, &softplus = prm.softplus;
+    const m2d_i64 &su_b = prm.su_b, &su_d = prm.su_d, &su_g = prm.su_g;
+    const int &su_h = prm.su_h, &su_w = prm.su_w;
+    const m2d_i64 &sd_b = prm.sd_b, &sd_d = prm.sd_d;
+    const int &sd_h = prm.sd_h, &sd_w = prm.sd_w;
+    const m2d_i64 &sz_b = prm.sz_b, &sz_d = prm.sz_d;
+    const int &sz_h = prm.sz_h, &sz_w = prm.sz_w;
+    const m2d_i64 &sB_b = prm.sB_b, &sB_g = prm.sB_g;
+    const int &sB_n = prm.sB_n, &sB_h = prm.sB_h, &sB_w = prm.sB_w;
+    const m2d_i64 &sC_b = prm.sC_b, &sC_g = prm.sC_g;
+    const int &sC_n = prm.sC_n, &sC_h = prm.sC_h, &sC_w = prm.sC_w;
+    const int &S = prm.S, &WPM = prm.WPM, &CH = prm.CH, &ntiles = prm.ntiles, &nbands = prm.nbands, &NP = prm.NP;
+    const m2d_i64 &nmaps = prm.nmaps;
+    const int &vec = prm.vec;
     extern __shared__ float m2d_smem[];
     const M2DCtx c = m2d_make_ctx(dim, H, W, G, N, S, WPM, CH, K, ntiles, nbands);
     // States n0 .. n1 - 1 of the block's channels (blockIdx.y: the part of a state split; y is then part-major).
@@ -199,7 +202,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
 template <typename T, typename TO, int R, int K, int LAYOUT, bool HAS_Z, typename TG>
 __global__ void __launch_bounds__(LAYOUT == M2D_NARROW ? M2D_NARROW_BWD_MAX_THREADS : M2D_MAX_THREADS,
                                   LAYOUT == M2D_NARROW ? M2D_NARROW_BWD_MIN_BLOCKS : M2D_BWD_MIN_BLOCKS)
-    mamba2d_scan2d_bwd(const M2DScanParams prm) {
+    mamba2d_scan2d_bwd(const __grid_constant__ M2DScanParams prm) {
     const T* __restrict__ u = static_cast<const T*>(prm.u);
     const T* __restrict__ delta = static_cast<const T*>(prm.delta);
     const T* __restrict__ z = static_cast<const T*>(prm.z);
@@ -221,22 +224,22 @@ __global__ void __launch_bounds__(LAYOUT == M2D_NARROW ? M2D_NARROW_BWD_MAX_THRE
     float* __restrict__ dAp = prm.dAp;
     float* __restrict__ dDp = prm.dDp;
     float* __restrict__ dbp = prm.dbp;
-    const int dim = prm.dim, H = prm.H, W = prm.W, G = prm.G, N = prm.N, softplus = prm.softplus;
-    const m2d_i64 su_b = prm.su_b, su_d = prm.su_d, su_g = prm.su_g;
-    const int su_h = prm.su_h, su_w = prm.su_w;
-    const m2d_i64 sd_b = prm.sd_b, sd_d = prm.sd_d;
-    const int sd_h = prm.sd_h, sd_w = prm.sd_w;
-    const m2d_i64 sz_b = prm.sz_b, sz_d = prm.sz_d;
-    const int sz_h = prm.sz_h, sz_w = prm.sz_w;
-    const m2d_i64 so_b = prm.so_b, so_d = prm.so_d;
-    const int so_h = prm.so_h, so_w = prm.so_w;
-    const m2d_i64 sB_b = prm.sB_b, sB_g = prm.sB_g;
-    const int sB_n = prm.sB_n, sB_h = prm.sB_h, sB_w = prm.sB_w;
-    const m2d_i64 sC_b = prm.sC_b, sC_g = prm.sC_g;
-    const int sC_n = prm.sC_n, sC_h = prm.sC_h, sC_w = prm.sC_w;
-    const int S = prm.S, WPM = prm.WPM, CH = prm.CH, ntiles = prm.ntiles, nbands = prm.nbands, NP = prm.NP;
-    const m2d_i64 nmaps = prm.nmaps;
-    const int vec = prm.vec;
+    const int &dim = prm.dim, &H = prm.H, &W = prm.W, &G = prm.G, &N = prm.N, &softplus = prm.softplus;
+    const m2d_i64 &su_b = prm.su_b, &su_d = prm.su_d, &su_g = prm.su_g;
+    const int &su_h = prm.su_h, &su_w = prm.su_w;
+    const m2d_i64 &sd_b = prm.sd_b, &sd_d = prm.sd_d;
+    const int &sd_h = prm.sd_h, &sd_w = prm.sd_w;
+    const m2d_i64 &sz_b = prm.sz_b, &sz_d = prm.sz_d;
+    const int &sz_h = prm.sz_h, &sz_w = prm.sz_w;
+    const m2d_i64 &so_b = prm.so_b, &so_d = prm.so_d;
+    const int &so_h = prm.so_h, &so_w = prm.so_w;
+    const m2d_i64 &sB_b = prm.sB_b, &sB_g = prm.sB_g;
+    const int &sB_n = prm.sB_n, &sB_h = prm.sB_h, &sB_w = prm.sB_w;
+    const m2d_i64 &sC_b = prm.sC_b, &sC_g = prm.sC_g;
+    const int &sC_n = prm.sC_n, &sC_h = prm.sC_h, &sC_w = prm.sC_w;
+    const int &S = prm.S, &WPM = prm.WPM, &CH = prm.CH, &ntiles = prm.ntiles, &nbands = prm.nbands, &NP = prm.NP;
+    const m2d_i64 &nmaps = prm.nmaps;
+    const int &vec = prm.vec;
     extern __shared__ float m2d_smem[];
     const M2DCtx c = m2d_make_ctx(dim, H, W, G, N, S, WPM, CH, K, ntiles, nbands);
     // States n0 .. n1 - 1 (blockIdx.y: the part of a state split; du, ddelta, dD, d(delta_bias) are then per-part
