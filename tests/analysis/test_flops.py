@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import mamba2d  # noqa: F401
 from mamba2d.analysis import flops as flops_tool
 from mamba2d.ops import selective_scan_2d
-from mamba2d.ops.flops import selective_scan_flops
+from mamba2d.ops.flops import scan_flops_from_shapes, selective_scan_flops
 
 
 def test_scan_formula_1d_and_2d():
@@ -57,6 +57,29 @@ def test_scan_is_one_node_in_the_count():
     )
     assert report.by_operator["scan"] == expected_scan
     assert report.flops == sum(report.by_operator.values())
+
+
+def test_low_rank_delta_counts_its_product_once():
+    """A low-rank delta (delta_proj) costs batch * dim * R * H * W multiply-adds on top of the scan, counted in the
+    scan op: the total of expanding delta by a matmul before the call."""
+    b, G, per_group, R, n, h, w = 2, 2, 3, 4, 2, 3, 5
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(b, G * per_group, h, w, generator=g)
+    low_rank, proj = torch.randn(b, G, R, h, w, generator=g), torch.randn(G, per_group, R, generator=g)
+    A, B, C = -torch.rand(G * per_group, n, generator=g), torch.randn(b, G, n, h, w, generator=g), torch.randn(
+        b, G, n, h, w, generator=g)
+    with FlopCounterMode(display=False) as counter:
+        y = selective_scan_2d(u, low_rank, A, B, C, delta_proj=proj, backend="shape_only")
+    assert y.shape == u.shape
+    product = b * G * per_group * R * h * w
+    assert counter.get_total_flops() == 2 * (selective_scan_flops(b, G * per_group, h, w, n, with_D=False) + product)
+    with FlopCounterMode(display=False) as counter:
+        full = torch.einsum("gdr,bgrhw->bgdhw", proj, low_rank).flatten(1, 2)
+    assert counter.get_total_flops() == 2 * product
+    assert scan_flops_from_shapes(low_rank.shape, B.shape, False, False, A_shape=A.shape) == (
+        scan_flops_from_shapes(full.shape, B.shape, False, False) + product)
+    with pytest.raises(ValueError, match=r"delta \(batch, dim, H, W\) or \(batch, G, R, H, W\) with A"):
+        scan_flops_from_shapes(low_rank.shape, B.shape, False, False)
 
 
 def test_fvcore_agrees_exactly_when_installed():

@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 
-from mamba2d.ops import DIRECTIONS, cuda_build, cuda_scan, selective_scan_2d
+from mamba2d.ops import DIRECTIONS, contract, cuda_build, cuda_scan, selective_scan_2d
 from mamba2d.ops.cuda_build import DEFAULT_TUNING, ScanTuning
 from mamba2d.ops.library import selective_scan_2d_cuda
 
@@ -572,3 +572,157 @@ def test_groups_share_u(tuning, dtype, H, W, N, z):
     assert torch.equal(y, y_tiled)
     for name, g in grads.items():
         assert torch.equal(g, grads_tiled[name]), f"d{name} differs from the tiled u's"
+
+
+def low_rank_inputs(batch, G, per_group, R, H, W, N, dtype, shared_u=True, z=False):
+    """Scan inputs with a low-rank delta (batch, G, R, H, W), a strided view as SS2D's x_dbl gives it, and its
+    float32 projection `delta_proj` (G, dim / G, R)."""
+    inputs = make_inputs(batch, G * per_group, H, W, G, N, dtype=dtype, z=z)
+    gen = torch.Generator(device="cpu").manual_seed(next(_seed))
+    inputs["delta"] = (torch.randn(G, R, batch, H, W, generator=gen) - 0.5).to("cuda", dtype).permute(2, 0, 1, 3, 4)
+    inputs["delta_proj"] = (torch.randn(G, per_group, R, generator=gen) * R**-0.5).cuda()
+    if shared_u:
+        inputs["u"] = inputs["u"][:, :per_group].contiguous()
+    return inputs
+
+
+def run_low_rank(inputs, directions, dy=None, explicit=False, tuning=DEFAULT_TUNING):
+    """y and every input's gradient of the CUDA op on a low-rank delta: through `delta_proj`, or (`explicit`) on
+    the full delta expanded before the call by the same product under autograd (what SS2D did before)."""
+    leaves = {n: (t.detach().requires_grad_() if t is not None else None) for n, t in inputs.items()}
+    args = dict(leaves)
+    if explicit:
+        args["delta"] = contract.full_delta(args["delta"], args.pop("delta_proj"))
+    y = selective_scan_2d_cuda(**args, direction=directions, tuning=tuning, poison_outputs=True)
+    if dy is None:
+        dy = torch.randn(y.shape, generator=torch.Generator(device="cpu").manual_seed(next(_seed))).to(y)
+    y.backward(dy)
+    return y, {n: t.grad for n, t in leaves.items() if t is not None}, dy
+
+
+@pytest.mark.parametrize("tuning", [DEFAULT_TUNING, ScanTuning(split_target_blocks=10**9)], ids=["band", "split"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shared_u", [False, True], ids=["u", "shared_u"])
+@pytest.mark.parametrize("H,W,N,R", [(56, 56, 1, 6), (14, 14, 1, 24), (1, 33, 2, 3), (37, 70, 4, 2)])
+def test_low_rank_delta_matches_explicit_delta(tuning, dtype, shared_u, H, W, N, R, monkeypatch):
+    """The op on a low-rank delta (`delta_proj`) against the same op on the full delta expanded by the same product
+    before the call: y equal, every gradient equal or (delta_proj's: float32 sums over the images here, the
+    autograd of the expanded weight in delta's dtype there) close; and within the usual bound of the float64
+    reference (float32 products without TF32)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    G, per_group = 4, 6
+    inputs = low_rank_inputs(2, G, per_group, R, H, W, N, dtype, shared_u, z=N == 2)
+    directions = group_directions(G)
+    y, grads, dy = run_low_rank(inputs, directions, tuning=tuning)
+    y_full, grads_full, _ = run_low_rank(inputs, directions, dy=dy, explicit=True, tuning=tuning)
+    assert torch.equal(y, y_full)
+    for name, g in grads.items():
+        assert g.shape == inputs[name].shape and g.dtype == inputs[name].dtype, name
+        if name == "delta_proj":
+            assert rel_err(g, grads_full[name]) <= (1e-6 if dtype == torch.float32 else 1e-2), name
+        else:
+            assert torch.equal(g, grads_full[name]), f"d{name} differs from the explicit delta's"
+    y_ref, grads_ref, _ = run_low_rank_reference(inputs, directions, dy)
+    errors = {"y": rel_err(y, y_ref), **{"d" + n: rel_err(grads[n], g) for n, g in grads_ref.items()}}
+    assert all(e <= BOUND[dtype] for e in errors.values()), errors
+
+
+def run_low_rank_reference(inputs, directions, dy):
+    leaves = {n: (t.detach().double().requires_grad_() if t is not None else None) for n, t in inputs.items()}
+    y = selective_scan_2d(**leaves, direction=directions, backend="reference")
+    y.backward(dy.double())
+    return y, {n: t.grad for n, t in leaves.items() if t is not None}, dy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_low_rank_delta_keeps_no_full_delta(dtype):
+    """What the eager op keeps for its backward (storages, counted once): on a low-rank delta, the same as on the
+    full delta except that delta itself gives way to the low-rank delta's storage and the weight."""
+    inputs = low_rank_inputs(2, 4, 24, 6, 56, 56, 1, dtype, shared_u=True)
+
+    def kept(leaves):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            selective_scan_2d_cuda(**leaves, direction=group_directions(4))
+        return storages
+
+    leaves = {n: (t.detach().requires_grad_() if t is not None else None) for n, t in inputs.items()}
+    low_rank = kept(leaves)
+    full_delta = contract.full_delta(inputs["delta"], inputs["delta_proj"]).requires_grad_()
+    full = kept({**leaves, "delta": full_delta, "delta_proj": None})
+    assert full_delta.untyped_storage().data_ptr() in full
+    factors = inputs["delta"].untyped_storage().nbytes() + inputs["delta_proj"].untyped_storage().nbytes()
+    assert sum(full.values()) - sum(low_rank.values()) == full_delta.untyped_storage().nbytes() - factors
+    # rank 6 of 24 channels per group: the low-rank delta is a quarter of the full one
+    assert full_delta.untyped_storage().nbytes() == 2 * 4 * 24 * 56 * 56 * dtype.itemsize
+    assert full_delta.untyped_storage().nbytes() == 4 * inputs["delta"].untyped_storage().nbytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_rank_delta_under_autocast(dtype):
+    """Under CUDA autocast the low-rank delta is expanded in the autocast dtype, as SS2D's matmul under autocast
+    did: y equal to the op on that product, gradients flow back to the float32 leaves."""
+    inputs = low_rank_inputs(2, 4, 6, 3, 24, 40, 2, torch.float32, shared_u=True)
+    directions = group_directions(4)
+    leaves = {n: (t.detach().requires_grad_() if t is not None else None) for n, t in inputs.items()}
+    with torch.autocast("cuda", dtype=dtype):
+        y = selective_scan_2d(**leaves, direction=directions, backend="cuda")
+        dt_weights = leaves["delta_proj"].expand(2, -1, -1, -1).flatten(0, 1)
+        delta = torch.bmm(dt_weights, leaves["delta"].flatten(3).flatten(0, 1)).view(2, 24, 24, 40)
+        y_old = selective_scan_2d(**{**leaves, "delta": delta, "delta_proj": None}, direction=directions,
+                                  backend="cuda")
+    assert y.dtype == dtype and torch.equal(y, y_old)
+    y.float().square().sum().backward()
+    assert all(leaves[n].grad is not None and leaves[n].grad.dtype == torch.float32
+               for n in ("u", "delta", "delta_proj", "B", "C"))
+
+
+def test_opcheck_low_rank_delta():
+    inputs = low_rank_inputs(1, 2, 4, 3, 5, 20, 2, torch.float32, shared_u=True, z=True)
+    args = (inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"], inputs["z"],
+            inputs["delta_bias"], True, [0, 5], False, True, inputs["delta_proj"])
+    leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(torch.ops.mamba2d.scan2d_fwd.default, leaves)
+    y, ckv, ckh = torch.ops.mamba2d.scan2d_fwd(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    bargs = (torch.randn_like(y), *[a.detach() for a in args[:8]], ckv, ckh, True, [0, 5], args[12].detach())
+    torch.library.opcheck(torch.ops.mamba2d.scan2d_bwd.default, bargs)
+
+
+def test_torch_compile_fullgraph_low_rank_delta():
+    """A module that hands the scan a low-rank delta and its projection traces as one graph; compiled and eager
+    agree, the projection's gradient too."""
+    torch._dynamo.reset()
+    dim, G, N, R, H, W = 16, 4, 2, 2, 12, 12
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dbc = torch.nn.Conv2d(dim // G, G * (R + 2 * N), 1)
+            self.dt_proj = torch.nn.Parameter(torch.randn(G, dim // G, R) * 0.5)
+            self.A_log = torch.nn.Parameter(torch.zeros(dim, N))
+            self.D = torch.nn.Parameter(torch.ones(dim))
+
+        def forward(self, x):
+            b = x.shape[0]
+            dts, B, C = self.dbc(x).view(b, G, R + 2 * N, H, W).split([R, N, N], dim=2)
+            y = selective_scan_2d(x, dts, -torch.exp(self.A_log), B, C, self.D, delta_proj=self.dt_proj,
+                                  direction=["tl_hv", "tl_vh", "br_hv", "br_vh"], backend="cuda")
+            return y.view(b, G, dim // G, H, W).sum(1)
+
+    model = Block().cuda()
+    x = torch.randn(2, dim // G, H, W, device="cuda", requires_grad=True)
+    ref = model(x)
+    ref.square().sum().backward()
+    ref_grads = [t.grad.clone() for t in (x, model.dt_proj)]
+    x.grad = model.dt_proj.grad = None
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    assert rel_err(out, ref) <= 1e-5
+    for got, want in zip((x.grad, model.dt_proj.grad), ref_grads):
+        assert rel_err(got, want) <= 1e-5

@@ -281,3 +281,103 @@ def test_fake_forward_takes_its_sizes_from_the_launch_plan(shape, save):
         assert ckv.numel() == batch * dim * plan.band.nbands * N * W > 0
     if shape[-1] == 16 and H == 9:  # a state split: nothing kept (the backward rebuilds)
         assert plan.split and ckv.numel() == 0
+
+
+def _low_rank_inputs(device, dtype=torch.float32, shared_u=True, batch=2, groups=4, per_group=3, rank=2, N=2, H=5,
+                     W=7, proj_dtype=torch.float32):
+    """Scan inputs with a low-rank delta (a strided view, as SS2D's x_dbl gives it) and its float32 projection."""
+    g = torch.Generator().manual_seed(3)
+    dim = groups * per_group
+
+    def rand(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dt)
+
+    return dict(
+        u=rand(batch, per_group if shared_u else dim, H, W).requires_grad_(),
+        delta=rand(groups, rank, batch, H, W).permute(2, 0, 1, 3, 4).detach().requires_grad_(),
+        A=(-torch.rand(dim, N, generator=g) - 0.5).to(device).requires_grad_(),
+        B=rand(batch, groups, N, H, W).requires_grad_(),
+        C=rand(batch, groups, N, H, W).requires_grad_(),
+        D=rand(dim, dt=torch.float32).requires_grad_(),
+        delta_bias=rand(dim, dt=torch.float32).requires_grad_(),
+        delta_proj=(rand(groups, per_group, rank, dt=proj_dtype) * 0.3).detach().requires_grad_(),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shared_u", [False, True])
+def test_custom_op_keeps_the_low_rank_delta_not_the_full_one(dtype, shared_u):
+    """mamba2d::scan2d_fwd on a low-rank delta (meta tensors: the fake kernels and the registered autograd) keeps
+    its inputs and checkpoints for the backward, no full (batch, dim, H, W) delta; the backward gives the low-rank
+    delta its gradient in its shape and dtype, and delta_proj one in the weight's dtype (float32 here)."""
+    from mamba2d.ops import library
+
+    inputs = _low_rank_inputs("meta", dtype, shared_u)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y, ckv, ckh = torch.ops.mamba2d.scan2d_fwd(
+            inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"], None,
+            inputs["delta_bias"], True, [0, 4, 3, 7], False, True, inputs["delta_proj"])
+    assert y.shape == (2, 12, 5, 7) and y.dtype == dtype
+    kept = sorted(t.numel() for t in saved)
+    assert kept == sorted([*(t.numel() for t in inputs.values()), ckv.numel(), ckh.numel()])
+    grads = torch.autograd.grad(y.sum(), list(inputs.values()))
+    for (name, t), grad in zip(inputs.items(), grads):
+        assert grad.shape == t.shape and grad.dtype == t.dtype, name
+    # without delta_proj, the full delta is what it keeps
+    saved.clear()
+    full = torch.empty(2, 12, 5, 7, device="meta", dtype=dtype)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        library.scan2d_fwd(inputs["u"], full.requires_grad_(), inputs["A"], inputs["B"], inputs["C"], None, None,
+                           None, True, [0, 4, 3, 7], False, True)
+    assert full.numel() in [t.numel() for t in saved]
+
+
+def _reference_launchers(monkeypatch):
+    """Stand in for the CUDA launchers with the float64 reference (forward: y; backward: autograd's gradients),
+    so that the eager autograd.Function's plumbing runs on the CPU."""
+    from mamba2d.ops import library, selective_scan_2d_ref
+
+    names = {cuda_build.direction_code(name): name for name in DIRECTIONS}
+
+    def fwd(u, delta, A, B, C, D, z, delta_bias, softplus, directions, out_fp32, save_ckpt, **_):
+        assert delta.shape == (u.shape[0], A.shape[0], *u.shape[2:]) and delta.is_contiguous()
+        y = selective_scan_2d_ref(u, delta, A, B, C, D, z, delta_bias, softplus, [names[c] for c in directions])
+        return y, None, None
+
+    def bwd(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, softplus, directions, **_):
+        leaves = [t if t is None else t.detach().requires_grad_() for t in (u, delta, A, B, C, D, z, delta_bias)]
+        with torch.enable_grad():
+            y = selective_scan_2d_ref(*leaves, softplus, [names[c] for c in directions])
+            given = iter(torch.autograd.grad(y, [t for t in leaves if t is not None], dout))
+        return tuple(None if t is None else next(given) for t in leaves)
+
+    monkeypatch.setattr(library, "fwd_impl", fwd)
+    monkeypatch.setattr(library, "bwd_impl", bwd)
+
+
+@pytest.mark.parametrize("shared_u", [False, True])
+def test_eager_scan_recomputes_the_low_rank_delta(monkeypatch, shared_u):
+    """The eager autograd.Function on a low-rank delta (launchers stood in for by the reference, float64): y and
+    every gradient, the low-rank delta's and delta_proj's included, equal the reference's on the same inputs, and
+    it keeps no tensor but its inputs for the backward."""
+    from mamba2d.ops import library, selective_scan_2d_ref
+
+    _reference_launchers(monkeypatch)
+    inputs = _low_rank_inputs("cpu", torch.float64, shared_u, proj_dtype=torch.float64)
+    directions = ("tl_hv", "tl_vh", "br_hv", "br_vh")
+    codes = tuple(cuda_build.direction_code(name) for name in directions)
+    args = [inputs[name] for name in ("u", "delta", "A", "B", "C", "D")] + [None, inputs["delta_bias"]]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = library._EagerScan2d.apply(*args, inputs["delta_proj"], (True, codes, False, DEFAULT_TUNING, False))
+    inputs_at = {(t.data_ptr(), t.shape) for t in inputs.values()}
+    assert len(saved) == len(inputs) and all((t.data_ptr(), t.shape) in inputs_at for t in saved)
+    want = selective_scan_2d_ref(**inputs, direction=directions)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype)
+    got = torch.autograd.grad(y, list(inputs.values()), dy)
+    expected = torch.autograd.grad(want, list(inputs.values()), dy)
+    for name, g, e in zip(inputs, got, expected):
+        assert g.shape == inputs[name].shape and g.dtype == inputs[name].dtype, name
+        torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-11, msg=f"d{name} differs")

@@ -234,3 +234,103 @@ def test_u_channels_must_be_dim_or_dim_over_groups():
     with pytest.raises(ValueError, match=r"delta must have shape \(batch, dim, H, W\) like u, or \(batch, G \* "
                                          r"u.shape\[1\], H, W\) when the G groups share u"):
         selective_scan_2d(**{**inputs, "u": inputs["u"][:, :4]})
+
+
+def make_low_rank(batch=2, groups=4, per_group=3, rank=2, height=5, width=7, shared_u=False, seed=11):
+    """Float64 scan inputs whose delta is low-rank: `delta` (batch, G, R, H, W) a strided view (routes outermost, as
+    SS2D's x_dbl gives it) and `delta_proj` (G, dim / G, R); u of dim / G channels when `shared_u`."""
+    dim = groups * per_group
+    inputs = make_inputs(batch=batch, dim=dim, height=height, width=width, d_state=2, groups=groups, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    inputs["delta"] = (torch.randn(groups, rank, batch, height, width, generator=g, dtype=torch.float64)
+                       .permute(2, 0, 1, 3, 4).requires_grad_())
+    inputs["delta_proj"] = (torch.randn(groups, per_group, rank, generator=g, dtype=torch.float64) * 0.4
+                            ).requires_grad_()
+    if shared_u:
+        inputs["u"] = torch.randn(batch, per_group, height, width, generator=g, dtype=torch.float64).requires_grad_()
+    return inputs
+
+
+def explicit_delta(low_rank: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """The contract's full delta of a low-rank one, written independently of the library."""
+    return torch.einsum("gdr,bgrhw->bgdhw", proj, low_rank).flatten(1, 2)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (1, 6), (4, 1), (3, 8)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("groups", [1, 4])
+@pytest.mark.parametrize("shared_u", [False, True], ids=["u", "shared_u"])
+def test_low_rank_delta_equals_its_explicit_product(shape, groups, shared_u):
+    """delta (batch, G, R, H, W) with delta_proj scans as the explicit einsum product would: y and the gradients of
+    every input (the low-rank delta and delta_proj through the product) agree in float64."""
+    if shared_u and groups == 1:
+        pytest.skip("one group: a shared u is an ordinary u")
+    inputs = make_low_rank(groups=groups, height=shape[0], width=shape[1], shared_u=shared_u)
+    directions = ("tl_hv", "tl_vh", "br_hv", "br_vh")[:groups]
+    ours = selective_scan_2d(**inputs, direction=directions, backend="reference")
+    assert ours.shape == (2, groups * 3, *shape)
+    explicit = {name: t for name, t in inputs.items() if name != "delta_proj"}
+    explicit["delta"] = explicit_delta(inputs["delta"], inputs["delta_proj"])
+    want_y = selective_scan_2d(**explicit, direction=directions, backend="reference")
+    torch.testing.assert_close(ours, want_y, rtol=1e-12, atol=1e-12)
+    got, want = grads(ours, inputs), grads(want_y, inputs)
+    for name in inputs:
+        assert got[name].shape == inputs[name].shape
+        torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-12, msg=f"d{name} differs")
+
+
+def test_gradcheck_low_rank_delta():
+    inputs = make_low_rank(batch=1, groups=2, per_group=2, rank=2, height=3, width=4)
+    names = list(inputs)
+
+    def fn(*values):
+        return selective_scan_2d_ref(**dict(zip(names, values)), direction=("tl_hv", "br_vh"))
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs[n] for n in names))
+
+
+def test_low_rank_delta_is_computed_in_deltas_dtype():
+    """A float32 weight is cast to a bfloat16 low-rank delta's dtype: the full delta is the bfloat16 product."""
+    inputs = {k: (v.detach().to(torch.bfloat16) if k in ("u", "delta", "B", "C", "z") else v.detach())
+              for k, v in make_low_rank().items()}
+    inputs["delta_proj"] = inputs["delta_proj"].float()
+    explicit = {**inputs, "delta": torch.bmm(
+        inputs["delta_proj"].bfloat16().expand(2, -1, -1, -1).flatten(0, 1),
+        inputs["delta"].flatten(3).flatten(0, 1)).view(2, 12, 5, 7)}
+    del explicit["delta_proj"]
+    y = selective_scan_2d(**inputs, direction="tl_hv", out_dtype=torch.float32)
+    assert torch.equal(y, selective_scan_2d(**explicit, direction="tl_hv", out_dtype=torch.float32))
+
+
+BAD_LOW_RANK = [
+    (r"delta_proj must be 3-D \(G, dim / G, R\), got shape \(12, 2\)", lambda t: {**t, "delta_proj": t["delta_proj"]
+                                                                                 .flatten(0, 1)}),
+    (r"delta must be 5-D \(batch, G, R, H, W\) when delta_proj is given, got shape \(2, 8, 5, 7\)",
+     lambda t: {**t, "delta": t["delta"].flatten(1, 2)}),
+    (r"delta_proj must have shape \(G, dim / G, R\) with G = B.shape\[1\] and dim = u.shape\[1\], or G \* "
+     r"u.shape\[1\] when the G groups share u, = \(4, 3, 2\), got \(2, 6, 2\)",
+     lambda t: {**t, "delta_proj": t["delta_proj"].reshape(2, 6, 2)}),
+    (r"delta_proj must have shape .* = \(4, 3, 2\), got \(4, 2, 2\)",
+     lambda t: {**t, "delta_proj": t["delta_proj"][:, :2]}),
+    (r"delta must have shape \(batch, G, R, H, W\) with R = delta_proj.shape\[2\] = \(2, 4, 1, 5, 7\), got "
+     r"\(2, 4, 2, 5, 7\)", lambda t: {**t, "delta_proj": t["delta_proj"][..., :1]}),
+    (r"delta must have shape \(batch, G, R, H, W\) .* = \(2, 4, 2, 5, 7\), got \(2, 4, 2, 5, 6\)",
+     lambda t: {**t, "delta": t["delta"][..., :6]}),
+    (r"delta_proj has unsupported dtype torch.int64", lambda t: {**t, "delta_proj": t["delta_proj"].long()}),
+    (r"delta has dtype torch.float32 but u has torch.float64", lambda t: {**t, "delta": t["delta"].float()}),
+    (r"empty input: .* delta_proj \(4, 3, 0\)", lambda t: {**t, "delta_proj": t["delta_proj"][..., :0],
+                                                           "delta": t["delta"][:, :, :0]}),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "shape_only"])
+@pytest.mark.parametrize("message,mutate", BAD_LOW_RANK, ids=[m[:40] for m, _ in BAD_LOW_RANK])
+def test_bad_low_rank_inputs_name_the_argument(message, mutate, backend):
+    inputs = {k: v.detach() for k, v in make_low_rank().items()}
+    with pytest.raises((ValueError, TypeError), match=message):
+        selective_scan_2d(**mutate(inputs), direction="tl_hv", backend=backend)
+
+
+def test_delta_proj_must_be_a_tensor():
+    inputs = {k: v.detach() for k, v in make_low_rank().items()}
+    with pytest.raises(TypeError, match=r"^selective_scan_2d: delta_proj must be a torch.Tensor, got list$"):
+        selective_scan_2d(**{**inputs, "delta_proj": inputs["delta_proj"].tolist()}, backend="cuda")

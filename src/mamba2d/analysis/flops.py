@@ -126,7 +126,8 @@ def _fvcore_total(model: nn.Module, x: torch.Tensor) -> int:
 
     def scan_handle(inputs, outputs) -> int:
         return scan_flops_from_shapes(get_shape(inputs[1]), get_shape(inputs[3]),
-                                      with_D=get_shape(inputs[5]) is not None, with_z=get_shape(inputs[6]) is not None)
+                                      with_D=get_shape(inputs[5]) is not None, with_z=get_shape(inputs[6]) is not None,
+                                      A_shape=get_shape(inputs[2]))
 
     def einsum_handle(inputs, outputs) -> int:
         # fvcore's own einsum handle reads numpy's printed estimate, rounded to four digits.

@@ -27,6 +27,7 @@ class ScanShape:
         groups: B/C groups G (channel d uses group `d // (dim // G)`).
         d_state: States N per channel.
         shared_u: `u` has dim / G channels that every group reads (channel d reads u's channel `d % (dim // G)`).
+        delta_rank: R of a low-rank `delta` (batch, G, R, H, W) given with `delta_proj`; 0 for a full delta.
     """
 
     batch: int
@@ -36,6 +37,7 @@ class ScanShape:
     groups: int
     d_state: int
     shared_u: bool = False
+    delta_rank: int = 0
 
 
 def direction_transform(direction: str) -> tuple[bool, bool, bool]:
@@ -116,6 +118,7 @@ def check_scan_inputs(
     z: torch.Tensor | None,
     delta_bias: torch.Tensor | None,
     out_dtype: torch.dtype | None,
+    delta_proj: torch.Tensor | None = None,
 ) -> ScanShape:
     """Validate the shapes, dtypes and devices of a scan call (the contract: docs/scan.md).
 
@@ -125,7 +128,8 @@ def check_scan_inputs(
         u: Input, (batch, dim, H, W) in float32, float16, bfloat16 or float64, or (batch, dim / G, H, W): one map
             per channel of a group, read by all G groups (channel d reads u's channel `d % (dim / G)`; the
             gradient is summed over the groups).
-        delta: Step sizes before softplus, (batch, dim, H, W) in u's dtype.
+        delta: Step sizes before softplus, (batch, dim, H, W) in u's dtype, or (batch, G, R, H, W) in u's dtype
+            with `delta_proj` (the low-rank form, `full_delta`).
         A: State matrix, (dim, N) in float32 or float64.
         B: Input projection, (batch, G, N, H, W) in u's dtype, with dim divisible by G.
         C: Output projection, (batch, G, N, H, W) in u's dtype.
@@ -133,6 +137,7 @@ def check_scan_inputs(
         z: Gate, (batch, dim, H, W) in u's dtype, or None.
         delta_bias: Added to delta before softplus, (dim,) in float32 or float64, or None.
         out_dtype: None, torch.float32 or u's dtype.
+        delta_proj: Per-group projection of a low-rank delta, (G, dim / G, R) in a float dtype, or None.
 
     Returns:
         The sizes of the call.
@@ -141,7 +146,8 @@ def check_scan_inputs(
         TypeError: A missing tensor, a non-tensor argument or a dtype outside the contract.
         ValueError: A shape outside the contract, an empty input or tensors on different devices.
     """
-    named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
+    named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias,
+             "delta_proj": delta_proj}
     for name in ("u", "delta", "A", "B", "C"):
         if named[name] is None:
             raise TypeError(f"selective_scan_2d: {name} must be a torch.Tensor, got None")
@@ -155,18 +161,35 @@ def check_scan_inputs(
     if B.dim() != 5:
         raise ValueError(f"selective_scan_2d: B must be 5-D (batch, G, N, H, W), got shape {tuple(B.shape)}")
     groups, d_state = B.shape[1], B.shape[2]
-    shared_u = groups > 1 and tuple(delta.shape) == (batch, dim * groups, height, width)
+    maps, rank = tuple(delta.shape), 0  # the full delta's shape (batch, dim, H, W), as far as the inputs tell
+    if delta_proj is not None:
+        if delta_proj.dim() != 3:
+            raise ValueError(f"selective_scan_2d: delta_proj must be 3-D (G, dim / G, R), got shape "
+                             f"{tuple(delta_proj.shape)}")
+        if delta.dim() != 5:
+            raise ValueError(f"selective_scan_2d: delta must be 5-D (batch, G, R, H, W) when delta_proj is given, "
+                             f"got shape {tuple(delta.shape)}")
+        rank = delta_proj.shape[2]
+        maps = (delta.shape[0], delta_proj.shape[0] * delta_proj.shape[1], *delta.shape[3:])
+    shared_u = groups > 1 and maps == (batch, dim * groups, height, width)
     if shared_u:
         dim *= groups
     if A.dim() != 2:
         raise ValueError(f"selective_scan_2d: A must be 2-D (dim, N), got shape {tuple(A.shape)}")
     if groups < 1 or dim % groups != 0:
         raise ValueError(f"selective_scan_2d: dim={dim} (u.shape[1]) must be divisible by G={groups} (B.shape[1])")
-    if min(batch, dim, height, width, d_state) < 1:
-        raise ValueError(f"selective_scan_2d: empty input: u {tuple(u.shape)}, B {tuple(B.shape)}")
+    if min(batch, dim, height, width, d_state) < 1 or (delta_proj is not None and rank < 1):
+        raise ValueError(f"selective_scan_2d: empty input: u {tuple(u.shape)}, B {tuple(B.shape)}"
+                         + ("" if delta_proj is None else f", delta_proj {tuple(delta_proj.shape)}"))
     full = (batch, dim, height, width)
-    _expect_shape("delta", delta, full, "(batch, dim, H, W) like u, or (batch, G * u.shape[1], H, W) when the G "
-                  "groups share u")
+    if delta_proj is None:
+        _expect_shape("delta", delta, full, "(batch, dim, H, W) like u, or (batch, G * u.shape[1], H, W) when the G "
+                      "groups share u")
+    else:
+        _expect_shape("delta_proj", delta_proj, (groups, dim // groups, rank), "(G, dim / G, R) with G = B.shape[1] "
+                      "and dim = u.shape[1], or G * u.shape[1] when the G groups share u,")
+        _expect_shape("delta", delta, (batch, groups, rank, height, width), "(batch, G, R, H, W) with R = "
+                      "delta_proj.shape[2]")
     _expect_shape("A", A, (dim, d_state), "(dim, N)")
     _expect_shape("B", B, (batch, groups, d_state, height, width), "(batch, G, N, H, W)")
     _expect_shape("C", C, (batch, groups, d_state, height, width), "(batch, G, N, H, W) like B")
@@ -179,6 +202,9 @@ def check_scan_inputs(
         tensor = named[name]
         if tensor is not None and tensor.dtype != u.dtype:
             raise TypeError(f"selective_scan_2d: {name} has dtype {tensor.dtype} but u has {u.dtype}; they must match")
+    if delta_proj is not None and delta_proj.dtype not in FLOAT_INPUT_DTYPES:
+        raise TypeError(f"selective_scan_2d: delta_proj has unsupported dtype {delta_proj.dtype}; expected one of "
+                        f"{', '.join(map(str, FLOAT_INPUT_DTYPES))}")
     for name in ("A", "D", "delta_bias"):
         tensor = named[name]
         if tensor is not None and tensor.dtype not in PARAM_DTYPES:
@@ -191,7 +217,7 @@ def check_scan_inputs(
         if tensor is not None and tensor.device != u.device:
             raise ValueError(
                 f"selective_scan_2d: {name} is on {tensor.device} but u is on {u.device}; move them together")
-    return ScanShape(batch, dim, height, width, groups, d_state, shared_u)
+    return ScanShape(batch, dim, height, width, groups, d_state, shared_u, rank)
 
 
 def share_u(u: torch.Tensor, shape: ScanShape) -> torch.Tensor:
@@ -206,3 +232,38 @@ def share_u(u: torch.Tensor, shape: ScanShape) -> torch.Tensor:
         return u
     return u.unsqueeze(1).expand(-1, shape.groups, -1, -1, -1).reshape(shape.batch, shape.dim, shape.height,
                                                                        shape.width)
+
+
+def full_delta(delta: torch.Tensor, delta_proj: torch.Tensor | None) -> torch.Tensor:
+    """The scan's delta, one map per channel: `delta` itself, or a low-rank delta through its projection.
+
+    The low-rank form is `einsum("gdr,bgrhw->bgdhw", delta_proj, delta)` flattened to (batch, dim, H, W), computed
+    in delta's dtype (the weight cast to it) as one GEMM batched over (image, group): its output is the contiguous
+    (batch, dim, H, W) the kernels read. A GEMM per group over all the pixels instead would leave a GPU nearly idle
+    at the 2D mixer's small R. Differentiable.
+
+    Args:
+        delta: (batch, dim, H, W), or (batch, G, R, H, W) with `delta_proj` (may be a strided view).
+        delta_proj: (G, dim / G, R), or None for a full delta.
+
+    Returns:
+        (batch, dim, H, W).
+    """
+    if delta_proj is None:
+        return delta
+    weight, low_rank = batched_delta_factors(delta, delta_proj)
+    batch, _, _, height, width = delta.shape
+    return torch.bmm(weight, low_rank).view(batch, -1, height, width)
+
+
+def batched_delta_factors(delta: torch.Tensor, delta_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two factors of a low-rank delta as `torch.bmm` batches over (image, group), in delta's dtype: the
+    weight (batch * G, dim / G, R) and the low-rank maps (batch * G, R, H * W).
+
+    Args:
+        delta: (batch, G, R, H, W).
+        delta_proj: (G, dim / G, R).
+    """
+    batch, groups, rank, height, width = delta.shape
+    weight = delta_proj.to(delta.dtype).expand(batch, -1, -1, -1).reshape(batch * groups, -1, rank)
+    return weight, delta.reshape(batch * groups, rank, height * width)

@@ -6,6 +6,7 @@ B batches, D channels, N states and L = H * W positions
     1D scan:  9 * B * L * D * N          (Mamba's hardware-aware count, as in VMamba)
     2D scan:  9 * B * L * D * N + 6 * B * L * D * N   (the second, vertical pass and its state products)
     D skip:   + B * D * L                z gate: + B * D * L
+    low-rank delta (delta_proj, rank R):  + B * L * D * R   (the product that expands it, run inside the op)
 
 A scan is 2D when both H and W exceed 1; a single row or column is the 1D scan (H = 1 is how the cross-1D scan and
 the 1D MIL baselines call the op).
@@ -63,23 +64,37 @@ def selective_scan_flops(
 
 
 def scan_flops_from_shapes(
-    delta_shape: Sequence[int], B_shape: Sequence[int], with_D: bool, with_z: bool
+    delta_shape: Sequence[int], B_shape: Sequence[int], with_D: bool, with_z: bool,
+    A_shape: Sequence[int] | None = None,
 ) -> int:
     """`selective_scan_flops` from the op's input shapes: delta (batch, dim, H, W) and B (batch, G, N, H, W).
 
+    A low-rank delta (batch, G, R, H, W) (given with `delta_proj`) adds the product that expands it to
+    (batch, dim, H, W), batch * dim * R * H * W multiply-adds: the op runs it, and a model that ran it outside
+    (as a matmul the counter saw) counts the same total.
+
     Args:
-        delta_shape: Shape of delta: one map per channel (u has fewer where the groups share it).
+        delta_shape: Shape of delta: one map per channel (u has fewer where the groups share it), or the low-rank
+            (batch, G, R, H, W).
         B_shape: Shape of B.
         with_D: Whether D was given.
         with_z: Whether z was given.
+        A_shape: Shape of A (dim, N): the channel count of a low-rank delta (unused for a full one).
     """
-    if len(delta_shape) != 4 or len(B_shape) != 5:
+    low_rank = len(delta_shape) == 5
+    if len(delta_shape) not in (4, 5) or len(B_shape) != 5 or (low_rank and (A_shape is None or len(A_shape) != 2)):
         raise ValueError(
-            f"scan_flops_from_shapes: expected delta (batch, dim, H, W) and B (batch, G, N, H, W), got delta "
-            f"{tuple(delta_shape)} and B {tuple(B_shape)}"
+            f"scan_flops_from_shapes: expected delta (batch, dim, H, W) or (batch, G, R, H, W) with A (dim, N), and "
+            f"B (batch, G, N, H, W); got delta {tuple(delta_shape)}, A {A_shape and tuple(A_shape)} and B "
+            f"{tuple(B_shape)}"
         )
-    batch, dim, height, width = delta_shape
-    return selective_scan_flops(batch, dim, height, width, B_shape[2], with_D=with_D, with_z=with_z)
+    if not low_rank:
+        batch, dim, height, width = delta_shape
+        return selective_scan_flops(batch, dim, height, width, B_shape[2], with_D=with_D, with_z=with_z)
+    batch, _, rank, height, width = delta_shape
+    dim = A_shape[0]
+    return (selective_scan_flops(batch, dim, height, width, B_shape[2], with_D=with_D, with_z=with_z)
+            + batch * dim * rank * height * width)
 
 
 @torch.library.custom_op(COUNTED_OP_NAME, mutates_args=())
@@ -93,23 +108,30 @@ def _shape_only_op(
     z: Optional[torch.Tensor],
     delta_bias: Optional[torch.Tensor],
     out_dtype: Optional[torch.dtype],
+    delta_proj: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    return torch.zeros(delta.shape, dtype=out_dtype or u.dtype, device=u.device)
+    return torch.zeros(_output_shape(A, B), dtype=out_dtype or u.dtype, device=u.device)
+
+
+def _output_shape(A: torch.Tensor, B: torch.Tensor) -> tuple[int, ...]:
+    """(batch, dim, H, W) from A (dim, N) and B (batch, G, N, H, W): delta may be low-rank and u shared."""
+    return (B.shape[0], A.shape[0], B.shape[3], B.shape[4])
 
 
 @_shape_only_op.register_fake
-def _shape_only_fake(u, delta, A, B, C, D, z, delta_bias, out_dtype):
-    return u.new_empty(delta.shape, dtype=out_dtype or u.dtype)
+def _shape_only_fake(u, delta, A, B, C, D, z, delta_bias, out_dtype, delta_proj=None):
+    return u.new_empty(_output_shape(A, B), dtype=out_dtype or u.dtype)
 
 
 def _shape_only_setup(ctx, inputs, output) -> None:
-    ctx.like = [(t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor) else None for t in inputs[:8]]
+    ctx.like = [(t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor) else None
+                for t in (*inputs[:8], None, *inputs[9:])]
 
 
 def _shape_only_backward(ctx, grad):
     # Zero gradients, each a new contiguous tensor of its input's shape: the layouts the CUDA kernels allocate, so a
     # layout audit of a training step sees the model's own memory traffic and nothing of a scan.
-    return (*(None if like is None else torch.zeros(like[0], dtype=like[1], device=like[2]) for like in ctx.like), None)
+    return tuple(None if like is None else torch.zeros(like[0], dtype=like[1], device=like[2]) for like in ctx.like)
 
 
 _shape_only_op.register_autograd(_shape_only_backward, setup_context=_shape_only_setup)
@@ -127,6 +149,8 @@ def shape_only_scan(
     delta_softplus: bool = True,
     direction: str | Sequence[str] = "tl_hv",
     out_dtype: torch.dtype | None = None,
+    *,
+    delta_proj: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Zeros of the scan's output shape and dtype, through the one counted op `mamba2d_flops::selective_scan_2d`.
 
@@ -137,7 +161,7 @@ def shape_only_scan(
 
     Args:
         u: (batch, dim, H, W), or (batch, dim / G, H, W) shared by the groups.
-        delta: (batch, dim, H, W).
+        delta: (batch, dim, H, W), or (batch, G, R, H, W) with `delta_proj`.
         A: (dim, N).
         B: (batch, G, N, H, W).
         C: (batch, G, N, H, W).
@@ -147,10 +171,11 @@ def shape_only_scan(
         delta_softplus: Unused by the count (the real scan's flag).
         direction: One direction name or one per group (checked, unused by the count).
         out_dtype: Output dtype (default: u's).
+        delta_proj: (G, dim / G, R) of a low-rank delta, or None (counted: the product that expands delta).
     """
-    shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, out_dtype)
+    shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, out_dtype, delta_proj)
     parse_directions(direction, shape.groups)
-    return torch.ops.mamba2d_flops.selective_scan_2d(u, delta, A, B, C, D, z, delta_bias, out_dtype)
+    return torch.ops.mamba2d_flops.selective_scan_2d(u, delta, A, B, C, D, z, delta_bias, out_dtype, delta_proj)
 
 
 @register_flop_formula([torch.ops.mamba2d_flops.selective_scan_2d, torch.ops.mamba2d.scan2d_fwd])
@@ -159,8 +184,8 @@ def flop_counter_formula(u_shape, delta_shape, A_shape, B_shape, C_shape, D_shap
 
     Args:
         u_shape: Shape of u (unused: a shared u has fewer channels than the scan).
-        delta_shape: Shape of delta, (batch, dim, H, W).
-        A_shape: Shape of A (unused).
+        delta_shape: Shape of delta, (batch, dim, H, W), or (batch, G, R, H, W) when low-rank.
+        A_shape: Shape of A, (dim, N).
         B_shape: Shape of B.
         C_shape: Shape of C (unused).
         D_shape: Shape of D, None when absent.
@@ -168,8 +193,9 @@ def flop_counter_formula(u_shape, delta_shape, A_shape, B_shape, C_shape, D_shap
         *args: The op's remaining arguments (unused).
         **kwargs: `out_shape` (unused).
     """
-    # delta has one map per channel also where the groups share u
-    return 2 * scan_flops_from_shapes(delta_shape, B_shape, with_D=D_shape is not None, with_z=z_shape is not None)
+    # delta (or A, where delta is low-rank) has one map per channel also where the groups share u
+    return 2 * scan_flops_from_shapes(delta_shape, B_shape, with_D=D_shape is not None, with_z=z_shape is not None,
+                                      A_shape=A_shape)
 
 
 __all__ = ["COUNTED_OP_NAME", "SHAPE_ONLY", "flop_counter_formula", "scan_flops_from_shapes", "selective_scan_flops",

@@ -2,9 +2,11 @@
 `autograd.Function` twin for eager calls, and the entry point `selective_scan_2d_cuda` that picks between them.
 
 `mamba2d::scan2d_fwd` returns (y, ckv, ckh): the output and the backward checkpoints (float32, flat: see
-`cuda_scan.fwd_impl`). `mamba2d::scan2d_bwd` returns every input gradient. Both are opaque to torch.compile (no graph
-break) and pass `torch.library.opcheck`. Both paths run the launchers of `mamba2d.ops.cuda_scan`. Registering needs
-no CuPy and no GPU.
+`cuda_scan.fwd_impl`). `mamba2d::scan2d_bwd` returns every input gradient. Given a low-rank delta and its projection
+(`delta_proj`), both ops expand the full delta themselves (`contract.full_delta`), so that autograd keeps only the
+low-rank factors for the backward, which recomputes the full delta (as Mamba's fused mixer does). Both ops are
+opaque to torch.compile (no graph break) and pass `torch.library.opcheck`. Both paths run the launchers of
+`mamba2d.ops.cuda_scan`. Registering needs no CuPy and no GPU.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import cuda_build
-from .contract import check_scan_inputs, parse_directions
+from .contract import batched_delta_factors, check_scan_inputs, full_delta, parse_directions
 from .cuda_build import DEFAULT_TUNING, ScanTuning
 from .cuda_scan import (
     MAX_D_STATE,
@@ -43,27 +45,30 @@ def scan2d_fwd(
     directions: list[int],
     out_fp32: bool,
     save_ckpt: bool,
+    delta_proj: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The scan's forward as a custom op (`mamba2d::scan2d_fwd`) on checked inputs (`selective_scan_2d_cuda`).
 
     Args:
         u: Input, (batch, dim, H, W) or (batch, dim / G, H, W) shared by the groups, contiguous or strided.
-        delta: Step sizes, (batch, dim, H, W).
+        delta: Step sizes, (batch, dim, H, W), or (batch, G, R, H, W) with `delta_proj`.
         A: State matrix, (dim, N) float32.
         B: Input projection, (batch, G, N, H, W) in u's dtype.
         C: Output projection, like B.
         D: Skip weights, (dim,) float32, or None.
-        z: Gate, like delta, or None.
+        z: Gate, (batch, dim, H, W), or None.
         delta_bias: (dim,) float32, or None.
         delta_softplus: Whether dt is `softplus(delta + delta_bias)`.
         directions: One `cuda_build.direction_code` per group.
         out_fp32: y is float32 (else u's dtype).
         save_ckpt: Keep the checkpoints for the backward.
+        delta_proj: (G, dim / G, R) projecting a low-rank delta (`contract.full_delta`), or None.
 
     Returns:
         (y, ckv, ckh); an absent checkpoint is an empty float32 tensor.
     """
-    y, ckv, ckh = fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt)
+    y, ckv, ckh = fwd_impl(u, full_delta(delta, delta_proj), A, B, C, D, z, delta_bias, delta_softplus, directions,
+                           out_fp32, save_ckpt)
     return y, _tensor(ckv, u, torch.float32), _tensor(ckh, u, torch.float32)
 
 
@@ -72,12 +77,21 @@ def _tensor(t: Optional[Tensor], like: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t is not None else like.new_empty((0,), dtype=dtype)
 
 
+def _maps_like(delta: Tensor, delta_proj: Optional[Tensor]) -> Tensor:
+    """A tensor shaped like the full delta (batch, dim, H, W), for the fake kernels' plans and shapes."""
+    if delta_proj is None:
+        return delta
+    return delta.new_empty((delta.shape[0], delta_proj.shape[0] * delta_proj.shape[1], *delta.shape[3:]))
+
+
 @scan2d_fwd.register_fake
-def _scan2d_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt):
-    plan = plan_for(delta, B, backward=False, has_z=z is not None, out_fp32=out_fp32)
+def _scan2d_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt,
+                     delta_proj=None):
+    maps = _maps_like(delta, delta_proj)
+    plan = plan_for(maps, B, backward=False, has_z=z is not None, out_fp32=out_fp32)
     ckv_n = plan.ckv_numel if save_ckpt and plan.keeps_checkpoint else 0
     ckh_n = plan.ckh_numel
-    y = u.new_empty(tuple(delta.shape), dtype=torch.float32 if out_fp32 else u.dtype)
+    y = u.new_empty(tuple(maps.shape), dtype=torch.float32 if out_fp32 else u.dtype)
     return y, u.new_empty((ckv_n,), dtype=torch.float32), u.new_empty((ckh_n,), dtype=torch.float32)
 
 
@@ -96,75 +110,125 @@ def scan2d_bwd(
     ckh: Tensor,
     delta_softplus: bool,
     directions: list[int],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    delta_proj: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The scan's backward as a custom op (`mamba2d::scan2d_bwd`).
 
     Args:
-        dout: Gradient of y, like delta, in float32 or u's dtype.
+        dout: Gradient of y, (batch, dim, H, W) in float32 or u's dtype.
         u: Input, (batch, dim, H, W) or (batch, dim / G, H, W) shared by the groups, contiguous or strided.
-        delta: Step sizes, (batch, dim, H, W).
+        delta: Step sizes, (batch, dim, H, W), or (batch, G, R, H, W) with `delta_proj`.
         A: State matrix, (dim, N) float32.
         B: Input projection, (batch, G, N, H, W) in u's dtype.
         C: Output projection, like B.
         D: Skip weights, (dim,) float32, or None.
-        z: Gate, like delta, or None.
+        z: Gate, (batch, dim, H, W), or None.
         delta_bias: (dim,) float32, or None.
         ckv: The forward's first checkpoint (empty: recomputed).
         ckh: The forward's second checkpoint (may be empty).
         delta_softplus: Whether dt is `softplus(delta + delta_bias)`.
         directions: One `cuda_build.direction_code` per group.
+        delta_proj: (G, dim / G, R) projecting a low-rank delta, or None.
 
     Returns:
-        (du, ddelta, dA, dB, dC, dD, dz, d(delta_bias)); dz is empty without z.
+        (du, ddelta, dA, dB, dC, dD, dz, d(delta_bias), d(delta_proj)); ddelta has delta's shape (low-rank or
+        not), dz is empty without z and d(delta_proj) without delta_proj.
     """
-    du, ddelta, dA, dB, dC, dD, dz, dbias = bwd_impl(
-        dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus, directions
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dproj = scan_bwd(
+        dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus, directions, delta_proj
     )
-    return du, ddelta, dA, dB, dC, dD, _tensor(dz, u, u.dtype), dbias
+    return du, ddelta, dA, dB, dC, dD, _tensor(dz, u, u.dtype), dbias, _tensor(dproj, u, u.dtype)
 
 
 @scan2d_bwd.register_fake
-def _scan2d_bwd_fake(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus, directions):
-    shape = tuple(delta.shape)
-    dim = delta.shape[1]
+def _scan2d_bwd_fake(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus, directions,
+                     delta_proj=None):
+    shape = tuple(dout.shape)
+    dim = A.shape[0]
     f32 = torch.float32
     return (
         u.new_empty(tuple(u.shape)),
-        u.new_empty(shape),
+        u.new_empty(tuple(delta.shape)),
         u.new_empty(tuple(A.shape), dtype=f32),
         B.new_empty(tuple(B.shape)),
         C.new_empty(tuple(C.shape)),
         u.new_empty((dim,), dtype=f32),
         u.new_empty(shape if z is not None else (0,)),
         u.new_empty((dim,), dtype=f32),
+        delta_proj.new_empty(tuple(delta_proj.shape)) if delta_proj is not None else u.new_empty((0,)),
     )
 
 
+def scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus, directions, delta_proj, **launch):
+    """`cuda_scan.bwd_impl` on a full delta or on a low-rank one, whose full delta it recomputes first.
+
+    The gradients of a low-rank delta come from the full delta's, ddelta (batch, dim, H, W), per (image, group)
+    GEMMs in delta's dtype: `delta_proj^T ddelta` for the low-rank delta, and `ddelta delta^T` for delta_proj,
+    summed over the images in float32 (at least).
+
+    Args:
+        dout: Gradient of y.
+        u: Input.
+        delta: Step sizes, (batch, dim, H, W), or (batch, G, R, H, W) with `delta_proj`.
+        A: State matrix.
+        B: Input projection.
+        C: Output projection.
+        D: Skip weights, or None.
+        z: Gate, or None.
+        delta_bias: Added to delta before softplus, or None.
+        ckv: The forward's first checkpoint.
+        ckh: The forward's second checkpoint.
+        delta_softplus: Whether dt is `softplus(delta + delta_bias)`.
+        directions: One `cuda_build.direction_code` per group.
+        delta_proj: (G, dim / G, R), or None.
+        **launch: `tuning` and `poison` for `bwd_impl`.
+
+    Returns:
+        `bwd_impl`'s (du, ddelta, dA, dB, dC, dD, dz, d(delta_bias)), ddelta in delta's shape, then d(delta_proj)
+        (None without delta_proj).
+    """
+    if delta_proj is None:
+        return (*bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus, directions, **launch),
+                None)
+    weight, low_rank = batched_delta_factors(delta, delta_proj)
+    batch, groups, rank, height, width = delta.shape
+    full = torch.bmm(weight, low_rank).view(batch, -1, height, width)
+    du, ddelta, dA, dB, dC, dD, dz, dbias = bwd_impl(dout, u, full, A, B, C, D, z, delta_bias, ckv, ckh,
+                                                     delta_softplus, directions, **launch)
+    del full  # the recomputed delta goes before the gradients' products allocate theirs
+    maps = ddelta.view(batch * groups, -1, height * width)
+    d_low_rank = torch.bmm(weight.transpose(1, 2), maps).view(delta.shape)
+    d_proj = torch.bmm(maps, low_rank.transpose(1, 2)).view(batch, groups, -1, rank)
+    d_proj = d_proj.sum(dim=0, dtype=torch.promote_types(d_proj.dtype, torch.float32))
+    return du, d_low_rank, dA, dB, dC, dD, dz, dbias, d_proj.to(delta_proj.dtype)
+
+
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt = inputs
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt, delta_proj = inputs
     _, ckv, ckh = output
     ctx.mark_non_differentiable(ckv, ckh)
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckv, ckh)
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_proj)
     ctx.delta_softplus = delta_softplus
     ctx.directions = list(directions)
 
 
 def input_grads(saved: tuple, dy: Tensor, delta_softplus: bool, directions: list[int], bwd) -> tuple:
-    """Gradients of scan2d_fwd's twelve inputs from its saved tensors.
+    """Gradients of scan2d_fwd's thirteen inputs from its saved tensors.
 
     Args:
-        saved: The forward's saved (u, delta, A, B, C, D, z, delta_bias, ckv, ckh).
+        saved: The forward's saved (u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_proj): a low-rank delta
+            and its projection, not the full delta.
         dy: Gradient of y.
         delta_softplus: Whether dt is `softplus(delta + delta_bias)`.
         directions: One `cuda_build.direction_code` per group.
-        bwd: Runs the backward: the custom op, or the launcher directly on the eager fast path.
+        bwd: Runs the backward: the custom op, or `scan_bwd` directly on the eager fast path.
 
     Returns:
         One gradient per input of scan2d_fwd, None for an absent optional tensor and for the flags.
     """
-    u, delta, A, B, C, D, z, delta_bias, ckv, ckh = saved
-    du, ddelta, dA, dB, dC, dD, dz, dbias = bwd(dy, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus,
-                                                directions)
+    u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_proj = saved
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dproj = bwd(dy, u, delta, A, B, C, D, z, delta_bias, ckv, ckh,
+                                                       delta_softplus, directions, delta_proj)
     return (
         du,
         ddelta,
@@ -178,6 +242,7 @@ def input_grads(saved: tuple, dy: Tensor, delta_softplus: bool, directions: list
         None,
         None,
         None,
+        dproj if delta_proj is not None else None,
     )
 
 
@@ -203,16 +268,19 @@ def selective_scan_2d_cuda(
     *,
     tuning: ScanTuning = DEFAULT_TUNING,
     poison_outputs: bool = False,
+    delta_proj: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The 2D selective scan (docs/scan.md) on the CUDA kernels (same signature and errors as the reference).
 
     Under CUDA autocast, u, delta, B, C and z are cast to the autocast dtype (A, D, delta_bias stay float32) and the
-    output has that dtype unless `out_dtype` says otherwise.
+    output has that dtype unless `out_dtype` says otherwise; a low-rank delta is expanded in that dtype (what a
+    matmul of delta_proj and delta under autocast gives), its weight cast inside the op, whose gradient has the
+    weight's dtype.
 
     Args:
         u: Input, (batch, dim, H, W) in float32, float16 or bfloat16, on a CUDA device, or (batch, dim / G, H, W)
             read by every group.
-        delta: Step sizes, (batch, dim, H, W) in u's dtype.
+        delta: Step sizes, (batch, dim, H, W) in u's dtype, or (batch, G, R, H, W) with `delta_proj`.
         A: State matrix, (dim, N) in float32, N up to MAX_D_STATE.
         B: Input projection, (batch, G, N, H, W) in u's dtype.
         C: Output projection, (batch, G, N, H, W) in u's dtype.
@@ -226,6 +294,8 @@ def selective_scan_2d_cuda(
             torch.compile the custom ops run the defaults.
         poison_outputs: fill every output and scratch buffer with NaN before each launch, forward and backward, so
             that an element a kernel fails to write shows (tests). Eager calls only.
+        delta_proj: Per-group projection (G, dim / G, R) of a low-rank delta, or None. The op keeps the low-rank
+            delta and the weight for its backward, not the full delta.
 
     Returns:
         y, (batch, dim, H, W).
@@ -248,7 +318,7 @@ def selective_scan_2d_cuda(
             return t if t is None or t.dtype == low or not t.is_floating_point() else t.to(low)
 
         u, delta, B, C, z = (cast(t) for t in (u, delta, B, C, z))
-    shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, out_dtype)
+    shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, out_dtype, delta_proj)
     if u.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"selective_scan_2d(backend='cuda'): u has dtype {u.dtype}; the CUDA kernels take float32, float16 or "
@@ -264,18 +334,18 @@ def selective_scan_2d_cuda(
     A32, D32, bias32 = (t if t is None or (t.dtype == torch.float32 and t.is_contiguous())
                         else t.to(torch.float32).contiguous() for t in (A, D, delta_bias))
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, delta_proj)
     )
     if torch.compiler.is_compiling():
         if tuning is not DEFAULT_TUNING or poison_outputs:
             raise ValueError("selective_scan_2d_cuda: tuning and poison_outputs apply to eager calls only; under "
                              "torch.compile the custom ops run the default tuning")
         return torch.ops.mamba2d.scan2d_fwd(u, delta, A32, B, C, D32, z, bias32, bool(delta_softplus), codes, out_fp32,
-                                            needs_grad)[0]
+                                            needs_grad, delta_proj)[0]
     if not needs_grad:  # nothing to record: the launcher alone (an autograd.Function costs host time)
-        return fwd_impl(u, delta, A32, B, C, D32, z, bias32, bool(delta_softplus), codes, out_fp32, False,
-                        tuning=tuning, poison=poison_outputs)[0]
-    return _EagerScan2d.apply(u, delta, A32, B, C, D32, z, bias32,
+        return fwd_impl(u, full_delta(delta, delta_proj), A32, B, C, D32, z, bias32, bool(delta_softplus), codes,
+                        out_fp32, False, tuning=tuning, poison=poison_outputs)[0]
+    return _EagerScan2d.apply(u, delta, A32, B, C, D32, z, bias32, delta_proj,
                               (bool(delta_softplus), codes, out_fp32, tuning, poison_outputs))
 
 
@@ -286,11 +356,12 @@ class _EagerScan2d(torch.autograd.Function):
     `apply` costs host time."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, options):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_proj, options):
         delta_softplus, directions, out_fp32, tuning, poison = options
-        y, ckv, ckh = fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, True,
-                               tuning=tuning, poison=poison)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckv, ckh)
+        y, ckv, ckh = fwd_impl(u, full_delta(delta, delta_proj), A, B, C, D, z, delta_bias, delta_softplus,
+                               directions, out_fp32, True, tuning=tuning, poison=poison)
+        # a low-rank delta is kept as it came (with its weight), never the full delta: the backward recomputes it
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_proj)
         ctx.delta_softplus, ctx.directions, ctx.tuning, ctx.poison = delta_softplus, directions, tuning, poison
         return y
 
@@ -298,7 +369,7 @@ class _EagerScan2d(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         def bwd(*args):
-            return bwd_impl(*args, tuning=ctx.tuning, poison=ctx.poison)
+            return scan_bwd(*args, tuning=ctx.tuning, poison=ctx.poison)
 
         grads = input_grads(ctx.saved_tensors, dy, ctx.delta_softplus, ctx.directions, bwd)
-        return (*grads[:8], None)  # the eight tensor inputs, then `options`
+        return (*grads[:8], grads[12], None)  # the eight tensor inputs, delta_proj, then `options`

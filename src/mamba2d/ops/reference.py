@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .contract import check_scan_inputs, direction_transform, parse_directions, share_u
+from .contract import check_scan_inputs, direction_transform, full_delta, parse_directions, share_u
 
 
 def linear_recurrence(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -73,6 +73,8 @@ def selective_scan_2d_ref(
     delta_softplus: bool = True,
     direction: str | Sequence[str] = "tl_hv",
     out_dtype: torch.dtype | None = None,
+    *,
+    delta_proj: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """2D selective scan in pure PyTorch (the contract: docs/scan.md), differentiable by autograd.
 
@@ -84,7 +86,7 @@ def selective_scan_2d_ref(
     Args:
         u: Input, (batch, dim, H, W) in float32, float16, bfloat16 or float64, or (batch, dim / G, H, W) read by
             every group (channel d reads u's channel `d % (dim / G)`).
-        delta: Step sizes, (batch, dim, H, W) in u's dtype.
+        delta: Step sizes, (batch, dim, H, W) in u's dtype, or (batch, G, R, H, W) with `delta_proj`.
         A: State matrix, (dim, N) in float32 (float64 allowed), negative for a decaying state.
         B: Input projection, (batch, G, N, H, W) in u's dtype; dim must be divisible by G.
         C: Output projection, (batch, G, N, H, W) in u's dtype.
@@ -95,6 +97,9 @@ def selective_scan_2d_ref(
         direction: Origin corner and pass order, one of `DIRECTIONS` (`{tl,tr,bl,br}_{hv,vh}`) or one name per
             group.
         out_dtype: The output's dtype: None (u's dtype) or torch.float32.
+        delta_proj: Per-group projection (G, dim / G, R) of a low-rank delta, or None: the full delta is
+            `einsum("gdr,bgrhw->bgdhw", delta_proj, delta)` in delta's dtype (`contract.full_delta`), and autograd
+            differentiates through it.
 
     Returns:
         y, (batch, dim, H, W) in `out_dtype`.
@@ -103,9 +108,10 @@ def selective_scan_2d_ref(
         TypeError: An argument of the wrong type or dtype (`contract.check_scan_inputs`).
         ValueError: A shape, direction or device outside the contract.
     """
-    shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, out_dtype)
+    shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, out_dtype, delta_proj)
     directions = parse_directions(direction, shape.groups)
     u = share_u(u, shape)
+    delta = full_delta(delta, delta_proj)
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     batch, dim, height, width = u.shape
     groups, per_group = shape.groups, dim // shape.groups

@@ -41,6 +41,8 @@ def selective_scan_2d(
     direction: str | Sequence[str] = "tl_hv",
     out_dtype: torch.dtype | None = None,
     backend: str = "auto",
+    *,
+    delta_proj: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """2D selective scan (the contract: docs/scan.md), on the CUDA kernels or the PyTorch reference.
 
@@ -53,7 +55,8 @@ def selective_scan_2d(
             (batch, dim / G, H, W): one map per channel of a group, read by all G groups (channel d reads u's
             channel `d % (dim / G)`; its gradient sums the groups'). The four routes of a 2D mixer share one u so,
             instead of four copies.
-        delta: Step sizes, (batch, dim, H, W) in u's dtype.
+        delta: Step sizes, (batch, dim, H, W) in u's dtype, or, with `delta_proj`, their low-rank factor
+            (batch, G, R, H, W) in u's dtype (may be a strided view).
         A: State matrix, (dim, N) in float32, negative for a decaying state.
         B: Input projection, (batch, G, N, H, W) in u's dtype; dim must be divisible by G.
         C: Output projection, (batch, G, N, H, W) in u's dtype.
@@ -67,6 +70,11 @@ def selective_scan_2d(
         backend: "auto" (the CUDA kernels for supported GPU tensors when CuPy is installed, else the reference),
             "cuda", "reference", or "shape_only" (zeros of the output's shape through one op that FLOP counters
             see: `mamba2d.ops.flops`).
+        delta_proj: None, or the per-group projection (G, dim / G, R) of a low-rank delta: the scan's delta is
+            then `einsum("gdr,bgrhw->bgdhw", delta_proj, delta)` flattened to (batch, dim, H, W), computed in
+            delta's dtype (the weight cast to it; under CUDA autocast, in the autocast dtype). The CUDA backend
+            keeps only the low-rank delta and the weight for its backward and recomputes the full delta there (as
+            Mamba's fused mixer does); delta_proj's gradient is accumulated in float32 and has its dtype.
 
     Returns:
         y, (batch, dim, H, W) (delta's shape) in `out_dtype`.
@@ -77,12 +85,14 @@ def selective_scan_2d(
     """
     if backend not in BACKENDS:
         raise ValueError(f"selective_scan_2d: backend must be one of {BACKENDS}, got {backend!r}")
-    check_argument_types(
-        {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}, out_dtype)
+    check_argument_types({"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias,
+                          "delta_proj": delta_proj}, out_dtype)
     if backend == SHAPE_ONLY:
-        return shape_only_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, out_dtype)
+        return shape_only_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, out_dtype,
+                               delta_proj=delta_proj)
     if backend == "cuda" or (backend == "auto" and cuda_backend_available(u, B)):
         return library.selective_scan_2d_cuda(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, out_dtype
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, out_dtype, delta_proj=delta_proj
         )
-    return selective_scan_2d_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, out_dtype)
+    return selective_scan_2d_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, out_dtype,
+                                 delta_proj=delta_proj)
