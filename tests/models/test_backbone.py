@@ -191,6 +191,45 @@ def test_ss2d_forward_and_gradients_match_einsum_formulation(scan, memory_format
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("arch", ["vmamba2d_nano", "vmamba_nano"])
+def test_models_hand_the_scan_a_low_rank_delta(arch, monkeypatch):
+    """Every SS2D gives the scan its dts (rank r) and dt_proj weight (`delta_proj`), dts as a view of x_dbl (no copy
+    for the 2D routes); a training step in float64 gives the same output and parameter gradients as the scan on
+    the full delta expanded before the call (dt_proj as an einsum, the computation SS2D ran before)."""
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=3, scan_backend="reference").double()
+    x = torch.randn(2, 3, 32, 48, dtype=torch.float64)
+    calls = []
+    real_scan = vmamba.selective_scan_2d
+
+    def step():
+        model.zero_grad()
+        loss = model(x).square().sum()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def recording(*args, delta_proj=None, **kwargs):
+        calls.append((args[1], delta_proj))
+        return real_scan(*args, delta_proj=delta_proj, **kwargs)
+
+    def expanded(u, delta, *args, delta_proj=None, **kwargs):
+        full = torch.einsum("gdr,bgrhw->bgdhw", delta_proj, delta).flatten(1, 2)
+        return real_scan(u, full, *args, **kwargs)
+
+    monkeypatch.setattr(vmamba, "selective_scan_2d", recording)
+    loss, grads = step()
+    ops = [m for m in model.modules() if isinstance(m, SS2D)]
+    assert len(calls) == len(ops)
+    for (delta, proj), op in zip(calls, ops):
+        assert proj is op.dt_projs_weight and delta.shape[1:3] == (4, op.dt_rank)
+        assert arch == "vmamba_nano" or not delta.is_contiguous()  # the 2D routes: a view of x_dbl
+    monkeypatch.setattr(vmamba, "selective_scan_2d", expanded)
+    want_loss, want_grads = step()
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
 def _dim_order(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(sorted((i for i in range(t.dim()) if t.shape[i] > 1), key=lambda i: -t.stride(i)))
 
@@ -227,23 +266,23 @@ class _LayoutAudit(TorchDispatchMode):
 def test_block_layout_copies():
     """One VSSBlock training step on a channels_last stream copies only what the design must copy.
 
-    Forward: u (one NCHW copy of x that the four routes share), dts and the dt_proj weight gathered into (image,
-    route) batches for the dt_proj GEMM, and the sum over routes turned channels_last. Backward: the output gradient
-    broadcast to the four routes and u's gradient (the scan's sum over the routes, NCHW) turned channels_last.
-    Nothing else: no layer norm of a strided tensor, no element-wise op mixing layouts, no other gradient that has
-    to be transposed to its tensor's layout.
+    Forward: u (one NCHW copy of x that the four routes share) and the sum over routes turned channels_last (dt_proj
+    runs inside the scan op, on its low-rank delta: the shape-only scan runs no product). Backward: the output
+    gradient broadcast to the four routes and u's gradient (the scan's sum over the routes, NCHW) turned
+    channels_last. Nothing else: no layer norm of a strided tensor, no element-wise op mixing layouts, no other
+    gradient that has to be transposed to its tensor's layout.
     """
     torch.manual_seed(0)
     b, dim, h, w = 2, 16, 5, 7
     block = VSSBlock(dim, d_state=2, ssm_ratio=2.0, scan_backend="shape_only")  # zeros in the kernels' layouts
-    k, d, r = block.op.n_routes, block.op.d_inner, block.op.dt_rank
+    k, d = block.op.n_routes, block.op.d_inner
     x = torch.randn(b, dim, h, w).to(memory_format=torch.channels_last).requires_grad_()
     with _LayoutAudit() as audit:
         y = block(x)
         y.backward(torch.randn_like(y))
 
-    design = {"u": b * d * h * w, "dts": b * k * r * h * w, "dt_proj weight": b * k * d * r,
-              "route sum": b * d * h * w, "output gradient": b * k * d * h * w, "u gradient": b * d * h * w}
+    design = {"u": b * d * h * w, "route sum": b * d * h * w, "output gradient": b * k * d * h * w,
+              "u gradient": b * d * h * w}
     assert len(audit.copies) <= len(design), audit.copies
     assert sum(numel for *_, numel in audit.copies) <= sum(design.values()), audit.copies
     assert audit.strided_layer_norms == [] and audit.mixed_layouts == []

@@ -234,20 +234,16 @@ class SS2D(nn.Module):
         # gradient channels_last.
         x_dbl = torch.mm(self.x_proj_weight.flatten(0, 1), rows.flatten(0, 1).t()).view(k, -1, b, h, w)
         dts, B, C = torch.split(x_dbl, [r, n, n], dim=1)
-        # dt_proj (rank r -> d, one weight per route) as a GEMM batched over (image, route): delta comes out
-        # (b, k*d, h, w)-contiguous, the layout of its gradient from the scan, and the weight gradient is b*k small
-        # products over h*w pixels each. One product per route over all b*h*w pixels (what the einsum lowered to)
-        # leaves a GPU nearly idle: 3.5 ms against under 0.5 ms per stage-1 block of the tiny model at batch 128 on
-        # an H100. The price is copying the r-channel dts and the weight to the b*k batches.
-        dt_weights = self.dt_projs_weight.expand(b, k, d, r).flatten(0, 1)
-        dts = dts.permute(2, 0, 1, 3, 4).flatten(0, 1).flatten(2)
-        delta = torch.bmm(dt_weights, dts).view(b, k, d, h, w)
-        B, C = B.permute(2, 0, 1, 3, 4), C.permute(2, 0, 1, 3, 4)
+        # dt_proj (rank r -> d, one weight per route) runs inside the scan op (delta_proj, a GEMM batched over
+        # (image, route)), which keeps the r-channel dts for its backward and recomputes delta there, instead of
+        # keeping the d-channel delta (d / r = 16 times larger in the tiny model). The dts it keeps are a view of
+        # x_dbl, which B and C keep anyway.
+        dts, B, C = (t.permute(2, 0, 1, 3, 4) for t in (dts, B, C))  # (b, k, c, h, w) views
         if self.scan == "cross1d":
             # u broadcasts the pixel rows (not x) to the routes, so that its gradient, a sum over the routes, comes
             # back channels_last too; the column-major routes need their own copy.
             u = rows.unsqueeze(1).expand(-1, k, -1, -1).transpose(2, 3).view(b, k, d, h, w)
-            u, delta, B, C = (_flatten_routes(t) for t in (u, delta, B, C))
+            u, dts, B, C = (_flatten_routes(t) for t in (u, dts, B, C))
             u = u.flatten(1, 2)  # one NCHW-contiguous map per (route, channel)
         else:
             # The four 2D routes read one NCHW copy of x (the scan's shared u), not four: a quarter of the copy's
@@ -256,7 +252,7 @@ class SS2D(nn.Module):
         dtype = x.dtype
         y = selective_scan_2d(
             u,
-            delta.flatten(1, 2).to(dtype),
+            dts.to(dtype),
             -torch.exp(self.A_logs.float()),
             B.to(dtype),
             C.to(dtype),
@@ -265,6 +261,7 @@ class SS2D(nn.Module):
             delta_softplus=True,
             direction=SCAN_DIRECTIONS[self.scan],
             backend=self.scan_backend,
+            delta_proj=self.dt_projs_weight,
         ).reshape(b, k, d, *u.shape[-2:])
         if self.scan == "cross1d":
             y = _unflatten_routes(y, h, w)
