@@ -22,12 +22,17 @@ fwd+bwd), and 2d time / sdpa time at most 1.0 at 32², 64² and 128².
     python tools/bench_token_mixer.py [--sizes 32 64 128 256 512 1024 2048] [--precision bf16] [--dim 128]
         [--batch 1] [--heads 4] [--device auto] [--json out.json] [--figure out.png]
     python tools/bench_token_mixer.py --device cpu --sizes 8 16 --reps 2 --warmup 1
+
+`MAMBA2D_SCAN_TUNE` (`tools/scan_tuning.py`) runs the mixers' CUDA scans with other launch parameters, for A/B runs
+(e.g. `MAMBA2D_SCAN_TUNE=WIDEK=4`: four columns per thread on wide maps, so that a 1024-pixel row is one tile);
+unset, the mixers call the public op as models do.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -39,6 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import scan_tuning  # noqa: E402
 
 from mamba2d.analysis.throughput import PRECISIONS  # noqa: E402
 from mamba2d.models.vmamba import SS2D  # noqa: E402
@@ -349,25 +357,28 @@ def main(argv=None) -> int:
                    else f"CPU ({torch.get_num_threads()} threads)")
 
     records = []
-    for name in args.mixers:
-        torch.manual_seed(0)
-        module = build_mixer(name, args.dim, args.heads).to(device)
-        for pass_name in PASSES:
-            for side in args.sizes:
-                record = measure(name, module, side, pass_name, args, device)
-                if record["status"] == "OOM":
-                    # The failed call's tensors went with measure's frame; hand their cached blocks back.
-                    torch.cuda.empty_cache()
-                records.append(record)
-                print(json.dumps(record), file=sys.stderr, flush=True)
-        # The next mixer's largest maps need the memory this one's cached blocks hold, in other block sizes.
-        del module
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    tuned = os.environ.get(scan_tuning.ENV)
+    with scan_tuning.models_use(scan_tuning.from_env()) if tuned else nullcontext():
+        for name in args.mixers:
+            torch.manual_seed(0)
+            module = build_mixer(name, args.dim, args.heads).to(device)
+            for pass_name in PASSES:
+                for side in args.sizes:
+                    record = measure(name, module, side, pass_name, args, device)
+                    if record["status"] == "OOM":
+                        # The failed call's tensors went with measure's frame; hand their cached blocks back.
+                        torch.cuda.empty_cache()
+                    records.append(record)
+                    print(json.dumps(record), file=sys.stderr, flush=True)
+            # The next mixer's largest maps need the memory this one's cached blocks hold, in other block sizes.
+            del module
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     add_scaling(records)
     checks = targets(records)
     header = (f"Token mixers on {device_name}; {PRECISION_TEXT[args.precision]}; batch {args.batch}, C = {args.dim}, "
-              f"sdpa {args.heads} heads; ms = median wall milliseconds of a synchronised call (host time included); "
+              + (f"scan tuning {scan_tuning.ENV}={tuned}; " if tuned else "")
+              + f"sdpa {args.heads} heads; ms = median wall milliseconds of a synchronised call (host time included); "
               "GB = 10^9 bytes (peak CUDA memory allocated; — on CPU)")
     print(markdown(records, checks, header))
     if args.json:

@@ -85,3 +85,24 @@ def test_targets_compute_the_model_speed_ratios(tool):
     assert "| 2d fwd time 1024² / 512² | 4.00 | ≤ 4.2 | meets |" in table
     assert "| 2d fwd+bwd time 1024² / 512² | 5.00 | ≤ 4.2 | misses |" in table
     assert "| 2d / sdpa fwd time at 64² | — | ≤ 1.0 | not measured |" in table
+
+
+def test_scan_tuning_from_the_environment_reaches_the_mixers(tool, monkeypatch, capsys):
+    """MAMBA2D_SCAN_TUNE puts the mixers' scans under that tuning (scan_tuning.models_use) and the table says so;
+    unset, the mixers call the public op untouched."""
+    seen = []
+    models_use = tool.scan_tuning.models_use
+
+    def spy(tuning):
+        seen.append(tuning)
+        return models_use(tuning)
+
+    monkeypatch.setattr(tool.scan_tuning, "models_use", spy)
+    args = ["--device", "cpu", "--mixers", "2d", "--dim", "8", "--sizes", "4", "--reps", "1", "--warmup", "0"]
+    monkeypatch.delenv(tool.scan_tuning.ENV, raising=False)
+    assert tool.main(args) == 0
+    assert seen == [] and "scan tuning" not in capsys.readouterr().out
+    monkeypatch.setenv(tool.scan_tuning.ENV, "WIDEK=4")
+    assert tool.main(args) == 0
+    assert [t.wide_cols_per_thread for t in seen] == [4]
+    assert "scan tuning MAMBA2D_SCAN_TUNE=WIDEK=4" in capsys.readouterr().out.splitlines()[0]
