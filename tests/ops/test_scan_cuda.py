@@ -387,6 +387,21 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.mamba2d.scan2d_bwd.default, bargs)
 
 
+def assert_compiled_matches_eager(model, x, leaves):
+    """`torch.compile(model, fullgraph=True)` (no graph break) gives the eager output and the eager gradients of
+    `leaves` for the loss `out.square().sum()`, to 1e-5."""
+    ref = model(x)
+    ref.square().sum().backward()
+    ref_grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    out = torch.compile(model, fullgraph=True)(x)
+    out.square().sum().backward()
+    assert rel_err(out, ref) <= 1e-5
+    for got, want in zip((t.grad for t in leaves), ref_grads):
+        assert rel_err(got, want) <= 1e-5
+
+
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     dim, G, N, H, W = 16, 4, 2, 12, 12
@@ -409,15 +424,7 @@ def test_torch_compile_fullgraph():
 
     model = Block().cuda()
     x = torch.randn(2, dim // G, H, W, device="cuda", requires_grad=True)
-    ref = model(x)
-    ref.square().sum().backward()
-    ref_grad = x.grad.clone()
-    x.grad = None
-    compiled = torch.compile(model, fullgraph=True)
-    out = compiled(x)
-    out.square().sum().backward()
-    assert rel_err(out, ref) <= 1e-5
-    assert rel_err(x.grad, ref_grad) <= 1e-5
+    assert_compiled_matches_eager(model, x, [x])
 
 
 @pytest.mark.parametrize("H,W", SHAPES + [(33, 9), (64, 31), (65, 700)])
@@ -716,13 +723,4 @@ def test_torch_compile_fullgraph_low_rank_delta():
 
     model = Block().cuda()
     x = torch.randn(2, dim // G, H, W, device="cuda", requires_grad=True)
-    ref = model(x)
-    ref.square().sum().backward()
-    ref_grads = [t.grad.clone() for t in (x, model.dt_proj)]
-    x.grad = model.dt_proj.grad = None
-    compiled = torch.compile(model, fullgraph=True)
-    out = compiled(x)
-    out.square().sum().backward()
-    assert rel_err(out, ref) <= 1e-5
-    for got, want in zip((x.grad, model.dt_proj.grad), ref_grads):
-        assert rel_err(got, want) <= 1e-5
+    assert_compiled_matches_eager(model, x, [x, model.dt_proj])
