@@ -24,7 +24,7 @@ fwd+bwd), and 2d time / sdpa time at most 1.0 at 32², 64² and 128².
     python tools/bench_token_mixer.py --device cpu --sizes 8 16 --reps 2 --warmup 1
 
 `MAMBA2D_SCAN_TUNE` (`tools/scan_tuning.py`) runs the mixers' CUDA scans with other launch parameters, for A/B runs
-(e.g. `MAMBA2D_SCAN_TUNE=WIDEK=4`: four columns per thread on wide maps, so that a 1024-pixel row is one tile);
+(e.g. `MAMBA2D_SCAN_TUNE=WIDEK=2`: two columns per thread on maps wider than 128 instead of four);
 unset, the mixers call the public op as models do.
 """
 

@@ -102,7 +102,7 @@ def test_scan_tuning_from_the_environment_reaches_the_mixers(tool, monkeypatch, 
     monkeypatch.delenv(tool.scan_tuning.ENV, raising=False)
     assert tool.main(args) == 0
     assert seen == [] and "scan tuning" not in capsys.readouterr().out
-    monkeypatch.setenv(tool.scan_tuning.ENV, "WIDEK=4")
+    monkeypatch.setenv(tool.scan_tuning.ENV, "WIDEK=2")
     assert tool.main(args) == 0
-    assert [t.wide_cols_per_thread for t in seen] == [4]
-    assert "scan tuning MAMBA2D_SCAN_TUNE=WIDEK=4" in capsys.readouterr().out.splitlines()[0]
+    assert [t.wide_cols_per_thread for t in seen] == [2]
+    assert "scan tuning MAMBA2D_SCAN_TUNE=WIDEK=2" in capsys.readouterr().out.splitlines()[0]

@@ -85,8 +85,9 @@ class ScanTuning:
             file in finer steps; a wide row's own warps are never split.
         split_target_blocks: a launch with fewer (batch, group, channel chunk) blocks than this splits its N states
             over several blocks when N > R (SPLIT; 0: never split).
-        wide_cols_per_thread: columns per thread on maps wider than 32 * max_cols_per_thread (WIDEK): fewer lane-scan
-            steps per pixel and fewer tiles. Maps lower than a band take max_cols_per_thread and one row per band.
+        wide_cols_per_thread: columns per thread on maps wider than 32 * max_cols_per_thread (WIDEK): more columns
+            mean fewer lane-scan steps per pixel and fewer tiles (one tile up to 1024 columns with four), fewer rows
+            per band. Maps lower than a band take max_cols_per_thread and one row per band.
         narrow_pairs: maps 9-16 wide take two columns per thread (8 lanes per map, four maps per warp) (PAIRS).
         vector_access: a thread's K columns move as one 8/16-byte access where the map rows allow it (VEC).
         bwd_min_blocks: `-DM2D_BWD_MIN_BLOCKS`, the backward's occupancy target (BWD; None: the header's).
@@ -112,7 +113,7 @@ class ScanTuning:
     bwd_max_threads: int = MAX_THREADS
     fwd_max_threads: int = 128
     split_target_blocks: int = 1024
-    wide_cols_per_thread: int = 2
+    wide_cols_per_thread: int = 4
     narrow_pairs: bool = True
     vector_access: bool = True
     bwd_min_blocks: int | None = None
