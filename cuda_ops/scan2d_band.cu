@@ -231,7 +231,7 @@ __global__ void __launch_bounds__(LAYOUT == M2D_NARROW ? M2D_NARROW_BWD_MAX_THRE
     const int &sd_h = prm.sd_h, &sd_w = prm.sd_w;
     const m2d_i64 &sz_b = prm.sz_b, &sz_d = prm.sz_d;
     const int &sz_h = prm.sz_h, &sz_w = prm.sz_w;
-    const m2d_i64 &so_b = prm.so_b, &so_d = prm.so_d;
+    const m2d_i64 &so_b = prm.so_b, &so_d = prm.so_d, &so_g = prm.so_g;
     const int &so_h = prm.so_h, &so_w = prm.so_w;
     const m2d_i64 &sB_b = prm.sB_b, &sB_g = prm.sB_g;
     const int &sB_n = prm.sB_n, &sB_h = prm.sB_h, &sB_w = prm.sB_w;
@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(LAYOUT == M2D_NARROW ? M2D_NARROW_BWD_MAX_THRE
     const T* ubp = m2d_base(u + (c.b * su_b + d * su_d + c.g * su_g));
     const T* dbp_ = m2d_base(delta + (c.b * sd_b + d * sd_d));
     const T* zbp = HAS_Z ? m2d_base(z + (c.b * sz_b + d * sz_d)) : nullptr;
-    const TO* obp = m2d_base(dout + (c.b * so_b + d * so_d));
+    const TO* obp = m2d_base(dout + (c.b * so_b + d * so_d + c.g * so_g));
     const T* Bbp = m2d_base(Bm + (c.b * sB_b + c.g * sB_g));
     const T* Cbp = m2d_base(Cm + (c.b * sC_b + c.g * sC_g));
     const m2d_i64 HW = (m2d_i64)H * W;

@@ -44,6 +44,9 @@ struct M2DScanParams {
     // u's offset per group on top of su_d: 0 when u has dim channels, -(dim / G) * su_d when the G groups share one
     // u of dim / G channels (channel d of group g reads u's channel d - g * dim / G)
     m2d_i64 su_g;
+    // dout's offset per group on top of so_d: 0 when dout has dim channels, -(dim / G) * so_d when y is summed over
+    // the groups (one gradient map per channel of a group, read by all G groups)
+    m2d_i64 so_g;
     m2d_i64 nmaps;
     // sizes and flags
     int dim, H, W, G, N, softplus;

@@ -388,7 +388,7 @@ __global__ void M2D_CLUSTER_DIMS(CL) __launch_bounds__(M2D_MAX_THREADS, 2)
     const int sd_h = prm.sd_h, sd_w = prm.sd_w;
     const m2d_i64 sz_b = prm.sz_b, sz_d = prm.sz_d;
     const int sz_h = prm.sz_h, sz_w = prm.sz_w;
-    const m2d_i64 so_b = prm.so_b, so_d = prm.so_d;
+    const m2d_i64 so_b = prm.so_b, so_d = prm.so_d, so_g = prm.so_g;
     const int so_h = prm.so_h, so_w = prm.so_w;
     const m2d_i64 sB_b = prm.sB_b, sB_g = prm.sB_g;
     const int sB_n = prm.sB_n, sB_h = prm.sB_h, sB_w = prm.sB_w;
@@ -424,7 +424,7 @@ __global__ void M2D_CLUSTER_DIMS(CL) __launch_bounds__(M2D_MAX_THREADS, 2)
                                                 su_g, sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sC_b, sC_g);
     const float Dd = in.D, bias = in.bias;
     const T *ubp = in.u, *dbp_ = in.delta, *Bbp = in.B, *Cbp = in.C, *zbp = in.z;
-    const TO* obp = m2d_base(dout + (wb.b * so_b + d * so_d));
+    const TO* obp = m2d_base(dout + (wb.b * so_b + d * so_d + wb.g * so_g));
     const int HW = H * W;  // N * H * W fits an int (the launcher checks)
     T* dup = m2d_base(du + map * HW);
     T* ddp = m2d_base(ddelta + map * HW);

@@ -267,21 +267,22 @@ def test_block_layout_copies():
     """One VSSBlock training step on a channels_last stream copies only what the design must copy.
 
     Forward: u (one NCHW copy of x that the four routes share) and the sum over routes turned channels_last (dt_proj
-    runs inside the scan op, on its low-rank delta: the shape-only scan runs no product). Backward: the output
-    gradient broadcast to the four routes and u's gradient (the scan's sum over the routes, NCHW) turned
-    channels_last. Nothing else: no layer norm of a strided tensor, no element-wise op mixing layouts, no other
-    gradient that has to be transposed to its tensor's layout.
+    runs inside the scan op, on its low-rank delta, and the op sums the routes: the shape-only scan runs neither).
+    Backward: the output gradient turned NCHW for the op, whose four routes read it in place (no copy per route),
+    and u's gradient (the scan's sum over the routes, NCHW) turned channels_last. Nothing else: no layer norm of a
+    strided tensor, no element-wise op mixing layouts, no other gradient that has to be transposed to its tensor's
+    layout.
     """
     torch.manual_seed(0)
     b, dim, h, w = 2, 16, 5, 7
     block = VSSBlock(dim, d_state=2, ssm_ratio=2.0, scan_backend="shape_only")  # zeros in the kernels' layouts
-    k, d = block.op.n_routes, block.op.d_inner
+    d = block.op.d_inner
     x = torch.randn(b, dim, h, w).to(memory_format=torch.channels_last).requires_grad_()
     with _LayoutAudit() as audit:
         y = block(x)
         y.backward(torch.randn_like(y))
 
-    design = {"u": b * d * h * w, "route sum": b * d * h * w, "output gradient": b * k * d * h * w,
+    design = {"u": b * d * h * w, "route sum": b * d * h * w, "output gradient": b * d * h * w,
               "u gradient": b * d * h * w}
     assert len(audit.copies) <= len(design), audit.copies
     assert sum(numel for *_, numel in audit.copies) <= sum(design.values()), audit.copies

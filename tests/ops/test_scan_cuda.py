@@ -49,7 +49,7 @@ def make_inputs(batch, dim, H, W, G, N, dtype=torch.float32, z=True, D=True, bia
 
 
 def run(inputs, backend, dy=None, out_dtype=None, direction="tl_hv", softplus=True, grad=True, cast=None,
-        tuning=DEFAULT_TUNING):
+        tuning=DEFAULT_TUNING, sum_groups=False):
     """Forward (and backward, with `grad`) of the scan on `backend`; "cuda" runs the kernels with `tuning` and with
     every output and scratch buffer poisoned with NaN before each launch."""
     leaves = {}
@@ -63,10 +63,10 @@ def run(inputs, backend, dy=None, out_dtype=None, direction="tl_hv", softplus=Tr
         leaves[name] = t.requires_grad_(grad)
     if backend == "cuda":
         y = selective_scan_2d_cuda(**leaves, delta_softplus=softplus, direction=direction, out_dtype=out_dtype,
-                                   tuning=tuning, poison_outputs=True)
+                                   tuning=tuning, poison_outputs=True, sum_groups=sum_groups)
     else:
         y = selective_scan_2d(**leaves, delta_softplus=softplus, direction=direction, out_dtype=out_dtype,
-                              backend=backend)
+                              backend=backend, sum_groups=sum_groups)
     grads = {}
     if grad:
         if dy is None:
@@ -84,11 +84,14 @@ def rel_err(out, ref):
     return (out - ref).norm().item() / max(denom, 1e-30)
 
 
-def check_against_reference(inputs, direction, out_dtype=None, softplus=True, bound=None, tuning=DEFAULT_TUNING):
+def check_against_reference(inputs, direction, out_dtype=None, softplus=True, bound=None, tuning=DEFAULT_TUNING,
+                            sum_groups=False):
     dtype = inputs["u"].dtype
     bound = bound or BOUND[dtype]
-    y, grads, dy = run(inputs, "cuda", out_dtype=out_dtype, direction=direction, softplus=softplus, tuning=tuning)
-    y_ref, grads_ref, _ = run(inputs, "reference", dy=dy, direction=direction, softplus=softplus, cast=torch.float64)
+    y, grads, dy = run(inputs, "cuda", out_dtype=out_dtype, direction=direction, softplus=softplus, tuning=tuning,
+                       sum_groups=sum_groups)
+    y_ref, grads_ref, _ = run(inputs, "reference", dy=dy, direction=direction, softplus=softplus, cast=torch.float64,
+                              sum_groups=sum_groups)
     assert y.dtype == (out_dtype or dtype)
     errors = {"y": rel_err(y, y_ref)}
     for name, g in grads_ref.items():
@@ -385,6 +388,12 @@ def test_opcheck():
     y, ckv, ckh = torch.ops.mamba2d.scan2d_fwd(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
     bargs = (torch.randn_like(y), *[a.detach() for a in args[:8]], ckv, ckh, True, [0, 5])
     torch.library.opcheck(torch.ops.mamba2d.scan2d_bwd.default, bargs)
+    # y summed over the two groups: y and the gradient the backward reads have dim / G channels
+    summed = (*leaves, None, True)
+    torch.library.opcheck(torch.ops.mamba2d.scan2d_fwd.default, summed)
+    y, ckv, ckh = torch.ops.mamba2d.scan2d_fwd(*[a.detach() if isinstance(a, torch.Tensor) else a for a in summed])
+    assert y.shape == (1, 2, 5, 20)
+    torch.library.opcheck(torch.ops.mamba2d.scan2d_bwd.default, (torch.randn_like(y), *bargs[1:]))
 
 
 def assert_compiled_matches_eager(model, x, leaves):
@@ -579,6 +588,30 @@ def test_groups_share_u(tuning, dtype, H, W, N, z):
     assert torch.equal(y, y_tiled)
     for name, g in grads.items():
         assert torch.equal(g, grads_tiled[name]), f"d{name} differs from the tiled u's"
+
+
+@pytest.mark.parametrize("tuning", [DEFAULT_TUNING, wavefront(), ScanTuning(split_target_blocks=10**9)],
+                         ids=["band", "wave", "split"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("H,W,N,z,shared_u", [(56, 56, 1, False, True), (37, 70, 16, True, False),
+                                              (1, 33, 2, False, True), (14, 14, 4, True, True),
+                                              (9, 300, 1, False, True)])
+def test_sum_groups(tuning, dtype, H, W, N, z, shared_u):
+    """y summed over G = 4 groups in the op (the 2D mixer's route sum): against the reference, y bitwise equal to
+    the groups' outputs summed after the call, and every gradient bitwise equal to the kernels' on the gradient
+    copied to every group (the backward reads the one map per channel of a group for all groups)."""
+    G, per_group = 4, 6
+    inputs = make_inputs(1, G * per_group, H, W, G, N, dtype=dtype, z=z)
+    if shared_u:
+        inputs["u"] = inputs["u"][:, :per_group].contiguous()
+    directions = group_directions(G)
+    check_against_reference(inputs, directions, tuning=tuning, sum_groups=True)
+    y, grads, dy = run(inputs, "cuda", direction=directions, tuning=tuning, sum_groups=True)
+    assert y.shape == (1, per_group, H, W)
+    y_full, grads_full, _ = run(inputs, "cuda", dy=dy.repeat(1, G, 1, 1), direction=directions, tuning=tuning)
+    assert torch.equal(y, y_full.unflatten(1, (G, per_group)).sum(dim=1))
+    for name, g in grads.items():
+        assert torch.equal(g, grads_full[name]), f"d{name} differs from the kernels' on the copied gradient"
 
 
 def low_rank_inputs(batch, G, per_group, R, H, W, N, dtype, shared_u=True, z=False):

@@ -305,11 +305,12 @@ def _low_rank_inputs(device, dtype=torch.float32, shared_u=True, batch=2, groups
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shared_u", [False, True])
-def test_custom_op_keeps_the_low_rank_delta_not_the_full_one(dtype, shared_u):
+@pytest.mark.parametrize("shared_u,sum_groups", [(False, False), (True, False), (True, True)])
+def test_custom_op_keeps_the_low_rank_delta_not_the_full_one(dtype, shared_u, sum_groups):
     """mamba2d::scan2d_fwd on a low-rank delta (meta tensors: the fake kernels and the registered autograd) keeps
     its inputs and checkpoints for the backward, no full (batch, dim, H, W) delta; the backward gives the low-rank
-    delta its gradient in its shape and dtype, and delta_proj one in the weight's dtype (float32 here)."""
+    delta its gradient in its shape and dtype, and delta_proj one in the weight's dtype (float32 here). With y
+    summed over the groups, y has dim / G channels."""
     from mamba2d.ops import library
 
     inputs = _low_rank_inputs("meta", dtype, shared_u)
@@ -317,8 +318,8 @@ def test_custom_op_keeps_the_low_rank_delta_not_the_full_one(dtype, shared_u):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y, ckv, ckh = torch.ops.mamba2d.scan2d_fwd(
             inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"], None,
-            inputs["delta_bias"], True, [0, 4, 3, 7], False, True, inputs["delta_proj"])
-    assert y.shape == (2, 12, 5, 7) and y.dtype == dtype
+            inputs["delta_bias"], True, [0, 4, 3, 7], False, True, inputs["delta_proj"], sum_groups)
+    assert y.shape == (2, 3 if sum_groups else 12, 5, 7) and y.dtype == dtype
     kept = sorted(t.numel() for t in saved)
     assert kept == sorted([*(t.numel() for t in inputs.values()), ckv.numel(), ckh.numel()])
     grads = torch.autograd.grad(y.sum(), list(inputs.values()))
@@ -340,15 +341,17 @@ def _reference_launchers(monkeypatch):
 
     names = {cuda_build.direction_code(name): name for name in DIRECTIONS}
 
-    def fwd(u, delta, A, B, C, D, z, delta_bias, softplus, directions, out_fp32, save_ckpt, **_):
+    def fwd(u, delta, A, B, C, D, z, delta_bias, softplus, directions, out_fp32, save_ckpt, sum_groups=False, **_):
         assert delta.shape == (u.shape[0], A.shape[0], *u.shape[2:]) and delta.is_contiguous()
-        y = selective_scan_2d_ref(u, delta, A, B, C, D, z, delta_bias, softplus, [names[c] for c in directions])
+        y = selective_scan_2d_ref(u, delta, A, B, C, D, z, delta_bias, softplus, [names[c] for c in directions],
+                                  sum_groups=sum_groups)
         return y, None, None
 
     def bwd(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, softplus, directions, **_):
         leaves = [t if t is None else t.detach().requires_grad_() for t in (u, delta, A, B, C, D, z, delta_bias)]
-        with torch.enable_grad():
-            y = selective_scan_2d_ref(*leaves, softplus, [names[c] for c in directions])
+        with torch.enable_grad():  # a gradient of dim / G channels is that of y summed over the groups
+            y = selective_scan_2d_ref(*leaves, softplus, [names[c] for c in directions],
+                                      sum_groups=dout.shape[1] != A.shape[0])
             given = iter(torch.autograd.grad(y, [t for t in leaves if t is not None], dout))
         return tuple(None if t is None else next(given) for t in leaves)
 
@@ -356,11 +359,12 @@ def _reference_launchers(monkeypatch):
     monkeypatch.setattr(library, "bwd_impl", bwd)
 
 
+@pytest.mark.parametrize("sum_groups", [False, True])
 @pytest.mark.parametrize("shared_u", [False, True])
-def test_eager_scan_recomputes_the_low_rank_delta(monkeypatch, shared_u):
+def test_eager_scan_recomputes_the_low_rank_delta(monkeypatch, shared_u, sum_groups):
     """The eager autograd.Function on a low-rank delta (launchers stood in for by the reference, float64): y and
-    every gradient, the low-rank delta's and delta_proj's included, equal the reference's on the same inputs, and
-    it keeps no tensor but its inputs for the backward."""
+    every gradient, the low-rank delta's and delta_proj's included, equal the reference's on the same inputs (y
+    summed over the groups or not), and it keeps no tensor but its inputs for the backward."""
     from mamba2d.ops import library, selective_scan_2d_ref
 
     _reference_launchers(monkeypatch)
@@ -370,10 +374,12 @@ def test_eager_scan_recomputes_the_low_rank_delta(monkeypatch, shared_u):
     args = [inputs[name] for name in ("u", "delta", "A", "B", "C", "D")] + [None, inputs["delta_bias"]]
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = library._EagerScan2d.apply(*args, inputs["delta_proj"], (True, codes, False, DEFAULT_TUNING, False))
+        y = library._EagerScan2d.apply(*args, inputs["delta_proj"],
+                                       (True, codes, False, sum_groups, DEFAULT_TUNING, False))
     inputs_at = {(t.data_ptr(), t.shape) for t in inputs.values()}
     assert len(saved) == len(inputs) and all((t.data_ptr(), t.shape) in inputs_at for t in saved)
-    want = selective_scan_2d_ref(**inputs, direction=directions)
+    want = selective_scan_2d_ref(**inputs, direction=directions, sum_groups=sum_groups)
+    assert y.shape == (2, 3 if sum_groups else 12, 5, 7)
     torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype)
     got = torch.autograd.grad(y, list(inputs.values()), dy)

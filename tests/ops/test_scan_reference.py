@@ -228,6 +228,32 @@ def test_groups_share_u(shape, backend):
         torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-9, msg=f"d{name} differs")
 
 
+@pytest.mark.parametrize("shared_u", [False, True])
+@pytest.mark.parametrize("backend", ["reference", "shape_only"])
+def test_sum_groups_is_the_sum_of_the_groups_outputs(backend, shared_u):
+    """`sum_groups=True` returns channel c of every group added up, (batch, dim / G, H, W), with the gradients of
+    that sum (the shape-only op: the shape and the gradients' shapes)."""
+    groups, per_group = 4, 3
+    inputs = make_inputs(dim=groups * per_group, groups=groups, height=5, width=6, seed=9)
+    if shared_u:
+        inputs["u"] = inputs["u"][:, :per_group].detach().clone().requires_grad_()
+    directions = ("tl_hv", "tl_vh", "br_hv", "br_vh")
+    summed = selective_scan_2d(**inputs, direction=directions, backend=backend, sum_groups=True)
+    assert summed.shape == (2, per_group, 5, 6)
+    if backend == "shape_only":
+        got = grads(summed, inputs)
+        assert all(got[name].shape == inputs[name].shape for name in inputs)
+        return
+    full = selective_scan_2d(**inputs, direction=directions, backend=backend)
+    want_y = full.unflatten(1, (groups, per_group)).sum(dim=1)
+    torch.testing.assert_close(summed, want_y, rtol=1e-12, atol=1e-12)
+    dy = torch.randn(summed.shape, generator=torch.Generator().manual_seed(4), dtype=summed.dtype)
+    got = torch.autograd.grad(summed, list(inputs.values()), dy)
+    want = torch.autograd.grad(full, list(inputs.values()), dy.repeat(1, groups, 1, 1))
+    for name, g, w in zip(inputs, got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=f"d{name} differs")
+
+
 def test_u_channels_must_be_dim_or_dim_over_groups():
     """A u that is neither one map per channel nor one per channel of a group is named, with both accepted shapes."""
     inputs = make_inputs(dim=8, groups=4, grad=False)

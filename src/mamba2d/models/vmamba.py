@@ -250,6 +250,7 @@ class SS2D(nn.Module):
             # traffic and of what the scan keeps for its backward, which returns the routes' summed gradient.
             u = _NCHWCopy.apply(x)
         dtype = x.dtype
+        two_d = self.scan != "cross1d"
         y = selective_scan_2d(
             u,
             dts.to(dtype),
@@ -262,12 +263,15 @@ class SS2D(nn.Module):
             direction=SCAN_DIRECTIONS[self.scan],
             backend=self.scan_backend,
             delta_proj=self.dt_projs_weight,
-        ).reshape(b, k, d, *u.shape[-2:])
-        if self.scan == "cross1d":
-            y = _unflatten_routes(y, h, w)
-        # Sum the routes in the scan's layout, then transpose the 4x smaller sum to channels_last: on an H100 this
+            # the 2D routes are summed in the op, whose backward then reads one gradient map per channel for all
+            # four routes (summing outside, autograd would expand the gradient to four copies)
+            sum_groups=two_d,
+        )
+        if not two_d:
+            y = _unflatten_routes(y.reshape(b, k, d, *u.shape[-2:]), h, w).sum(dim=1)
+        # The routes are summed in the scan's layout, then the 4x smaller sum goes channels_last: on an H100 this
         # beat summing straight into channels_last, a reduction whose reads and writes cannot both be contiguous.
-        return y.sum(dim=1).contiguous(memory_format=torch.channels_last)
+        return y.contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.conv2d(self.in_proj(x)))

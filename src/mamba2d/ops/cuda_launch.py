@@ -111,7 +111,7 @@ class ScanParams(ctypes.Structure):
             "y", "ckv", "ckh", "dck", "tops", "ck", "bot", "du", "ddelta", "dz", "dBp", "dCp", "dAp", "dDp", "dbp")),
         *((name, _I64) for name in (
             "su_b", "su_d", "sd_b", "sd_d", "sz_b", "sz_d", "so_b", "so_d", "sB_b", "sB_g", "sC_b", "sC_g", "su_g",
-            "nmaps")),
+            "so_g", "nmaps")),
         *((name, _I32) for name in (
             "dim", "H", "W", "G", "N", "softplus",
             "su_h", "su_w", "sd_h", "sd_w", "sz_h", "sz_w", "so_h", "so_w", "sB_n", "sB_h", "sB_w", "sC_n", "sC_h",

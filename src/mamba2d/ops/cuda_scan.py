@@ -170,11 +170,28 @@ def _checkpoints(ckv_n: int, ckh_n: int, like: torch.Tensor) -> tuple[torch.Tens
     return ckv, ckh
 
 
-def _sum_groups(du: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The kernels write one du map per channel; a u shared by the G groups gets their sum (in a fixed order)."""
-    if du.shape[1] == u.shape[1]:
-        return du
-    return du.unflatten(1, (du.shape[1] // u.shape[1], u.shape[1])).sum(dim=1)
+def group_sum(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """Channel maps (batch, G * channels, H, W) summed over the G groups, in a fixed order: a shared u's gradient
+    from the kernels' one du map per channel, or y summed over the groups (`sum_groups`).
+
+    Args:
+        t: (batch, G * channels, H, W), group-major channels.
+        channels: Channels per group.
+    """
+    if t.shape[1] == channels:
+        return t
+    return t.unflatten(1, (t.shape[1] // channels, channels)).sum(dim=1)
+
+
+def expand_groups(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """One map per channel of a group, (batch, dim / G, H, W), repeated for each of the G groups: (batch, dim, H, W)
+    (a gradient of y summed over the groups, where a caller needs every channel's).
+
+    Args:
+        t: (batch, dim / G, H, W), or (batch, dim, H, W) (returned as is).
+        dim: Channels of all groups.
+    """
+    return t if t.shape[1] == dim else t.repeat(1, dim // t.shape[1], 1, 1)
 
 
 def _poison(enabled: bool, *tensors) -> None:
@@ -187,13 +204,15 @@ def _poison(enabled: bool, *tensors) -> None:
 
 def _common_fields(u, delta, z, B, C, A, D, delta_bias, directions, delta_softplus, dout=None) -> dict:
     """Parameter fields every scan kernel takes: inputs, sizes and strides. A u shared by the groups (dim / G
-    channels) is read at channel d - g * dim / G by group g (`su_g`)."""
+    channels) is read at channel d - g * dim / G by group g (`su_g`), and so is a dout of dim / G channels, the
+    gradient of y summed over the groups (`so_g`)."""
     _, dim, height, width = delta.shape
     groups = B.shape[1]
     return dict(
         u=u, delta=delta, z=z, dout=dout, Bm=B, Cm=C, A=A, Dv=D, dbias=delta_bias,
         dirs=_dirs_tensor(directions, u.device), dim=dim, H=height, W=width, G=groups, N=B.shape[2],
         softplus=int(bool(delta_softplus)), su_g=0 if u.shape[1] == dim else -(dim // groups) * u.stride(1),
+        so_g=0 if dout is None or dout.shape[1] == dim else -(dim // groups) * dout.stride(1),
         **stride_fields(("su", u, "bdhw"), ("sd", delta, "bdhw"), ("sz", z, "bdhw"), ("so", dout, "bdhw"),
                         ("sB", B, "bgnhw"), ("sC", C, "bgnhw")),
     )
@@ -211,7 +230,7 @@ def _band_fields(plan: LaunchPlan, nmaps: int, vector_inputs) -> dict:
 
 
 def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt, y_needed=True,
-             rebuild=False, *, tuning: ScanTuning = DEFAULT_TUNING, poison: bool = False):
+             rebuild=False, *, sum_groups: bool = False, tuning: ScanTuning = DEFAULT_TUNING, poison: bool = False):
     """Launch the forward kernel. Returns (y, ckv, ckh): what the backward restarts from, if `save_ckpt` asks for it
     and the plan keeps it, or `rebuild` (the backward's recomputation): ckv the vertical states at each band start
     and ckh the row states at each tile start (None where the map is one tile) of the per-band kernels, or ckv the
@@ -236,12 +255,22 @@ def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, ou
         save_ckpt: Keep the checkpoints for a backward (when the plan keeps them).
         y_needed: Allocate and write y (False: a rebuild of the checkpoints only).
         rebuild: Always return the checkpoints (the backward's recomputation).
+        sum_groups: Return y summed over the G groups, (batch, dim / G, H, W), in y's dtype.
         tuning: The kernels' knobs.
         poison: Fill every output and scratch buffer with NaN first (tests).
 
     Returns:
         (y, ckv, ckh), y None unless `y_needed`.
     """
+    y, ckv, ckh = _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt,
+                       y_needed, rebuild, tuning, poison)
+    if sum_groups and y is not None:
+        y = group_sum(y, delta.shape[1] // B.shape[1])
+    return y, ckv, ckh
+
+
+def _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt, y_needed, rebuild,
+         tuning, poison):
     plan = plan_for(delta, B, backward=False, has_z=z is not None, out_fp32=out_fp32, tuning=tuning)
     _check_sizes(delta, B, plan)
     u, delta, z, B, C = (_fit_int32(t, n) for t, n in ((u, "u"), (delta, "delta"), (z, "z"), (B, "B"), (C, "C")))
@@ -318,7 +347,7 @@ def _wave_bwd(plan, dout, u, delta, A, B, C, D, z, delta_bias, tops, delta_softp
     index = _wave_tile_index(B.shape, directions, u.device, plan.wave_cfg.steps).expand(batch, -1, -1)
     dB, dC = ((t.sum(dim=2) if t.shape[2] > 1 else t.squeeze(2)).gather(2, index).view(B.shape).to(B.dtype)
               for t in (dBp, dCp))
-    return _sum_groups(du, u), ddelta, dAp.sum(dim=0), dB, dC, dDp.sum(dim=0), dz, dbp.sum(dim=0)
+    return group_sum(du, u.shape[1]), ddelta, dAp.sum(dim=0), dB, dC, dDp.sum(dim=0), dz, dbp.sum(dim=0)
 
 
 def _wave_tile_index(shape, directions: Sequence[int], device: torch.device, steps: int) -> torch.Tensor:
@@ -343,7 +372,8 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
     the checkpoints), outside the kernel.
 
     Args:
-        dout: Gradient of y, like delta, in float32 or u's dtype.
+        dout: Gradient of y, like delta, or (batch, dim / G, H, W) for y summed over the groups (read by every
+            group), in float32 or u's dtype.
         u: Input, (batch, dim, H, W) or (batch, dim / G, H, W) shared by the groups, contiguous or strided.
         delta: Step sizes, (batch, dim, H, W).
         A: State matrix, (dim, N) float32.
@@ -386,7 +416,7 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
         if y_pre is not None:  # z gate of a split, y = y_pre * silu(z): its gradients here, the scan's below
             zf = z.float()
             sig = torch.sigmoid(zf)
-            gout = dout.float()
+            gout = expand_groups(dout, dim).float()
             dz = (gout * y_pre * sig * (1.0 + zf * (1.0 - sig))).to(u.dtype)
             dout = gout * (zf * sig)  # not in place: gout may be the caller's dout
     kz = z if plan.gate_in_kernel else None
@@ -414,4 +444,4 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
     dB = (dBp.sum(dim=2) if cfg.cpg > 1 else dBp.squeeze(2)).to(B.dtype)
     dC = (dCp.sum(dim=2) if cfg.cpg > 1 else dCp.squeeze(2)).to(C.dtype)
     # every part sums the same dout * u for dD: part 0's
-    return _sum_groups(du, u), ddelta, dAp.sum(dim=0), dB, dC, dDp[0].sum(dim=0), dz, dbp.sum(dim=(0, 1))
+    return group_sum(du, u.shape[1]), ddelta, dAp.sum(dim=0), dB, dC, dDp[0].sum(dim=0), dz, dbp.sum(dim=(0, 1))

@@ -109,18 +109,20 @@ def _shape_only_op(
     delta_bias: Optional[torch.Tensor],
     out_dtype: Optional[torch.dtype],
     delta_proj: Optional[torch.Tensor] = None,
+    sum_groups: bool = False,
 ) -> torch.Tensor:
-    return torch.zeros(_output_shape(A, B), dtype=out_dtype or u.dtype, device=u.device)
+    return torch.zeros(_output_shape(A, B, sum_groups), dtype=out_dtype or u.dtype, device=u.device)
 
 
-def _output_shape(A: torch.Tensor, B: torch.Tensor) -> tuple[int, ...]:
-    """(batch, dim, H, W) from A (dim, N) and B (batch, G, N, H, W): delta may be low-rank and u shared."""
-    return (B.shape[0], A.shape[0], B.shape[3], B.shape[4])
+def _output_shape(A: torch.Tensor, B: torch.Tensor, sum_groups: bool) -> tuple[int, ...]:
+    """(batch, dim, H, W) from A (dim, N) and B (batch, G, N, H, W): delta may be low-rank and u shared; dim / G
+    channels when the groups' outputs are summed."""
+    return (B.shape[0], A.shape[0] // B.shape[1] if sum_groups else A.shape[0], B.shape[3], B.shape[4])
 
 
 @_shape_only_op.register_fake
-def _shape_only_fake(u, delta, A, B, C, D, z, delta_bias, out_dtype, delta_proj=None):
-    return u.new_empty(_output_shape(A, B), dtype=out_dtype or u.dtype)
+def _shape_only_fake(u, delta, A, B, C, D, z, delta_bias, out_dtype, delta_proj=None, sum_groups=False):
+    return u.new_empty(_output_shape(A, B, sum_groups), dtype=out_dtype or u.dtype)
 
 
 def _shape_only_setup(ctx, inputs, output) -> None:
@@ -151,6 +153,7 @@ def shape_only_scan(
     out_dtype: torch.dtype | None = None,
     *,
     delta_proj: torch.Tensor | None = None,
+    sum_groups: bool = False,
 ) -> torch.Tensor:
     """Zeros of the scan's output shape and dtype, through the one counted op `mamba2d_flops::selective_scan_2d`.
 
@@ -172,10 +175,12 @@ def shape_only_scan(
         direction: One direction name or one per group (checked, unused by the count).
         out_dtype: Output dtype (default: u's).
         delta_proj: (G, dim / G, R) of a low-rank delta, or None (counted: the product that expands delta).
+        sum_groups: The output is summed over the G groups, (batch, dim / G, H, W).
     """
     shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, out_dtype, delta_proj)
     parse_directions(direction, shape.groups)
-    return torch.ops.mamba2d_flops.selective_scan_2d(u, delta, A, B, C, D, z, delta_bias, out_dtype, delta_proj)
+    return torch.ops.mamba2d_flops.selective_scan_2d(u, delta, A, B, C, D, z, delta_bias, out_dtype, delta_proj,
+                                                     bool(sum_groups))
 
 
 @register_flop_formula([torch.ops.mamba2d_flops.selective_scan_2d, torch.ops.mamba2d.scan2d_fwd])

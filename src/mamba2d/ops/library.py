@@ -46,6 +46,7 @@ def scan2d_fwd(
     out_fp32: bool,
     save_ckpt: bool,
     delta_proj: Optional[Tensor] = None,
+    sum_groups: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The scan's forward as a custom op (`mamba2d::scan2d_fwd`) on checked inputs (`selective_scan_2d_cuda`).
 
@@ -63,12 +64,13 @@ def scan2d_fwd(
         out_fp32: y is float32 (else u's dtype).
         save_ckpt: Keep the checkpoints for the backward.
         delta_proj: (G, dim / G, R) projecting a low-rank delta (`contract.full_delta`), or None.
+        sum_groups: y is summed over the G groups, (batch, dim / G, H, W).
 
     Returns:
         (y, ckv, ckh); an absent checkpoint is an empty float32 tensor.
     """
     y, ckv, ckh = fwd_impl(u, full_delta(delta, delta_proj), A, B, C, D, z, delta_bias, delta_softplus, directions,
-                           out_fp32, save_ckpt)
+                           out_fp32, save_ckpt, sum_groups=sum_groups)
     return y, _tensor(ckv, u, torch.float32), _tensor(ckh, u, torch.float32)
 
 
@@ -86,12 +88,14 @@ def _maps_like(delta: Tensor, delta_proj: Optional[Tensor]) -> Tensor:
 
 @scan2d_fwd.register_fake
 def _scan2d_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt,
-                     delta_proj=None):
+                     delta_proj=None, sum_groups=False):
     maps = _maps_like(delta, delta_proj)
     plan = plan_for(maps, B, backward=False, has_z=z is not None, out_fp32=out_fp32)
     ckv_n = plan.ckv_numel if save_ckpt and plan.keeps_checkpoint else 0
     ckh_n = plan.ckh_numel
-    y = u.new_empty(tuple(maps.shape), dtype=torch.float32 if out_fp32 else u.dtype)
+    batch, dim, height, width = maps.shape
+    y_shape = (batch, dim // B.shape[1], height, width) if sum_groups else (batch, dim, height, width)
+    y = u.new_empty(y_shape, dtype=torch.float32 if out_fp32 else u.dtype)
     return y, u.new_empty((ckv_n,), dtype=torch.float32), u.new_empty((ckh_n,), dtype=torch.float32)
 
 
@@ -115,7 +119,8 @@ def scan2d_bwd(
     """The scan's backward as a custom op (`mamba2d::scan2d_bwd`).
 
     Args:
-        dout: Gradient of y, (batch, dim, H, W) in float32 or u's dtype.
+        dout: Gradient of y, (batch, dim, H, W), or (batch, dim / G, H, W) for y summed over the groups, in float32
+            or u's dtype.
         u: Input, (batch, dim, H, W) or (batch, dim / G, H, W) shared by the groups, contiguous or strided.
         delta: Step sizes, (batch, dim, H, W), or (batch, G, R, H, W) with `delta_proj`.
         A: State matrix, (dim, N) float32.
@@ -143,7 +148,7 @@ def scan2d_bwd(
 @scan2d_bwd.register_fake
 def _scan2d_bwd_fake(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus, directions,
                      delta_proj=None):
-    shape = tuple(dout.shape)
+    shape = tuple(_maps_like(delta, delta_proj).shape)
     dim = A.shape[0]
     f32 = torch.float32
     return (
@@ -204,7 +209,7 @@ def scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt, delta_proj = inputs
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt, delta_proj, _ = inputs
     _, ckv, ckh = output
     ctx.mark_non_differentiable(ckv, ckh)
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_proj)
@@ -213,12 +218,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def input_grads(saved: tuple, dy: Tensor, delta_softplus: bool, directions: list[int], bwd) -> tuple:
-    """Gradients of scan2d_fwd's thirteen inputs from its saved tensors.
+    """Gradients of scan2d_fwd's fourteen inputs from its saved tensors.
 
     Args:
         saved: The forward's saved (u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_proj): a low-rank delta
             and its projection, not the full delta.
-        dy: Gradient of y.
+        dy: Gradient of y (of its sum over the groups, (batch, dim / G, H, W), when the forward summed them).
         delta_softplus: Whether dt is `softplus(delta + delta_bias)`.
         directions: One `cuda_build.direction_code` per group.
         bwd: Runs the backward: the custom op, or `scan_bwd` directly on the eager fast path.
@@ -243,6 +248,7 @@ def input_grads(saved: tuple, dy: Tensor, delta_softplus: bool, directions: list
         None,
         None,
         dproj if delta_proj is not None else None,
+        None,
     )
 
 
@@ -269,6 +275,7 @@ def selective_scan_2d_cuda(
     tuning: ScanTuning = DEFAULT_TUNING,
     poison_outputs: bool = False,
     delta_proj: torch.Tensor | None = None,
+    sum_groups: bool = False,
 ) -> torch.Tensor:
     """The 2D selective scan (docs/scan.md) on the CUDA kernels (same signature and errors as the reference).
 
@@ -296,9 +303,11 @@ def selective_scan_2d_cuda(
             that an element a kernel fails to write shows (tests). Eager calls only.
         delta_proj: Per-group projection (G, dim / G, R) of a low-rank delta, or None. The op keeps the low-rank
             delta and the weight for its backward, not the full delta.
+        sum_groups: Return y summed over the G groups, (batch, dim / G, H, W): the backward kernels then read
+            its gradient's one map per channel of a group for every group, instead of a copy per group.
 
     Returns:
-        y, (batch, dim, H, W).
+        y, (batch, dim, H, W), or (batch, dim / G, H, W) with `sum_groups`.
 
     Raises:
         ValueError: Inputs off the GPU, N above MAX_D_STATE, or tuning/poisoning under torch.compile.
@@ -341,25 +350,25 @@ def selective_scan_2d_cuda(
             raise ValueError("selective_scan_2d_cuda: tuning and poison_outputs apply to eager calls only; under "
                              "torch.compile the custom ops run the default tuning")
         return torch.ops.mamba2d.scan2d_fwd(u, delta, A32, B, C, D32, z, bias32, bool(delta_softplus), codes, out_fp32,
-                                            needs_grad, delta_proj)[0]
+                                            needs_grad, delta_proj, bool(sum_groups))[0]
     if not needs_grad:  # nothing to record: the launcher alone (an autograd.Function costs host time)
         return fwd_impl(u, full_delta(delta, delta_proj), A32, B, C, D32, z, bias32, bool(delta_softplus), codes,
-                        out_fp32, False, tuning=tuning, poison=poison_outputs)[0]
+                        out_fp32, False, sum_groups=bool(sum_groups), tuning=tuning, poison=poison_outputs)[0]
     return _EagerScan2d.apply(u, delta, A32, B, C, D32, z, bias32, delta_proj,
-                              (bool(delta_softplus), codes, out_fp32, tuning, poison_outputs))
+                              (bool(delta_softplus), codes, out_fp32, bool(sum_groups), tuning, poison_outputs))
 
 
 class _EagerScan2d(torch.autograd.Function):
     """Eager-mode twin of the mamba2d::scan2d_fwd/bwd custom ops: the same launchers without the custom-op dispatch
     and its per-call checks (host time per call). torch.compile traces the custom ops instead. The flags travel as
-    one argument (`options`: delta_softplus, direction codes, out_fp32, tuning, poison_outputs): each argument of
-    `apply` costs host time."""
+    one argument (`options`: delta_softplus, direction codes, out_fp32, sum_groups, tuning, poison_outputs): each
+    argument of `apply` costs host time."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_proj, options):
-        delta_softplus, directions, out_fp32, tuning, poison = options
+        delta_softplus, directions, out_fp32, summed, tuning, poison = options
         y, ckv, ckh = fwd_impl(u, full_delta(delta, delta_proj), A, B, C, D, z, delta_bias, delta_softplus,
-                               directions, out_fp32, True, tuning=tuning, poison=poison)
+                               directions, out_fp32, True, sum_groups=summed, tuning=tuning, poison=poison)
         # a low-rank delta is kept as it came (with its weight), never the full delta: the backward recomputes it
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_proj)
         ctx.delta_softplus, ctx.directions, ctx.tuning, ctx.poison = delta_softplus, directions, tuning, poison

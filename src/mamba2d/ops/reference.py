@@ -75,6 +75,7 @@ def selective_scan_2d_ref(
     out_dtype: torch.dtype | None = None,
     *,
     delta_proj: torch.Tensor | None = None,
+    sum_groups: bool = False,
 ) -> torch.Tensor:
     """2D selective scan in pure PyTorch (the contract: docs/scan.md), differentiable by autograd.
 
@@ -100,9 +101,10 @@ def selective_scan_2d_ref(
         delta_proj: Per-group projection (G, dim / G, R) of a low-rank delta, or None: the full delta is
             `einsum("gdr,bgrhw->bgdhw", delta_proj, delta)` in delta's dtype (`contract.full_delta`), and autograd
             differentiates through it.
+        sum_groups: Return y summed over the G groups (channel c of the sum adds channel c of each group).
 
     Returns:
-        y, (batch, dim, H, W) in `out_dtype`.
+        y, (batch, dim, H, W) in `out_dtype`, or (batch, dim / G, H, W) with `sum_groups`.
 
     Raises:
         TypeError: An argument of the wrong type or dtype (`contract.check_scan_inputs`).
@@ -149,4 +151,6 @@ def selective_scan_2d_ref(
         y = y + D.to(compute).reshape(1, dim, 1, 1) * u_c.reshape(batch, dim, height, width)
     if z is not None:
         y = y * F.silu(z.to(compute))
+    if sum_groups:
+        y = y.reshape(batch, groups, per_group, height, width).sum(dim=1)
     return y.to(out_dtype or u.dtype)

@@ -43,6 +43,7 @@ def selective_scan_2d(
     backend: str = "auto",
     *,
     delta_proj: torch.Tensor | None = None,
+    sum_groups: bool = False,
 ) -> torch.Tensor:
     """2D selective scan (the contract: docs/scan.md), on the CUDA kernels or the PyTorch reference.
 
@@ -75,9 +76,13 @@ def selective_scan_2d(
             delta's dtype (the weight cast to it; under CUDA autocast, in the autocast dtype). The CUDA backend
             keeps only the low-rank delta and the weight for its backward and recomputes the full delta there (as
             Mamba's fused mixer does); delta_proj's gradient is accumulated in float32 and has its dtype.
+        sum_groups: Return y summed over the G groups, (batch, dim / G, H, W): channel c adds channel c of every
+            group, as a 2D mixer sums its four routes. The CUDA backend sums in y's dtype, in a fixed order, and
+            its backward reads the one gradient map per channel of a group for every group instead of expanding
+            it to G copies.
 
     Returns:
-        y, (batch, dim, H, W) (delta's shape) in `out_dtype`.
+        y, (batch, dim, H, W) (delta's shape), or (batch, dim / G, H, W) with `sum_groups`, in `out_dtype`.
 
     Raises:
         ValueError: An unknown `backend`, or a shape, direction or device outside the contract.
@@ -89,10 +94,11 @@ def selective_scan_2d(
                           "delta_proj": delta_proj}, out_dtype)
     if backend == SHAPE_ONLY:
         return shape_only_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, out_dtype,
-                               delta_proj=delta_proj)
+                               delta_proj=delta_proj, sum_groups=sum_groups)
     if backend == "cuda" or (backend == "auto" and cuda_backend_available(u, B)):
         return library.selective_scan_2d_cuda(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, out_dtype, delta_proj=delta_proj
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, out_dtype, delta_proj=delta_proj,
+            sum_groups=sum_groups,
         )
     return selective_scan_2d_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, out_dtype,
-                                 delta_proj=delta_proj)
+                                 delta_proj=delta_proj, sum_groups=sum_groups)
