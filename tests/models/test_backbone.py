@@ -219,10 +219,15 @@ def test_models_hand_the_scan_a_low_rank_delta(arch, monkeypatch):
     monkeypatch.setattr(vmamba, "selective_scan_2d", recording)
     loss, grads = step()
     ops = [m for m in model.modules() if isinstance(m, SS2D)]
-    assert len(calls) == len(ops)
-    for (delta, proj), op in zip(calls, ops):
-        assert proj is op.dt_projs_weight and delta.shape[1:3] == (4, op.dt_rank)
-        assert arch == "vmamba_nano" or not delta.is_contiguous()  # the 2D routes: a view of x_dbl
+    # the 2D routes in one call; the 1D cross-scan in two, its row-major and its column-major pair of routes
+    pairs = [slice(None)] if arch.startswith("vmamba2d") else [slice(0, None, 2), slice(1, None, 2)]
+    assert len(calls) == len(pairs) * len(ops)
+    for i, op in enumerate(ops):
+        mine = calls[i * len(pairs):(i + 1) * len(pairs)]
+        for (delta, proj), routes in zip(mine, pairs):
+            assert proj._base is op.dt_projs_weight and torch.equal(proj, op.dt_projs_weight[routes])
+            assert delta.shape[1:3] == (4 // len(pairs), op.dt_rank)
+        assert not mine[0][0].is_contiguous()  # the 2D routes' and the row-major pair's dts: a view of x_dbl
     monkeypatch.setattr(vmamba, "selective_scan_2d", expanded)
     want_loss, want_grads = step()
     torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
@@ -288,6 +293,43 @@ def test_block_layout_copies():
     assert sum(numel for *_, numel in audit.copies) <= sum(design.values()), audit.copies
     assert audit.strided_layer_norms == [] and audit.mixed_layouts == []
     assert all(t.is_contiguous(memory_format=torch.channels_last) for t in (y, x.grad))
+
+
+def test_cross1d_block_layout_copies():
+    """VMamba's 1D cross-scan block moves what its design must and no more: forward, one NCHW copy of x for the
+    row-major pair of routes and one transposed copy for the column-major pair (the column-major routes' dts, B and
+    C copied too, r + 2N channels each), and the merge of the two pairs' sums, one pass reading both layouts;
+    backward, the output gradient in each pair's layout and each pair's u gradient turned channels_last. No
+    concatenation or stack of the routes (VMamba's cross-scan materialises four copies of x and of y)."""
+    torch.manual_seed(0)
+    b, dim, h, w = 2, 16, 5, 7
+    block = VSSBlock(dim, d_state=2, ssm_ratio=2.0, scan_backend="shape_only", scan="cross1d")
+    d, r, n = block.op.d_inner, block.op.dt_rank, block.op.d_state
+    x = torch.randn(b, dim, h, w).to(memory_format=torch.channels_last).requires_grad_()
+    maps = b * d * h * w
+    with _LayoutAudit() as audit, _Stacks(maps) as stacks:
+        y = block(x)
+        y.backward(torch.randn_like(y))
+    column_pair = b * 2 * (r + 2 * n) * h * w
+    params = 4 * d * (n + 2)  # the four routes' A, D and delta bias, gathered per pair
+    assert sum(numel for *_, numel in audit.copies) <= 6 * maps + column_pair + params, audit.copies
+    assert stacks.large == [], stacks.large
+    assert audit.strided_layer_norms == [] and audit.mixed_layouts == [("add", (b, d, h, w))]
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in (y, x.grad))
+
+
+class _Stacks(TorchDispatchMode):
+    """Records the concatenations that write at least `size` elements."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size, self.large = size, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.split(".")[0] in ("cat", "stack") and out.numel() >= self.size:
+            self.large.append(tuple(out.shape))
+        return out
 
 
 def test_backbone_stream_stays_channels_last():

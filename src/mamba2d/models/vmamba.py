@@ -239,39 +239,55 @@ class SS2D(nn.Module):
         # keeping the d-channel delta (d / r = 16 times larger in the tiny model). The dts it keeps are a view of
         # x_dbl, which B and C keep anyway.
         dts, B, C = (t.permute(2, 0, 1, 3, 4) for t in (dts, B, C))  # (b, k, c, h, w) views
-        if self.scan == "cross1d":
-            # u broadcasts the pixel rows (not x) to the routes, so that its gradient, a sum over the routes, comes
-            # back channels_last too; the column-major routes need their own copy.
-            u = rows.unsqueeze(1).expand(-1, k, -1, -1).transpose(2, 3).view(b, k, d, h, w)
-            u, dts, B, C = (_flatten_routes(t) for t in (u, dts, B, C))
-            u = u.flatten(1, 2)  # one NCHW-contiguous map per (route, channel)
-        else:
+        if self.scan == "2d":
             # The four 2D routes read one NCHW copy of x (the scan's shared u), not four: a quarter of the copy's
-            # traffic and of what the scan keeps for its backward, which returns the routes' summed gradient.
-            u = _NCHWCopy.apply(x)
-        dtype = x.dtype
-        two_d = self.scan != "cross1d"
-        y = selective_scan_2d(
+            # traffic and of what the scan keeps for its backward, which returns the routes' summed gradient. The op
+            # sums the routes too, so its backward reads one gradient map per channel for all four (summed outside,
+            # autograd would expand the gradient to four copies). The sum, 4x smaller, then goes channels_last: on
+            # an H100 this beat summing straight into channels_last, a reduction whose reads and writes cannot both
+            # be contiguous.
+            y = self._scan_routes(_NCHWCopy.apply(x), dts, B, C, slice(None))
+            return y.contiguous(memory_format=torch.channels_last)
+        # VMamba's cross-scan as two scans of two routes each, one per flattening of the map, each pair sharing one
+        # copy of x (row-major: routes 0 and 2, column-major: 1 and 3, the second of each running backwards) and
+        # summed in the op; the two sums meet in one pass that writes channels_last.
+        pixels = h * w
+        along_rows = self._scan_routes(
+            _NCHWCopy.apply(x).view(b, d, 1, pixels),
+            *(t[:, 0::2].flatten(-2).unsqueeze(-2) for t in (dts, B, C)), slice(0, None, 2))
+        along_cols = self._scan_routes(
+            _TransposedCopy.apply(x).view(b, d, 1, pixels),
+            *(t[:, 1::2].transpose(-1, -2).reshape(b, 2, -1, 1, pixels) for t in (dts, B, C)), slice(1, None, 2))
+        return _CrossMerge.apply(along_rows.view(b, d, h, w), along_cols.view(b, d, w, h))
+
+    def _scan_routes(self, u: torch.Tensor, dts: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                     routes: slice) -> torch.Tensor:
+        """The scans of the routes `routes` selects (their directions, parameters and dt_proj weights), summed over
+        those routes in the op.
+
+        Args:
+            u: (b, d, H, W), shared by the routes.
+            dts: (b, routes, r, H, W), the low-rank delta.
+            B: (b, routes, N, H, W).
+            C: (b, routes, N, H, W).
+            routes: Which of the four routes, as a slice.
+        """
+        dtype = u.dtype
+        per_route = (self.n_routes, self.d_inner)
+        return selective_scan_2d(
             u,
             dts.to(dtype),
-            -torch.exp(self.A_logs.float()),
+            -torch.exp(self.A_logs.float().view(*per_route, -1)[routes].flatten(0, 1)),
             B.to(dtype),
             C.to(dtype),
-            D=self.Ds.float(),
-            delta_bias=self.dt_projs_bias.reshape(-1).float(),
+            D=self.Ds.float().view(per_route)[routes].flatten(),
+            delta_bias=self.dt_projs_bias.float()[routes].flatten(),
             delta_softplus=True,
-            direction=SCAN_DIRECTIONS[self.scan],
+            direction=SCAN_DIRECTIONS[self.scan][routes],
             backend=self.scan_backend,
-            delta_proj=self.dt_projs_weight,
-            # the 2D routes are summed in the op, whose backward then reads one gradient map per channel for all
-            # four routes (summing outside, autograd would expand the gradient to four copies)
-            sum_groups=two_d,
+            delta_proj=self.dt_projs_weight[routes],
+            sum_groups=True,
         )
-        if not two_d:
-            y = _unflatten_routes(y.reshape(b, k, d, *u.shape[-2:]), h, w).sum(dim=1)
-        # The routes are summed in the scan's layout, then the 4x smaller sum goes channels_last: on an H100 this
-        # beat summing straight into channels_last, a reduction whose reads and writes cannot both be contiguous.
-        return y.contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.conv2d(self.in_proj(x)))
@@ -293,20 +309,32 @@ class _NCHWCopy(torch.autograd.Function):
         return grad.contiguous(memory_format=torch.channels_last)
 
 
-def _flatten_routes(t: torch.Tensor) -> torch.Tensor:
-    """(b, 4, c, H, W) -> (b, 4, c, 1, H*W): routes 0 and 2 row-major, routes 1 and 3 column-major (VMamba's
-    cross-scan)."""
-    rows = t[:, 0::2].flatten(-2)
-    cols = t[:, 1::2].transpose(-1, -2).flatten(-2)
-    return torch.stack((rows, cols), dim=2).flatten(1, 2).unsqueeze(-2)
+class _TransposedCopy(torch.autograd.Function):
+    """A channels_last map's columns as NCHW rows, `x.transpose(-1, -2)` made contiguous (b, d, W, H): what VMamba's
+    column-major routes scan. Its gradient goes back channels_last, like _NCHWCopy's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(-1, -2).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.transpose(-1, -2).contiguous(memory_format=torch.channels_last)
 
 
-def _unflatten_routes(y: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Inverse of `_flatten_routes`: every route's output back on the H x W map."""
-    y = y.squeeze(-2)
-    rows = y[:, 0::2].unflatten(-1, (height, width))
-    cols = y[:, 1::2].unflatten(-1, (width, height)).transpose(-1, -2)
-    return torch.stack((rows, cols), dim=2).flatten(1, 2)
+class _CrossMerge(torch.autograd.Function):
+    """VMamba's cross-merge of the two route sums: the row-major routes' (b, d, H, W) plus the column-major routes'
+    (b, d, W, H) transposed, written channels_last in one pass; each gradient goes back in its input's layout."""
+
+    @staticmethod
+    def forward(ctx, along_rows: torch.Tensor, along_cols: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(along_rows.shape, dtype=along_rows.dtype, device=along_rows.device,
+                          memory_format=torch.channels_last)
+        return torch.add(along_rows, along_cols.transpose(-1, -2), out=out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad.contiguous(), grad.transpose(-1, -2).contiguous()
 
 
 class VSSBlock(nn.Module):
