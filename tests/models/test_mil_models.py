@@ -80,6 +80,22 @@ def test_pad_cells_hold_the_learnable_token():
                                int(positions[:, 1].max() - positions[:, 1].min()) + 1)
 
 
+@pytest.mark.parametrize("n", [1, 2, 37])
+def test_grid_layout_is_the_bounding_box(n):
+    """The flat cell of each patch is row * width + column within the bounding box of the bag's cells (offset
+    anywhere, any order), and two patches on one cell are an error."""
+    gen = torch.Generator().manual_seed(n)
+    cells = torch.randperm(9 * 11, generator=gen)[:n]
+    positions = torch.stack([cells // 11 + 40, cells % 11 + 7], dim=1)
+    flat, height, width = grid_layout(positions)
+    rows, cols = positions[:, 0] - positions[:, 0].min(), positions[:, 1] - positions[:, 1].min()
+    assert (height, width) == (int(rows.max()) + 1, int(cols.max()) + 1)
+    assert torch.equal(flat, rows * width + cols)
+    if n > 1:
+        with pytest.raises(ValueError, match="share a grid cell"):
+            grid_layout(torch.cat([positions, positions[-1:]]))
+
+
 @pytest.mark.parametrize("cls", [MambaMIL2D, MambaMIL1D])
 def test_any_number_of_layers_all_trained(cls):
     torch.manual_seed(0)

@@ -123,11 +123,14 @@ def grid_layout(positions: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     Raises:
         ValueError: Two patches share a grid cell.
     """
-    rows = positions[:, 0] - positions[:, 0].min()
-    cols = positions[:, 1] - positions[:, 1].min()
-    height, width = int(rows.max()) + 1, int(cols.max()) + 1
-    flat = rows * width + cols
-    if torch.unique(flat).numel() != flat.numel():
+    cells = positions - positions.min(dim=0).values
+    last = cells.max(dim=0).values
+    flat = cells[:, 0] * (last[1] + 1) + cells[:, 1]
+    ordered = flat.sort().values
+    shared = (ordered[1:] == ordered[:-1]).any()
+    # the grid's size and the duplicate check reach the host together: one synchronisation per slide, not three
+    height, width, duplicates = (torch.stack((last[0] + 1, last[1] + 1, shared.to(last.dtype))).tolist())
+    if duplicates:
         raise ValueError("MIL grid: two patches of one slide share a grid cell (duplicate positions)")
     return flat, height, width
 
