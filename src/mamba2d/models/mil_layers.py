@@ -129,7 +129,7 @@ def grid_layout(positions: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     ordered = flat.sort().values
     shared = (ordered[1:] == ordered[:-1]).any()
     # the grid's size and the duplicate check reach the host together: one synchronisation per slide, not three
-    height, width, duplicates = (torch.stack((last[0] + 1, last[1] + 1, shared.to(last.dtype))).tolist())
+    height, width, duplicates = torch.stack((last[0] + 1, last[1] + 1, shared.to(last.dtype))).tolist()
     if duplicates:
         raise ValueError("MIL grid: two patches of one slide share a grid cell (duplicate positions)")
     return flat, height, width
