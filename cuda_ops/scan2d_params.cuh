@@ -58,6 +58,20 @@ struct M2DScanParams {
     int keep_tops, ck_chunks;
 };
 
+// The layer-norm backward (layer_norm.cu).
+struct M2DLayerNormBwdParams {
+    const void* x;        // T [rows][C], the input as kept for the backward
+    const void* dy;       // T [rows][C], the output's gradient
+    const float* weight;  // [C] or null
+    const float* mean;    // [rows], or null where x holds the deviations x - mean
+    const float* rstd;    // [rows]
+    void* dx;             // TX [rows][C]
+    float* dw_part;       // [gridDim.x][C] per-block sums of dy * (x - mean) * rstd
+    float* db_part;       // [gridDim.x][C] per-block sums of dy
+    m2d_i64 rows;
+    int C;
+};
+
 // The layer-norm forward (layer_norm.cu).
 struct M2DLayerNormParams {
     const void* x;        // T [rows][C]
@@ -66,7 +80,7 @@ struct M2DLayerNormParams {
     void* y;              // TO [rows][C]
     float* mean_out;      // [rows] or null
     float* rstd_out;      // [rows] or null
-    void* x_low;          // TO [rows][C] or null
+    void* dev_low;        // TO [rows][C] or null: x - mean, rounded to TO
     m2d_i64 rows;
     int C;
     float eps;

@@ -350,6 +350,24 @@ def test_ss2d_compiles_as_one_graph(scan):
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear2d_is_the_1x1_convolution_in_both_layouts(bias):
+    """Linear2d gives the 1x1 convolution's output and gradients (float64) on NCHW and channels_last maps, and a
+    channels_last map stays channels_last (the GEMM on its (pixels, channels) view)."""
+    torch.manual_seed(0)
+    layer = vmamba.Linear2d(6, 5, bias=bias).double()
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 6, 3, 7, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
+        out = layer(x)
+        assert out.is_contiguous(memory_format=memory_format)
+        want = F.conv2d(x, layer.weight[:, :, None, None], layer.bias)
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+        dy = torch.randn_like(out)
+        leaves = [x, layer.weight] + ([layer.bias] if bias else [])
+        for g, w in zip(torch.autograd.grad(out, leaves, dy), torch.autograd.grad(want, leaves, dy)):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
 def test_backbone_stream_stays_channels_last():
     """From the input on, no layer norm copies and no element-wise op mixes layouts in a whole training step."""
     torch.manual_seed(0)

@@ -93,13 +93,18 @@ def test_usable_only_for_contiguous_rows_of_matching_parameters():
 
 
 @pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
-                                             (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
-@pytest.mark.parametrize("channels,affine", [(48, True), (96, False), (384, True), (1000, True)])
-def test_gradients_match_pytorch(dtype, out_dtype, channels, affine):
-    """Input, weight and bias gradients (PyTorch's backward from the kernel's mean and 1/std) against F.layer_norm's
-    autograd in float64 on the same rounded inputs; also through a permuted channels-last view."""
+                                             (torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float16, torch.float32)])
+@pytest.mark.parametrize("channels,affine,rows", [(48, True, 90), (96, False, 90), (384, True, 90), (1000, True, 90),
+                                                  (1, True, 7), (7, True, 90), (127, True, 1), (768, True, 90),
+                                                  (1024, True, 90), (96, True, 40_000), (768, False, 3_000)])
+def test_gradients_match_pytorch(dtype, out_dtype, channels, affine, rows):
+    """Input, weight and bias gradients (the kernels' backward from the forward's mean and 1/std) against
+    F.layer_norm's autograd in float64 on the same rounded inputs, for row lengths that fill a lane's values or
+    not, row counts that end inside a warp (its lanes past the last row must still join the row sums' shuffles)
+    and row counts beyond one pass of the backward's grid."""
     gen = torch.Generator().manual_seed(channels)
-    x = (torch.randn(2, 9, 5, channels, generator=gen) * 2 + 0.5).to(dtype).cuda()
+    x = (torch.randn(rows, channels, generator=gen) * 2 + 0.5).to(dtype).cuda()
     params = [torch.randn(channels, generator=gen).cuda() if affine else None for _ in range(2)]
     dy = torch.randn(x.shape, generator=gen).cuda().to(out_dtype)
 
@@ -118,6 +123,49 @@ def test_gradients_match_pytorch(dtype, out_dtype, channels, affine):
     bound = 1e-5 if dtype == out_dtype == torch.float32 else 2e-2
     for name, g, r in zip(("x", "weight", "bias"), ours, ref):
         assert _rel(g, r) <= bound, name
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_narrow_output_gradients_where_the_mean_dominates(out_dtype):
+    """With a 16-bit output (autocast) the backward keeps a 16-bit copy of the input, rounded after centring: its
+    error is relative to the deviations from the mean, so rows whose mean is a thousand times their spread (where
+    rounding the input itself would lose the deviations) get gradients as accurate as the 16-bit output allows."""
+    gen = torch.Generator().manual_seed(5)
+    x = (1000 + torch.randn(500, 96, generator=gen)).cuda()
+    params = [torch.randn(96, generator=gen).cuda() for _ in range(2)]
+    dy = torch.randn(x.shape, generator=gen).cuda().to(out_dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, *params)]
+    cuda_layer_norm.layer_norm(*leaves, 1e-5, out_dtype).backward(dy)
+    ref = [t.double().requires_grad_() for t in (x, *params)]
+    F.layer_norm(ref[0], (96,), ref[1], ref[2], 1e-5).backward(dy.double())
+    for name, g, r in zip(("x", "weight", "bias"), leaves, ref):
+        assert _rel(g.grad, r.grad) <= 2e-2, name
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, torch.float32), (torch.float32, torch.float16),
+                                             (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("channels", [3, 48, 96, 384, 1000])
+def test_backward_matches_pytorch_backward_and_is_deterministic(dtype, out_dtype, channels):
+    """From the same kept input and statistics, the backward kernel gives aten::native_layer_norm_backward's
+    gradients (float32: to 1e-5; the weight and bias sums differ only in summation order), bitwise the same on a
+    second run, and the input's gradient in the input's dtype."""
+    gen = torch.Generator().manual_seed(channels + 1)
+    x = (torch.randn(6000, channels, generator=gen) * 3 - 1).to(dtype).cuda().requires_grad_()
+    weight, bias = (torch.randn(channels, generator=gen).cuda().requires_grad_() for _ in range(2))
+    dy = torch.randn(x.shape, generator=gen).cuda().to(out_dtype)
+    out = cuda_layer_norm.layer_norm(x, weight, bias, 1e-5, out_dtype)
+    kept, _, _, mean, rstd = out.grad_fn.saved_tensors
+    assert (mean is None) == (out_dtype.itemsize < dtype.itemsize)  # a narrower output keeps the deviations
+    mean = torch.zeros_like(rstd) if mean is None else mean
+    first = torch.autograd.grad(out, (x, weight, bias), dy, retain_graph=True)
+    second = torch.autograd.grad(out, (x, weight, bias), dy)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert [g.dtype for g in first] == [dtype, torch.float32, torch.float32]
+    want = torch.ops.aten.native_layer_norm_backward(
+        dy.to(kept.dtype).float(), kept.float(), [channels], mean, rstd, weight.detach(), bias.detach(),
+        [True, True, True])
+    for name, g, w in zip(("x", "weight", "bias"), first, want):
+        assert _rel(g, w) <= (1e-5 if dtype == out_dtype == torch.float32 else 1e-2), name
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -64,17 +64,24 @@ default_cfgs = generate_default_cfgs(
 
 
 class Linear2d(nn.Linear):
-    """A 1x1 convolution on NCHW maps that keeps nn.Linear's (out, in) weight, as VMamba's checkpoints store it."""
+    """A 1x1 convolution on NCHW maps that keeps nn.Linear's (out, in) weight, as VMamba's checkpoints store it.
+
+    A channels_last map is one (pixels, channels) matrix, so it runs as `F.linear` on that view (one GEMM with the
+    bias in its epilogue, where cuDNN's 1x1 convolution adds the bias in a pass of its own) and stays channels_last;
+    other layouts run the convolution.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
         return F.conv2d(x, self.weight[:, :, None, None], self.bias)
 
 
 class ChannelsLastLayerNorm2d(LayerNorm2d):
     """Layer norm over the channels of an NCHW map: timm's LayerNorm2d (same parameters, checkpoints and output
     dtype: float32 under autocast) with VMamba's eps. On a CUDA channels_last map it normalises on the short-row
-    layer-norm kernel (`mamba2d.ops.cuda_layer_norm`; PyTorch's kernel idles most of its threads on rows of 48-768
-    channels), with PyTorch's layer-norm backward.
+    layer-norm kernels, forward and backward (`mamba2d.ops.cuda_layer_norm`; PyTorch's kernels idle most of their
+    threads on rows of 48-768 channels).
 
     Args:
         num_channels: Channels normalised per pixel.

@@ -323,11 +323,13 @@ def nvcc_translation_unit(source: str, arch: int = 90, tuning: ScanTuning = DEFA
     return kernel_source(source) + f"\n\nvoid* mamba2d_force_instantiation[] = {{\n    {refs}\n}};\n"
 
 
-#: Source of the short-row layer-norm forward (mamba2d.ops.cuda_layer_norm; the backward is PyTorch's) and the
-#: longest row it takes (32 lanes x 32 values in registers); longer rows go to PyTorch's kernel.
+#: Source of the short-row layer-norm forward and backward (mamba2d.ops.cuda_layer_norm) and the longest row they
+#: take (32 lanes x 32 values in registers); longer rows go to PyTorch's kernels.
 LAYER_NORM_SOURCE = "layer_norm.cu"
 LAYER_NORM_MAX_C = 1024
-LAYER_NORM_THREADS = 256  # the kernel's __launch_bounds__
+LAYER_NORM_THREADS = 256  # the kernels' __launch_bounds__
+#: Most blocks of a layer-norm backward: each leaves one row of partial weight and bias gradients, summed after it.
+LAYER_NORM_BWD_MAX_BLOCKS = 1024
 
 
 def _pow2_at_least(n: int) -> int:
@@ -357,11 +359,24 @@ def layer_norm_kernel_name(in_tag: str, out_tag: str, channels: int) -> str:
     return f"mamba2d_layer_norm_fwd<{in_tag}, {out_tag}, {lanes}, {values}>"
 
 
+def layer_norm_bwd_kernel_name(kept_tag: str, in_tag: str, channels: int) -> str:
+    """Name expression (NVRTC) of the layer-norm backward instantiation for rows of `channels` values.
+
+    Args:
+        kept_tag: C++ storage type of the input as the forward kept it and of the output's gradient.
+        in_tag: C++ storage type of the input (the input gradient's).
+        channels: Values per row (the forward's lanes and values per lane).
+    """
+    lanes, values = layer_norm_lanes(channels)
+    return f"mamba2d_layer_norm_bwd<{kept_tag}, {in_tag}, {lanes}, {values}>"
+
+
 def nvcc_layer_norm_translation_unit() -> str:
-    """The layer-norm kernel with every instantiation a row length up to LAYER_NORM_MAX_C and a dtype pair use."""
+    """The layer-norm kernels with every instantiation a row length up to LAYER_NORM_MAX_C and a dtype pair use."""
     tags = list(DTYPE_TAGS.values())
-    names = dict.fromkeys(layer_norm_kernel_name(i, o, c) for i in tags for o in tags
-                          for c in range(1, LAYER_NORM_MAX_C + 1))
+    names = dict.fromkeys(name for i in tags for o in tags for c in range(1, LAYER_NORM_MAX_C + 1)
+                          for name in (layer_norm_kernel_name(i, o, c), layer_norm_bwd_kernel_name(o, i, c),
+                                       layer_norm_bwd_kernel_name(i, i, c)))
     refs = ",\n    ".join(f"(void*)&{name}" for name in names)
     return kernel_source(LAYER_NORM_SOURCE) + f"\n\nvoid* mamba2d_force_instantiation[] = {{\n    {refs}\n}};\n"
 

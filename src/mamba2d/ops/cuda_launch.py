@@ -123,15 +123,26 @@ class LayerNormParams(ctypes.Structure):
     """`M2DLayerNormParams`: the parameters of the layer-norm forward (see scan2d_params.cuh)."""
 
     _fields_ = [
-        *((name, _PTR) for name in ("x", "weight", "bias", "y", "mean_out", "rstd_out", "x_low")),
+        *((name, _PTR) for name in ("x", "weight", "bias", "y", "mean_out", "rstd_out", "dev_low")),
         ("rows", _I64),
         ("C", _I32),
         ("eps", _F32),
     ]
 
 
+class LayerNormBwdParams(ctypes.Structure):
+    """`M2DLayerNormBwdParams`: the parameters of the layer-norm backward (see scan2d_params.cuh)."""
+
+    _fields_ = [
+        *((name, _PTR) for name in ("x", "dy", "weight", "mean", "rstd", "dx", "dw_part", "db_part")),
+        ("rows", _I64),
+        ("C", _I32),
+    ]
+
+
 #: The C struct each ctypes mirror stands for.
-PARAM_STRUCTS = {"M2DScanParams": ScanParams, "M2DLayerNormParams": LayerNormParams}
+PARAM_STRUCTS = {"M2DScanParams": ScanParams, "M2DLayerNormParams": LayerNormParams,
+                 "M2DLayerNormBwdParams": LayerNormBwdParams}
 
 _STRUCT_CODES = {_PTR: "P", _I64: "q", _I32: "i", _F32: "f"}
 _layouts: dict[type, tuple] = {}

@@ -1,13 +1,15 @@
-"""Layer norm over the channels of channels-last maps on the short-row CUDA kernel of cuda_ops/layer_norm.cu
-(NVRTC through CuPy, like the scan kernels), with PyTorch's own layer-norm backward.
+"""Layer norm over the channels of channels-last maps on the short-row CUDA kernels of cuda_ops/layer_norm.cu
+(NVRTC through CuPy, like the scan kernels), forward and backward.
 
-PyTorch's layer-norm kernel gives every row a block of 128 threads; on a channels-last feature map a row is one
+PyTorch's layer-norm kernels give every row a block of 128 threads; on a channels-last feature map a row is one
 pixel's 48-768 channels, so most of those threads idle and the map moves at a small fraction of the memory
-bandwidth. The kernel here packs several rows into a warp and reads and writes each value
-once. When a gradient is wanted it also writes each row's mean and 1/std (and, for an output of lower precision
-than the input, as under autocast, the input rounded to the output's dtype, which the backward keeps instead of the
-input: half the memory), and the backward is `aten::native_layer_norm_backward`, the kernel F.layer_norm's autograd
-runs (first-order gradients only).
+bandwidth. The kernels here pack several rows into a warp and read and write each value once. When a gradient is
+wanted the forward also writes each row's mean and 1/std (and, for an output of lower precision than the input, as
+under autocast, the deviations from the mean rounded to the output's dtype, which the backward keeps instead of the
+input: half the memory, with an error relative to the deviations rather than to the input). The backward reads the
+kept input and the output's gradient once, writes the input's gradient in the
+input's dtype and leaves per-block partial sums of the weight and bias gradients, which are summed in a fixed order
+(first-order gradients only; `aten::native_layer_norm_backward` computes the same from the same statistics).
 `usable` says whether a call may take the kernel (a CUDA tensor whose rows are contiguous, CuPy present, not under
 torch.compile); everything else stays with F.layer_norm.
 """
@@ -17,9 +19,17 @@ from __future__ import annotations
 import torch
 
 from . import cuda_build
-from .cuda_launch import LayerNormParams, compiled_kernels, cupy_importable, device_index, launch_kernel, make_params
+from .cuda_launch import (
+    LayerNormBwdParams,
+    LayerNormParams,
+    compiled_kernels,
+    cupy_importable,
+    device_index,
+    launch_kernel,
+    make_params,
+)
 
-_kernels: dict[tuple[int, str, str, tuple[int, int]], object] = {}
+_kernels: dict[tuple[int, str], tuple[object]] = {}
 
 
 def usable(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
@@ -58,22 +68,44 @@ def layer_norm(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
 
 
 def _forward(rows, weight, bias, eps, out_dtype, for_backward):
-    """(output, mean, 1/std, input as kept for the backward); the last three are None unless `for_backward`."""
+    """(output, mean, 1/std, input as kept for the backward); the last three are None unless `for_backward`, and the
+    mean is None where the backward keeps the deviations from it (an output narrower than the input)."""
     channels = rows.shape[-1]
     out = torch.empty(rows.shape, dtype=out_dtype, device=rows.device)
     stats = [torch.empty((*rows.shape[:-1], 1), dtype=torch.float32, device=rows.device) if for_backward else None
              for _ in range(2)]
     lower = for_backward and out_dtype.itemsize < rows.dtype.itemsize
-    rows_low = torch.empty(rows.shape, dtype=out_dtype, device=rows.device) if lower else None
+    deviations = torch.empty(rows.shape, dtype=out_dtype, device=rows.device) if lower else None
     fn = _kernel(rows.device, rows.dtype, out_dtype, channels)
     w32, b32 = (None if t is None else t.detach().to(torch.float32).contiguous() for t in (weight, bias))
     count = rows.numel() // channels
     lanes, _ = cuda_build.layer_norm_lanes(channels)
     threads = cuda_build.LAYER_NORM_THREADS
     params = make_params(LayerNormParams, x=rows, weight=w32, bias=b32, y=out, mean_out=stats[0], rstd_out=stats[1],
-                         x_low=rows_low, rows=count, C=channels, eps=eps)
+                         dev_low=deviations, rows=count, C=channels, eps=eps)
     launch_kernel(fn, rows.device, (-(-count * lanes // threads), 1), threads, 0, params)
-    return out, stats[0], stats[1], (rows_low if lower else rows) if for_backward else None
+    if not for_backward:
+        return out, None, None, None
+    return (out, None, stats[1], deviations) if lower else (out, stats[0], stats[1], rows)
+
+
+def _backward(grad_out, rows, weight, mean, rstd, input_dtype):
+    """(input, weight, bias) gradients of the forward that kept `rows` (in its dtype; the deviations from the mean
+    where `mean` is None) and the statistics; the last two float32 sums over the rows, in a fixed order."""
+    channels = rows.shape[-1]
+    count = rows.numel() // channels
+    lanes, values = cuda_build.layer_norm_lanes(channels)
+    threads = cuda_build.LAYER_NORM_THREADS
+    blocks = max(1, min(cuda_build.LAYER_NORM_BWD_MAX_BLOCKS, -(-count * lanes // threads)))
+    d_rows = torch.empty(rows.shape, dtype=input_dtype, device=rows.device)
+    parts = torch.empty((2, blocks, channels), dtype=torch.float32, device=rows.device)
+    w32 = None if weight is None else weight.detach().to(torch.float32).contiguous()
+    params = make_params(LayerNormBwdParams, x=rows, dy=grad_out.to(rows.dtype).contiguous(), weight=w32, mean=mean,
+                         rstd=rstd, dx=d_rows, dw_part=parts[0], db_part=parts[1], rows=count, C=channels)
+    fn = _kernel(rows.device, input_dtype, rows.dtype, channels, backward=True)
+    launch_kernel(fn, rows.device, (blocks, 1), threads, 2 * 4 * threads * values, params)
+    d_weight, d_bias = parts.sum(dim=1)
+    return d_rows, d_weight, d_bias
 
 
 class _LayerNorm(torch.autograd.Function):
@@ -88,22 +120,17 @@ class _LayerNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         rows, weight, bias, mean, rstd = ctx.saved_tensors
-        # PyTorch's backward wants one dtype: the kept input's (what F.layer_norm would have been called with)
-        weight_c, bias_c = (None if t is None else t.to(rows.dtype) for t in (weight, bias))
-        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-                bias is not None and ctx.needs_input_grad[2]]
-        d_rows, d_weight, d_bias = torch.ops.aten.native_layer_norm_backward(
-            grad_out.to(rows.dtype).contiguous(), rows, [rows.shape[-1]], mean, rstd, weight_c, bias_c, mask)
-        d_rows = d_rows.to(ctx.input_dtype) if d_rows is not None else None
-        d_weight = d_weight.to(weight.dtype) if d_weight is not None else None
-        d_bias = d_bias.to(bias.dtype) if d_bias is not None else None
-        return d_rows, d_weight, d_bias, None, None
+        d_rows, d_weight, d_bias = _backward(grad_out, rows, weight, mean, rstd, ctx.input_dtype)
+        d_weight = d_weight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        d_bias = d_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return d_rows if ctx.needs_input_grad[0] else None, d_weight, d_bias, None, None
 
 
-def _kernel(device: torch.device, dtype: torch.dtype, out_dtype: torch.dtype, channels: int):
+def _kernel(device: torch.device, dtype: torch.dtype, out_dtype: torch.dtype, channels: int, backward: bool = False):
+    """The forward of an input of `dtype` with an output of `out_dtype`, or (`backward`) the backward of an input
+    of `dtype` kept in `out_dtype`, for rows of `channels` values."""
     index = device_index(device)
     in_tag, out_tag = cuda_build.DTYPE_TAGS[dtype], cuda_build.DTYPE_TAGS[out_dtype]
-    key = (index, in_tag, out_tag, cuda_build.layer_norm_lanes(channels))
-    return compiled_kernels(
-        _kernels, key, index, cuda_build.LAYER_NORM_SOURCE,
-        lambda: [cuda_build.layer_norm_kernel_name(in_tag, out_tag, channels)])[0]
+    name = (cuda_build.layer_norm_bwd_kernel_name(out_tag, in_tag, channels) if backward
+            else cuda_build.layer_norm_kernel_name(in_tag, out_tag, channels))
+    return compiled_kernels(_kernels, (index, name), index, cuda_build.LAYER_NORM_SOURCE, lambda: [name])[0]
