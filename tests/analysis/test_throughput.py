@@ -1,7 +1,11 @@
 """Throughput tool on CPU with small settings: every mode and precision runs and the table is printed."""
 
+import pytest
+import timm
+import torch
 from repo_tools import load_tool
 
+import mamba2d  # noqa: F401  (registers the models)
 from mamba2d.analysis import throughput
 from mamba2d.cli import main
 
@@ -63,3 +67,14 @@ def test_model_benchmark_compares_at_the_same_precision_and_judges_targets():
     assert "2.00x (meets ≥2.0x)" in table[4] and "0.80x (meets ≤0.8x)" in table[4]
     assert "1.99x (misses ≥2.0x)" in table[5] and "0.81x (misses ≤0.8x)" in table[5]
     assert "| — | — |" in table[6]
+
+
+def test_cuda_graph_needs_training_on_cuda():
+    """CUDA-graph timing is refused, naming the setting, where it cannot run (CPU, inference)."""
+    model = timm.create_model("vmamba2d_nano")
+    for mode in ("training", "inference"):
+        with pytest.raises(ValueError, match="cuda_graph needs mode 'training' on a CUDA device"):
+            throughput.measure(model, "vmamba2d_nano", mode, "fp32", 1, 32, torch.device("cpu"), 0, 1,
+                               cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph needs a CUDA device"):
+        throughput.throughput(["vmamba2d_nano"], batch=1, size=32, device="cpu", cuda_graph=True)

@@ -69,9 +69,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device, precision: str):
+def _autocast(device: torch.device, precision: str, cache_enabled: bool = True):
     dtype = PRECISIONS[precision]
-    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def _peak_memory_gb(device: torch.device) -> tuple[float, str]:
@@ -83,7 +83,8 @@ def _peak_memory_gb(device: torch.device) -> tuple[float, str]:
 
 
 def measure(model: nn.Module, name: str, mode: str, precision: str, batch: int, size: int,
-            device: torch.device, warmup: int = 50, iters: int = 30, in_chans: int = 3) -> Measurement:
+            device: torch.device, warmup: int = 50, iters: int = 30, in_chans: int = 3,
+            cuda_graph: bool = False) -> Measurement:
     """Images/s and peak memory of `model` for one (mode, precision) setting.
 
     Args:
@@ -97,30 +98,43 @@ def measure(model: nn.Module, name: str, mode: str, precision: str, batch: int, 
         warmup: Untimed steps.
         iters: Timed steps.
         in_chans: Image channels.
+        cuda_graph: Training only, on CUDA: run the model's forward and backward as CUDA graphs
+            (`torch.cuda.make_graphed_callables`, which replaces the forward of `model` itself, for this precision
+            and shape), so that the host enqueues two graph launches a step instead of every kernel; where the host
+            cannot keep up with the GPU, this measures the GPU's pace. The loss and its backward stay eager.
+
+    Raises:
+        ValueError: An unknown mode or precision, or `cuda_graph` outside training on CUDA.
     """
     if mode not in MODES or precision not in PRECISIONS:
         raise ValueError(f"measure: mode must be one of {MODES} and precision one of {tuple(PRECISIONS)}, "
                          f"got {mode!r}, {precision!r}")
+    if cuda_graph and (mode != "training" or device.type != "cuda"):
+        raise ValueError(f"measure: cuda_graph needs mode 'training' on a CUDA device, got {mode!r} on {device}")
     model = model.to(device)
     x = torch.randn(batch, in_chans, size, size, device=device)
     num_classes = getattr(model, "num_classes", 0)
     target = torch.randint(0, max(num_classes, 1), (batch,), device=device)
+    model.train(mode == "training")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    if cuda_graph:
+        # captured under the precision it will replay with; autocast's cast cache must be off while capturing
+        with _autocast(device, precision, cache_enabled=False):
+            model = torch.cuda.make_graphed_callables(model, (x,))
 
     def step() -> None:
         if mode == "inference":
             with torch.inference_mode(), _autocast(device, precision):
                 model(x)
             return
-        with _autocast(device, precision):
+        with _autocast(device, precision, cache_enabled=not cuda_graph):
             out = model(x)
             loss = F.cross_entropy(out.float(), target) if num_classes else out.float().mean()
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    model.train(mode == "training")
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
         step()
     _sync(device)
@@ -134,7 +148,8 @@ def measure(model: nn.Module, name: str, mode: str, precision: str, batch: int, 
 
 
 def run(names: Sequence[str], batch: int, size: int, device: torch.device, modes: Sequence[str] = MODES,
-        precisions: Sequence[str] = DEFAULT_PRECISIONS, warmup: int = 50, iters: int = 30) -> list[Measurement]:
+        precisions: Sequence[str] = DEFAULT_PRECISIONS, warmup: int = 50, iters: int = 30,
+        cuda_graph: bool = False) -> list[Measurement]:
     """Measure every model (timm names, random weights: speed does not depend on them) in every setting.
 
     Args:
@@ -146,6 +161,7 @@ def run(names: Sequence[str], batch: int, size: int, device: torch.device, modes
         precisions: Keys of PRECISIONS.
         warmup: Untimed steps per setting.
         iters: Timed steps per setting.
+        cuda_graph: Training as CUDA graphs (see `measure`), one freshly built model per precision.
     """
     import timm
 
@@ -156,13 +172,15 @@ def run(names: Sequence[str], batch: int, size: int, device: torch.device, modes
         model = timm.create_model(name)
         for mode in modes:
             for precision in precisions:
-                results.append(measure(model, name, mode, precision, batch, size, device, warmup, iters))
+                graphed = cuda_graph and mode == "training"
+                results.append(measure(timm.create_model(name) if graphed else model, name, mode, precision, batch,
+                                       size, device, warmup, iters, cuda_graph=graphed))
     return results
 
 
 def throughput(models: list[str], batch: int = 128, size: int = 224, device: str = "auto",
                modes: Sequence[str] = MODES, precisions: Sequence[str] = DEFAULT_PRECISIONS, tf32: bool = False,
-               warmup: int = 50, iters: int = 30) -> list[Measurement]:
+               warmup: int = 50, iters: int = 30, cuda_graph: bool = False) -> list[Measurement]:
     """Inference and training (forward + backward) images/s and peak memory (GB = 10^9 bytes) per precision, with
     VMamba's protocol (50 warm-up, 30 timed iterations); prints the device, the precision and the units.
 
@@ -176,6 +194,8 @@ def throughput(models: list[str], batch: int = 128, size: int = 224, device: str
         tf32: Allow TF32 matmuls and convolutions in fp32 (VMamba's protocol runs with TF32 on).
         warmup: Untimed steps per setting.
         iters: Timed steps per setting.
+        cuda_graph: Run training steps as CUDA graphs (CUDA only; see `measure`): the GPU's pace where the host
+            falls behind. Inference stays eager.
     """
     unknown = sorted(set(modes) - set(MODES)) + sorted(set(precisions) - set(PRECISIONS))
     if unknown:
@@ -184,9 +204,12 @@ def throughput(models: list[str], batch: int = 128, size: int = 224, device: str
     if tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    results = run(models, batch, size, resolved, modes, precisions, warmup, iters)
+    if cuda_graph and resolved.type != "cuda":
+        raise ValueError(f"throughput: cuda_graph needs a CUDA device, got {resolved}")
+    results = run(models, batch, size, resolved, modes, precisions, warmup, iters, cuda_graph)
     label = torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else "CPU"
-    print(f"device: {label}; warm-up {warmup}, timed {iters} iterations; precision: fp32 = float32 "
+    print(f"device: {label}; warm-up {warmup}, timed {iters} iterations"
+          f"{'; training as CUDA graphs' if cuda_graph else ''}; precision: fp32 = float32 "
           f"(TF32 {'on' if tf32 else 'off'}), fp16 / bf16 = float16 / bfloat16 autocast; images/s = images per "
           "second; peak GB = 10^9 bytes")
     print(HEADER)
