@@ -16,11 +16,15 @@ warm-up likewise after 2 calls (the first compiles and allocates). Peak memory i
 over the timed reps (weights and input included) in GB = 10^9 bytes; CPU has no per-call peak, so none is given.
 Attention's cost grows with the square of the pixels: sides above `--sdpa-max-side` are recorded as skipped, and a
 size that runs out of GPU memory is recorded as OOM. The scaling columns compare each size with the previous one of
-the same mixer and pass. The model-speed targets checked at the end: 2d time at 1024² / 512² at most 4.2 (fwd and
-fwd+bwd), and 2d time / sdpa time at most 1.0 at 32², 64² and 128².
+the same mixer and pass. With `--cuda-graph` (CUDA only) each measurement's call is captured once as a CUDA graph
+(after warm-up calls on a side stream, autocast's cast cache off) and the graph's replay is timed: one launch per
+call, so the times are the kernels' pace without the host's, for every mixer alike. The model-speed targets checked
+at the end: 2d time at 1024² / 512² at most 4.2 (fwd and fwd+bwd), and 2d time / sdpa time at most 1.0 at 32², 64²
+and 128².
 
     python tools/bench_token_mixer.py [--sizes 32 64 128 256 512 1024 2048] [--precision bf16] [--dim 128]
         [--batch 1] [--heads 4] [--device auto] [--json out.json] [--figure out.png]
+    python tools/bench_token_mixer.py --sizes 32 64 128 --cuda-graph
     python tools/bench_token_mixer.py --device cpu --sizes 8 16 --reps 2 --warmup 1
 
 `MAMBA2D_SCAN_TUNE` (`tools/scan_tuning.py`) runs the mixers' CUDA scans with other launch parameters, for A/B runs
@@ -152,6 +156,26 @@ def time_calls(fn, device: torch.device, warmup: int, reps: int, max_seconds: fl
     return run(reps, min(reps, 3))
 
 
+def captured(fn, device: torch.device):
+    """The replay of `fn` captured as one CUDA graph, after three warm-up calls on a side stream (capture needs its
+    kernels compiled and its memory pool warm).
+
+    Args:
+        fn: The call to capture; every tensor it reads must stay where it is (the graph replays on the same memory).
+        device: The CUDA device.
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def measure(name: str, module: nn.Module, side: int, pass_name: str, args: argparse.Namespace,
             device: torch.device) -> dict:
     """One (mixer, size, pass) record: median ms, peak GB and the reps timed; OOM recorded, not raised.
@@ -161,7 +185,7 @@ def measure(name: str, module: nn.Module, side: int, pass_name: str, args: argpa
         module: The mixer, on `device`.
         side: Map side in pixels.
         pass_name: One of PASSES.
-        args: The parsed command line (batch, dim, precision, warmup, reps, max_seconds).
+        args: The parsed command line (batch, dim, precision, warmup, reps, max_seconds, cuda_graph).
         device: Where the mixer runs.
     """
     record = {"mixer": name, "pass": pass_name, "side": side, "pixels": side * side, "status": "ok", "ms": None,
@@ -172,7 +196,9 @@ def measure(name: str, module: nn.Module, side: int, pass_name: str, args: argpa
     dtype = PRECISIONS[args.precision]
 
     def autocast():
-        return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+        # a captured call must cast its weights inside the graph: no cast cached across calls
+        return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype,
+                                                                  cache_enabled=not args.cuda_graph)
 
     try:
         x = make_input(name, args.batch, args.dim, side, device)
@@ -192,7 +218,8 @@ def measure(name: str, module: nn.Module, side: int, pass_name: str, args: argpa
                     out = module(x)
                 out.float().sum().backward()
 
-        times = time_calls(step, device, args.warmup, args.reps, args.max_seconds)
+        times = time_calls(captured(step, device) if args.cuda_graph else step, device, args.warmup, args.reps,
+                           args.max_seconds)
         record.update(ms=statistics.median(times), reps=len(times))
         if device.type == "cuda":
             record["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
@@ -347,12 +374,16 @@ def main(argv=None) -> int:
                         help="time after which a measurement's warm-up and timed reps stop early")
     parser.add_argument("--sdpa-max-side", type=int, default=512,
                         help="largest side sdpa runs at (its cost is quadratic in pixels); larger ones are skipped")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="time each call's replay as a CUDA graph (the kernels' pace without the host's)")
     parser.add_argument("--json", type=Path, default=None, help="also write every record as JSON here")
     parser.add_argument("--figure", type=Path, default=None, help="also save the scaling figure (PNG) here")
     args = parser.parse_args(argv)
     if sorted(args.sizes) != args.sizes:
         parser.error(f"--sizes must be ascending (the scaling columns compare neighbours), got {args.sizes}")
     device = resolve_device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        parser.error("--cuda-graph needs a CUDA device")
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"CPU ({torch.get_num_threads()} threads)")
 
@@ -378,12 +409,14 @@ def main(argv=None) -> int:
     checks = targets(records)
     header = (f"Token mixers on {device_name}; {PRECISION_TEXT[args.precision]}; batch {args.batch}, C = {args.dim}, "
               + (f"scan tuning {scan_tuning.ENV}={tuned}; " if tuned else "")
-              + f"sdpa {args.heads} heads; ms = median wall milliseconds of a synchronised call (host time included); "
-              "GB = 10^9 bytes (peak CUDA memory allocated; — on CPU)")
+              + f"sdpa {args.heads} heads; ms = median wall milliseconds of a synchronised call "
+              + ("(a CUDA graph's replay: one launch per call); " if args.cuda_graph else "(host time included); ")
+              + "GB = 10^9 bytes (peak CUDA memory allocated; — on CPU)")
     print(markdown(records, checks, header))
     if args.json:
         args.json.write_text(json.dumps({"device": device_name, "precision": args.precision, "batch": args.batch,
-                                         "dim": args.dim, "heads": args.heads, "records": records,
+                                         "dim": args.dim, "heads": args.heads, "cuda_graph": args.cuda_graph,
+                                         "records": records,
                                          "targets": checks}, indent=1))
     if args.figure:
         figure(records, f"Token mixers, batch {args.batch}, C = {args.dim}: {device_name}, {args.precision}",

@@ -106,3 +106,10 @@ def test_scan_tuning_from_the_environment_reaches_the_mixers(tool, monkeypatch, 
     assert tool.main(args) == 0
     assert [t.wide_cols_per_thread for t in seen] == [2]
     assert "scan tuning MAMBA2D_SCAN_TUNE=WIDEK=2" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_cuda_graph_timing_needs_a_cuda_device(tool, capsys):
+    """--cuda-graph times a captured graph's replay, which only a CUDA device has: refused on CPU, saying why."""
+    with pytest.raises(SystemExit):
+        tool.main(["--device", "cpu", "--sizes", "4", "--cuda-graph"])
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
