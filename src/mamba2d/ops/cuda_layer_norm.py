@@ -7,9 +7,9 @@ bandwidth. The kernels here pack several rows into a warp and read and write eac
 wanted the forward also writes each row's mean and 1/std (and, for an output of lower precision than the input, as
 under autocast, the deviations from the mean rounded to the output's dtype, which the backward keeps instead of the
 input: half the memory, with an error relative to the deviations rather than to the input). The backward reads the
-kept input and the output's gradient once, writes the input's gradient in the
-input's dtype and leaves per-block partial sums of the weight and bias gradients, which are summed in a fixed order
-(first-order gradients only; `aten::native_layer_norm_backward` computes the same from the same statistics).
+kept input and the output's gradient once, writes the input's gradient in the input's dtype and leaves per-block
+partial sums of the weight and bias gradients, which are summed in a fixed order (first-order gradients only;
+`aten::native_layer_norm_backward` computes the same from the same statistics).
 `usable` says whether a call may take the kernel (a CUDA tensor whose rows are contiguous, CuPy present, not under
 torch.compile); everything else stays with F.layer_norm.
 """
