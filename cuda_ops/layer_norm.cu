@@ -4,8 +4,8 @@
 // per warp), each keeping V of its values in registers: the row is read once and written once, mean and variance
 // come from the registers in two passes (the variance from deviations to the mean, as exact as PyTorch's Welford
 // sums), summed across the row's lanes with shuffles. The backward reads x and dy once, writes dx in the input's
-// dtype, and adds the weight and bias gradients per block in registers, leaving one row of partial sums per block
-// that the launcher sums in a fixed order (bitwise reproducible).
+// dtype, and adds the weight and bias gradients per block (in registers or shared memory, see below), leaving one
+// row of partial sums per block that the launcher sums in a fixed order (bitwise reproducible).
 #include "scan2d_common.cuh"
 
 template <int L>
