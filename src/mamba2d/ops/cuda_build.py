@@ -375,8 +375,7 @@ def nvcc_layer_norm_translation_unit() -> str:
     """The layer-norm kernels with every instantiation a row length up to LAYER_NORM_MAX_C and a dtype pair use."""
     tags = list(DTYPE_TAGS.values())
     names = dict.fromkeys(name for i in tags for o in tags for c in range(1, LAYER_NORM_MAX_C + 1)
-                          for name in (layer_norm_kernel_name(i, o, c), layer_norm_bwd_kernel_name(o, i, c),
-                                       layer_norm_bwd_kernel_name(i, i, c)))
+                          for name in (layer_norm_kernel_name(i, o, c), layer_norm_bwd_kernel_name(o, i, c)))
     refs = ",\n    ".join(f"(void*)&{name}" for name in names)
     return kernel_source(LAYER_NORM_SOURCE) + f"\n\nvoid* mamba2d_force_instantiation[] = {{\n    {refs}\n}};\n"
 
