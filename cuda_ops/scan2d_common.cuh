@@ -2,8 +2,8 @@
 //
 // Compiled by NVRTC at run time (through CuPy) and by nvcc in CI; no CUDA header is included, so the same text
 // builds anywhere. The launcher (src/mamba2d/ops/cuda_build.py) splices this file, and the parameter structs it
-// includes, into scan2d_band.cu, scan2d_wave.cu and layer_norm.cu in place of their #include lines, so CuPy's
-// on-disk cache key covers every byte of each kernel source.
+// includes, into scan2d_band.cu, scan2d_wave.cu, layer_norm.cu and layout.cu in place of their #include lines, so
+// CuPy's on-disk cache key covers every byte of each kernel source.
 #pragma once
 
 #include "scan2d_params.cuh"

@@ -1,4 +1,4 @@
-// Parameters of the 2D scan and layer-norm kernels, each kernel's passed by value as one struct.
+// Parameters of the 2D scan, layer-norm and layout-copy kernels, each kernel's passed by value as one struct.
 //
 // Plain C++ (no CUDA keyword), so that a host compiler can check the layout: mamba2d/ops/cuda_launch.py mirrors each
 // struct field by field as a ctypes.Structure and fills it by name, and tests/ops/test_scan_cuda_cpu.py compares
@@ -84,4 +84,14 @@ struct M2DLayerNormParams {
     m2d_i64 rows;
     int C;
     float eps;
+};
+
+// The layout copy (layout.cu): dst[b][c][m][r] = src[b][r][m][c], both contiguous.
+struct M2DSwapParams {
+    const void* src;  // T [batch][rows][mid][cols]
+    void* dst;        // T [batch][cols][mid][rows]
+    m2d_i64 batch;
+    m2d_i64 rows;
+    m2d_i64 mid;
+    m2d_i64 cols;
 };

@@ -15,13 +15,15 @@ NVCC = shutil.which("nvcc")
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-@pytest.mark.parametrize("unit", [*cuda_build.SCAN_SOURCES, cuda_build.LAYER_NORM_SOURCE])
+@pytest.mark.parametrize("unit", [*cuda_build.SCAN_SOURCES, cuda_build.LAYER_NORM_SOURCE, cuda_build.LAYOUT_SOURCE])
 def test_kernels_compile_with_nvcc(arch, unit, tmp_path):
     """Each kernel source is its own translation unit (as NVRTC compiles it), with every instantiation a launch plan
     may name."""
     source = tmp_path / f"all_variants_{unit}"
+    others = {cuda_build.LAYER_NORM_SOURCE: cuda_build.nvcc_layer_norm_translation_unit,
+              cuda_build.LAYOUT_SOURCE: cuda_build.nvcc_layout_translation_unit}
     text = (cuda_build.nvcc_translation_unit(unit, int(arch[3:])) if unit in cuda_build.SCAN_SOURCES
-            else cuda_build.nvcc_layer_norm_translation_unit())
+            else others[unit]())
     source.write_text(text)
     cmd = [NVCC, *cuda_build.COMPILE_OPTIONS, f"-arch={arch}", "-c", str(source), "-o", str(tmp_path / "k.o"),
            "-Werror", "all-warnings"]
@@ -33,7 +35,8 @@ def test_source_is_self_contained():
     """NVRTC gets one text per source: local includes are spliced in (the parameter structs with the common header)
     and no system header is needed."""
     band, wave = (cuda_build.kernel_source(name) for name in cuda_build.SCAN_SOURCES)
-    for source in (band, wave, cuda_build.kernel_source(cuda_build.LAYER_NORM_SOURCE)):
+    others = (cuda_build.LAYER_NORM_SOURCE, cuda_build.LAYOUT_SOURCE)
+    for source in (band, wave, *map(cuda_build.kernel_source, others)):
         assert not re.search(r"^\s*#\s*include", source, re.MULTILINE)
         assert "struct M2DScanParams {" in source and source.count("typedef long long m2d_i64;") == 1
     assert "mamba2d_scan2d_fwd(" in band and "mamba2d_scan2d_bwd(" in band and "_wave(" not in band

@@ -21,7 +21,7 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 
 from ..checkpoints import CheckpointError, check_state_dict, read_checkpoint
 from ..compat import feature_take_indices
-from ..ops import cuda_layer_norm, selective_scan_2d
+from ..ops import cuda_layer_norm, cuda_layout, selective_scan_2d
 
 __all__ = ["VSSM", "SS2D", "VSSBlock", "SCAN_DIRECTIONS", "DEFAULT_NORM_EPS"]
 
@@ -254,7 +254,7 @@ class SS2D(nn.Module):
             # an H100 this beat summing straight into channels_last, a reduction whose reads and writes cannot both
             # be contiguous.
             y = self._scan_routes(_NCHWCopy.apply(x), dts, B, C, slice(None))
-            return y.contiguous(memory_format=torch.channels_last)
+            return _ChannelsLastCopy.apply(y)
         # VMamba's cross-scan as two scans of two routes each, one per flattening of the map, each pair sharing one
         # copy of x (row-major: routes 0 and 2, column-major: 1 and 3, the second of each running backwards) and
         # summed in the op; the two sums meet in one pass that writes channels_last.
@@ -309,11 +309,24 @@ class _NCHWCopy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous()
+        return cuda_layout.to_nchw(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous(memory_format=torch.channels_last)
+        return cuda_layout.to_channels_last(grad)
+
+
+class _ChannelsLastCopy(torch.autograd.Function):
+    """The 2D routes' sum (NCHW, as the scan writes it) turned channels_last like the residual stream, whose
+    gradient goes back NCHW, the layout in which the scan's backward reads it."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+        return cuda_layout.to_channels_last(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return cuda_layout.to_nchw(grad)
 
 
 class _TransposedCopy(torch.autograd.Function):
@@ -322,11 +335,11 @@ class _TransposedCopy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.transpose(-1, -2).contiguous()
+        return cuda_layout.to_transposed_nchw(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.transpose(-1, -2).contiguous(memory_format=torch.channels_last)
+        return cuda_layout.from_transposed_nchw(grad)
 
 
 class _CrossMerge(torch.autograd.Function):
@@ -341,7 +354,7 @@ class _CrossMerge(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return grad.contiguous(), grad.transpose(-1, -2).contiguous()
+        return cuda_layout.to_nchw(grad), cuda_layout.to_transposed_nchw(grad)
 
 
 class VSSBlock(nn.Module):

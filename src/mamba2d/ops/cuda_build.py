@@ -319,7 +319,13 @@ def nvcc_translation_unit(source: str, arch: int = 90, tuning: ScanTuning = DEFA
         arch: The card's compute capability times ten.
         tuning: The kernels' knobs.
     """
-    refs = ",\n    ".join(f"(void*)&{name}" for name in source_kernel_names(source, arch, tuning))
+    return _with_instantiations(source, source_kernel_names(source, arch, tuning))
+
+
+def _with_instantiations(source: str, names) -> str:
+    """The kernel source `source` followed by a reference to each kernel of `names` (nvcc then instantiates them,
+    as NVRTC does for its name expressions)."""
+    refs = ",\n    ".join(f"(void*)&{name}" for name in names)
     return kernel_source(source) + f"\n\nvoid* mamba2d_force_instantiation[] = {{\n    {refs}\n}};\n"
 
 
@@ -376,8 +382,37 @@ def nvcc_layer_norm_translation_unit() -> str:
     tags = list(DTYPE_TAGS.values())
     names = dict.fromkeys(name for i in tags for o in tags for c in range(1, LAYER_NORM_MAX_C + 1)
                           for name in (layer_norm_kernel_name(i, o, c), layer_norm_bwd_kernel_name(o, i, c)))
-    refs = ",\n    ".join(f"(void*)&{name}" for name in names)
-    return kernel_source(LAYER_NORM_SOURCE) + f"\n\nvoid* mamba2d_force_instantiation[] = {{\n    {refs}\n}};\n"
+    return _with_instantiations(LAYER_NORM_SOURCE, names)
+
+
+#: Source of the layout copies (mamba2d.ops.cuda_layout), the element types they move by element size, and their
+#: threads per block (the kernel's __launch_bounds__).
+LAYOUT_SOURCE = "layout.cu"
+LAYOUT_ELEMENT_TYPES = {2: "unsigned short", 4: "unsigned int"}
+LAYOUT_THREADS = 256
+
+
+def layout_tile(itemsize: int) -> int:
+    """Elements per side of the layout copy's square tile (128 bytes a side) for elements of `itemsize` bytes.
+
+    Args:
+        itemsize: Bytes per element (a key of LAYOUT_ELEMENT_TYPES).
+    """
+    return 128 // itemsize
+
+
+def layout_kernel_name(itemsize: int) -> str:
+    """Name expression (NVRTC) of the layout copy of elements of `itemsize` bytes.
+
+    Args:
+        itemsize: Bytes per element (a key of LAYOUT_ELEMENT_TYPES).
+    """
+    return f"mamba2d_layout_swap<{LAYOUT_ELEMENT_TYPES[itemsize]}>"
+
+
+def nvcc_layout_translation_unit() -> str:
+    """The layout copy with each of its instantiations."""
+    return _with_instantiations(LAYOUT_SOURCE, [layout_kernel_name(size) for size in LAYOUT_ELEMENT_TYPES])
 
 
 @dataclass(frozen=True)

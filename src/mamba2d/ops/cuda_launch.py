@@ -140,9 +140,18 @@ class LayerNormBwdParams(ctypes.Structure):
     ]
 
 
+class SwapParams(ctypes.Structure):
+    """`M2DSwapParams`: the parameters of the layout copy (see scan2d_params.cuh)."""
+
+    _fields_ = [
+        *((name, _PTR) for name in ("src", "dst")),
+        *((name, _I64) for name in ("batch", "rows", "mid", "cols")),
+    ]
+
+
 #: The C struct each ctypes mirror stands for.
 PARAM_STRUCTS = {"M2DScanParams": ScanParams, "M2DLayerNormParams": LayerNormParams,
-                 "M2DLayerNormBwdParams": LayerNormBwdParams}
+                 "M2DLayerNormBwdParams": LayerNormBwdParams, "M2DSwapParams": SwapParams}
 
 _STRUCT_CODES = {_PTR: "P", _I64: "q", _I32: "i", _F32: "f"}
 _layouts: dict[type, tuple] = {}

@@ -1,0 +1,106 @@
+"""Layout copies of (batch, channels, H, W) feature maps between channels_last and NCHW, and to and from the
+column-major NCHW order VMamba's cross-scan reads, on the tiled CUDA kernel of cuda_ops/layout.cu (NVRTC through
+CuPy, like the scan kernels).
+
+Each function returns what the PyTorch expression in its docstring returns, bit for bit; that expression is also
+what runs wherever the kernel does not apply (a CPU tensor, a dtype other than float32 / float16 / bfloat16, an
+input not in the layout the function converts from, no CuPy, or under torch.compile, whose generated code tiles
+such copies itself). PyTorch's copy of a permuted tensor writes in the output's order and reads the input a whole
+row apart per element; on the maps of a VSSM stage and beyond (millions of pixels) it moves a fraction of the
+memory bandwidth, while the kernel reads and writes whole 128-byte lines through a shared-memory tile.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cuda_build
+from .cuda_launch import SwapParams, compiled_kernels, cupy_importable, device_index, launch_kernel, make_params
+
+_kernels: dict[tuple[int, str], tuple[object]] = {}
+_MAX_BLOCKS = 2**31 - 1  # a 1-D grid's limit
+
+
+def to_nchw(x: torch.Tensor) -> torch.Tensor:
+    """`x.contiguous()`: a channels_last map's NCHW copy.
+
+    Args:
+        x: A (batch, channels, H, W) map.
+    """
+    if _applies(x, torch.channels_last, x.is_contiguous()):
+        b, c, h, w = x.shape
+        out = _swap(x, b, h * w, 1, c)
+        if out is not None:
+            return out.view(b, c, h, w)
+    return x.contiguous()
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """`x.contiguous(memory_format=torch.channels_last)`: an NCHW map's channels_last copy.
+
+    Args:
+        x: A (batch, channels, H, W) map.
+    """
+    if _applies(x, torch.contiguous_format, x.is_contiguous(memory_format=torch.channels_last)):
+        b, c, h, w = x.shape
+        out = _swap(x, b, c, 1, h * w)
+        if out is not None:
+            return out.view(b, h, w, c).permute(0, 3, 1, 2)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def to_transposed_nchw(x: torch.Tensor) -> torch.Tensor:
+    """`x.transpose(-1, -2).contiguous()`: a channels_last map's columns as the rows of an NCHW (batch, channels,
+    W, H) map.
+
+    Args:
+        x: A (batch, channels, H, W) map.
+    """
+    t = x.transpose(-1, -2)
+    if _applies(x, torch.channels_last, t.is_contiguous()):
+        b, c, h, w = x.shape
+        out = _swap(x, b, h, w, c)
+        if out is not None:
+            return out.view(b, c, w, h)
+    return t.contiguous()
+
+
+def from_transposed_nchw(x: torch.Tensor) -> torch.Tensor:
+    """`x.transpose(-1, -2).contiguous(memory_format=torch.channels_last)`: the inverse of `to_transposed_nchw`,
+    an NCHW (batch, channels, W, H) map as the channels_last (batch, channels, H, W) map whose columns it holds.
+
+    Args:
+        x: A (batch, channels, W, H) map.
+    """
+    t = x.transpose(-1, -2)
+    if _applies(x, torch.contiguous_format, t.is_contiguous(memory_format=torch.channels_last)):
+        b, c, w, h = x.shape
+        out = _swap(x, b, c, w, h)
+        if out is not None:
+            return out.view(b, h, w, c).permute(0, 3, 1, 2)
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _applies(x: torch.Tensor, layout: torch.memory_format, already: bool) -> bool:
+    """Whether the kernel takes `x`: a CUDA 4-D map stored in `layout`, not `already` in the target layout (where
+    PyTorch returns x itself), of a dtype the kernel moves, outside torch.compile."""
+    return (x.is_cuda and x.dim() == 4 and x.dtype in cuda_build.DTYPE_TAGS and x.numel() > 0 and not already
+            and x.is_contiguous(memory_format=layout) and not torch.compiler.is_compiling() and cupy_importable())
+
+
+def _swap(x: torch.Tensor, batch: int, rows: int, mid: int, cols: int) -> torch.Tensor | None:
+    """x's storage as contiguous (batch, rows, mid, cols) copied to a new contiguous (batch, cols, mid, rows), or
+    None where the tiles do not pay: rows or cols under a quarter of a tile's side (the transposed copies of a
+    VSSM's last stages, 7 or 14 pixels a side), where most of each tile is empty and PyTorch's copy is as fast
+    (tools/bench_layout.py), or more tiles than a grid has blocks."""
+    tile = cuda_build.layout_tile(x.element_size())
+    blocks = batch * mid * -(-rows // tile) * -(-cols // tile)
+    if min(rows, cols) < tile // 4 or blocks > _MAX_BLOCKS:
+        return None
+    out = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+    index = device_index(x.device)
+    name = cuda_build.layout_kernel_name(x.element_size())
+    fn = compiled_kernels(_kernels, (index, name), index, cuda_build.LAYOUT_SOURCE, lambda: [name])[0]
+    params = make_params(SwapParams, src=x, dst=out, batch=batch, rows=rows, mid=mid, cols=cols)
+    launch_kernel(fn, x.device, (blocks, 1), cuda_build.LAYOUT_THREADS, 0, params)
+    return out

@@ -1,0 +1,24 @@
+"""The layout copies (mamba2d.ops.cuda_layout) off the GPU: PyTorch's expression, in values and strides."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mamba2d.ops import cuda_layout
+
+CL = torch.channels_last
+
+
+@pytest.mark.parametrize("fn,layout,expression", [
+    (cuda_layout.to_nchw, CL, lambda x: x.contiguous()),
+    (cuda_layout.to_channels_last, torch.contiguous_format, lambda x: x.contiguous(memory_format=CL)),
+    (cuda_layout.to_transposed_nchw, CL, lambda x: x.transpose(-1, -2).contiguous()),
+    (cuda_layout.from_transposed_nchw, torch.contiguous_format,
+     lambda x: x.transpose(-1, -2).contiguous(memory_format=CL)),
+])
+def test_cpu_maps_get_pytorch_copies(fn, layout, expression):
+    x = torch.randn(2, 5, 7, 3).contiguous(memory_format=layout)
+    expected, out = expression(x), fn(x)
+    assert torch.equal(out, expected) and out.stride() == expected.stride()
+    assert not cuda_layout._applies(x, layout, False)

@@ -1,0 +1,107 @@
+"""GPU tests of the layout copies (mamba2d.ops.cuda_layout): each equals its PyTorch expression bit for bit, in
+values, shape and strides, at odd shapes (H or W = 1, sides and channel counts off the 32 / 64 tiles) in every dtype
+the kernel moves; the kernel is what runs on maps it takes (no aten copy dispatched)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mamba2d.models.vmamba import VSSBlock
+from mamba2d.ops import cuda_layout, cuda_scan
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not cuda_scan.cupy_importable(), reason="needs CuPy (mamba2d[cuda12] or [cuda13])"),
+]
+
+CL = torch.channels_last
+# (function, the layout its input is stored in, the PyTorch expression it stands for)
+FUNCTIONS = [
+    (cuda_layout.to_nchw, CL, lambda x: x.contiguous()),
+    (cuda_layout.to_channels_last, torch.contiguous_format, lambda x: x.contiguous(memory_format=CL)),
+    (cuda_layout.to_transposed_nchw, CL, lambda x: x.transpose(-1, -2).contiguous()),
+    (cuda_layout.from_transposed_nchw, torch.contiguous_format,
+     lambda x: x.transpose(-1, -2).contiguous(memory_format=CL)),
+]
+SHAPES = [(2, 5, 7, 3), (3, 96, 56, 56), (1, 130, 1, 65), (2, 33, 65, 1), (1, 2, 31, 33), (2, 257, 9, 70),
+          (1, 64, 128, 64)]
+
+
+class _Copies(TorchDispatchMode):
+    """The aten operators dispatched while active that copy a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.copy_, torch.ops.aten.clone, torch.ops.aten._to_copy):
+            self.copies.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("index", range(len(FUNCTIONS)))
+def test_copy_equals_pytorch_bit_for_bit(index, shape, dtype):
+    fn, layout, expression = FUNCTIONS[index]
+    gen = torch.Generator().manual_seed(sum(shape) + index)
+    x = torch.randn(shape, generator=gen).to(dtype).cuda().contiguous(memory_format=layout)
+    expected, out = expression(x), fn(x)
+    assert out.shape == expected.shape and out.stride() == expected.stride() and out.dtype == dtype
+    assert torch.equal(out, expected) and out.data_ptr() != x.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("index,shape", [(i, s) for i in range(len(FUNCTIONS)) for s in ((2, 17, 23, 33),
+                                                                                        (3, 96, 56, 56))]
+                         + [(i, (1, 130, 1, 65)) for i in (0, 1)])
+def test_the_kernel_copies(index, shape, dtype):
+    """Maps whose sides fill at least a quarter of a tile (and H = 1 for the plain copies) go to the kernel: no aten
+    copy is dispatched."""
+    fn, layout, expression = FUNCTIONS[index]
+    x = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=layout)
+    with _Copies() as audit:
+        out = fn(x)
+    assert audit.copies == [] and torch.equal(out, expression(x))
+
+
+@pytest.mark.parametrize("index", range(len(FUNCTIONS)))
+def test_inputs_the_kernel_does_not_take_get_pytorch(index):
+    """float64, a strided slice, a map already in the target layout: PyTorch's own result, the same tensor where
+    PyTorch returns its input."""
+    fn, layout, expression = FUNCTIONS[index]
+    for x in (torch.randn(2, 5, 7, 3, device="cuda", dtype=torch.float64).contiguous(memory_format=layout),
+              torch.randn(2, 10, 7, 3, device="cuda")[:, ::2].contiguous(memory_format=layout)[:, :, 1:],
+              torch.randn(2, 1, 7, 3, device="cuda"), torch.randn(2, 5, 1, 1, device="cuda")):
+        expected = expression(x)
+        out = fn(x)
+        assert torch.equal(out, expected) and out.stride() == expected.stride()
+        assert (out.data_ptr() == x.data_ptr()) == (expected.data_ptr() == x.data_ptr())
+
+
+@pytest.mark.parametrize("scan", ["2d", "cross1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_is_bitwise_the_same_with_pytorch_copies(scan, dtype, monkeypatch):
+    """A VSSBlock's forward and backward on the kernels give exactly what they give with PyTorch's copies (the
+    copies move bits, and the scans are deterministic)."""
+    torch.manual_seed(0)
+    block = VSSBlock(48, d_state=4, ssm_ratio=2.0, scan=scan).cuda()
+    x0 = torch.randn(2, 48, 13, 21, device="cuda").contiguous(memory_format=CL)
+
+    def run():
+        block.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            y = block(x)
+        y.float().square().sum().backward()
+        return [y, x.grad, *(p.grad for p in block.parameters())]
+
+    fast = run()
+    monkeypatch.setattr(cuda_layout, "_applies", lambda *args: False)
+    plain = run()
+    for i, (a, b) in enumerate(zip(fast, plain)):
+        assert torch.equal(a, b), i
