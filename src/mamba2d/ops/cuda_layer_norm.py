@@ -152,7 +152,7 @@ def _backward(grad_out, rows, weight, mean, rstd, input_dtype, grad_total=None, 
 class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weight, bias, eps, out_dtype):
-        out, mean, rstd, kept = _forward(rows, weight, bias, eps, out_dtype, for_backward=True)
+        out, mean, rstd, kept, _ = _forward(rows, weight, bias, eps, out_dtype, for_backward=True)
         ctx.save_for_backward(kept, weight, bias, mean, rstd)
         ctx.input_dtype = rows.dtype
         return out
