@@ -18,8 +18,10 @@ __device__ __forceinline__ float m2d_row_sum(float v) {
 // x: rows x C (row-major), weight/bias: C floats or null, y: rows x C, mean/rstd: one float per row or null (for
 // the backward), dev_low: null or rows x C, the deviations x - mean rounded to the output type (what the backward
 // keeps when the output is of lower precision than x: half the memory; rounded after centring, so that the error is
-// relative to the deviation, which the backward needs, not to x). Lane l of a row holds columns l + L * i.
-template <typename T, typename TO, int L, int V>
+// relative to the deviation, which the backward needs, not to x). With a branch (TB, rows x C) the row normalised
+// is the residual sum x + scale * branch, written to x_out in x's type: a pre-norm block's residual add, its drop
+// path's per-sample scale and the next norm in one pass. Lane l of a row holds columns l + L * i.
+template <typename T, typename TB, typename TO, int L, int V>
 __global__ void __launch_bounds__(256)
     mamba2d_layer_norm_fwd(const M2DLayerNormParams prm) {
     const T* __restrict__ x = static_cast<const T*>(prm.x);
@@ -36,12 +38,17 @@ __global__ void __launch_bounds__(256)
     const int lane = threadIdx.x % L;
     const bool row_ok = row < rows;  // a whole row's lanes agree, so the shuffles below see only their own row
     const T* xr = x + (row_ok ? row : 0) * C;
+    const TB* branch = static_cast<const TB*>(prm.branch);
+    const TB* br = branch != nullptr ? branch + (row_ok ? row : 0) * C : nullptr;
+    const float s = (br != nullptr && prm.scale != nullptr && row_ok) ? prm.scale[row / prm.rows_per_sample] : 1.f;
     float v[V];
     float sum = 0.f;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
         const int c = lane + L * i;
-        v[i] = (row_ok && c < C) ? m2d_to_f(xr[c]) : 0.f;
+        const bool ok = row_ok && c < C;
+        v[i] = ok ? m2d_to_f(xr[c]) : 0.f;
+        if (br != nullptr && ok) v[i] = fmaf(s, m2d_to_f(br[c]), v[i]);  // s = 1: exactly x + branch
         sum += v[i];
     }
     const float mean = m2d_row_sum<L>(sum) / C;
@@ -59,10 +66,12 @@ __global__ void __launch_bounds__(256)
     }
     TO* yr = y + row * C;
     TO* dlr = dev_low != nullptr ? dev_low + row * C : nullptr;
+    T* out_sum = br != nullptr ? static_cast<T*>(prm.x_out) + row * C : nullptr;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
         const int c = lane + L * i;
         if (c < C) {
+            if (out_sum != nullptr) out_sum[c] = m2d_from_f<T>(v[i]);
             if (dlr != nullptr) dlr[c] = m2d_from_f<TO>(v[i] - mean);
             float out = (v[i] - mean) * rstd;
             if (weight != nullptr) out *= weight[c];
@@ -79,8 +88,10 @@ __global__ void __launch_bounds__(256)
 // block's row. Rows go to the blocks' row groups in turn (a grid-stride loop), so a block's partial sums cover a
 // fixed set of rows, added in a fixed order. Short rows (at most 8 values per lane) keep their sums in registers;
 // longer rows keep them in shared memory, one slot per row group and column, so that the registers hold one row
-// only and enough warps fit on an SM to hide the loads' latency. Shared memory: 2 * 256 * V floats.
-template <typename T, typename TX, int L, int V>
+// only and enough warps fit on an SM to hide the loads' latency. Shared memory: 2 * 256 * V floats. The norm of a
+// residual sum (the forward's branch) adds the sum's other gradient dres to dx and writes the branch's gradient,
+// dx times its sample's scale, in the branch's type TB.
+template <typename T, typename TX, typename TB, int L, int V>
 __global__ void __launch_bounds__(256)
     mamba2d_layer_norm_bwd(const M2DLayerNormBwdParams prm) {
     const T* __restrict__ x = static_cast<const T*>(prm.x);
@@ -140,10 +151,18 @@ __global__ void __launch_bounds__(256)
         const float mg = m2d_row_sum<L>(sg) * inv_c, mgx = m2d_row_sum<L>(sgx) * inv_c;
         if (!row_ok) continue;
         TX* dxr = dx + row * C;
+        const TX* dresr = prm.dres != nullptr ? static_cast<const TX*>(prm.dres) + row * C : nullptr;
+        TB* dbr = prm.dbranch != nullptr ? static_cast<TB*>(prm.dbranch) + row * C : nullptr;
+        const float s = (dbr != nullptr && prm.scale != nullptr) ? prm.scale[row / prm.rows_per_sample] : 1.f;
 #pragma unroll
         for (int i = 0; i < V; ++i) {
             const int c = lane + L * i;
-            if (c < C) dxr[c] = m2d_from_f<TX>(rstd * (g[i] - mg - xh[i] * mgx));
+            if (c < C) {
+                float d = rstd * (g[i] - mg - xh[i] * mgx);
+                if (dresr != nullptr) d += m2d_to_f(dresr[c]);
+                dxr[c] = m2d_from_f<TX>(d);
+                if (dbr != nullptr) dbr[c] = m2d_from_f<TB>(d * s);
+            }
         }
     }
     if constexpr (kSumsInRegisters) {

@@ -68,7 +68,12 @@ struct M2DLayerNormBwdParams {
     void* dx;             // TX [rows][C]
     float* dw_part;       // [gridDim.x][C] per-block sums of dy * (x - mean) * rstd
     float* db_part;       // [gridDim.x][C] per-block sums of dy
+    // A residual sum's norm (the forward's branch given): dx += dres, and dbranch = dx * scale of the row's sample.
+    const void* dres;     // TX [rows][C] or null: the gradient of the sum from where else it goes
+    void* dbranch;        // TB [rows][C] or null
+    const float* scale;   // [rows / rows_per_sample] or null (1)
     m2d_i64 rows;
+    m2d_i64 rows_per_sample;
     int C;
 };
 
@@ -81,7 +86,12 @@ struct M2DLayerNormParams {
     float* mean_out;      // [rows] or null
     float* rstd_out;      // [rows] or null
     void* dev_low;        // TO [rows][C] or null: x - mean, rounded to TO
+    // A residual sum's norm: normalise x + scale * branch (scale of the row's sample) and write that sum to x_out.
+    const void* branch;   // TB [rows][C] or null (plain layer norm of x)
+    const float* scale;   // [rows / rows_per_sample] or null (1)
+    void* x_out;          // T [rows][C], written where branch is given
     m2d_i64 rows;
+    m2d_i64 rows_per_sample;
     int C;
     float eps;
 };

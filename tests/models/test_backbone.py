@@ -404,3 +404,20 @@ def test_block_norms_feed_gemms_in_the_autocast_dtype():
         if isinstance(module, vmamba.GemmInputLayerNorm2d):
             assert name.endswith(("norm", "norm2", "out_norm")) and ".blocks." in name, name
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_drop_scale_draws_what_timm_drop_path_draws(dtype):
+    """The fused residual norm's per-sample drop-path factor comes from the same generator calls as timm's DropPath
+    on the same branch and rounds as it does: the branch it scales equals DropPath's output bitwise."""
+    block = VSSBlock(8, drop_path=0.4, scan_backend="reference").train()
+    branch = torch.randn(6, 8, 3, 5).to(dtype)
+    torch.manual_seed(3)
+    want = block.drop_path(branch)
+    torch.manual_seed(3)
+    scale = block._drop_scale(branch)
+    assert scale.dtype == torch.float32 and scale.shape == (6,)
+    assert torch.equal(branch * scale.to(dtype).view(-1, 1, 1, 1), want)
+    assert set(scale.tolist()) <= {0.0, (torch.tensor(1.0, dtype=dtype) / 0.6).item()}
+    assert block.eval()._drop_scale(branch) is None
+    assert VSSBlock(8, scan_backend="reference").train()._drop_scale(branch) is None  # no drop path

@@ -241,3 +241,65 @@ def test_backbone_norms_use_upstream_eps_in_every_path(memory_format, module):
         out = norm(x)
     assert _rel(out, expected(1e-5)) <= BOUND[torch.float32]
     assert _rel(expected(1e-6), expected(1e-5)) > 1e-2  # eps matters at this scale
+
+
+@pytest.mark.parametrize("dtype,branch_dtype,out_dtype", [
+    (torch.float32, torch.float32, torch.float32), (torch.float32, torch.float16, torch.float16),
+    (torch.float32, torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("channels,samples,pixels", [(96, 3, 30), (7, 2, 5), (384, 2, 49), (768, 1, 9)])
+@pytest.mark.parametrize("dropped", [False, True])
+def test_add_layer_norm_is_the_sum_then_the_norm(dtype, branch_dtype, out_dtype, channels, samples, pixels, dropped):
+    """add_layer_norm's residual sum and its norm, and the gradients of the input, the branch, the weight and the
+    bias (the sum's own gradient from elsewhere added), against x + scale * branch then F.layer_norm in float64 on
+    the same rounded inputs; each output and gradient in its tensor's dtype."""
+    gen = torch.Generator().manual_seed(channels + pixels)
+    rows = samples * pixels
+    x = (torch.randn(rows, channels, generator=gen) * 2 + 0.5).to(dtype).cuda()
+    branch = torch.randn(rows, channels, generator=gen).to(branch_dtype).cuda()
+    scale = (torch.tensor([0.0, 1.25, 1.25])[:samples] if dropped else None)
+    params = [torch.randn(channels, generator=gen).cuda() for _ in range(2)]
+    grads = (torch.randn(rows, channels, generator=gen).to(dtype).cuda(),
+             torch.randn(rows, channels, generator=gen).to(out_dtype).cuda())
+
+    leaves = [t.clone().requires_grad_() for t in (x, branch, *params)]
+    total, out = cuda_layer_norm.add_layer_norm(leaves[0], leaves[1], None if scale is None else scale.cuda(), pixels,
+                                                leaves[2], leaves[3], 1e-5, out_dtype)
+    assert (total.dtype, out.dtype) == (dtype, out_dtype)
+    torch.autograd.backward((total, out), grads)
+    assert [t.grad.dtype for t in leaves] == [dtype, branch_dtype, torch.float32, torch.float32]
+
+    ref = [t.double().requires_grad_() for t in (x, branch, *params)]
+    factor = 1.0 if scale is None else scale.double().repeat_interleave(pixels)[:, None].cuda()
+    total_ref = ref[0] + factor * ref[1]
+    out_ref = F.layer_norm(total_ref, (channels,), ref[2], ref[3], 1e-5)
+    torch.autograd.backward((total_ref, out_ref), tuple(g.double() for g in grads))
+    exact = dtype == branch_dtype == out_dtype == torch.float32
+    assert _rel(total, total_ref) <= (1e-7 if exact else 1e-2)
+    assert _rel(out, out_ref) <= (1e-5 if exact else 2e-2)
+    for name, g, r in zip(("x", "branch", "weight", "bias"), leaves, ref):
+        assert _rel(g.grad, r.grad) <= (1e-5 if exact else 2e-2), name
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("train", [False, True])
+def test_block_with_the_fused_residual_norm_matches_the_modules(no_tf32, precision, train):
+    """A VSSBlock computes the same output and gradients whether its first residual sum and norm2 run as one kernel
+    (the default on CUDA) or as PyTorch's add, drop path and layer norm; in training with the same drop-path draws."""
+    torch.manual_seed(0)
+    block = vmamba.VSSBlock(96, drop_path=0.3 if train else 0.0).cuda().train(train)
+    x = torch.randn(3, 96, 14, 11, device="cuda").contiguous(memory_format=torch.channels_last)
+    low = precision == "bf16"
+    results = []
+    for fused in (True, False):
+        block.norm2.kernel = fused
+        leaf = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=low):
+            out = block(leaf)
+        out.float().square().sum().backward()
+        results.append((out.float(), leaf.grad, [p.grad.clone() for p in block.parameters()]))
+        block.zero_grad(set_to_none=True)
+    (out_f, dx_f, dp_f), (out_p, dx_p, dp_p) = results
+    bound = 2e-2 if low else 1e-4
+    assert _rel(out_f, out_p) <= bound and _rel(dx_f, dx_p) <= bound
+    assert all(_rel(a, b) <= bound for a, b in zip(dp_f, dp_p))

@@ -378,8 +378,36 @@ class VSSBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.op(self.norm(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x, y = self._add_norm2(x, self.op(self.norm(x)))
+        return x + self.drop_path(self.mlp(y))
+
+    def _add_norm2(self, x: torch.Tensor, branch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + drop_path(branch), norm2 of that sum). On CUDA channels_last maps one kernel computes both (and, in
+        the backward, adds the sum's two gradients and scales the branch's) instead of an add, a drop-path multiply
+        and the norm, each a pass over the map; elsewhere the modules themselves. The same drop-path draws either
+        way."""
+        norm = self.norm2
+        rows, branch_rows = x.permute(0, 2, 3, 1), branch.permute(0, 2, 3, 1)
+        if not (norm.kernel and x.shape == branch.shape and branch_rows.is_contiguous()
+                and cuda_layer_norm.usable(rows, norm.weight, norm.bias)):
+            x = x + self.drop_path(branch)
+            return x, norm(x)
+        total, y = cuda_layer_norm.add_layer_norm(rows, branch_rows, self._drop_scale(branch), x.shape[2] * x.shape[3],
+                                                  norm.weight, norm.bias, norm.eps, norm._out_dtype(x))
+        return total.permute(0, 3, 1, 2), y.permute(0, 3, 1, 2)
+
+    def _drop_scale(self, branch: torch.Tensor) -> torch.Tensor | None:
+        """The drop path's per-sample factor of `branch` as float32 (samples,), drawn and rounded as timm's
+        DropPath draws it for the same tensor (same generator calls, in the branch's dtype); None when it keeps
+        everything (evaluation, or no drop path)."""
+        drop = self.drop_path
+        if not isinstance(drop, DropPath) or drop.drop_prob == 0.0 or not drop.training:
+            return None
+        keep = 1 - drop.drop_prob
+        factor = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(keep)
+        if keep > 0.0 and drop.scale_by_keep:
+            factor.div_(keep)
+        return factor.view(-1).float()
 
 
 class VSSM(nn.Module):

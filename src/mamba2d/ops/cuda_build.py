@@ -353,35 +353,39 @@ def layer_norm_lanes(channels: int) -> tuple[int, int]:
     return lanes, max(4, _pow2_at_least(_ceil_div(channels, lanes)))
 
 
-def layer_norm_kernel_name(in_tag: str, out_tag: str, channels: int) -> str:
+def layer_norm_kernel_name(in_tag: str, out_tag: str, channels: int, branch_tag: str | None = None) -> str:
     """Name expression (NVRTC) of the layer-norm forward instantiation for rows of `channels` values.
 
     Args:
-        in_tag: C++ storage type of the input (DTYPE_TAGS).
+        in_tag: C++ storage type of the input (DTYPE_TAGS), and of the residual sum the fused variant writes.
         out_tag: C++ storage type of the output.
         channels: Values per row (`layer_norm_lanes` picks the template's lanes and values per lane).
+        branch_tag: C++ storage type of the branch added to the input first (a residual sum's norm); None for a
+            plain layer norm.
     """
     lanes, values = layer_norm_lanes(channels)
-    return f"mamba2d_layer_norm_fwd<{in_tag}, {out_tag}, {lanes}, {values}>"
+    return f"mamba2d_layer_norm_fwd<{in_tag}, {branch_tag or in_tag}, {out_tag}, {lanes}, {values}>"
 
 
-def layer_norm_bwd_kernel_name(kept_tag: str, in_tag: str, channels: int) -> str:
+def layer_norm_bwd_kernel_name(kept_tag: str, in_tag: str, channels: int, branch_tag: str | None = None) -> str:
     """Name expression (NVRTC) of the layer-norm backward instantiation for rows of `channels` values.
 
     Args:
         kept_tag: C++ storage type of the input as the forward kept it and of the output's gradient.
         in_tag: C++ storage type of the input (the input gradient's).
         channels: Values per row (the forward's lanes and values per lane).
+        branch_tag: C++ storage type of the branch gradient of a residual sum's norm; None for a plain layer norm.
     """
     lanes, values = layer_norm_lanes(channels)
-    return f"mamba2d_layer_norm_bwd<{kept_tag}, {in_tag}, {lanes}, {values}>"
+    return f"mamba2d_layer_norm_bwd<{kept_tag}, {in_tag}, {branch_tag or in_tag}, {lanes}, {values}>"
 
 
 def nvcc_layer_norm_translation_unit() -> str:
-    """The layer-norm kernels with every instantiation a row length up to LAYER_NORM_MAX_C and a dtype pair use."""
+    """The layer-norm kernels with every instantiation a row length up to LAYER_NORM_MAX_C and a dtype triple use."""
     tags = list(DTYPE_TAGS.values())
-    names = dict.fromkeys(name for i in tags for o in tags for c in range(1, LAYER_NORM_MAX_C + 1)
-                          for name in (layer_norm_kernel_name(i, o, c), layer_norm_bwd_kernel_name(o, i, c)))
+    names = dict.fromkeys(name for i in tags for o in tags for b in tags for c in range(1, LAYER_NORM_MAX_C + 1)
+                          for name in (layer_norm_kernel_name(i, o, c, b), layer_norm_bwd_kernel_name(o, i, c, b),
+                                       layer_norm_bwd_kernel_name(i, i, c, b)))
     return _with_instantiations(LAYER_NORM_SOURCE, names)
 
 

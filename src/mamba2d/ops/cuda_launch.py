@@ -123,8 +123,10 @@ class LayerNormParams(ctypes.Structure):
     """`M2DLayerNormParams`: the parameters of the layer-norm forward (see scan2d_params.cuh)."""
 
     _fields_ = [
-        *((name, _PTR) for name in ("x", "weight", "bias", "y", "mean_out", "rstd_out", "dev_low")),
+        *((name, _PTR) for name in ("x", "weight", "bias", "y", "mean_out", "rstd_out", "dev_low", "branch", "scale",
+                                    "x_out")),
         ("rows", _I64),
+        ("rows_per_sample", _I64),
         ("C", _I32),
         ("eps", _F32),
     ]
@@ -134,8 +136,10 @@ class LayerNormBwdParams(ctypes.Structure):
     """`M2DLayerNormBwdParams`: the parameters of the layer-norm backward (see scan2d_params.cuh)."""
 
     _fields_ = [
-        *((name, _PTR) for name in ("x", "dy", "weight", "mean", "rstd", "dx", "dw_part", "db_part")),
+        *((name, _PTR) for name in ("x", "dy", "weight", "mean", "rstd", "dx", "dw_part", "db_part", "dres",
+                                    "dbranch", "scale")),
         ("rows", _I64),
+        ("rows_per_sample", _I64),
         ("C", _I32),
     ]
 

@@ -67,31 +67,65 @@ def layer_norm(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     return _forward(rows, weight, bias, eps, out_dtype, for_backward=False)[0]
 
 
-def _forward(rows, weight, bias, eps, out_dtype, for_backward):
-    """(output, mean, 1/std, input as kept for the backward); the last three are None unless `for_backward`, and the
-    mean is None where the backward keeps the deviations from it (an output narrower than the input)."""
+def add_layer_norm(rows: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | None, rows_per_sample: int,
+                   weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                   out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm block's residual sum and the next norm in one pass: (s = rows + scale * branch, layer_norm(s)),
+    s in the dtype of `rows`, the norm as `layer_norm` gives it; differentiable (the backward adds s's two gradients
+    and scales the branch's in the same pass). The caller checks `usable(rows, ...)` and that `branch` is
+    contiguous and of the same shape.
+
+    Args:
+        rows: The residual stream, contiguous (samples * rows_per_sample, ..., C) on a CUDA device.
+        branch: What is added to it, same shape, any kernel dtype (under autocast, the autocast dtype).
+        scale: Per-sample factor of the branch (a drop path's kept / keep probability), float32 of shape
+            (samples,), or None for 1.
+        rows_per_sample: Rows of one sample (its pixels).
+        weight: Per-channel scale of the norm, or None.
+        bias: Per-channel shift of the norm, or None.
+        eps: Added to the variance before the square root.
+        out_dtype: The norm's output dtype.
+    """
+    tensors = (rows, branch, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _AddLayerNorm.apply(rows, branch, scale, rows_per_sample, weight, bias, eps, out_dtype)
+    out, _, _, _, total = _forward(rows, weight, bias, eps, out_dtype, False, branch, scale, rows_per_sample)
+    return total, out
+
+
+def _forward(rows, weight, bias, eps, out_dtype, for_backward, branch=None, scale=None, rows_per_sample=1):
+    """(output, mean, 1/std, input as kept for the backward, residual sum); the middle three are None unless
+    `for_backward`, and the mean is None where the backward keeps the deviations from it (an output narrower than
+    the input); the sum (what is normalised) is None without `branch`."""
     channels = rows.shape[-1]
+    total = torch.empty_like(rows) if branch is not None else None
     out = torch.empty(rows.shape, dtype=out_dtype, device=rows.device)
     stats = [torch.empty((*rows.shape[:-1], 1), dtype=torch.float32, device=rows.device) if for_backward else None
              for _ in range(2)]
     lower = for_backward and out_dtype.itemsize < rows.dtype.itemsize
     deviations = torch.empty(rows.shape, dtype=out_dtype, device=rows.device) if lower else None
-    fn = _kernel(rows.device, rows.dtype, out_dtype, channels)
+    fn = _kernel(rows.device, rows.dtype, out_dtype, channels, branch_dtype=None if branch is None else branch.dtype)
     w32, b32 = (None if t is None else t.detach().to(torch.float32).contiguous() for t in (weight, bias))
     count = rows.numel() // channels
     lanes, _ = cuda_build.layer_norm_lanes(channels)
     threads = cuda_build.LAYER_NORM_THREADS
     params = make_params(LayerNormParams, x=rows, weight=w32, bias=b32, y=out, mean_out=stats[0], rstd_out=stats[1],
-                         dev_low=deviations, rows=count, C=channels, eps=eps)
+                         dev_low=deviations, branch=branch, scale=scale, x_out=total, rows=count,
+                         rows_per_sample=rows_per_sample, C=channels, eps=eps)
     launch_kernel(fn, rows.device, (-(-count * lanes // threads), 1), threads, 0, params)
     if not for_backward:
-        return out, None, None, None
-    return (out, None, stats[1], deviations) if lower else (out, stats[0], stats[1], rows)
+        return out, None, None, None, total
+    kept = total if total is not None else rows
+    return (out, None, stats[1], deviations, total) if lower else (out, stats[0], stats[1], kept, total)
 
 
-def _backward(grad_out, rows, weight, mean, rstd, input_dtype):
-    """(input, weight, bias) gradients of the forward that kept `rows` (in its dtype; the deviations from the mean
-    where `mean` is None) and the statistics; the last two float32 sums over the rows, in a fixed order."""
+def _backward(grad_out, rows, weight, mean, rstd, input_dtype, grad_total=None, branch_dtype=None, scale=None,
+              rows_per_sample=1):
+    """(input, weight, bias, branch) gradients of the forward that kept `rows` (in its dtype; the deviations from the
+    mean where `mean` is None) and the statistics; weight and bias as float32 sums over the rows, in a fixed order.
+    The norm of a residual sum adds the sum's other gradient `grad_total` to the input's and returns the branch's
+    (`branch_dtype`, scaled per sample), else None; without a scale and in the input's dtype that is the input's
+    gradient itself."""
     channels = rows.shape[-1]
     count = rows.numel() // channels
     lanes, values = cuda_build.layer_norm_lanes(channels)
@@ -100,18 +134,25 @@ def _backward(grad_out, rows, weight, mean, rstd, input_dtype):
     d_rows = torch.empty(rows.shape, dtype=input_dtype, device=rows.device)
     parts = torch.empty((2, blocks, channels), dtype=torch.float32, device=rows.device)
     w32 = None if weight is None else weight.detach().to(torch.float32).contiguous()
+    separate = branch_dtype is not None and (scale is not None or branch_dtype != input_dtype)
+    d_branch = torch.empty(rows.shape, dtype=branch_dtype, device=rows.device) if separate else None
     params = make_params(LayerNormBwdParams, x=rows, dy=grad_out.to(rows.dtype).contiguous(), weight=w32, mean=mean,
-                         rstd=rstd, dx=d_rows, dw_part=parts[0], db_part=parts[1], rows=count, C=channels)
-    fn = _kernel(rows.device, input_dtype, rows.dtype, channels, backward=True)
+                         rstd=rstd, dx=d_rows, dw_part=parts[0], db_part=parts[1],
+                         dres=None if grad_total is None else grad_total.to(input_dtype).contiguous(),
+                         dbranch=d_branch, scale=scale, rows=count, rows_per_sample=rows_per_sample, C=channels)
+    fn = _kernel(rows.device, input_dtype, rows.dtype, channels, backward=True,
+                 branch_dtype=branch_dtype if separate else None)
     launch_kernel(fn, rows.device, (blocks, 1), threads, 2 * 4 * threads * values, params)
     d_weight, d_bias = parts.sum(dim=1)
-    return d_rows, d_weight, d_bias
+    if branch_dtype is not None and d_branch is None:
+        d_branch = d_rows
+    return d_rows, d_weight, d_bias, d_branch
 
 
 class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weight, bias, eps, out_dtype):
-        out, mean, rstd, kept = _forward(rows, weight, bias, eps, out_dtype, for_backward=True)
+        out, mean, rstd, kept, _ = _forward(rows, weight, bias, eps, out_dtype, for_backward=True)
         ctx.save_for_backward(kept, weight, bias, mean, rstd)
         ctx.input_dtype = rows.dtype
         return out
@@ -120,17 +161,45 @@ class _LayerNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         rows, weight, bias, mean, rstd = ctx.saved_tensors
-        d_rows, d_weight, d_bias = _backward(grad_out, rows, weight, mean, rstd, ctx.input_dtype)
+        d_rows, d_weight, d_bias, _ = _backward(grad_out, rows, weight, mean, rstd, ctx.input_dtype)
         d_weight = d_weight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         d_bias = d_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return d_rows if ctx.needs_input_grad[0] else None, d_weight, d_bias, None, None
 
 
-def _kernel(device: torch.device, dtype: torch.dtype, out_dtype: torch.dtype, channels: int, backward: bool = False):
+class _AddLayerNorm(torch.autograd.Function):
+    """`add_layer_norm`'s autograd: its two outputs, the residual sum and its norm, have one backward pass."""
+
+    @staticmethod
+    def forward(ctx, rows, branch, scale, rows_per_sample, weight, bias, eps, out_dtype):
+        out, mean, rstd, kept, total = _forward(rows, weight, bias, eps, out_dtype, True, branch, scale,
+                                                rows_per_sample)
+        ctx.save_for_backward(kept, weight, bias, mean, rstd, scale)
+        ctx.input_dtype, ctx.branch_dtype, ctx.rows_per_sample = rows.dtype, branch.dtype, rows_per_sample
+        return total, out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total, grad_out):
+        kept, weight, bias, mean, rstd, scale = ctx.saved_tensors
+        if grad_out is None:  # the norm went unused: the sum's gradient alone
+            grad_out = torch.zeros(kept.shape, dtype=kept.dtype, device=kept.device)
+        d_rows, d_weight, d_bias, d_branch = _backward(grad_out, kept, weight, mean, rstd, ctx.input_dtype,
+                                                       grad_total, ctx.branch_dtype, scale, ctx.rows_per_sample)
+        d_weight = d_weight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[4] else None
+        d_bias = d_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[5] else None
+        return (d_rows if ctx.needs_input_grad[0] else None, d_branch if ctx.needs_input_grad[1] else None, None,
+                None, d_weight, d_bias, None, None)
+
+
+def _kernel(device: torch.device, dtype: torch.dtype, out_dtype: torch.dtype, channels: int, backward: bool = False,
+            branch_dtype: torch.dtype | None = None):
     """The forward of an input of `dtype` with an output of `out_dtype`, or (`backward`) the backward of an input
-    of `dtype` kept in `out_dtype`, for rows of `channels` values."""
+    of `dtype` kept in `out_dtype`, for rows of `channels` values; with `branch_dtype`, the variant of a residual
+    sum's norm whose branch has that dtype."""
     index = device_index(device)
     in_tag, out_tag = cuda_build.DTYPE_TAGS[dtype], cuda_build.DTYPE_TAGS[out_dtype]
-    name = (cuda_build.layer_norm_bwd_kernel_name(out_tag, in_tag, channels) if backward
-            else cuda_build.layer_norm_kernel_name(in_tag, out_tag, channels))
+    branch_tag = None if branch_dtype is None else cuda_build.DTYPE_TAGS[branch_dtype]
+    name = (cuda_build.layer_norm_bwd_kernel_name(out_tag, in_tag, channels, branch_tag) if backward
+            else cuda_build.layer_norm_kernel_name(in_tag, out_tag, channels, branch_tag))
     return compiled_kernels(_kernels, (index, name), index, cuda_build.LAYER_NORM_SOURCE, lambda: [name])[0]
