@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Where the GPU time of one training step goes: CUDA kernel time per step of a timm model (forward +
 cross-entropy + backward, no optimiser step, as the throughput protocol), grouped into kinds (scan kernels, GEMMs,
-layer norms, copies and element-wise ops, reductions), then the top kernels. With --inference: one forward in eval
-mode under torch.inference_mode (the throughput protocol's inference).
+layer norms, our layout copies, PyTorch's copies and element-wise ops, reductions), then the top kernels. With
+--inference: one forward in eval mode under torch.inference_mode (the throughput protocol's inference).
 
     python tools/profile_train_step.py vmamba2d_tiny --precision bf16 [--batch 128] [--size 224] [--steps 3]
 
@@ -34,6 +34,7 @@ GROUPS = (
     ("gemm", r"gemm|sm90|cutlass|nvjet|xmma"),
     ("convolution", r"conv|cudnn|implicit"),
     ("layer norm", r"layer_norm|LayerNorm"),
+    ("layout copy", r"layout_swap"),
     ("reduction", r"reduce"),
     ("copy/elementwise", r"elementwise|copy|vectorized|unrolled"),
 )
