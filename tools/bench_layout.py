@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "fp16"])
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU: it times CUDA kernels")
     print(f"{torch.cuda.get_device_name()}: layout copies, ms per call (CUDA kernels), GB = 10^9 bytes")
     print("| copy | dtype | batch x channels x side² | PyTorch ms | ours ms | ours / PyTorch | ours GB/s |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
