@@ -203,9 +203,11 @@ def scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
     del full  # the recomputed delta goes before the gradients' products allocate theirs
     maps = ddelta.view(batch * groups, -1, height * width)
     d_low_rank = torch.bmm(weight.transpose(1, 2), maps).view(delta.shape)
-    d_proj = torch.bmm(maps, low_rank.transpose(1, 2)).view(batch, groups, -1, rank)
-    d_proj = d_proj.sum(dim=0, dtype=torch.promote_types(d_proj.dtype, torch.float32))
-    return du, d_low_rank, dA, dB, dC, dD, dz, dbias, d_proj.to(delta_proj.dtype)
+    # transposed, (R, dim / G) per matrix: an output whose rows are R apart would take unaligned kernels (see
+    # batched_delta_factors)
+    d_proj = torch.bmm(low_rank, maps.transpose(1, 2)).view(batch, groups, rank, -1)
+    d_proj = d_proj.sum(dim=0, dtype=torch.promote_types(d_proj.dtype, torch.float32)).transpose(1, 2)
+    return du, d_low_rank, dA, dB, dC, dD, dz, dbias, d_proj.to(delta_proj.dtype).contiguous()
 
 
 def _setup_context(ctx, inputs, output):
