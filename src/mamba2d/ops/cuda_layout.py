@@ -137,7 +137,7 @@ class _SiluBothLayouts(torch.autograd.Function):
         return dx
 
 
-def _launch_silu(x: torch.Tensor, backward: bool, **tensors) -> None:
+def _launch_silu(x: torch.Tensor, backward: bool, /, **tensors) -> None:
     b, c, h, w = x.shape
     index = device_index(x.device)
     name = cuda_build.silu_kernel_names(cuda_build.DTYPE_TAGS[x.dtype])[int(backward)]
