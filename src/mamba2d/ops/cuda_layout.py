@@ -119,7 +119,7 @@ class _SiluBothLayouts(torch.autograd.Function):
         b, c, h, w = x.shape
         y = torch.empty_like(x)  # channels_last, like x
         u = torch.empty((b, c, h, w), dtype=x.dtype, device=x.device)
-        _launch_silu(x, backward=False, x=x, y=y, u=u)
+        _launch_silu(x, False, x=x, y=y, u=u)
         ctx.save_for_backward(x)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no map of zeros to read
         return y, u
@@ -133,7 +133,7 @@ class _SiluBothLayouts(torch.autograd.Function):
         dy = None if dy is None else dy.contiguous(memory_format=torch.channels_last)
         du = None if du is None else du.contiguous()
         dx = torch.empty_like(x)
-        _launch_silu(x, backward=True, x=x, dy=dy, du=du, dx=dx)
+        _launch_silu(x, True, x=x, dy=dy, du=du, dx=dx)
         return dx
 
 
