@@ -1,9 +1,9 @@
-// Layout copies of feature maps: channels_last <-> NCHW, and a map's columns as rows (VMamba's column-major
-// routes). Each is one swap of a contiguous tensor's outer and inner axes around a middle one that stays,
-// dst[b][c][m][r] = src[b][r][m][c]. PyTorch's copy of a permuted tensor writes in the output's order and reads the
-// input with a stride of a whole row: every warp touches 32 lines for 64-128 useful bytes (on an H100 a fraction of
-// the bandwidth, and its time grows 10x from 512² to 1024² maps). Here a block moves one square tile, 128 bytes a
-// side, through shared memory: reads and writes are both whole lines.
+// Layout changes of feature maps, each a pass through square shared-memory tiles (128 bytes a side) so that reads
+// and writes are both whole lines: channels_last <-> NCHW and a map's columns as rows (VMamba's column-major routes),
+// as one swap of a contiguous tensor's outer and inner axes around a middle one that stays, dst[b][c][m][r] =
+// src[b][r][m][c]; and the 2D mixer's SiLU written in both layouts. PyTorch's copy of a permuted tensor writes in
+// the output's order and reads the input with a stride of a whole row: every warp touches 32 lines for 64-128 useful
+// bytes (on an H100 a fraction of the bandwidth, and its time grows 10x from 512² to 1024² maps).
 #include "scan2d_common.cuh"
 
 // T is only moved, never converted: a 16- or 32-bit integer type of the element's width. A tile is TILE x TILE
@@ -39,6 +39,96 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
         for (int i = ty; i < TILE; i += STEP) {
             if (c0 + i < cols) d[(c0 + i) * mid * rows + r0 + tx] = tile[tx][i];
+        }
+    }
+}
+
+// SiLU of a channels_last map x (batch, P pixels, C channels), written channels_last (y) and as its NCHW copy (u):
+// the 2D mixer's activation, whose output its projections read channels_last and its scan NCHW. One pass instead of
+// the activation's and the copy's. Math as PyTorch's silu in float: x / (1 + exp(-x)), rounded to T.
+template <typename T>
+__global__ void __launch_bounds__(256)
+    mamba2d_silu_both_fwd(const M2DSiluParams prm) {
+    constexpr int TILE = 128 / sizeof(T);
+    constexpr int STEP = 256 / TILE;
+    constexpr int PAD = 4 / sizeof(T);
+    __shared__ T tile[TILE][TILE + PAD];
+    const T* __restrict__ x = static_cast<const T*>(prm.x);
+    T* __restrict__ y = static_cast<T*>(prm.y);
+    T* __restrict__ u = static_cast<T*>(prm.u);
+    const m2d_i64 pixels = prm.pixels, channels = prm.channels;
+    const m2d_i64 tiles_c = (channels + TILE - 1) / TILE, tiles_p = (pixels + TILE - 1) / TILE;
+    m2d_i64 t = blockIdx.x;
+    const m2d_i64 c0 = (t % tiles_c) * TILE;
+    t /= tiles_c;
+    const m2d_i64 p0 = (t % tiles_p) * TILE;
+    const m2d_i64 base = (t / tiles_p) * pixels * channels;
+    const int tx = threadIdx.x % TILE, ty = threadIdx.x / TILE;
+    if (c0 + tx < channels) {
+#pragma unroll
+        for (int i = ty; i < TILE; i += STEP) {
+            if (p0 + i < pixels) {
+                const m2d_i64 at = base + (p0 + i) * channels + c0 + tx;
+                const float v = m2d_to_f(x[at]);
+                const T out = m2d_from_f<T>(v / (1.f + expf(-v)));
+                y[at] = out;
+                tile[i][tx] = out;
+            }
+        }
+    }
+    __syncthreads();
+    if (p0 + tx < pixels) {
+#pragma unroll
+        for (int i = ty; i < TILE; i += STEP) {
+            if (c0 + i < channels) u[base + (c0 + i) * pixels + p0 + tx] = tile[tx][i];
+        }
+    }
+}
+
+// Its backward: dx = silu'(x) * g with g = dy + du (dy channels_last, du NCHW, read through the tile; either may be
+// null), g rounded to T before use as autograd's sum of the two is; silu' as PyTorch's in float,
+// s * (1 + x * (1 - s)) with s = 1 / (1 + exp(-x)).
+template <typename T>
+__global__ void __launch_bounds__(256)
+    mamba2d_silu_both_bwd(const M2DSiluParams prm) {
+    constexpr int TILE = 128 / sizeof(T);
+    constexpr int STEP = 256 / TILE;
+    constexpr int PAD = 4 / sizeof(T);
+    __shared__ T tile[TILE][TILE + PAD];
+    const T* __restrict__ x = static_cast<const T*>(prm.x);
+    const T* __restrict__ dy = static_cast<const T*>(prm.dy);
+    const T* __restrict__ du = static_cast<const T*>(prm.du);
+    T* __restrict__ dx = static_cast<T*>(prm.dx);
+    const m2d_i64 pixels = prm.pixels, channels = prm.channels;
+    const m2d_i64 tiles_c = (channels + TILE - 1) / TILE, tiles_p = (pixels + TILE - 1) / TILE;
+    m2d_i64 t = blockIdx.x;
+    const m2d_i64 c0 = (t % tiles_c) * TILE;
+    t /= tiles_c;
+    const m2d_i64 p0 = (t % tiles_p) * TILE;
+    const m2d_i64 base = (t / tiles_p) * pixels * channels;
+    const int tx = threadIdx.x % TILE, ty = threadIdx.x / TILE;
+    if (du != nullptr && p0 + tx < pixels) {
+#pragma unroll
+        for (int i = ty; i < TILE; i += STEP) {
+            if (c0 + i < channels) tile[tx][i] = du[base + (c0 + i) * pixels + p0 + tx];
+        }
+    }
+    __syncthreads();
+    if (c0 + tx < channels) {
+#pragma unroll
+        for (int i = ty; i < TILE; i += STEP) {
+            if (p0 + i < pixels) {
+                const m2d_i64 at = base + (p0 + i) * channels + c0 + tx;
+                float g;
+                if (dy != nullptr && du != nullptr) {
+                    g = m2d_to_f(m2d_from_f<T>(m2d_to_f(dy[at]) + m2d_to_f(tile[i][tx])));
+                } else {
+                    g = dy != nullptr ? m2d_to_f(dy[at]) : m2d_to_f(tile[i][tx]);
+                }
+                const float v = m2d_to_f(x[at]);
+                const float s = 1.f / (1.f + expf(-v));
+                dx[at] = m2d_from_f<T>(g * s * (1.f + v * (1.f - s)));
+            }
         }
     }
 }

@@ -1,4 +1,4 @@
-// Parameters of the 2D scan, layer-norm and layout-copy kernels, each kernel's passed by value as one struct.
+// Parameters of the 2D scan, layer-norm, layout-copy and SiLU kernels, each kernel's passed by value as one struct.
 //
 // Plain C++ (no CUDA keyword), so that a host compiler can check the layout: mamba2d/ops/cuda_launch.py mirrors each
 // struct field by field as a ctypes.Structure and fills it by name, and tests/ops/test_scan_cuda_cpu.py compares
@@ -104,4 +104,18 @@ struct M2DSwapParams {
     m2d_i64 rows;
     m2d_i64 mid;
     m2d_i64 cols;
+};
+
+// SiLU with both layouts (layout.cu): forward y = silu(x) channels_last and u, its NCHW copy; backward
+// dx = silu'(x) * (dy + du), the two gradients added in T first (as autograd adds them).
+struct M2DSiluParams {
+    const void* x;   // T [batch][pixels][channels] (channels_last)
+    void* y;         // T, like x (forward)
+    void* u;         // T [batch][channels][pixels] (forward)
+    const void* dy;  // T, like x, or null (backward)
+    const void* du;  // T, like u, or null (backward)
+    void* dx;        // T, like x (backward)
+    m2d_i64 batch;
+    m2d_i64 pixels;
+    m2d_i64 channels;
 };

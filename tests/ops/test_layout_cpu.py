@@ -22,3 +22,7 @@ def test_cpu_maps_get_pytorch_copies(fn, layout, expression):
     expected, out = expression(x), fn(x)
     assert torch.equal(out, expected) and out.stride() == expected.stride()
     assert not cuda_layout._applies(x, layout, False)
+
+
+def test_cpu_maps_do_not_take_the_silu_kernel():
+    assert not cuda_layout.silu_usable(torch.randn(2, 5, 7, 3).contiguous(memory_format=CL))

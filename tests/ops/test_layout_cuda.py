@@ -87,7 +87,8 @@ def test_inputs_the_kernel_does_not_take_get_pytorch(index):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_block_is_bitwise_the_same_with_pytorch_copies(scan, dtype, monkeypatch):
     """A VSSBlock's forward and backward on the kernels give exactly what they give with PyTorch's copies (the
-    copies move bits, and the scans are deterministic)."""
+    copies move bits, and the scans are deterministic); the SiLU in both layouts has a test of its own."""
+    monkeypatch.setattr(cuda_layout, "silu_usable", lambda x: False)
     torch.manual_seed(0)
     block = VSSBlock(48, d_state=4, ssm_ratio=2.0, scan=scan).cuda()
     x0 = torch.randn(2, 48, 13, 21, device="cuda").contiguous(memory_format=CL)
@@ -105,3 +106,63 @@ def test_block_is_bitwise_the_same_with_pytorch_copies(scan, dtype, monkeypatch)
     plain = run()
     for i, (a, b) in enumerate(zip(fast, plain)):
         assert torch.equal(a, b), i
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (3, 96, 56, 56), (1, 130, 1, 65), (2, 33, 65, 1), (2, 257, 9, 70)])
+@pytest.mark.parametrize("used", ["both", "channels_last", "nchw"])
+def test_silu_both_layouts_matches_pytorch(shape, dtype, used):
+    """`silu_both_layouts`: F.silu(x) in x's layout and its NCHW copy (the copy bit for bit the activation), and
+    x's gradient from either output or both against autograd through F.silu and a copy in the same dtype (the two
+    gradients added in that dtype), and against float64."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    x0 = (torch.randn(shape, generator=gen) * 3).to(dtype).cuda().contiguous(memory_format=CL)
+    weights = [torch.randn(shape, generator=gen).to(dtype).cuda() for _ in range(2)]
+    if not cuda_layout.silu_usable(x0):
+        assert min(shape[1], shape[2] * shape[3]) < 16  # only maps under a quarter tile stay with PyTorch
+        return
+
+    def run(fn, x):
+        y, u = fn(x)
+        terms = {"channels_last": (y * weights[0]).sum(), "nchw": (u * weights[1]).sum()}
+        (sum(terms.values()) if used == "both" else terms[used]).backward()
+        return y, u
+
+    ours_x, ref_x, x64 = (x0.clone().requires_grad_(), x0.clone().requires_grad_(),
+                          x0.double().requires_grad_())
+    y, u = run(cuda_layout.silu_both_layouts, ours_x)
+
+    def pytorch(x):
+        y = torch.nn.functional.silu(x)
+        return y, y.contiguous()
+
+    y_ref, _ = run(pytorch, ref_x)
+    run(pytorch, x64)
+    assert y.stride() == y_ref.stride() and u.is_contiguous() and torch.equal(u, y.contiguous())
+    bound = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(y, y_ref, rtol=bound, atol=bound)
+    torch.testing.assert_close(ours_x.grad, ref_x.grad, rtol=bound, atol=bound)
+    ours_error, pytorch_error = ((g.double() - x64.grad).norm() for g in (ours_x.grad, ref_x.grad))
+    assert ours_error <= 4 * pytorch_error + 1e-7 * x64.grad.norm()
+
+
+@pytest.mark.parametrize("scan", ["2d", "cross1d"])
+def test_block_with_silu_both_layouts_matches_pytorch(scan, monkeypatch):
+    """A VSSBlock in float32 with the SiLU in both layouts against the same block with PyTorch's SiLU and copy:
+    output and every gradient within float32 rounding."""
+    torch.manual_seed(0)
+    block = VSSBlock(48, d_state=4, ssm_ratio=2.0, scan=scan).cuda()
+    x0 = torch.randn(2, 48, 13, 21, device="cuda").contiguous(memory_format=CL)
+
+    def run():
+        block.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        y = block(x)
+        y.square().sum().backward()
+        return [y, x.grad, *(p.grad for p in block.parameters())]
+
+    fused = run()
+    monkeypatch.setattr(cuda_layout, "silu_usable", lambda x: False)
+    plain = run()
+    for i, (a, b) in enumerate(zip(fused, plain)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"tensor {i}")

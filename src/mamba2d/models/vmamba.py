@@ -226,8 +226,9 @@ class SS2D(nn.Module):
         self.A_logs.copy_(torch.log(states).expand_as(self.A_logs))
         self.Ds.fill_(1.0)
 
-    def _scan(self, x: torch.Tensor) -> torch.Tensor:
-        """The four routes' scans of `x` (b, d, h, w), summed; returned channels_last, like the residual stream.
+    def _scan(self, x: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+        """The four routes' scans of `x` (b, d, h, w), summed; returned channels_last, like the residual stream. `u`
+        is x's NCHW copy where the caller made it (with the activation), else it is made here.
 
         Layouts are chosen so that a training step moves as little memory as it can (`test_block_layout_copies`
         counts the copies): x is channels_last, so its pixel rows are a view, the projections are GEMMs that write
@@ -235,6 +236,7 @@ class SS2D(nn.Module):
         """
         b, d, h, w = x.shape
         k, n, r = self.n_routes, self.d_state, self.dt_rank
+        u = _NCHWCopy.apply(x) if u is None else u
         rows = x.permute(0, 2, 3, 1).flatten(1, 2)  # (b, h*w, d)
         # x_proj as one GEMM with the pixels as columns: x_dbl is (route, channel, batch, pixel), so B and C are
         # views with w innermost, as the scan reads them; as the pixels enter transposed, autograd returns their
@@ -253,14 +255,14 @@ class SS2D(nn.Module):
             # autograd would expand the gradient to four copies). The sum, 4x smaller, then goes channels_last: on
             # an H100 this beat summing straight into channels_last, a reduction whose reads and writes cannot both
             # be contiguous.
-            y = self._scan_routes(_NCHWCopy.apply(x), dts, B, C, slice(None))
+            y = self._scan_routes(u, dts, B, C, slice(None))
             return _ChannelsLastCopy.apply(y)
         # VMamba's cross-scan as two scans of two routes each, one per flattening of the map, each pair sharing one
         # copy of x (row-major: routes 0 and 2, column-major: 1 and 3, the second of each running backwards) and
         # summed in the op; the two sums meet in one pass that writes channels_last.
         pixels = h * w
         along_rows = self._scan_routes(
-            _NCHWCopy.apply(x).view(b, d, 1, pixels),
+            u.view(b, d, 1, pixels),
             *(t[:, 0::2].flatten(-2).unsqueeze(-2) for t in (dts, B, C)), slice(0, None, 2))
         along_cols = self._scan_routes(
             _TransposedCopy.apply(x).view(b, d, 1, pixels),
@@ -297,8 +299,15 @@ class SS2D(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.conv2d(self.in_proj(x)))
-        y = self.out_norm(self._scan(x))
+        x = self.conv2d(self.in_proj(x))
+        if cuda_layout.silu_usable(x):
+            # the activation writes its output in both layouts at once: channels_last for the projections, NCHW for
+            # the scan (one pass instead of the activation's and the copy's; its backward adds the two gradients)
+            x, u = cuda_layout.silu_both_layouts(x)
+        else:
+            x = self.act(x)
+            u = None
+        y = self.out_norm(self._scan(x, u))
         return self.dropout(self.out_proj(y))
 
 

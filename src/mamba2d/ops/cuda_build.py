@@ -414,9 +414,20 @@ def layout_kernel_name(itemsize: int) -> str:
     return f"mamba2d_layout_swap<{LAYOUT_ELEMENT_TYPES[itemsize]}>"
 
 
+def silu_kernel_names(tag: str) -> tuple[str, str]:
+    """Name expressions (NVRTC) of the SiLU written in both layouts, (forward, backward), on maps of `tag`.
+
+    Args:
+        tag: C++ storage type of the map (DTYPE_TAGS).
+    """
+    return f"mamba2d_silu_both_fwd<{tag}>", f"mamba2d_silu_both_bwd<{tag}>"
+
+
 def nvcc_layout_translation_unit() -> str:
-    """The layout copy with each of its instantiations."""
-    return _with_instantiations(LAYOUT_SOURCE, [layout_kernel_name(size) for size in LAYOUT_ELEMENT_TYPES])
+    """The layout copy and the SiLU in both layouts with each of their instantiations."""
+    names = [layout_kernel_name(size) for size in LAYOUT_ELEMENT_TYPES]
+    names += [name for tag in DTYPE_TAGS.values() for name in silu_kernel_names(tag)]
+    return _with_instantiations(LAYOUT_SOURCE, names)
 
 
 @dataclass(frozen=True)

@@ -153,9 +153,19 @@ class SwapParams(ctypes.Structure):
     ]
 
 
+class SiluParams(ctypes.Structure):
+    """`M2DSiluParams`: the parameters of the SiLU in both layouts, forward and backward (see scan2d_params.cuh)."""
+
+    _fields_ = [
+        *((name, _PTR) for name in ("x", "y", "u", "dy", "du", "dx")),
+        *((name, _I64) for name in ("batch", "pixels", "channels")),
+    ]
+
+
 #: The C struct each ctypes mirror stands for.
 PARAM_STRUCTS = {"M2DScanParams": ScanParams, "M2DLayerNormParams": LayerNormParams,
-                 "M2DLayerNormBwdParams": LayerNormBwdParams, "M2DSwapParams": SwapParams}
+                 "M2DLayerNormBwdParams": LayerNormBwdParams, "M2DSwapParams": SwapParams,
+                 "M2DSiluParams": SiluParams}
 
 _STRUCT_CODES = {_PTR: "P", _I64: "q", _I32: "i", _F32: "f"}
 _layouts: dict[type, tuple] = {}

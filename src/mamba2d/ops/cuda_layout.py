@@ -1,6 +1,6 @@
 """Layout copies of (batch, channels, H, W) feature maps between channels_last and NCHW, and to and from the
 column-major NCHW order VMamba's cross-scan reads, on the tiled CUDA kernel of cuda_ops/layout.cu (NVRTC through
-CuPy, like the scan kernels).
+CuPy, like the scan kernels); and the 2D mixer's SiLU written in both layouts (`silu_both_layouts`).
 
 Each function returns what the PyTorch expression in its docstring returns, bit for bit; that expression is also
 what runs wherever the kernel does not apply (a CPU tensor, a dtype other than float32 / float16 / bfloat16, an
@@ -15,7 +15,15 @@ from __future__ import annotations
 import torch
 
 from . import cuda_build
-from .cuda_launch import SwapParams, compiled_kernels, cupy_importable, device_index, launch_kernel, make_params
+from .cuda_launch import (
+    SiluParams,
+    SwapParams,
+    compiled_kernels,
+    cupy_importable,
+    device_index,
+    launch_kernel,
+    make_params,
+)
 
 _kernels: dict[tuple[int, str], tuple[object]] = {}
 _MAX_BLOCKS = 2**31 - 1  # a 1-D grid's limit
@@ -81,6 +89,63 @@ def from_transposed_nchw(x: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
+def silu_usable(x: torch.Tensor) -> bool:
+    """Whether `silu_both_layouts(x)` may run: `x` is a CUDA channels_last map (not also NCHW-contiguous) that the
+    layout copies take.
+
+    Args:
+        x: A (batch, channels, H, W) map.
+    """
+    if not _applies(x, torch.channels_last, x.is_contiguous()):
+        return False
+    b, c, h, w = x.shape
+    return _grid(x, b, h * w, 1, c) is not None
+
+
+def silu_both_layouts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(F.silu(x), F.silu(x).contiguous())` of a channels_last map in one pass: the activation in x's layout and
+    its NCHW copy; differentiable, the backward adding both outputs' gradients (in x's dtype, as autograd would)
+    before SiLU's derivative, in the same pass. The caller checks `silu_usable(x)` first.
+
+    Args:
+        x: A (batch, channels, H, W) channels_last map on a CUDA device.
+    """
+    return _SiluBothLayouts.apply(x)
+
+
+class _SiluBothLayouts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        b, c, h, w = x.shape
+        y = torch.empty_like(x)  # channels_last, like x
+        u = torch.empty((b, c, h, w), dtype=x.dtype, device=x.device)
+        _launch_silu(x, False, x=x, y=y, u=u)
+        ctx.save_for_backward(x)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no map of zeros to read
+        return y, u
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, du):
+        (x,) = ctx.saved_tensors
+        if dy is None and du is None:
+            return None
+        dy = None if dy is None else dy.contiguous(memory_format=torch.channels_last)
+        du = None if du is None else du.contiguous()
+        dx = torch.empty_like(x)
+        _launch_silu(x, True, x=x, dy=dy, du=du, dx=dx)
+        return dx
+
+
+def _launch_silu(x: torch.Tensor, backward: bool, /, **tensors) -> None:
+    b, c, h, w = x.shape
+    index = device_index(x.device)
+    name = cuda_build.silu_kernel_names(cuda_build.DTYPE_TAGS[x.dtype])[int(backward)]
+    fn = compiled_kernels(_kernels, (index, name), index, cuda_build.LAYOUT_SOURCE, lambda: [name])[0]
+    params = make_params(SiluParams, **tensors, batch=b, pixels=h * w, channels=c)
+    launch_kernel(fn, x.device, (_grid(x, b, h * w, 1, c), 1), cuda_build.LAYOUT_THREADS, 0, params)
+
+
 def _applies(x: torch.Tensor, layout: torch.memory_format, already: bool) -> bool:
     """Whether the kernel takes `x`: a CUDA 4-D map stored in `layout`, not `already` in the target layout (where
     PyTorch returns x itself), of a dtype the kernel moves, outside torch.compile."""
@@ -90,12 +155,9 @@ def _applies(x: torch.Tensor, layout: torch.memory_format, already: bool) -> boo
 
 def _swap(x: torch.Tensor, batch: int, rows: int, mid: int, cols: int) -> torch.Tensor | None:
     """x's storage as contiguous (batch, rows, mid, cols) copied to a new contiguous (batch, cols, mid, rows), or
-    None where the tiles do not pay: rows or cols under a quarter of a tile's side (the transposed copies of a
-    VSSM's last stages, 7 or 14 pixels a side), where most of each tile is empty and PyTorch's copy is as fast
-    (tools/bench_layout.py), or more tiles than a grid has blocks."""
-    tile = cuda_build.layout_tile(x.element_size())
-    blocks = batch * mid * -(-rows // tile) * -(-cols // tile)
-    if min(rows, cols) < tile // 4 or blocks > _MAX_BLOCKS:
+    None where the tiles do not pay (`_grid`)."""
+    blocks = _grid(x, batch, rows, mid, cols)
+    if blocks is None:
         return None
     out = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
     index = device_index(x.device)
@@ -104,3 +166,13 @@ def _swap(x: torch.Tensor, batch: int, rows: int, mid: int, cols: int) -> torch.
     params = make_params(SwapParams, src=x, dst=out, batch=batch, rows=rows, mid=mid, cols=cols)
     launch_kernel(fn, x.device, (blocks, 1), cuda_build.LAYOUT_THREADS, 0, params)
     return out
+
+
+def _grid(x: torch.Tensor, batch: int, rows: int, mid: int, cols: int) -> int | None:
+    """Blocks (one tile each) of a pass over x's storage as (batch, rows, mid, cols), or None where the tiles do not
+    pay: rows or cols under a quarter of a tile's side (the transposed copies of a VSSM's last stages, 7 or 14 pixels
+    a side), where most of each tile is empty and PyTorch's copy is as fast (tools/bench_layout.py), or more tiles
+    than a grid has blocks."""
+    tile = cuda_build.layout_tile(x.element_size())
+    blocks = batch * mid * -(-rows // tile) * -(-cols // tile)
+    return None if min(rows, cols) < tile // 4 or blocks > _MAX_BLOCKS else blocks
