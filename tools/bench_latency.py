@@ -1,8 +1,12 @@
 #!/usr/bin/env python
-"""Inference latency of a backbone at small batches, where the host's launch time, not the GPU, sets the pace:
-median wall milliseconds of one synchronised forward (torch.inference_mode, TF32 on), fp32 and bf16 autocast.
+"""Latency of a backbone at small batches, where the host's launch time, not the GPU, sets the pace: median wall
+milliseconds of one synchronised call (TF32 on), fp32 and 16-bit autocast, and the host's part of it: the time until
+the call returns, before the synchronise (Python, dispatch, autograd and launches; where it is close to the wall
+time, the host sets the pace). Inference: one forward under torch.inference_mode. With --training: one step of the
+throughput protocol (train mode, forward + cross-entropy + backward, no optimiser step); at batch 128 a host slower
+than the GPU's step time is what separates eager from CUDA-graph throughput.
 
-    python tools/bench_latency.py vmamba2d_tiny --batches 1 16
+    python tools/bench_latency.py vmamba2d_tiny --batches 1 16 [--training] [--precisions fp32 fp16 bf16]
 """
 
 from __future__ import annotations
@@ -15,23 +19,40 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-def latency_ms(model, x, precision: str, warmup: int, iters: int) -> float:
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    with torch.inference_mode(), autocast:
-        for _ in range(warmup):
-            model(x)
+
+def latency_ms(model, x, precision: str, training: bool, warmup: int, iters: int) -> tuple[float, float]:
+    """(median wall ms, median host ms) of one call of `model` on `x`."""
+    dtype = AUTOCAST[precision]
+    autocast = torch.autocast("cuda", dtype=dtype) if dtype else nullcontext()
+    target = torch.randint(0, 1000, (x.shape[0],), device=x.device)
+
+    def call():
+        if training:
+            with autocast:
+                loss = F.cross_entropy(model(x), target)
+            loss.backward()
+        else:
+            with torch.inference_mode(), autocast:
+                model(x)
+
+    for _ in range(warmup):
+        call()
+    walls, hosts = [], []
+    for _ in range(iters):
         torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            model(x)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        start = time.perf_counter()
+        call()
+        returned = time.perf_counter()
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - start)
+        hosts.append(returned - start)
+    return statistics.median(walls) * 1e3, statistics.median(hosts) * 1e3
 
 
 def main(argv=None) -> int:
@@ -39,6 +60,8 @@ def main(argv=None) -> int:
     parser.add_argument("model", help="timm model name, e.g. vmamba2d_tiny")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--training", action="store_true", help="time a training step instead of a forward")
+    parser.add_argument("--precisions", nargs="+", choices=tuple(AUTOCAST), default=["fp32", "bf16"])
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--iters", type=int, default=40)
     args = parser.parse_args(argv)
@@ -51,13 +74,14 @@ def main(argv=None) -> int:
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    model = timm.create_model(args.model).cuda().eval()
-    print(f"card: {torch.cuda.get_device_name()}; {args.model}, {args.size} px")
+    model = timm.create_model(args.model).cuda().train(args.training)
+    what = "training step (forward + cross-entropy + backward)" if args.training else "forward (inference)"
+    print(f"card: {torch.cuda.get_device_name()}; {args.model}, {args.size} px, {what}; milliseconds")
     for batch in args.batches:
         x = torch.randn(batch, 3, args.size, args.size, device="cuda")
-        for precision in ("fp32", "bf16"):
-            ms = latency_ms(model, x, precision, args.warmup, args.iters)
-            print(f"batch {batch:>4} {precision}: {ms:8.2f} ms", flush=True)
+        for precision in args.precisions:
+            wall, host = latency_ms(model, x, precision, args.training, args.warmup, args.iters)
+            print(f"batch {batch:>4} {precision}: wall {wall:8.2f} ms, host {host:8.2f} ms", flush=True)
     return 0
 
 

@@ -261,8 +261,8 @@ def batched_delta_factors(delta: torch.Tensor, delta_proj: torch.Tensor) -> tupl
     weight (batch * G, dim / G, R) and the low-rank maps (batch * G, R, H * W).
 
     The weight is the transposed view of a contiguous (batch * G, R, dim / G): its rows are then dim / G apart, where
-    rows R apart (6 in the tiny models) would leave cuBLAS only kernels for 2-byte-aligned operands (on an H100 a
-    32x32-tile bfloat16 kernel and a SIMT float32 one, several ms of a training step).
+    rows R apart (6 in the tiny models) would leave cuBLAS only its kernels for 2-byte-aligned operands, which use
+    the tensor cores poorly or not at all.
 
     Args:
         delta: (batch, G, R, H, W).
