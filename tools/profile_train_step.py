@@ -90,9 +90,10 @@ def main(argv=None) -> int:
     for e in events:
         per_step[kernel_group(e.key)] += e.self_device_time_total / args.steps / 1e3
     total = sum(per_step.values())
+    launches = sum(e.count for e in events) / args.steps
     what = "inference forward" if args.inference else "training step"
     print(f"{torch.cuda.get_device_name()}: {args.model}, batch {args.batch}, {args.size} px, {args.precision}; "
-          f"GPU time per {what} {total:.2f} ms")
+          f"GPU time per {what} {total:.2f} ms in {launches:.0f} kernels, copies and memsets")
     for group, ms in per_step.most_common():
         print(f"  {group:<18}{ms:8.2f} ms {100 * ms / total:5.1f} %")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=100))
