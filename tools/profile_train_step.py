@@ -35,6 +35,7 @@ GROUPS = (
     ("convolution", r"conv|cudnn|implicit"),
     ("layer norm", r"layer_norm|LayerNorm"),
     ("layout copy", r"layout_swap"),
+    ("SiLU both layouts", r"silu_both"),
     ("reduction", r"reduce"),
     ("copy/elementwise", r"elementwise|copy|vectorized|unrolled"),
 )
@@ -96,6 +97,11 @@ def main(argv=None) -> int:
           f"GPU time per {what} {total:.2f} ms in {launches:.0f} kernels, copies and memsets")
     for group, ms in per_step.most_common():
         print(f"  {group:<18}{ms:8.2f} ms {100 * ms / total:5.1f} %")
+    # what no group names, largest first: where a new kind of kernel (a library's layout transform, say) shows
+    others = sorted((e for e in events if kernel_group(e.key) == "other"), key=lambda e: -e.self_device_time_total)
+    for e in others[:8]:
+        print(f"    other: {e.self_device_time_total / args.steps / 1e3:7.3f} ms, {e.count / args.steps:4.0f} calls "
+              f"{e.key[:110]}")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=100))
     return 0
 

@@ -44,6 +44,8 @@ def test_train_step_profile_groups_kernels_by_kind():
         "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float>>": "reduction",
         "void at::native::elementwise_kernel<128, 2, direct_copy_kernel_cuda>": "copy/elementwise",
         "conv2d_c1_k1_nhwc": "convolution",
+        "void mamba2d_layout_swap<unsigned int>(M2DSwapParams)": "layout copy",
+        "void mamba2d_silu_both_bwd<m2d_half>(M2DSiluParams)": "SiLU both layouts",
         "void at::native::GammaBetaBackwardCUDAKernelTemplate<float>": "other",
     }
     assert {name: tool.kernel_group(name) for name in expected} == expected
