@@ -83,27 +83,34 @@ def test_inputs_the_kernel_does_not_take_get_pytorch(index):
         assert (out.data_ptr() == x.data_ptr()) == (expected.data_ptr() == x.data_ptr())
 
 
+def _block_and_input(scan: str) -> tuple[VSSBlock, torch.Tensor]:
+    """A small VSSBlock on the GPU and a channels_last input whose sides are not multiples of a tile."""
+    torch.manual_seed(0)
+    block = VSSBlock(48, d_state=4, ssm_ratio=2.0, scan=scan).cuda()
+    return block, torch.randn(2, 48, 13, 21, device="cuda").contiguous(memory_format=CL)
+
+
+def _block_step(block: VSSBlock, x0: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The block's output, the input's gradient and every parameter's gradient of sum(y^2), under autocast to
+    `dtype` unless it is float32."""
+    block.zero_grad(set_to_none=True)
+    x = x0.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        y = block(x)
+    y.float().square().sum().backward()
+    return [y, x.grad, *(p.grad for p in block.parameters())]
+
+
 @pytest.mark.parametrize("scan", ["2d", "cross1d"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_block_is_bitwise_the_same_with_pytorch_copies(scan, dtype, monkeypatch):
     """A VSSBlock's forward and backward on the kernels give exactly what they give with PyTorch's copies (the
     copies move bits, and the scans are deterministic); the SiLU in both layouts has a test of its own."""
     monkeypatch.setattr(cuda_layout, "silu_usable", lambda x: False)
-    torch.manual_seed(0)
-    block = VSSBlock(48, d_state=4, ssm_ratio=2.0, scan=scan).cuda()
-    x0 = torch.randn(2, 48, 13, 21, device="cuda").contiguous(memory_format=CL)
-
-    def run():
-        block.zero_grad(set_to_none=True)
-        x = x0.clone().requires_grad_()
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            y = block(x)
-        y.float().square().sum().backward()
-        return [y, x.grad, *(p.grad for p in block.parameters())]
-
-    fast = run()
+    block, x0 = _block_and_input(scan)
+    fast = _block_step(block, x0, dtype)
     monkeypatch.setattr(cuda_layout, "_applies", lambda *args: False)
-    plain = run()
+    plain = _block_step(block, x0, dtype)
     for i, (a, b) in enumerate(zip(fast, plain)):
         assert torch.equal(a, b), i
 
@@ -150,19 +157,9 @@ def test_silu_both_layouts_matches_pytorch(shape, dtype, used):
 def test_block_with_silu_both_layouts_matches_pytorch(scan, monkeypatch):
     """A VSSBlock in float32 with the SiLU in both layouts against the same block with PyTorch's SiLU and copy:
     output and every gradient within float32 rounding."""
-    torch.manual_seed(0)
-    block = VSSBlock(48, d_state=4, ssm_ratio=2.0, scan=scan).cuda()
-    x0 = torch.randn(2, 48, 13, 21, device="cuda").contiguous(memory_format=CL)
-
-    def run():
-        block.zero_grad(set_to_none=True)
-        x = x0.clone().requires_grad_()
-        y = block(x)
-        y.square().sum().backward()
-        return [y, x.grad, *(p.grad for p in block.parameters())]
-
-    fused = run()
+    block, x0 = _block_and_input(scan)
+    fused = _block_step(block, x0, torch.float32)
     monkeypatch.setattr(cuda_layout, "silu_usable", lambda x: False)
-    plain = run()
+    plain = _block_step(block, x0, torch.float32)
     for i, (a, b) in enumerate(zip(fused, plain)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"tensor {i}")
