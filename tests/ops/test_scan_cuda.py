@@ -614,6 +614,25 @@ def test_sum_groups(tuning, dtype, H, W, N, z, shared_u):
         assert torch.equal(g, grads_full[name]), f"d{name} differs from the kernels' on the copied gradient"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sum_groups_under_autocast_keeps_the_autocast_dtype(dtype):
+    """Under CUDA autocast y summed over the groups has the autocast dtype, as the contract and the custom op's fake
+    give it, and equals the groups' outputs summed in that dtype (CUDA autocast runs a `sum` without a dtype in
+    float32: the 2D mixer's route sum, and all that follows it, would be float32). Gradients reach the float32
+    inputs in float32."""
+    G, per_group = 4, 8
+    inputs = make_inputs(2, G * per_group, 14, 14, G, 1, z=False)  # float32: autocast casts them
+    inputs["u"] = inputs["u"][:, :per_group].contiguous()
+    directions = group_directions(G)
+    with torch.autocast("cuda", dtype=dtype):
+        y, grads, _ = run(inputs, "cuda", direction=directions, sum_groups=True)
+    assert y.dtype == dtype and y.shape == (2, per_group, 14, 14)
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    low = {k: (v.to(dtype) if k in ("u", "delta", "B", "C") and v is not None else v) for k, v in inputs.items()}
+    y_full, _, _ = run(low, "cuda", direction=directions, grad=False)
+    assert torch.equal(y, y_full.unflatten(1, (G, per_group)).sum(dim=1))
+
+
 def low_rank_inputs(batch, G, per_group, R, H, W, N, dtype, shared_u=True, z=False):
     """Scan inputs with a low-rank delta (batch, G, R, H, W), a strided view as SS2D's x_dbl gives it, and its
     float32 projection `delta_proj` (G, dim / G, R)."""

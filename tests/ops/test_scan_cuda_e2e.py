@@ -131,3 +131,23 @@ def test_cuda_graph_training_step_matches_eager(precision):
         assert _rel(loss_graph, loss_eager) <= bound
         bad = [i for i, (g, e) in enumerate(zip(grads_graph, grads_eager)) if not _rel(g, e) <= bound]
         assert not bad, f"parameters {bad} get other gradients under graph replay"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scan", ["2d", "cross1d"])
+def test_route_sum_keeps_the_autocast_dtype(dtype, scan):
+    """Under fp16 / bf16 autocast every mixer's route sum reaches out_norm in the autocast dtype with the CUDA scan,
+    as with the reference (a float32 sum would double the bytes of that map, its layout copy and its gradient)."""
+    from mamba2d.models.vmamba import SS2D
+
+    torch.manual_seed(0)
+    seen = {}
+    for backend in ("reference", "cuda"):
+        mixer = SS2D(48, scan=scan, scan_backend=backend).cuda()
+        dtypes = []
+        mixer.out_norm.register_forward_hook(lambda module, args, out: dtypes.append(args[0].dtype))
+        x = torch.randn(2, 48, 20, 28, device="cuda").contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=dtype):
+            mixer(x.requires_grad_()).float().square().sum().backward()
+        seen[backend] = dtypes
+    assert seen["cuda"] == seen["reference"] == [dtype]

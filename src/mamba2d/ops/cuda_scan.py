@@ -171,8 +171,9 @@ def _checkpoints(ckv_n: int, ckh_n: int, like: torch.Tensor) -> tuple[torch.Tens
 
 
 def group_sum(t: torch.Tensor, channels: int) -> torch.Tensor:
-    """Channel maps (batch, G * channels, H, W) summed over the G groups, in a fixed order: a shared u's gradient
-    from the kernels' one du map per channel, or y summed over the groups (`sum_groups`).
+    """Channel maps (batch, G * channels, H, W) summed over the G groups, in a fixed order, in t's dtype (accumulated
+    in float32 by PyTorch's reduction): a shared u's gradient from the kernels' one du map per channel, or y summed
+    over the groups (`sum_groups`).
 
     Args:
         t: (batch, G * channels, H, W), group-major channels.
@@ -180,7 +181,9 @@ def group_sum(t: torch.Tensor, channels: int) -> torch.Tensor:
     """
     if t.shape[1] == channels:
         return t
-    return t.unflatten(1, (t.shape[1] // channels, channels)).sum(dim=1)
+    # the dtype said: CUDA autocast runs a sum without one in float32, which would make y (and all that follows it)
+    # float32 under fp16 / bf16 autocast, unlike the contract, the reference and the custom op's fake
+    return t.unflatten(1, (t.shape[1] // channels, channels)).sum(dim=1, dtype=t.dtype)
 
 
 def expand_groups(t: torch.Tensor, dim: int) -> torch.Tensor:
