@@ -6,6 +6,30 @@
 // bytes (on an H100 a fraction of the bandwidth, and its time grows 10x from 512² to 1024² maps).
 #include "scan2d_common.cuh"
 
+// The tile a block owns in a pass over a contiguous (batch, rows, mid, cols) tensor, one block per TILE x TILE tile
+// of each (batch, mid) plane: its first row and column, its batch and mid index, and the thread's column in the tile
+// (tx) and first row (ty), the block covering 256 / TILE rows per step.
+struct M2DTile {
+    m2d_i64 r0, c0, b, m;
+    int tx, ty;
+};
+
+template <int TILE>
+__device__ __forceinline__ M2DTile m2d_tile(m2d_i64 rows, m2d_i64 mid, m2d_i64 cols) {
+    const m2d_i64 tiles_c = (cols + TILE - 1) / TILE, tiles_r = (rows + TILE - 1) / TILE;
+    m2d_i64 t = blockIdx.x;
+    M2DTile tile;
+    tile.c0 = (t % tiles_c) * TILE;
+    t /= tiles_c;
+    tile.r0 = (t % tiles_r) * TILE;
+    t /= tiles_r;
+    tile.m = t % mid;
+    tile.b = t / mid;
+    tile.tx = threadIdx.x % TILE;
+    tile.ty = threadIdx.x / TILE;
+    return tile;
+}
+
 // T is only moved, never converted: a 16- or 32-bit integer type of the element's width. A tile is TILE x TILE
 // elements (128 bytes a side), its rows padded so that a column of it falls in distinct shared-memory banks.
 template <typename T>
@@ -18,16 +42,11 @@ __global__ void __launch_bounds__(256)
     const T* __restrict__ src = static_cast<const T*>(prm.src);
     T* __restrict__ dst = static_cast<T*>(prm.dst);
     const m2d_i64 rows = prm.rows, mid = prm.mid, cols = prm.cols;
-    const m2d_i64 tiles_c = (cols + TILE - 1) / TILE, tiles_r = (rows + TILE - 1) / TILE;
-    m2d_i64 t = blockIdx.x;
-    const m2d_i64 c0 = (t % tiles_c) * TILE;
-    t /= tiles_c;
-    const m2d_i64 r0 = (t % tiles_r) * TILE;
-    t /= tiles_r;
-    const m2d_i64 m = t % mid, b = t / mid;
-    const int tx = threadIdx.x % TILE, ty = threadIdx.x / TILE;
-    const T* s = src + (b * rows * mid + m) * cols;  // element (r, c) at s[r * mid * cols + c]
-    T* d = dst + (b * cols * mid + m) * rows;        // element (c, r) at d[c * mid * rows + r]
+    const M2DTile pos = m2d_tile<TILE>(rows, mid, cols);
+    const m2d_i64 r0 = pos.r0, c0 = pos.c0;
+    const int tx = pos.tx, ty = pos.ty;
+    const T* s = src + (pos.b * rows * mid + pos.m) * cols;  // element (r, c) at s[r * mid * cols + c]
+    T* d = dst + (pos.b * cols * mid + pos.m) * rows;        // element (c, r) at d[c * mid * rows + r]
     if (c0 + tx < cols) {
 #pragma unroll
         for (int i = ty; i < TILE; i += STEP) {
@@ -57,13 +76,9 @@ __global__ void __launch_bounds__(256)
     T* __restrict__ y = static_cast<T*>(prm.y);
     T* __restrict__ u = static_cast<T*>(prm.u);
     const m2d_i64 pixels = prm.pixels, channels = prm.channels;
-    const m2d_i64 tiles_c = (channels + TILE - 1) / TILE, tiles_p = (pixels + TILE - 1) / TILE;
-    m2d_i64 t = blockIdx.x;
-    const m2d_i64 c0 = (t % tiles_c) * TILE;
-    t /= tiles_c;
-    const m2d_i64 p0 = (t % tiles_p) * TILE;
-    const m2d_i64 base = (t / tiles_p) * pixels * channels;
-    const int tx = threadIdx.x % TILE, ty = threadIdx.x / TILE;
+    const M2DTile pos = m2d_tile<TILE>(pixels, 1, channels);
+    const m2d_i64 p0 = pos.r0, c0 = pos.c0, base = pos.b * pixels * channels;
+    const int tx = pos.tx, ty = pos.ty;
     if (c0 + tx < channels) {
 #pragma unroll
         for (int i = ty; i < TILE; i += STEP) {
@@ -100,13 +115,9 @@ __global__ void __launch_bounds__(256)
     const T* __restrict__ du = static_cast<const T*>(prm.du);
     T* __restrict__ dx = static_cast<T*>(prm.dx);
     const m2d_i64 pixels = prm.pixels, channels = prm.channels;
-    const m2d_i64 tiles_c = (channels + TILE - 1) / TILE, tiles_p = (pixels + TILE - 1) / TILE;
-    m2d_i64 t = blockIdx.x;
-    const m2d_i64 c0 = (t % tiles_c) * TILE;
-    t /= tiles_c;
-    const m2d_i64 p0 = (t % tiles_p) * TILE;
-    const m2d_i64 base = (t / tiles_p) * pixels * channels;
-    const int tx = threadIdx.x % TILE, ty = threadIdx.x / TILE;
+    const M2DTile pos = m2d_tile<TILE>(pixels, 1, channels);
+    const m2d_i64 p0 = pos.r0, c0 = pos.c0, base = pos.b * pixels * channels;
+    const int tx = pos.tx, ty = pos.ty;
     if (du != nullptr && p0 + tx < pixels) {
 #pragma unroll
         for (int i = ty; i < TILE; i += STEP) {
