@@ -58,3 +58,25 @@ def test_lightning_rng_states_round_trip_and_a_missing_api_names_the_version():
     assert (random.random(), torch.rand(1).item()) == first
     with pytest.raises(ImportError, match=r"lightning\.fabric\.utilities\.seed\._gone.*tested with lightning 2\.6"):
         _private("lightning.fabric.utilities.seed", "_gone")
+
+
+def test_plain_module_call_sees_every_kind_of_hook_and_compile():
+    module = torch.nn.Linear(2, 2)
+    assert compat.plain_module_call(module)
+    registrations = [
+        lambda: module.register_forward_hook(lambda *args: None),
+        lambda: module.register_forward_pre_hook(lambda *args: None),
+        lambda: module.register_full_backward_hook(lambda *args: None),
+        lambda: module.register_full_backward_pre_hook(lambda *args: None),
+        lambda: torch.nn.modules.module.register_module_forward_hook(lambda *args: None),
+        lambda: torch.nn.modules.module.register_module_forward_pre_hook(lambda *args: None),
+        lambda: torch.nn.modules.module.register_module_full_backward_hook(lambda *args: None),
+        lambda: torch.nn.modules.module.register_module_full_backward_pre_hook(lambda *args: None),
+    ]
+    for register in registrations:
+        handle = register()
+        assert not compat.plain_module_call(module)
+        handle.remove()
+        assert compat.plain_module_call(module)
+    module.compile()
+    assert not compat.plain_module_call(module)

@@ -1,5 +1,5 @@
-"""The private parts of timm and Lightning that mamba2d relies on, each wrapped once here, with a check that they
-are still there.
+"""The private parts of timm, Lightning and torch.nn that mamba2d relies on, each wrapped once here, with a check that
+they are still there.
 
 A release that moves one of them fails here, at first use, with a message naming the version we were tested with,
 instead of deep inside a model or a checkpoint. `pyproject.toml` bounds timm and Lightning to the releases tested.
@@ -15,15 +15,18 @@ from importlib import import_module
 from typing import Any
 
 import timm
+import torch
 from timm.models import DefaultCfg, PretrainedCfg
 
-__all__ = ["LIGHTNING_TESTED", "TIMM_TESTED", "collect_rng_states", "feature_take_indices", "register_timm_pretrained",
-           "set_rng_states"]
+__all__ = ["LIGHTNING_TESTED", "TIMM_TESTED", "TORCH_TESTED", "collect_rng_states", "feature_take_indices",
+           "plain_module_call", "register_timm_pretrained", "set_rng_states"]
 
 #: The timm releases whose private APIs below were checked (tests/test_compat.py checks them again).
 TIMM_TESTED = "1.0"
 #: The Lightning release whose private RNG-state helpers below were checked.
 LIGHTNING_TESTED = "2.6"
+#: The torch release whose nn.Module hook registries below were checked.
+TORCH_TESTED = "2.14"
 
 
 def _private(module: str, name: str) -> Any:
@@ -31,7 +34,7 @@ def _private(module: str, name: str) -> Any:
     try:
         return getattr(import_module(module), name)
     except (ImportError, AttributeError) as exc:
-        tested = TIMM_TESTED if package == "timm" else LIGHTNING_TESTED
+        tested = {"timm": TIMM_TESTED, "torch": TORCH_TESTED}.get(package, LIGHTNING_TESTED)
         version = getattr(import_module(package), "__version__", "?")
         raise ImportError(f"mamba2d needs {module}.{name}, which {package} {version} lacks; mamba2d was tested "
                           f"with {package} {tested}.x (see the bounds in pyproject.toml)") from exc
@@ -93,3 +96,37 @@ def register_timm_pretrained(arch: str, cfgs: Sequence[PretrainedCfg]) -> None:
             if cfg.has_weights:
                 has_pretrained.add(arch)
     default_cfgs[arch] = DefaultCfg(tags=deque(cfg.tag for cfg in cfgs), cfgs={cfg.tag: cfg for cfg in cfgs})
+
+
+#: nn.Module's hook registries, per module and global: where any is non-empty, calling a module runs more than its
+#: forward (torch.nn.Module._call_impl's own test for its fast path).
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def _module_hook_registries() -> tuple:
+    """The global registries themselves (dicts that registering mutates in place), looked up once, and a check that
+    a module has its own; at import, so that torch.compile traces `plain_module_call` without an import inside."""
+    registries = tuple(_private("torch.nn.modules.module", name) for name in _GLOBAL_HOOKS)
+    missing = [name for name in (*_MODULE_HOOKS, "_compiled_call_impl") if not hasattr(torch.nn.Module(), name)]
+    if missing:
+        raise ImportError(f"mamba2d needs torch.nn.Module.{', '.join(missing)}, which torch {torch.__version__} "
+                          f"lacks; mamba2d was tested with torch {TORCH_TESTED}.x")
+    return registries
+
+
+_GLOBAL_HOOK_REGISTRIES = _module_hook_registries()
+
+
+def plain_module_call(module: torch.nn.Module) -> bool:
+    """Whether calling `module` runs its forward and nothing else: no hook of its own or global (forward, forward
+    pre-, backward or backward pre-hooks) and no `module.compile()`. A caller may then run the module's computation
+    another way (a method of its own) without anyone missing a call.
+
+    Args:
+        module: The module.
+    """
+    if any(_GLOBAL_HOOK_REGISTRIES) or any(getattr(module, name) for name in _MODULE_HOOKS):
+        return False
+    return module._compiled_call_impl is None

@@ -421,3 +421,62 @@ def test_block_drop_scale_draws_what_timm_drop_path_draws(dtype):
     assert set(scale.tolist()) <= {0.0, (torch.tensor(1.0, dtype=dtype) / 0.6).item()}
     assert block.eval()._drop_scale(branch) is None
     assert VSSBlock(8, scan_backend="reference").train()._drop_scale(branch) is None  # no drop path
+
+
+@pytest.mark.parametrize("arch", ["vmamba2d_nano", "vmamba_nano"])
+def test_stage_chain_computes_what_block_calls_compute(arch, monkeypatch):
+    """A stage hands each block's last residual sum to the next block's first norm (`VSSBlock.forward_deferred`);
+    with a hook on its blocks it calls them as modules instead. Both give the same output and gradients bitwise, with
+    the same drop-path draws, and every hook sees each of its block's calls."""
+    handed = []
+    deferred = VSSBlock.forward_deferred
+    monkeypatch.setattr(VSSBlock, "forward_deferred",
+                        lambda self, x, pending=None: handed.append(pending is not None) or deferred(self, x, pending))
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=5, drop_path_rate=0.3, scan_backend="reference").train()
+    x = torch.randn(2, 3, 48, 40)
+    results, seen = [], []
+    for hooked in (False, True):
+        handles = [block.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+                   for layer in model.layers for block in layer.blocks] if hooked else []
+        torch.manual_seed(1)
+        out = model(x)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad(set_to_none=True)
+        for handle in handles:
+            handle.remove()
+    (out_c, grads_c), (out_b, grads_b) = results
+    depths = [len(layer.blocks) for layer in model.layers]
+    # chained: every block but a stage's first takes a sum over; called as modules: none does
+    assert handed == [i > 0 for depth in depths for i in range(depth)] + [False] * sum(depths)
+    assert torch.equal(out_c, out_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_c, grads_b))
+    assert len(seen) == sum(len(layer.blocks) for layer in model.layers)
+
+
+def test_block_forward_is_its_deferred_parts_summed():
+    """`VSSBlock.forward` is `forward_deferred`'s (x, branch, scale) summed, and both compute timm's modules composed
+    as the block's equations say (pre-norm residual branches with DropPath), with the same draws."""
+    block = VSSBlock(16, drop_path=0.5, scan_backend="reference").train()
+    x = torch.randn(3, 16, 6, 5).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(4)
+    out = block(x)
+    torch.manual_seed(4)
+    mid, branch, scale = block.forward_deferred(x)
+    assert scale is not None and torch.equal(out, mid + branch * scale.view(-1, 1, 1, 1))
+    torch.manual_seed(4)
+    x1 = x + block.drop_path(block.op(block.norm(x)))
+    assert torch.equal(out, x1 + block.drop_path(block.mlp(block.norm2(x1))))
+
+
+def test_whole_model_traces_as_one_graph():
+    """torch.compile(fullgraph=True) traces a whole backbone, its stages' block chain included, without a break, and
+    the traced model computes what the eager one does."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = timm.create_model("vmamba2d_nano", num_classes=5, scan_backend="reference").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        traced = torch.compile(model, fullgraph=True, backend="eager")(x)
+        assert torch.allclose(traced, model(x), rtol=1e-5, atol=1e-6)

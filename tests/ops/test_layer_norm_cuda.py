@@ -303,3 +303,31 @@ def test_block_with_the_fused_residual_norm_matches_the_modules(no_tf32, precisi
     bound = 2e-2 if low else 1e-4
     assert _rel(out_f, out_p) <= bound and _rel(dx_f, dx_p) <= bound
     assert all(_rel(a, b) <= bound for a, b in zip(dp_f, dp_p))
+
+
+@pytest.mark.parametrize("precision,drop_path", [("fp32", 0.3), ("bf16", 0.0)])
+def test_stage_chain_with_the_fused_residual_norm_matches_block_calls(no_tf32, precision, drop_path):
+    """vmamba2d_nano's stages on CUDA hand each block's MLP residual sum to the next block's norm, one kernel, in
+    forward and backward; the same model with its blocks called as modules (a hook on each) computes the same loss
+    and parameter gradients, with the same drop-path draws. (In bf16 the kernel does not round the drop-path product
+    to bf16 as the modules do: the block-level test bounds that case.)"""
+    torch.manual_seed(0)
+    model = timm.create_model("vmamba2d_nano", num_classes=10, drop_path_rate=drop_path).cuda().train()
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    low = precision == "bf16"
+    results = []
+    for hooked in (False, True):
+        handles = [block.register_forward_hook(lambda module, args, out: None)
+                   for layer in model.layers for block in layer.blocks] if hooked else []
+        torch.manual_seed(1)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=low):
+            loss = model(x).float().square().mean()
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad(set_to_none=True)
+        for handle in handles:
+            handle.remove()
+    (loss_c, grads_c), (loss_b, grads_b) = results
+    bound = 1e-2 if low else 1e-4
+    assert _rel(loss_c, loss_b) <= bound
+    assert all(_rel(a, b) <= bound for a, b in zip(grads_c, grads_b))

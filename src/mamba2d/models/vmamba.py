@@ -20,7 +20,7 @@ from timm.layers import DropPath, LayerNorm2d, fast_layer_norm, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 
 from ..checkpoints import CheckpointError, check_state_dict, read_checkpoint
-from ..compat import feature_take_indices
+from ..compat import feature_take_indices, plain_module_call
 from ..ops import cuda_layer_norm, cuda_layout, selective_scan_2d
 
 __all__ = ["VSSM", "SS2D", "VSSBlock", "SCAN_DIRECTIONS", "DEFAULT_NORM_EPS"]
@@ -366,6 +366,20 @@ class _CrossMerge(torch.autograd.Function):
         return cuda_layout.to_nchw(grad), cuda_layout.to_transposed_nchw(grad)
 
 
+def _add_scaled(x: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x + branch, the branch scaled per sample by `scale` (`VSSBlock._drop_scale`; None for 1) as timm's DropPath
+    scales it: the factor in the branch's dtype.
+
+    Args:
+        x: The residual stream, (B, ...).
+        branch: What is added to it, same shape.
+        scale: float32 (B,) factors, or None.
+    """
+    if scale is None:
+        return x + branch
+    return x + branch * scale.to(branch.dtype).view(-1, *(1,) * (branch.dim() - 1))
+
+
 class VSSBlock(nn.Module):
     """VMamba's block: x + SS2D(norm(x)), then x + MLP(norm2(x)), each branch with drop path.
 
@@ -387,22 +401,40 @@ class VSSBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, y = self._add_norm2(x, self.op(self.norm(x)))
-        return x + self.drop_path(self.mlp(y))
+        return _add_scaled(*self.forward_deferred(x))
 
-    def _add_norm2(self, x: torch.Tensor, branch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + drop_path(branch), norm2 of that sum). On CUDA channels_last maps one kernel computes both (and, in
-        the backward, adds the sum's two gradients and scales the branch's) instead of an add, a drop-path multiply
-        and the norm, each a pass over the map; elsewhere the modules themselves. The same drop-path draws either
-        way."""
-        norm = self.norm2
+    def forward_deferred(self, x: torch.Tensor, pending: tuple | None = None) -> tuple:
+        """The block with its last residual sum left to the caller: (x, branch, scale), whose `_add_scaled` is
+        `forward`'s output. A stage hands each block's to the next block, whose first norm takes that sum in the
+        same kernel (`_add_norm`) instead of an add and a drop-path multiply before it.
+
+        Args:
+            x: (B, dim, H, W) map, the residual stream.
+            pending: The previous block's (branch, scale) still to be added to `x`, or None.
+        """
+        if pending is None:
+            y = self.norm(x)
+        else:
+            x, y = self._add_norm(x, *pending, self.norm)
+        branch = self.op(y)
+        x, y = self._add_norm(x, branch, self._drop_scale(branch), self.norm2)
+        branch = self.mlp(y)
+        return x, branch, self._drop_scale(branch)
+
+    @staticmethod
+    def _add_norm(x: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | None,
+                  norm: GemmInputLayerNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + scale * branch, norm of that sum). On CUDA channels_last maps one kernel computes both (and, in the
+        backward, adds the sum's two gradients and scales the branch's) instead of an add, a drop-path multiply and
+        the norm, each a pass over the map; elsewhere `_add_scaled` and the norm module, the same drop-path draws
+        either way."""
         rows, branch_rows = x.permute(0, 2, 3, 1), branch.permute(0, 2, 3, 1)
         if not (norm.kernel and x.shape == branch.shape and branch_rows.is_contiguous()
                 and cuda_layer_norm.usable(rows, norm.weight, norm.bias)):
-            x = x + self.drop_path(branch)
+            x = _add_scaled(x, branch, scale)
             return x, norm(x)
-        total, y = cuda_layer_norm.add_layer_norm(rows, branch_rows, self._drop_scale(branch), x.shape[2] * x.shape[3],
-                                                  norm.weight, norm.bias, norm.eps, norm._out_dtype(x))
+        total, y = cuda_layer_norm.add_layer_norm(rows, branch_rows, scale, x.shape[2] * x.shape[3], norm.weight,
+                                                  norm.bias, norm.eps, norm._out_dtype(x))
         return total.permute(0, 3, 1, 2), y.permute(0, 3, 1, 2)
 
     def _drop_scale(self, branch: torch.Tensor) -> torch.Tensor | None:
@@ -624,9 +656,19 @@ class VSSM(nn.Module):
         return self.patch_embed(x.contiguous(memory_format=torch.channels_last))
 
     def _run_blocks(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for block in blocks:
+                x = checkpoint(block, x)
+            return x
+        if not all(type(block) is VSSBlock and plain_module_call(block) for block in blocks):
+            for block in blocks:  # hooked, compiled or wrapped blocks are called as modules
+                x = block(x)
+            return x
+        # each block's last residual sum is taken by the next block's first norm, in one kernel on CUDA
+        pending = None
         for block in blocks:
-            x = checkpoint(block, x) if self.grad_checkpointing and not torch.jit.is_scripting() else block(x)
-        return x
+            x, *pending = block.forward_deferred(x, pending)
+        return x if pending is None else _add_scaled(x, *pending)
 
     def forward_intermediates(
         self,
