@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import timm
 import torch
@@ -431,7 +433,7 @@ def test_stage_chain_computes_what_block_calls_compute(arch, monkeypatch):
     handed = []
     deferred = VSSBlock.forward_deferred
     monkeypatch.setattr(VSSBlock, "forward_deferred",
-                        lambda self, x, pending=None: handed.append(pending is not None) or deferred(self, x, pending))
+                        lambda self, stream: handed.append(len(stream) > 1) or deferred(self, stream))
     torch.manual_seed(0)
     model = timm.create_model(arch, num_classes=5, drop_path_rate=0.3, scan_backend="reference").train()
     x = torch.randn(2, 3, 48, 40)
@@ -463,11 +465,28 @@ def test_block_forward_is_its_deferred_parts_summed():
     torch.manual_seed(4)
     out = block(x)
     torch.manual_seed(4)
-    mid, branch, scale = block.forward_deferred(x)
+    stream = [x]
+    mid, branch, scale = block.forward_deferred(stream)
+    assert stream == []  # emptied, so the caller holds no summed map
     assert scale is not None and torch.equal(out, mid + branch * scale.view(-1, 1, 1, 1))
     torch.manual_seed(4)
     x1 = x + block.drop_path(block.op(block.norm(x)))
     assert torch.equal(out, x1 + block.drop_path(block.mlp(block.norm2(x1))))
+
+
+def test_deferred_block_frees_the_summed_stream_before_its_token_mixer():
+    """Once a block has summed the stream it was handed, neither the block nor the caller keeps the old stream or
+    branch: by the time the token mixer runs, both are freed (a map each of peak memory otherwise)."""
+    block = VSSBlock(8, scan_backend="reference").eval()
+    x, branch = torch.randn(2, 8, 5, 4), torch.randn(2, 8, 5, 4)
+    refs = [weakref.ref(x), weakref.ref(branch)]
+    freed = []
+    block.op.register_forward_pre_hook(lambda module, args: freed.append([ref() is None for ref in refs]))
+    stream = [x, branch, None]
+    del x, branch
+    with torch.no_grad():
+        block.forward_deferred(stream)
+    assert freed == [[True, True]]
 
 
 def test_whole_model_traces_as_one_graph():

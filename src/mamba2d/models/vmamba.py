@@ -401,25 +401,29 @@ class VSSBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _add_scaled(*self.forward_deferred(x))
+        return _add_scaled(*self.forward_deferred([x]))
 
-    def forward_deferred(self, x: torch.Tensor, pending: tuple | None = None) -> tuple:
-        """The block with its last residual sum left to the caller: (x, branch, scale), whose `_add_scaled` is
-        `forward`'s output. A stage hands each block's to the next block, whose first norm takes that sum in the
+    def forward_deferred(self, stream: list) -> list:
+        """The block with its last residual sum left to the caller: returns [x, branch, scale], whose `_add_scaled`
+        is `forward`'s output. A stage hands each block's to the next block, whose first norm takes that sum in the
         same kernel (`_add_norm`) instead of an add and a drop-path multiply before it.
 
         Args:
-            x: (B, dim, H, W) map, the residual stream.
-            pending: The previous block's (branch, scale) still to be added to `x`, or None.
+            stream: [x], the (B, dim, H, W) residual stream, or the previous block's [x, branch, scale] still to be
+                summed. Emptied here: a caller's reference would otherwise keep the old stream and branch alive for
+                the whole block after they are summed.
         """
-        if pending is None:
-            y = self.norm(x)
-        else:
+        x, *pending = stream
+        stream.clear()
+        if pending:
             x, y = self._add_norm(x, *pending, self.norm)
+            pending.clear()
+        else:
+            y = self.norm(x)
         branch = self.op(y)
         x, y = self._add_norm(x, branch, self._drop_scale(branch), self.norm2)
         branch = self.mlp(y)
-        return x, branch, self._drop_scale(branch)
+        return [x, branch, self._drop_scale(branch)]
 
     @staticmethod
     def _add_norm(x: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | None,
@@ -665,10 +669,10 @@ class VSSM(nn.Module):
                 x = block(x)
             return x
         # each block's last residual sum is taken by the next block's first norm, in one kernel on CUDA
-        pending = None
+        stream = [x]
         for block in blocks:
-            x, *pending = block.forward_deferred(x, pending)
-        return x if pending is None else _add_scaled(x, *pending)
+            stream = block.forward_deferred(stream)
+        return stream[0] if len(stream) == 1 else _add_scaled(*stream)
 
     def forward_intermediates(
         self,
