@@ -7,12 +7,14 @@
 #include "scan2d_common.cuh"
 
 // The tile a block owns in a pass over a contiguous (batch, rows, mid, cols) tensor, one block per TILE x TILE tile
-// of each (batch, mid) plane: its first row and column, its batch and mid index, and the thread's column in the tile
-// (tx) and first row (ty), the block covering 256 / TILE rows per step.
+// of each (batch, mid) plane: its first row and column, its batch and mid index, and the thread's first tile column
+// (cx; in a transposed pass its first tile row) and first tile row (ty). A tile row is 32 lanes of VEC elements each
+// (`M2DRun`), so the block's 256 threads cover 8 rows per step.
 struct M2DTile {
     m2d_i64 r0, c0, b, m;
-    int tx, ty;
+    int cx, ty;
 };
+constexpr int M2D_TILE_STEP = 256 / 32;
 
 template <int TILE>
 __device__ __forceinline__ M2DTile m2d_tile(m2d_i64 rows, m2d_i64 mid, m2d_i64 cols) {
@@ -25,9 +27,51 @@ __device__ __forceinline__ M2DTile m2d_tile(m2d_i64 rows, m2d_i64 mid, m2d_i64 c
     t /= tiles_r;
     tile.m = t % mid;
     tile.b = t / mid;
-    tile.tx = threadIdx.x % TILE;
-    tile.ty = threadIdx.x / TILE;
+    tile.cx = (threadIdx.x % 32) * (TILE / 32);
+    tile.ty = threadIdx.x / 32;
     return tile;
+}
+
+// The run of elements one lane moves along a line: 4 bytes, two 16-bit values or one 32-bit value, so that a warp
+// reads or writes a whole 128-byte line per instruction whatever the width (with one 16-bit value per lane it moves
+// half a line, and the copies ran at about half the bandwidth of their 32-bit twins).
+template <typename T>
+struct alignas(4) M2DRun {
+    static constexpr int VEC = 4 / sizeof(T);
+    T v[VEC];
+};
+
+// The elements left of a line from `at` on (its length minus at), clamped to a run: how many a lane's run holds.
+template <typename T>
+__device__ __forceinline__ int m2d_run_len(m2d_i64 at, m2d_i64 length) {
+    const m2d_i64 left = length - at;
+    return left <= 0 ? 0 : (left < M2DRun<T>::VEC ? (int)left : M2DRun<T>::VEC);
+}
+
+// n elements from p (the rest of the run zero): one 4-byte access where the run is whole and p aligned, else one
+// element at a time (odd line lengths or storage offsets leave every other line unaligned).
+template <typename T>
+__device__ __forceinline__ M2DRun<T> m2d_load_run(const T* p, int n) {
+    M2DRun<T> r;
+    if (n == M2DRun<T>::VEC && (reinterpret_cast<unsigned long long>(p) & 3) == 0) {
+        r = *reinterpret_cast<const M2DRun<T>*>(p);
+    } else {
+#pragma unroll
+        for (int k = 0; k < M2DRun<T>::VEC; ++k) r.v[k] = k < n ? p[k] : T{};
+    }
+    return r;
+}
+
+template <typename T>
+__device__ __forceinline__ void m2d_store_run(T* p, int n, const M2DRun<T>& r) {
+    if (n == M2DRun<T>::VEC && (reinterpret_cast<unsigned long long>(p) & 3) == 0) {
+        *reinterpret_cast<M2DRun<T>*>(p) = r;
+    } else {
+#pragma unroll
+        for (int k = 0; k < M2DRun<T>::VEC; ++k) {
+            if (k < n) p[k] = r.v[k];
+        }
+    }
 }
 
 // T is only moved, never converted: a 16- or 32-bit integer type of the element's width. A tile is TILE x TILE
@@ -36,7 +80,7 @@ template <typename T>
 __global__ void __launch_bounds__(256)
     mamba2d_layout_swap(const M2DSwapParams prm) {
     constexpr int TILE = 128 / sizeof(T);
-    constexpr int STEP = 256 / TILE;  // tile rows the block covers per pass
+    constexpr int VEC = M2DRun<T>::VEC;
     constexpr int PAD = 4 / sizeof(T);
     __shared__ T tile[TILE][TILE + PAD];
     const T* __restrict__ src = static_cast<const T*>(prm.src);
@@ -44,20 +88,30 @@ __global__ void __launch_bounds__(256)
     const m2d_i64 rows = prm.rows, mid = prm.mid, cols = prm.cols;
     const M2DTile pos = m2d_tile<TILE>(rows, mid, cols);
     const m2d_i64 r0 = pos.r0, c0 = pos.c0;
-    const int tx = pos.tx, ty = pos.ty;
+    const int cx = pos.cx;
     const T* s = src + (pos.b * rows * mid + pos.m) * cols;  // element (r, c) at s[r * mid * cols + c]
     T* d = dst + (pos.b * cols * mid + pos.m) * rows;        // element (c, r) at d[c * mid * rows + r]
-    if (c0 + tx < cols) {
+    const int n_load = m2d_run_len<T>(c0 + cx, cols), n_store = m2d_run_len<T>(r0 + cx, rows);
+    if (n_load > 0) {
 #pragma unroll
-        for (int i = ty; i < TILE; i += STEP) {
-            if (r0 + i < rows) tile[i][tx] = s[(r0 + i) * mid * cols + c0 + tx];
+        for (int i = pos.ty; i < TILE; i += M2D_TILE_STEP) {
+            if (r0 + i < rows) {
+                const M2DRun<T> run = m2d_load_run(s + (r0 + i) * mid * cols + c0 + cx, n_load);
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) tile[i][cx + k] = run.v[k];
+            }
         }
     }
     __syncthreads();
-    if (r0 + tx < rows) {
+    if (n_store > 0) {
 #pragma unroll
-        for (int i = ty; i < TILE; i += STEP) {
-            if (c0 + i < cols) d[(c0 + i) * mid * rows + r0 + tx] = tile[tx][i];
+        for (int i = pos.ty; i < TILE; i += M2D_TILE_STEP) {
+            if (c0 + i < cols) {
+                M2DRun<T> run;
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) run.v[k] = tile[cx + k][i];
+                m2d_store_run(d + (c0 + i) * mid * rows + r0 + cx, n_store, run);
+            }
         }
     }
 }
@@ -69,7 +123,7 @@ template <typename T>
 __global__ void __launch_bounds__(256)
     mamba2d_silu_both_fwd(const M2DSiluParams prm) {
     constexpr int TILE = 128 / sizeof(T);
-    constexpr int STEP = 256 / TILE;
+    constexpr int VEC = M2DRun<T>::VEC;
     constexpr int PAD = 4 / sizeof(T);
     __shared__ T tile[TILE][TILE + PAD];
     const T* __restrict__ x = static_cast<const T*>(prm.x);
@@ -78,24 +132,35 @@ __global__ void __launch_bounds__(256)
     const m2d_i64 pixels = prm.pixels, channels = prm.channels;
     const M2DTile pos = m2d_tile<TILE>(pixels, 1, channels);
     const m2d_i64 p0 = pos.r0, c0 = pos.c0, base = pos.b * pixels * channels;
-    const int tx = pos.tx, ty = pos.ty;
-    if (c0 + tx < channels) {
+    const int cx = pos.cx;
+    const int n_channels = m2d_run_len<T>(c0 + cx, channels), n_pixels = m2d_run_len<T>(p0 + cx, pixels);
+    if (n_channels > 0) {
 #pragma unroll
-        for (int i = ty; i < TILE; i += STEP) {
+        for (int i = pos.ty; i < TILE; i += M2D_TILE_STEP) {
             if (p0 + i < pixels) {
-                const m2d_i64 at = base + (p0 + i) * channels + c0 + tx;
-                const float v = m2d_to_f(x[at]);
-                const T out = m2d_from_f<T>(v / (1.f + expf(-v)));
-                y[at] = out;
-                tile[i][tx] = out;
+                const m2d_i64 at = base + (p0 + i) * channels + c0 + cx;
+                const M2DRun<T> in = m2d_load_run(x + at, n_channels);
+                M2DRun<T> out;
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    const float v = m2d_to_f(in.v[k]);
+                    out.v[k] = m2d_from_f<T>(v / (1.f + expf(-v)));
+                    tile[i][cx + k] = out.v[k];
+                }
+                m2d_store_run(y + at, n_channels, out);
             }
         }
     }
     __syncthreads();
-    if (p0 + tx < pixels) {
+    if (n_pixels > 0) {
 #pragma unroll
-        for (int i = ty; i < TILE; i += STEP) {
-            if (c0 + i < channels) u[base + (c0 + i) * pixels + p0 + tx] = tile[tx][i];
+        for (int i = pos.ty; i < TILE; i += M2D_TILE_STEP) {
+            if (c0 + i < channels) {
+                M2DRun<T> out;
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) out.v[k] = tile[cx + k][i];
+                m2d_store_run(u + base + (c0 + i) * pixels + p0 + cx, n_pixels, out);
+            }
         }
     }
 }
@@ -107,7 +172,7 @@ template <typename T>
 __global__ void __launch_bounds__(256)
     mamba2d_silu_both_bwd(const M2DSiluParams prm) {
     constexpr int TILE = 128 / sizeof(T);
-    constexpr int STEP = 256 / TILE;
+    constexpr int VEC = M2DRun<T>::VEC;
     constexpr int PAD = 4 / sizeof(T);
     __shared__ T tile[TILE][TILE + PAD];
     const T* __restrict__ x = static_cast<const T*>(prm.x);
@@ -117,28 +182,40 @@ __global__ void __launch_bounds__(256)
     const m2d_i64 pixels = prm.pixels, channels = prm.channels;
     const M2DTile pos = m2d_tile<TILE>(pixels, 1, channels);
     const m2d_i64 p0 = pos.r0, c0 = pos.c0, base = pos.b * pixels * channels;
-    const int tx = pos.tx, ty = pos.ty;
-    if (du != nullptr && p0 + tx < pixels) {
+    const int cx = pos.cx;
+    const int n_channels = m2d_run_len<T>(c0 + cx, channels), n_pixels = m2d_run_len<T>(p0 + cx, pixels);
+    if (du != nullptr && n_pixels > 0) {
 #pragma unroll
-        for (int i = ty; i < TILE; i += STEP) {
-            if (c0 + i < channels) tile[tx][i] = du[base + (c0 + i) * pixels + p0 + tx];
+        for (int i = pos.ty; i < TILE; i += M2D_TILE_STEP) {
+            if (c0 + i < channels) {
+                const M2DRun<T> in = m2d_load_run(du + base + (c0 + i) * pixels + p0 + cx, n_pixels);
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) tile[cx + k][i] = in.v[k];
+            }
         }
     }
     __syncthreads();
-    if (c0 + tx < channels) {
+    if (n_channels > 0) {
 #pragma unroll
-        for (int i = ty; i < TILE; i += STEP) {
+        for (int i = pos.ty; i < TILE; i += M2D_TILE_STEP) {
             if (p0 + i < pixels) {
-                const m2d_i64 at = base + (p0 + i) * channels + c0 + tx;
-                float g;
-                if (dy != nullptr && du != nullptr) {
-                    g = m2d_to_f(m2d_from_f<T>(m2d_to_f(dy[at]) + m2d_to_f(tile[i][tx])));
-                } else {
-                    g = dy != nullptr ? m2d_to_f(dy[at]) : m2d_to_f(tile[i][tx]);
+                const m2d_i64 at = base + (p0 + i) * channels + c0 + cx;
+                const M2DRun<T> xs = m2d_load_run(x + at, n_channels);
+                M2DRun<T> dys, out;
+                if (dy != nullptr) dys = m2d_load_run(dy + at, n_channels);
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    float g;
+                    if (dy != nullptr && du != nullptr) {
+                        g = m2d_to_f(m2d_from_f<T>(m2d_to_f(dys.v[k]) + m2d_to_f(tile[i][cx + k])));
+                    } else {
+                        g = dy != nullptr ? m2d_to_f(dys.v[k]) : m2d_to_f(tile[i][cx + k]);
+                    }
+                    const float v = m2d_to_f(xs.v[k]);
+                    const float sg = 1.f / (1.f + expf(-v));
+                    out.v[k] = m2d_from_f<T>(g * sg * (1.f + v * (1.f - sg)));
                 }
-                const float v = m2d_to_f(x[at]);
-                const float s = 1.f / (1.f + expf(-v));
-                dx[at] = m2d_from_f<T>(g * s * (1.f + v * (1.f - s)));
+                m2d_store_run(dx + at, n_channels, out);
             }
         }
     }

@@ -1,6 +1,7 @@
 """GPU tests of the layout copies (mamba2d.ops.cuda_layout): each equals its PyTorch expression bit for bit, in
 values, shape and strides, at odd shapes (H or W = 1, sides and channel counts off the 32 / 64 tiles) in every dtype
-the kernel moves; the kernel is what runs on maps it takes (no aten copy dispatched)."""
+the kernel moves, also stored off a 4-byte boundary; the kernel is what runs on maps it takes (no aten copy
+dispatched)."""
 
 from __future__ import annotations
 
@@ -43,13 +44,22 @@ class _Copies(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _at_offset(x: torch.Tensor, offset: int) -> torch.Tensor:
+    """x's values in x's layout, stored `offset` elements into a buffer: with offset 1 a 16-bit map starts off a
+    4-byte boundary, so the kernels' paired accesses must fall back to single elements."""
+    buffer = torch.empty(x.numel() + offset, dtype=x.dtype, device=x.device)
+    view = buffer[offset:].as_strided(x.shape, x.stride())
+    return view.copy_(x)
+
+
+@pytest.mark.parametrize("offset", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("index", range(len(FUNCTIONS)))
-def test_copy_equals_pytorch_bit_for_bit(index, shape, dtype):
+def test_copy_equals_pytorch_bit_for_bit(index, shape, dtype, offset):
     fn, layout, expression = FUNCTIONS[index]
     gen = torch.Generator().manual_seed(sum(shape) + index)
-    x = torch.randn(shape, generator=gen).to(dtype).cuda().contiguous(memory_format=layout)
+    x = _at_offset(torch.randn(shape, generator=gen).to(dtype).cuda().contiguous(memory_format=layout), offset)
     expected, out = expression(x), fn(x)
     assert out.shape == expected.shape and out.stride() == expected.stride() and out.dtype == dtype
     assert torch.equal(out, expected) and out.data_ptr() != x.data_ptr()
@@ -117,13 +127,13 @@ def test_block_is_bitwise_the_same_with_pytorch_copies(scan, dtype, monkeypatch)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 5, 7, 3), (3, 96, 56, 56), (1, 130, 1, 65), (2, 33, 65, 1), (2, 257, 9, 70)])
-@pytest.mark.parametrize("used", ["both", "channels_last", "nchw"])
-def test_silu_both_layouts_matches_pytorch(shape, dtype, used):
+@pytest.mark.parametrize("used,offset", [("both", 0), ("channels_last", 0), ("nchw", 0), ("both", 1)])
+def test_silu_both_layouts_matches_pytorch(shape, dtype, used, offset):
     """`silu_both_layouts`: F.silu(x) in x's layout and its NCHW copy (the copy bit for bit the activation), and
     x's gradient from either output or both against autograd through F.silu and a copy in the same dtype (the two
-    gradients added in that dtype), and against float64."""
+    gradients added in that dtype), and against float64; also with x stored one element into its buffer."""
     gen = torch.Generator().manual_seed(sum(shape))
-    x0 = (torch.randn(shape, generator=gen) * 3).to(dtype).cuda().contiguous(memory_format=CL)
+    x0 = _at_offset((torch.randn(shape, generator=gen) * 3).to(dtype).cuda().contiguous(memory_format=CL), offset)
     weights = [torch.randn(shape, generator=gen).to(dtype).cuda() for _ in range(2)]
     if not cuda_layout.silu_usable(x0):
         assert min(shape[1], shape[2] * shape[3]) < 16  # only maps under a quarter tile stay with PyTorch
@@ -135,8 +145,7 @@ def test_silu_both_layouts_matches_pytorch(shape, dtype, used):
         (sum(terms.values()) if used == "both" else terms[used]).backward()
         return y, u
 
-    ours_x, ref_x, x64 = (x0.clone().requires_grad_(), x0.clone().requires_grad_(),
-                          x0.double().requires_grad_())
+    ours_x, ref_x, x64 = (x0.detach().requires_grad_(), x0.clone().requires_grad_(), x0.double().requires_grad_())
     y, u = run(cuda_layout.silu_both_layouts, ours_x)
 
     def pytorch(x):
