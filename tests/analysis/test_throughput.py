@@ -1,4 +1,8 @@
-"""Throughput tool on CPU with small settings: every mode and precision runs and the table is printed."""
+"""Throughput tool on CPU with small settings: every mode and precision runs and the table is printed; on a GPU,
+graphed measurements in a row free each other."""
+
+import gc
+import weakref
 
 import pytest
 import timm
@@ -80,3 +84,25 @@ def test_cuda_graph_needs_training_on_cuda():
                                cuda_graph=True)
     with pytest.raises(ValueError, match="cuda_graph needs a CUDA device"):
         throughput.throughput(["vmamba2d_nano"], batch=1, size=32, device="cpu", cuda_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_graphed_measurement_frees_the_one_before():
+    """Graphed measurements in a row (the model benchmark captures a fresh model per precision): each frees the
+    models measured before it, with their graphs and memory pools, before it starts. A graphed model lives in a
+    reference cycle (the callables that replace its forward), which only the cyclic collector frees: left to its own
+    pace (switched off here, so that the test does not depend on when it runs), the pools piled up until the card ran
+    out."""
+    device = torch.device("cuda")
+    first, second = timm.create_model("vmamba2d_nano"), timm.create_model("vmamba2d_nano")
+    first_ref = weakref.ref(first)
+    gc.disable()
+    try:
+        throughput.measure(first, "vmamba2d_nano", "training", "fp32", 8, 64, device, 1, 1, cuda_graph=True)
+        del first
+        assert first_ref() is not None  # kept by its cycle
+        throughput.measure(second, "vmamba2d_nano", "training", "fp32", 8, 64, device, 1, 1, cuda_graph=True)
+        assert first_ref() is None
+    finally:
+        gc.enable()

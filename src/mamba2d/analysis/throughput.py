@@ -14,6 +14,7 @@ on CPU the process's peak resident set size (`ru_maxrss`), a whole-process upper
 
 from __future__ import annotations
 
+import gc
 import resource
 import sys
 import time
@@ -117,6 +118,9 @@ def measure(model: nn.Module, name: str, mode: str, precision: str, batch: int, 
     target = torch.randint(0, max(num_classes, 1), (batch,), device=device)
     model.train(mode == "training")
     if device.type == "cuda":
+        # a graphed model measured before holds its graphs' memory pools in reference cycles (the callables that
+        # replace its forward): collected here, not whenever Python's collector next runs, or the pools pile up
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     if cuda_graph:
