@@ -236,7 +236,7 @@ class SS2D(nn.Module):
         """
         b, d, h, w = x.shape
         k, n, r = self.n_routes, self.d_state, self.dt_rank
-        u = _NCHWCopy.apply(x) if u is None else u
+        u = _Relayout.apply(x, cuda_layout.to_nchw, cuda_layout.to_channels_last) if u is None else u
         rows = x.permute(0, 2, 3, 1).flatten(1, 2)  # (b, h*w, d)
         # x_proj as one GEMM with the pixels as columns: x_dbl is (route, channel, batch, pixel), so B and C are
         # views with w innermost, as the scan reads them; as the pixels enter transposed, autograd returns their
@@ -256,7 +256,7 @@ class SS2D(nn.Module):
             # an H100 this beat summing straight into channels_last, a reduction whose reads and writes cannot both
             # be contiguous.
             y = self._scan_routes(u, dts, B, C, slice(None))
-            return _ChannelsLastCopy.apply(y)
+            return _Relayout.apply(y, cuda_layout.to_channels_last, cuda_layout.to_nchw)
         # VMamba's cross-scan as two scans of two routes each, one per flattening of the map, each pair sharing one
         # copy of x (row-major: routes 0 and 2, column-major: 1 and 3, the second of each running backwards) and
         # summed in the op; the two sums meet in one pass that writes channels_last.
@@ -265,7 +265,7 @@ class SS2D(nn.Module):
             u.view(b, d, 1, pixels),
             *(t[:, 0::2].flatten(-2).unsqueeze(-2) for t in (dts, B, C)), slice(0, None, 2))
         along_cols = self._scan_routes(
-            _TransposedCopy.apply(x).view(b, d, 1, pixels),
+            _Relayout.apply(x, cuda_layout.to_transposed_nchw, cuda_layout.from_transposed_nchw).view(b, d, 1, pixels),
             *(t[:, 1::2].transpose(-1, -2).reshape(b, 2, -1, 1, pixels) for t in (dts, B, C)), slice(1, None, 2))
         return _CrossMerge.apply(along_rows.view(b, d, h, w), along_cols.view(b, d, w, h))
 
@@ -311,44 +311,19 @@ class SS2D(nn.Module):
         return self.dropout(self.out_proj(y))
 
 
-class _NCHWCopy(torch.autograd.Function):
-    """A channels_last map's NCHW-contiguous copy (what the scan reads fastest), whose gradient goes back
-    channels_last: x's other gradient (through the projections) is channels_last, and adding two layouts would read
-    one of them strided."""
+class _Relayout(torch.autograd.Function):
+    """A map copied into another layout by `there`, whose gradient `back` copies into the map's own layout: the scan
+    reads NCHW (and the column-major routes transposed NCHW) while the projections and the residual stream are
+    channels_last, and a gradient added to another in a different layout would be read strided."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return cuda_layout.to_nchw(x)
+    def forward(ctx, x: torch.Tensor, there, back) -> torch.Tensor:
+        ctx.back = back
+        return there(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return cuda_layout.to_channels_last(grad)
-
-
-class _ChannelsLastCopy(torch.autograd.Function):
-    """The 2D routes' sum (NCHW, as the scan writes it) turned channels_last like the residual stream, whose
-    gradient goes back NCHW, the layout in which the scan's backward reads it."""
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
-        return cuda_layout.to_channels_last(y)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return cuda_layout.to_nchw(grad)
-
-
-class _TransposedCopy(torch.autograd.Function):
-    """A channels_last map's columns as NCHW rows, `x.transpose(-1, -2)` made contiguous (b, d, W, H): what VMamba's
-    column-major routes scan. Its gradient goes back channels_last, like _NCHWCopy's."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return cuda_layout.to_transposed_nchw(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return cuda_layout.from_transposed_nchw(grad)
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return ctx.back(grad), None, None
 
 
 class _CrossMerge(torch.autograd.Function):
