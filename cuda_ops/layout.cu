@@ -74,6 +74,38 @@ __device__ __forceinline__ void m2d_store_run(T* p, int n, const M2DRun<T>& r) {
     }
 }
 
+// The tile's columns as lines of memory, line i (from `first`, `stride` elements apart, `lines` of them) holding
+// column i: stored from the tile (m2d_tile_columns_out) or loaded into it (m2d_tile_columns_in). The lane moves the
+// column's rows cx to cx + n, 8 columns a step per warp. (WIDE: a tile row with its padding.)
+template <typename T, int TILE, int WIDE>
+__device__ __forceinline__ void m2d_tile_columns_out(const T (&tile)[TILE][WIDE], const M2DTile& pos, T* first,
+                                                     m2d_i64 stride, m2d_i64 lines, int n) {
+    if (n <= 0) return;
+#pragma unroll
+    for (int i = pos.ty; i < TILE; i += M2D_TILE_STEP) {
+        if (i < lines) {
+            M2DRun<T> run;
+#pragma unroll
+            for (int k = 0; k < M2DRun<T>::VEC; ++k) run.v[k] = tile[pos.cx + k][i];
+            m2d_store_run(first + i * stride, n, run);
+        }
+    }
+}
+
+template <typename T, int TILE, int WIDE>
+__device__ __forceinline__ void m2d_tile_columns_in(T (&tile)[TILE][WIDE], const M2DTile& pos, const T* first,
+                                                    m2d_i64 stride, m2d_i64 lines, int n) {
+    if (n <= 0) return;
+#pragma unroll
+    for (int i = pos.ty; i < TILE; i += M2D_TILE_STEP) {
+        if (i < lines) {
+            const M2DRun<T> run = m2d_load_run(first + i * stride, n);
+#pragma unroll
+            for (int k = 0; k < M2DRun<T>::VEC; ++k) tile[pos.cx + k][i] = run.v[k];
+        }
+    }
+}
+
 // T is only moved, never converted: a 16- or 32-bit integer type of the element's width. A tile is TILE x TILE
 // elements (128 bytes a side), its rows padded so that a column of it falls in distinct shared-memory banks.
 template <typename T>
@@ -103,17 +135,7 @@ __global__ void __launch_bounds__(256)
         }
     }
     __syncthreads();
-    if (n_store > 0) {
-#pragma unroll
-        for (int i = pos.ty; i < TILE; i += M2D_TILE_STEP) {
-            if (c0 + i < cols) {
-                M2DRun<T> run;
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) run.v[k] = tile[cx + k][i];
-                m2d_store_run(d + (c0 + i) * mid * rows + r0 + cx, n_store, run);
-            }
-        }
-    }
+    m2d_tile_columns_out(tile, pos, d + c0 * mid * rows + r0 + cx, mid * rows, cols - c0, n_store);
 }
 
 // SiLU of a channels_last map x (batch, P pixels, C channels), written channels_last (y) and as its NCHW copy (u):
@@ -152,17 +174,7 @@ __global__ void __launch_bounds__(256)
         }
     }
     __syncthreads();
-    if (n_pixels > 0) {
-#pragma unroll
-        for (int i = pos.ty; i < TILE; i += M2D_TILE_STEP) {
-            if (c0 + i < channels) {
-                M2DRun<T> out;
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) out.v[k] = tile[cx + k][i];
-                m2d_store_run(u + base + (c0 + i) * pixels + p0 + cx, n_pixels, out);
-            }
-        }
-    }
+    m2d_tile_columns_out(tile, pos, u + base + c0 * pixels + p0 + cx, pixels, channels - c0, n_pixels);
 }
 
 // Its backward: dx = silu'(x) * g with g = dy + du (dy channels_last, du NCHW, read through the tile; either may be
@@ -184,15 +196,8 @@ __global__ void __launch_bounds__(256)
     const m2d_i64 p0 = pos.r0, c0 = pos.c0, base = pos.b * pixels * channels;
     const int cx = pos.cx;
     const int n_channels = m2d_run_len<T>(c0 + cx, channels), n_pixels = m2d_run_len<T>(p0 + cx, pixels);
-    if (du != nullptr && n_pixels > 0) {
-#pragma unroll
-        for (int i = pos.ty; i < TILE; i += M2D_TILE_STEP) {
-            if (c0 + i < channels) {
-                const M2DRun<T> in = m2d_load_run(du + base + (c0 + i) * pixels + p0 + cx, n_pixels);
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) tile[cx + k][i] = in.v[k];
-            }
-        }
+    if (du != nullptr) {
+        m2d_tile_columns_in(tile, pos, du + base + c0 * pixels + p0 + cx, pixels, channels - c0, n_pixels);
     }
     __syncthreads();
     if (n_channels > 0) {
