@@ -227,7 +227,8 @@ def test_models_hand_the_scan_a_low_rank_delta(arch, monkeypatch):
     for i, op in enumerate(ops):
         mine = calls[i * len(pairs):(i + 1) * len(pairs)]
         for (delta, proj), routes in zip(mine, pairs):
-            assert proj._base is op.dt_projs_weight and torch.equal(proj, op.dt_projs_weight[routes])
+            assert op.dt_projs_weight is proj or op.dt_projs_weight is proj._base  # the weight or a view, no copy
+            assert torch.equal(proj, op.dt_projs_weight[routes])
             assert delta.shape[1:3] == (4 // len(pairs), op.dt_rank)
         assert not mine[0][0].is_contiguous()  # the 2D routes' and the row-major pair's dts: a view of x_dbl
     monkeypatch.setattr(vmamba, "selective_scan_2d", expanded)
@@ -235,6 +236,33 @@ def test_models_hand_the_scan_a_low_rank_delta(arch, monkeypatch):
     torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
     for name, g in grads.items():
         torch.testing.assert_close(g, want_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("scan", ["2d", "cross1d"])
+def test_ss2d_hands_the_scan_its_routes_without_slicing(scan, monkeypatch):
+    """No tensor SS2D gives the scan (maps or route parameters) comes from a slice or a select: the backward of
+    each zeroes a full-size gradient and copies into it (two launches on a GPU), where the full tensor itself (the
+    2D routes) or one unbind of the route pairs (the 1D cross-scan: one stack for both halves) costs none or one."""
+    op = SS2D(16, scan=scan, scan_backend="reference")
+    calls = []
+    real_scan = vmamba.selective_scan_2d
+
+    def recording(*args, **kwargs):
+        calls.append([*args, *kwargs.values()])
+        return real_scan(*args, **kwargs)
+
+    monkeypatch.setattr(vmamba, "selective_scan_2d", recording)
+    op(torch.randn(2, 16, 5, 7).contiguous(memory_format=torch.channels_last))
+    assert len(calls) == (1 if scan == "2d" else 2)
+    nodes, stack = set(), [t.grad_fn for call in calls for t in call if isinstance(t, torch.Tensor)]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in nodes:
+            nodes.add(node)
+            stack.extend(parent for parent, _ in node.next_functions)
+    kinds = {type(node).__name__ for node in nodes}
+    assert "ExpBackward0" in kinds and "MmBackward0" in kinds  # the walk reached the parameters and x_proj
+    assert not kinds & {"SliceBackward0", "SelectBackward0"}
 
 
 def _dim_order(t: torch.Tensor) -> tuple[int, ...]:

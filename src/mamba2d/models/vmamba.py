@@ -255,46 +255,58 @@ class SS2D(nn.Module):
             # autograd would expand the gradient to four copies). The sum, 4x smaller, then goes channels_last: on
             # an H100 this beat summing straight into channels_last, a reduction whose reads and writes cannot both
             # be contiguous.
-            y = self._scan_routes(u, dts, B, C, slice(None))
+            y = self._scan_routes(u, dts, B, C, self._route_parameters(), SCAN_DIRECTIONS["2d"])
             return _Relayout.apply(y, cuda_layout.to_channels_last, cuda_layout.to_nchw)
         # VMamba's cross-scan as two scans of two routes each, one per flattening of the map, each pair sharing one
         # copy of x (row-major: routes 0 and 2, column-major: 1 and 3, the second of each running backwards) and
         # summed in the op; the two sums meet in one pass that writes channels_last.
         pixels = h * w
+        # Routes 0 and 2 apart from 1 and 3, each tensor unbound once into the two: the gradients of the halves meet
+        # in one stack, where two slices would each zero a full-size gradient, copy into it, and then be added.
+        rows_maps, cols_maps = zip(*(t.unflatten(1, (2, 2)).unbind(2) for t in (dts, B, C)))
+        rows_parameters, cols_parameters = zip(*(t.unflatten(0, (2, 2)).unbind(1) for t in self._route_parameters()))
         along_rows = self._scan_routes(
-            u.view(b, d, 1, pixels),
-            *(t[:, 0::2].flatten(-2).unsqueeze(-2) for t in (dts, B, C)), slice(0, None, 2))
+            u.view(b, d, 1, pixels), *(t.flatten(-2).unsqueeze(-2) for t in rows_maps),
+            rows_parameters, SCAN_DIRECTIONS["cross1d"][0::2])
         along_cols = self._scan_routes(
             _Relayout.apply(x, cuda_layout.to_transposed_nchw, cuda_layout.from_transposed_nchw).view(b, d, 1, pixels),
-            *(t[:, 1::2].transpose(-1, -2).reshape(b, 2, -1, 1, pixels) for t in (dts, B, C)), slice(1, None, 2))
+            *(t.transpose(-1, -2).reshape(b, 2, -1, 1, pixels) for t in cols_maps),
+            cols_parameters, SCAN_DIRECTIONS["cross1d"][1::2])
         return _CrossMerge.apply(along_rows.view(b, d, h, w), along_cols.view(b, d, w, h))
 
+    def _route_parameters(self) -> tuple[torch.Tensor, ...]:
+        """The scan's parameters of the four routes, route-major: A = -exp(A_log) (routes, d_inner, N), D and
+        delta_bias (routes, d_inner), all float32, and the dt projections (routes, d_inner, R)."""
+        per_route = (self.n_routes, self.d_inner)
+        return (-torch.exp(self.A_logs.float()).view(*per_route, -1), self.Ds.float().view(per_route),
+                self.dt_projs_bias.float(), self.dt_projs_weight)
+
     def _scan_routes(self, u: torch.Tensor, dts: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                     routes: slice) -> torch.Tensor:
-        """The scans of the routes `routes` selects (their directions, parameters and dt_proj weights), summed over
-        those routes in the op.
+                     parameters: tuple[torch.Tensor, ...], directions: tuple[str, ...]) -> torch.Tensor:
+        """The scans of some routes, summed over those routes in the op.
 
         Args:
             u: (b, d, H, W), shared by the routes.
             dts: (b, routes, r, H, W), the low-rank delta.
             B: (b, routes, N, H, W).
             C: (b, routes, N, H, W).
-            routes: Which of the four routes, as a slice.
+            parameters: Those routes' A, D, delta_bias and dt projections, as `_route_parameters` gives them.
+            directions: Those routes' scan directions.
         """
+        A, D, delta_bias, delta_proj = parameters
         dtype = u.dtype
-        per_route = (self.n_routes, self.d_inner)
         return selective_scan_2d(
             u,
             dts.to(dtype),
-            -torch.exp(self.A_logs.float().view(*per_route, -1)[routes].flatten(0, 1)),
+            A.flatten(0, 1),
             B.to(dtype),
             C.to(dtype),
-            D=self.Ds.float().view(per_route)[routes].flatten(),
-            delta_bias=self.dt_projs_bias.float()[routes].flatten(),
+            D=D.flatten(),
+            delta_bias=delta_bias.flatten(),
             delta_softplus=True,
-            direction=SCAN_DIRECTIONS[self.scan][routes],
+            direction=directions,
             backend=self.scan_backend,
-            delta_proj=self.dt_projs_weight[routes],
+            delta_proj=delta_proj,
             sum_groups=True,
         )
 
