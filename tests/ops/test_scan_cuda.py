@@ -569,6 +569,34 @@ def test_wavefront_backward_without_saved_band_tops(H):
         assert torch.equal(g, g2), f"d{name} differs"
 
 
+@pytest.mark.parametrize("tuning", [DEFAULT_TUNING, wavefront()], ids=["band", "wave"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,W,N", [(14, 14, 1), (37, 70, 1), (1, 33, 1), (20, 30, 4)])
+def test_backward_shared_outputs(tuning, dtype, H, W, N):
+    """The eager backward's outputs that share storage (dB with dC, and with one state dA with dD and
+    d(delta_bias), each group reduced in one launch) equal the separate ones a custom op returns, which share
+    none; the grouping really happens (a test of the launch count's saving, not of a no-op)."""
+    b, dim, G = 2, 16, 4
+    assert cuda_build.uses_wave(b, dim, H, W, G, N, tuning) == (tuning is not DEFAULT_TUNING)
+    launch = dict(tuning=tuning, poison=True)
+    inputs = make_inputs(b, dim, H, W, G, N, dtype=dtype, z=False)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    directions = tuple(cuda_build.direction_code(name) for name in group_directions(G))
+    dy = torch.randn(b, dim, H, W, device="cuda").to(dtype)
+    separate = cuda_scan.bwd_impl(dy, *args, None, None, True, directions, **launch)
+    shared = cuda_scan.bwd_impl(dy, *args, None, None, True, directions, shared_outputs=True, **launch)
+    for name, g, g2 in zip(GRAD_NAMES, separate, shared):
+        if g is not None:
+            assert g2.dtype == g.dtype and g2.shape == g.shape, name
+            torch.testing.assert_close(g2, g, rtol=1e-6, atol=1e-6, msg=f"d{name}")
+    storages = {name: g.untyped_storage().data_ptr() for name, g in zip(GRAD_NAMES, separate) if g is not None}
+    assert len(set(storages.values())) == len(storages)  # a custom op's outputs may not share storage
+    _, _, dA, dB, dC, dD, _, dbias = shared
+    assert dB.untyped_storage().data_ptr() == dC.untyped_storage().data_ptr()
+    same = {t.untyped_storage().data_ptr() for t in (dA, dD, dbias)}
+    assert len(same) == (1 if N == 1 else 3)
+
+
 @pytest.mark.parametrize("tuning", [DEFAULT_TUNING, wavefront(), ScanTuning(split_target_blocks=10**9)],
                          ids=["band", "wave", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -228,6 +228,45 @@ def _band_fields(plan: LaunchPlan, nmaps: int, vector_inputs) -> dict:
                 nmaps=nmaps, vec=_vector_flags(plan, vector_inputs))
 
 
+def _pair_buffers(like: torch.Tensor, shape: tuple[int, ...], shared: bool):
+    """(pair, first, second): two float32 buffers of `shape` for the kernels' partial sums of dB and dC; with
+    `shared`, the halves of `pair`, one (2, *shape) buffer that `_pair_sums` reduces in one launch (else pair is
+    None)."""
+    if shared:
+        pair = like.new_empty((2, *shape), dtype=torch.float32)
+        return (pair, *pair.unbind(0))
+    return None, like.new_empty(shape, dtype=torch.float32), like.new_empty(shape, dtype=torch.float32)
+
+
+def _pair_sums(pair, first: torch.Tensor, second: torch.Tensor, reduce) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reduce` of both buffers of `_pair_buffers`: one call on `pair` where there is one (reduce then sees a
+    leading dimension of 2 and must keep it), else one per buffer."""
+    if pair is not None:
+        return reduce(pair).unbind(0)
+    return reduce(first), reduce(second)
+
+
+def _parameter_partials(like: torch.Tensor, parts: int, batch: int, dim: int, d_state: int, shared: bool):
+    """(rows, dAp, dDp, dbp): float32 buffers for the kernels' per-image partial sums of dA (batch, dim, N) and of
+    dD and d(delta_bias) (parts, batch, dim). With `shared`, one state and one part (a model's scans), they are the
+    rows of `rows`, one (3, 1, batch, dim) buffer that `_parameter_sums` reduces in one launch (else rows is None)."""
+    if shared and d_state == 1 and parts == 1:
+        rows = like.new_empty((3, 1, batch, dim), dtype=torch.float32)
+        return rows, rows[0, 0].unsqueeze(-1), rows[1], rows[2]
+    return (None, like.new_empty((batch, dim, d_state), dtype=torch.float32),
+            like.new_empty((parts, batch, dim), dtype=torch.float32),
+            like.new_empty((parts, batch, dim), dtype=torch.float32))
+
+
+def _parameter_sums(rows, dAp: torch.Tensor, dDp: torch.Tensor, dbp: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(dA, dD, d(delta_bias)) from `_parameter_partials`' buffers: dA and d(delta_bias) summed over the images
+    (and parts), dD over part 0's images (every part sums the same dout * u)."""
+    if rows is not None:
+        dA, dD, dbias = rows.sum(dim=2).squeeze(1).unbind(0)
+        return dA.unsqueeze(-1), dD, dbias
+    return dAp.sum(dim=0), dDp[0].sum(dim=0), dbp.sum(dim=(0, 1))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 
@@ -320,10 +359,11 @@ def _wave_fwd(plan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, directi
     return y, (tops if keep else None), None
 
 
-def _wave_bwd(plan, dout, u, delta, A, B, C, D, z, delta_bias, tops, delta_softplus, directions, tuning, poison):
+def _wave_bwd(plan, dout, u, delta, A, B, C, D, z, delta_bias, tops, delta_softplus, directions, tuning, poison,
+              shared):
     """The wavefront backward, from the forward's band tops (recomputed when absent). dB and dC come out of the
     kernel per cluster of channels (plan.cluster) in tile order; here they are summed over each group's clusters,
-    in a fixed order, and gathered into place."""
+    in a fixed order, and gathered into place. `shared`: as `bwd_impl`'s `shared_outputs`."""
     batch, dim, height, width = delta.shape
     groups, d_state = B.shape[1], B.shape[2]
     if height > 32 and (tops is None or tops.numel() == 0):
@@ -333,11 +373,8 @@ def _wave_bwd(plan, dout, u, delta, A, B, C, D, z, delta_bias, tops, delta_softp
     du = u.new_empty(shape, dtype=u.dtype)
     ddelta = u.new_empty(shape, dtype=u.dtype)
     dz = u.new_empty(shape, dtype=u.dtype) if z is not None else None
-    dBp = u.new_empty((batch, groups, dim // groups // plan.cluster, plan.wave_tile_elements), dtype=torch.float32)
-    dCp = torch.empty_like(dBp)
-    dAp = u.new_empty((batch, dim, d_state), dtype=torch.float32)
-    dDp = u.new_empty((batch, dim), dtype=torch.float32)
-    dbp = u.new_empty((batch, dim), dtype=torch.float32)
+    pair, dBp, dCp = _pair_buffers(u, (batch, groups, dim // groups // plan.cluster, plan.wave_tile_elements), shared)
+    rows, dAp, dDp, dbp = _parameter_partials(u, 1, batch, dim, d_state, shared)
     # scratch: each lane's states at every chunk end of a band, and the column adjoint leaving a band's top row
     ck = u.new_empty((batch * dim * plan.wave_chunks * d_state * 64,), dtype=torch.float32)
     bot = u.new_empty((batch * dim * d_state * width,), dtype=torch.float32) if height > 32 else None
@@ -347,10 +384,16 @@ def _wave_bwd(plan, dout, u, delta, A, B, C, D, z, delta_bias, tops, delta_softp
                          tops=tops, ck=ck, bot=bot, du=du, ddelta=ddelta, dz=dz, dBp=dBp, dCp=dCp, dAp=dAp, dDp=dDp,
                          dbp=dbp, ck_chunks=plan.wave_chunks)
     launch_kernel(_kernel(u.device, plan), u.device, plan.grid, plan.threads, plan.smem, params)
-    index = _wave_tile_index(B.shape, directions, u.device, plan.wave_cfg.steps).expand(batch, -1, -1)
-    dB, dC = ((t.sum(dim=2) if t.shape[2] > 1 else t.squeeze(2)).gather(2, index).view(B.shape).to(B.dtype)
-              for t in (dBp, dCp))
-    return group_sum(du, u.shape[1]), ddelta, dAp.sum(dim=0), dB, dC, dDp.sum(dim=0), dz, dbp.sum(dim=0)
+    index = _wave_tile_index(B.shape, directions, u.device, plan.wave_cfg.steps)
+
+    def in_place(t):  # (..., batch, G, clusters, tile) -> (..., batch, G, N, H, W), B's dtype
+        t = t.sum(dim=-2) if t.shape[-2] > 1 else t.squeeze(-2)
+        t = t.gather(-1, index.expand(*t.shape[:-1], index.shape[-1]))
+        return t.view(*t.shape[:-1], *B.shape[2:]).to(B.dtype)
+
+    dB, dC = _pair_sums(pair, dBp, dCp, in_place)
+    dA, dD, dbias = _parameter_sums(rows, dAp, dDp, dbp)
+    return group_sum(du, u.shape[1]), ddelta, dA, dB, dC, dD, dz, dbias
 
 
 def _wave_tile_index(shape, directions: Sequence[int], device: torch.device, steps: int) -> torch.Tensor:
@@ -367,7 +410,7 @@ def _wave_tile_index_on(index: int, height: int, width: int, d_state: int, direc
 
 
 def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus, directions, *,
-             tuning: ScanTuning = DEFAULT_TUNING, poison: bool = False):
+             tuning: ScanTuning = DEFAULT_TUNING, poison: bool = False, shared_outputs: bool = False):
     """Launch the backward kernel (recomputing the checkpoints first when the forward did not keep them).
 
     With the states split over blocks the kernel writes float32 partials of du, ddelta, dD and d(delta_bias) per
@@ -391,6 +434,9 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
         directions: One `cuda_build.direction_code` per group.
         tuning: The kernels' knobs.
         poison: Fill every output and scratch buffer with NaN first (tests).
+        shared_outputs: dB and dC may be views of one tensor, and so may dA, dD and d(delta_bias): their partial
+            sums are then reduced in one launch per group of gradients instead of one per gradient. A custom op's
+            outputs may not share storage.
 
     Returns:
         (du, ddelta, dA, dB, dC, dD, dz, d(delta_bias)); dz is None without z.
@@ -407,7 +453,7 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
                                                               (C, "C"), (dout, "dout")))
     if plan.wave:
         return _wave_bwd(plan, dout, u, delta, A, B, C, D, z, delta_bias, ckv, delta_softplus, directions, tuning,
-                         poison)
+                         poison, shared_outputs)
     batch, dim, height, width = delta.shape
     groups, d_state = B.shape[1], B.shape[2]
     cfg, split = plan.band, plan.split
@@ -428,11 +474,8 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
     grad_shape, grad_dtype = ((cfg.parts, *shape), torch.float32) if split else (shape, u.dtype)
     du = u.new_empty(grad_shape, dtype=grad_dtype)
     ddelta = u.new_empty(grad_shape, dtype=grad_dtype)
-    dBp = u.new_empty((batch, groups, cfg.cpg, d_state, height, width), dtype=torch.float32)
-    dCp = torch.empty_like(dBp)
-    dAp = u.new_empty((batch, dim, d_state), dtype=torch.float32)
-    dDp = u.new_empty((cfg.parts, batch, dim), dtype=torch.float32)
-    dbp = u.new_empty((cfg.parts, batch, dim), dtype=torch.float32)
+    pair, dBp, dCp = _pair_buffers(u, (batch, groups, cfg.cpg, d_state, height, width), shared_outputs)
+    rows, dAp, dDp, dbp = _parameter_partials(u, cfg.parts, batch, dim, d_state, shared_outputs)
     dck = u.new_empty((batch * dim * d_state * height,), dtype=torch.float32) if cfg.ntiles > 1 else None
     _poison(poison, du, ddelta, dz if kz is not None else None, dBp, dCp, dAp, dDp, dbp, dck)
     params = make_params(ScanParams, **_common_fields(u, delta, kz, B, C, A, D, delta_bias, directions,
@@ -444,7 +487,6 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
     # Fixed-order reductions of the per-block and per-part partial sums (no atomics: bitwise reproducible).
     if split:
         du, ddelta = du.sum(dim=0).to(u.dtype), ddelta.sum(dim=0).to(u.dtype)
-    dB = (dBp.sum(dim=2) if cfg.cpg > 1 else dBp.squeeze(2)).to(B.dtype)
-    dC = (dCp.sum(dim=2) if cfg.cpg > 1 else dCp.squeeze(2)).to(C.dtype)
-    # every part sums the same dout * u for dD: part 0's
-    return group_sum(du, u.shape[1]), ddelta, dAp.sum(dim=0), dB, dC, dDp[0].sum(dim=0), dz, dbp.sum(dim=(0, 1))
+    dB, dC = _pair_sums(pair, dBp, dCp, lambda t: (t.sum(dim=-4) if cfg.cpg > 1 else t.squeeze(-4)).to(B.dtype))
+    dA, dD, dbias = _parameter_sums(rows, dAp, dDp, dbp)
+    return group_sum(du, u.shape[1]), ddelta, dA, dB, dC, dD, dz, dbias

@@ -186,7 +186,7 @@ def scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
         delta_softplus: Whether dt is `softplus(delta + delta_bias)`.
         directions: One `cuda_build.direction_code` per group.
         delta_proj: (G, dim / G, R), or None.
-        **launch: `tuning` and `poison` for `bwd_impl`.
+        **launch: `tuning`, `poison` and `shared_outputs` for `bwd_impl`.
 
     Returns:
         `bwd_impl`'s (du, ddelta, dA, dB, dC, dD, dz, d(delta_bias)), ddelta in delta's shape, then d(delta_proj)
@@ -204,10 +204,11 @@ def scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
     maps = ddelta.view(batch * groups, -1, height * width)
     d_low_rank = torch.bmm(weight.transpose(1, 2), maps).view(delta.shape)
     # transposed, (R, dim / G) per matrix: an output whose rows are R apart would take unaligned kernels (see
-    # batched_delta_factors)
+    # batched_delta_factors); the sum over the images writes it back in delta_proj's layout
     d_proj = torch.bmm(low_rank, maps.transpose(1, 2)).view(batch, groups, rank, -1)
-    d_proj = d_proj.sum(dim=0, dtype=torch.promote_types(d_proj.dtype, torch.float32)).transpose(1, 2)
-    return du, d_low_rank, dA, dB, dC, dD, dz, dbias, d_proj.to(delta_proj.dtype).contiguous()
+    summed = d_proj.new_empty(delta_proj.shape, dtype=torch.promote_types(d_proj.dtype, torch.float32))
+    torch.sum(d_proj, dim=0, dtype=summed.dtype, out=summed.transpose(1, 2))
+    return du, d_low_rank, dA, dB, dC, dD, dz, dbias, summed.to(delta_proj.dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -380,7 +381,7 @@ class _EagerScan2d(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         def bwd(*args):
-            return scan_bwd(*args, tuning=ctx.tuning, poison=ctx.poison)
+            return scan_bwd(*args, tuning=ctx.tuning, poison=ctx.poison, shared_outputs=True)
 
         grads = input_grads(ctx.saved_tensors, dy, ctx.delta_softplus, ctx.directions, bwd)
         return (*grads[:8], grads[12], None)  # the eight tensor inputs, delta_proj, then `options`
