@@ -1,9 +1,10 @@
 // Layout changes of feature maps, each a pass through square shared-memory tiles (128 bytes a side) so that reads
 // and writes are both whole lines: channels_last <-> NCHW and a map's columns as rows (VMamba's column-major routes),
 // as one swap of a contiguous tensor's outer and inner axes around a middle one that stays, dst[b][c][m][r] =
-// src[b][r][m][c]; and the 2D mixer's SiLU written in both layouts. PyTorch's copy of a permuted tensor writes in
-// the output's order and reads the input with a stride of a whole row: every warp touches 32 lines for 64-128 useful
-// bytes (on an H100 a fraction of the bandwidth, and its time grows 10x from 512² to 1024² maps).
+// src[b][r][m][c]; the 2D mixer's routes summed into channels_last; and its SiLU written in both layouts. PyTorch's
+// copy of a permuted tensor writes in the output's order and reads the input with a stride of a whole row: every
+// warp touches 32 lines for 64-128 useful bytes (on an H100 a fraction of the bandwidth, and its time grows 10x from
+// 512² to 1024² maps).
 #include "scan2d_common.cuh"
 
 // The tile a block owns in a pass over a contiguous (batch, rows, mid, cols) tensor, one block per TILE x TILE tile
@@ -136,6 +137,50 @@ __global__ void __launch_bounds__(256)
     }
     __syncthreads();
     m2d_tile_columns_out(tile, pos, d + c0 * mid * rows + r0 + cx, mid * rows, cols - c0, n_store);
+}
+
+// The G maps of each channel summed and written channels_last in one pass: dst[b][p][c] = src[b][0][c][p] + ... +
+// src[b][G-1][c][p], added in that order: a 2D mixer's four routes, which the scan writes NCHW one map per channel
+// and route, as the residual stream's layout. Apart, the sum and the layout copy each pass over the summed map once
+// more. A thread issues the loads of all its rows and groups (G a compile-time constant) before the sums wait on
+// them. float32 maps only: the 16-bit twin of this kernel (two values per lane, summed in float) moved a third of
+// the bandwidth on an H100, slower than the sum and the layout copy apart.
+template <int G>
+__global__ void __launch_bounds__(256)
+    mamba2d_group_sum_cl(const M2DGroupSumParams prm) {
+    constexpr int TILE = 32;  // 128 bytes of float a side, one float per lane's run, padded by one column
+    __shared__ float tile[TILE][TILE + 1];
+    const float* __restrict__ src = static_cast<const float*>(prm.src);
+    const m2d_i64 channels = prm.channels, pixels = prm.pixels, plane = channels * pixels;
+    const M2DTile pos = m2d_tile<TILE>(channels, 1, pixels);
+    const m2d_i64 c0 = pos.r0, p0 = pos.c0;
+    const int n_pixels = m2d_run_len<float>(p0 + pos.cx, pixels);
+    if (n_pixels > 0) {
+        constexpr int ROWS = TILE / M2D_TILE_STEP;
+        const float* s = src + pos.b * G * plane + p0 + pos.cx;
+        float v[ROWS][G];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const m2d_i64 c = c0 + pos.ty + r * M2D_TILE_STEP;
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                if (c < channels) v[r][g] = s[g * plane + c * pixels];
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const int i = pos.ty + r * M2D_TILE_STEP;
+            if (c0 + i < channels) {
+                float acc = 0.f;
+#pragma unroll
+                for (int g = 0; g < G; ++g) acc += v[r][g];
+                tile[i][pos.cx] = acc;
+            }
+        }
+    }
+    __syncthreads();
+    m2d_tile_columns_out(tile, pos, static_cast<float*>(prm.dst) + (pos.b * pixels + p0) * channels + c0 + pos.cx,
+                         channels, pixels - p0, m2d_run_len<float>(c0 + pos.cx, channels));
 }
 
 // SiLU of a channels_last map x (batch, P pixels, C channels), written channels_last (y) and as its NCHW copy (u):

@@ -106,6 +106,16 @@ struct M2DSwapParams {
     m2d_i64 cols;
 };
 
+// The groups' sum written channels_last (layout.cu): dst[b][p][c] = sum over g of src[b][g][c][p], G a template
+// argument of the kernel.
+struct M2DGroupSumParams {
+    const void* src;  // float [batch][G][channels][pixels]
+    void* dst;        // float [batch][pixels][channels]
+    m2d_i64 batch;
+    m2d_i64 channels;
+    m2d_i64 pixels;
+};
+
 // SiLU with both layouts (layout.cu): forward y = silu(x) channels_last and u, its NCHW copy; backward
 // dx = silu'(x) * (dy + du), the two gradients added in T first (as autograd adds them).
 struct M2DSiluParams {

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """The layout copies of mamba2d.ops.cuda_layout against PyTorch's copies of the same permuted tensors, at the maps
 a VSSM meets: vmamba2d_tiny's SS2D inner maps at batch 128, 224 px (192-1536 channels, 56² to 7² pixels), and one
-token mixer's (batch 1, 256 channels) from 256² to 2048² pixels. Kernel time per call from torch.profiler (CUDA
-kernels only, mean of `--iters` calls after 3 warm-up calls); GB/s counts the map read and written once (10^9
-bytes). bfloat16 moves the same bits as float16, on the same kernel.
+token mixer's (batch 1, 256 channels) from 256² to 2048² pixels. Then the four routes' sum written channels_last
+(`group_sum_channels_last`) against the sum and the layout copy apart, at vmamba2d_tiny's maps. Kernel time per call
+from torch.profiler (CUDA kernels only, mean of `--iters` calls after 3 warm-up calls); GB/s counts the maps read and
+written once (10^9 bytes). bfloat16 moves the same bits as float16, on the same kernel.
 
     python tools/bench_layout.py [--iters 10] [--dtypes fp32 fp16]
 """
@@ -60,6 +61,22 @@ def main(argv=None) -> int:
                 rate = 2 * x.numel() * x.element_size() / (ours_ms * 1e-3) / 1e9
                 print(f"| {name} | {dtype_name} | {batch} x {channels} x {side}² | {theirs_ms:.3f} | {ours_ms:.3f} "
                       f"| {ours_ms / theirs_ms:.2f} | {rate:.0f} |", flush=True)
+    print("\n| four routes summed into channels_last | dtype | batch x channels x side² | sum, then layout copy ms "
+          "| ours ms | ours / apart | ours GB/s |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    for dtype_name in args.dtypes:
+        for batch, channels, side in MODEL_MAPS:
+            x = torch.randn(batch, 4 * channels, side, side, device="cuda", dtype=DTYPES[dtype_name])
+
+            def apart(x=x, channels=channels):
+                return cuda_layout.to_channels_last(x.unflatten(1, (4, channels)).sum(dim=1, dtype=x.dtype))
+
+            assert torch.equal(cuda_layout.group_sum_channels_last(x, 4), apart())
+            apart_ms = kernel_ms(apart, args.iters)
+            ours_ms = kernel_ms(lambda x=x: cuda_layout.group_sum_channels_last(x, 4), args.iters)
+            rate = 1.25 * x.numel() * x.element_size() / (ours_ms * 1e-3) / 1e9
+            print(f"| group sum | {dtype_name} | {batch} x {channels} x {side}² | {apart_ms:.3f} | {ours_ms:.3f} "
+                  f"| {ours_ms / apart_ms:.2f} | {rate:.0f} |", flush=True)
     return 0
 
 

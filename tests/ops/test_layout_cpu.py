@@ -26,3 +26,10 @@ def test_cpu_maps_get_pytorch_copies(fn, layout, expression):
 
 def test_cpu_maps_do_not_take_the_silu_kernel():
     assert not cuda_layout.silu_usable(torch.randn(2, 5, 7, 3).contiguous(memory_format=CL))
+
+
+def test_cpu_group_sum_channels_last_is_pytorch_sum():
+    x = torch.randn(2, 4 * 5, 7, 3)
+    out = cuda_layout.group_sum_channels_last(x, 4)
+    expected = x.unflatten(1, (4, 5)).sum(dim=1).contiguous(memory_format=CL)
+    assert torch.equal(out, expected) and out.stride() == expected.stride()

@@ -1,7 +1,7 @@
-"""GPU tests of the layout copies (mamba2d.ops.cuda_layout): each equals its PyTorch expression bit for bit, in
-values, shape and strides, at odd shapes (H or W = 1, sides and channel counts off the 32 / 64 tiles) in every dtype
-the kernel moves, also stored off a 4-byte boundary; the kernel is what runs on maps it takes (no aten copy
-dispatched)."""
+"""GPU tests of the layout copies (mamba2d.ops.cuda_layout), the route sum written channels_last among them: each
+equals its PyTorch expression bit for bit, in values, shape and strides, at odd shapes (H or W = 1, sides and
+channel counts off the 32 / 64 tiles) in every dtype the kernel moves, also stored off a 4-byte boundary; the kernel
+is what runs on maps it takes (no aten copy dispatched)."""
 
 from __future__ import annotations
 
@@ -91,6 +91,55 @@ def test_inputs_the_kernel_does_not_take_get_pytorch(index):
         out = fn(x)
         assert torch.equal(out, expected) and out.stride() == expected.stride()
         assert (out.data_ptr() == x.data_ptr()) == (expected.data_ptr() == x.data_ptr())
+
+
+class _Operators(TorchDispatchMode):
+    """The aten operators dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("groups,shape", [(4, (2, 5, 7, 3)), (4, (3, 96, 56, 56)), (4, (1, 130, 1, 65)),
+                                          (2, (2, 33, 65, 1)), (4, (2, 257, 9, 70)), (3, (1, 64, 17, 19)),
+                                          (1, (2, 40, 9, 9))])
+def test_group_sum_channels_last_equals_pytorch_bit_for_bit(groups, shape, dtype, offset):
+    """`group_sum_channels_last`: PyTorch's sum over the groups in their dtype, laid out channels_last, bit for bit
+    in values and strides, which is the groups added in order in float32 and rounded once; also with the maps
+    stored one element into their buffer, and over memory that held NaN (an element left unwritten shows)."""
+    b, c, h, w = shape
+    gen = torch.Generator().manual_seed(sum(shape) + groups)
+    x = _at_offset(torch.randn(b, groups * c, h, w, generator=gen).to(dtype).cuda(), offset)
+    expected = x.unflatten(1, (groups, c)).sum(dim=1, dtype=dtype).contiguous(memory_format=CL)
+    in_order = x[:, :c].float()
+    for g in range(1, groups):
+        in_order = in_order + x[:, g * c:(g + 1) * c].float()
+    torch.full_like(expected, float("nan"))  # freed at once: the output is likely to get this memory
+    out = cuda_layout.group_sum_channels_last(x, groups)
+    assert out.shape == expected.shape and out.stride() == expected.stride() and out.dtype == dtype
+    assert torch.equal(out, expected)
+    assert torch.equal(out, in_order.to(dtype).contiguous(memory_format=CL))
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_group_sum_channels_last_is_one_kernel(groups):
+    """float32 maps whose channels and pixels fill at least a quarter of a tile go to the kernel: no aten operator
+    but the output's allocation is dispatched. A 16-bit map is summed by PyTorch and copied by the layout kernel."""
+    x = torch.randn(2, groups * 40, 9, 11, device="cuda")
+    with _Operators() as audit:
+        out = cuda_layout.group_sum_channels_last(x, groups)
+    assert set(audit.names) <= {"empty", "empty_strided"}, audit.names
+    assert torch.equal(out, x.unflatten(1, (groups, 40)).sum(dim=1).contiguous(memory_format=CL))
+    with _Operators() as audit:
+        cuda_layout.group_sum_channels_last(x.half(), groups)
+    assert "sum" in audit.names and not {"clone", "copy_", "_to_copy"} & set(audit.names), audit.names
 
 
 def _block_and_input(scan: str) -> tuple[VSSBlock, torch.Tensor]:

@@ -49,7 +49,7 @@ def make_inputs(batch, dim, H, W, G, N, dtype=torch.float32, z=True, D=True, bia
 
 
 def run(inputs, backend, dy=None, out_dtype=None, direction="tl_hv", softplus=True, grad=True, cast=None,
-        tuning=DEFAULT_TUNING, sum_groups=False):
+        tuning=DEFAULT_TUNING, sum_groups=False, channels_last=False):
     """Forward (and backward, with `grad`) of the scan on `backend`; "cuda" runs the kernels with `tuning` and with
     every output and scratch buffer poisoned with NaN before each launch."""
     leaves = {}
@@ -63,10 +63,11 @@ def run(inputs, backend, dy=None, out_dtype=None, direction="tl_hv", softplus=Tr
         leaves[name] = t.requires_grad_(grad)
     if backend == "cuda":
         y = selective_scan_2d_cuda(**leaves, delta_softplus=softplus, direction=direction, out_dtype=out_dtype,
-                                   tuning=tuning, poison_outputs=True, sum_groups=sum_groups)
+                                   tuning=tuning, poison_outputs=True, sum_groups=sum_groups,
+                                   channels_last=channels_last)
     else:
         y = selective_scan_2d(**leaves, delta_softplus=softplus, direction=direction, out_dtype=out_dtype,
-                              backend=backend, sum_groups=sum_groups)
+                              backend=backend, sum_groups=sum_groups, channels_last=channels_last)
     grads = {}
     if grad:
         if dy is None:
@@ -627,7 +628,8 @@ def test_groups_share_u(tuning, dtype, H, W, N, z):
 def test_sum_groups(tuning, dtype, H, W, N, z, shared_u):
     """y summed over G = 4 groups in the op (the 2D mixer's route sum): against the reference, y bitwise equal to
     the groups' outputs summed after the call, and every gradient bitwise equal to the kernels' on the gradient
-    copied to every group (the backward reads the one map per channel of a group for all groups)."""
+    copied to every group (the backward reads the one map per channel of a group for all groups). Asked for
+    channels_last, y is so laid out with the same values, and a channels_last gradient gives the same gradients."""
     G, per_group = 4, 6
     inputs = make_inputs(1, G * per_group, H, W, G, N, dtype=dtype, z=z)
     if shared_u:
@@ -640,6 +642,11 @@ def test_sum_groups(tuning, dtype, H, W, N, z, shared_u):
     assert torch.equal(y, y_full.unflatten(1, (G, per_group)).sum(dim=1))
     for name, g in grads.items():
         assert torch.equal(g, grads_full[name]), f"d{name} differs from the kernels' on the copied gradient"
+    y_cl, grads_cl, _ = run(inputs, "cuda", dy=dy.contiguous(memory_format=torch.channels_last),
+                            direction=directions, tuning=tuning, sum_groups=True, channels_last=True)
+    assert y_cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(y_cl, y)
+    for name, g in grads.items():
+        assert torch.equal(grads_cl[name], g), f"d{name} differs with channels_last"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -305,12 +305,13 @@ def _low_rank_inputs(device, dtype=torch.float32, shared_u=True, batch=2, groups
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shared_u,sum_groups", [(False, False), (True, False), (True, True)])
-def test_custom_op_keeps_the_low_rank_delta_not_the_full_one(dtype, shared_u, sum_groups):
+@pytest.mark.parametrize("shared_u,sum_groups,channels_last",
+                         [(False, False, False), (True, False, False), (True, True, False), (True, True, True)])
+def test_custom_op_keeps_the_low_rank_delta_not_the_full_one(dtype, shared_u, sum_groups, channels_last):
     """mamba2d::scan2d_fwd on a low-rank delta (meta tensors: the fake kernels and the registered autograd) keeps
     its inputs and checkpoints for the backward, no full (batch, dim, H, W) delta; the backward gives the low-rank
     delta its gradient in its shape and dtype, and delta_proj one in the weight's dtype (float32 here). With y
-    summed over the groups, y has dim / G channels."""
+    summed over the groups, y has dim / G channels; asked for channels_last, it is so laid out."""
     from mamba2d.ops import library
 
     inputs = _low_rank_inputs("meta", dtype, shared_u)
@@ -318,8 +319,9 @@ def test_custom_op_keeps_the_low_rank_delta_not_the_full_one(dtype, shared_u, su
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y, ckv, ckh = torch.ops.mamba2d.scan2d_fwd(
             inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"], None,
-            inputs["delta_bias"], True, [0, 4, 3, 7], False, True, inputs["delta_proj"], sum_groups)
+            inputs["delta_bias"], True, [0, 4, 3, 7], False, True, inputs["delta_proj"], sum_groups, channels_last)
     assert y.shape == (2, 3 if sum_groups else 12, 5, 7) and y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     kept = sorted(t.numel() for t in saved)
     assert kept == sorted([*(t.numel() for t in inputs.values()), ckv.numel(), ckh.numel()])
     grads = torch.autograd.grad(y.sum(), list(inputs.values()))
@@ -341,10 +343,11 @@ def _reference_launchers(monkeypatch):
 
     names = {cuda_build.direction_code(name): name for name in DIRECTIONS}
 
-    def fwd(u, delta, A, B, C, D, z, delta_bias, softplus, directions, out_fp32, save_ckpt, sum_groups=False, **_):
+    def fwd(u, delta, A, B, C, D, z, delta_bias, softplus, directions, out_fp32, save_ckpt, sum_groups=False,
+            channels_last=False, **_):
         assert delta.shape == (u.shape[0], A.shape[0], *u.shape[2:]) and delta.is_contiguous()
         y = selective_scan_2d_ref(u, delta, A, B, C, D, z, delta_bias, softplus, [names[c] for c in directions],
-                                  sum_groups=sum_groups)
+                                  sum_groups=sum_groups, channels_last=channels_last)
         return y, None, None
 
     def bwd(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, softplus, directions, **_):
@@ -359,12 +362,13 @@ def _reference_launchers(monkeypatch):
     monkeypatch.setattr(library, "bwd_impl", bwd)
 
 
-@pytest.mark.parametrize("sum_groups", [False, True])
+@pytest.mark.parametrize("sum_groups,channels_last", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("shared_u", [False, True])
-def test_eager_scan_recomputes_the_low_rank_delta(monkeypatch, shared_u, sum_groups):
+def test_eager_scan_recomputes_the_low_rank_delta(monkeypatch, shared_u, sum_groups, channels_last):
     """The eager autograd.Function on a low-rank delta (launchers stood in for by the reference, float64): y and
     every gradient, the low-rank delta's and delta_proj's included, equal the reference's on the same inputs (y
-    summed over the groups or not), and it keeps no tensor but its inputs for the backward."""
+    summed over the groups or not, channels_last or not), and it keeps no tensor but its inputs for the
+    backward."""
     from mamba2d.ops import library, selective_scan_2d_ref
 
     _reference_launchers(monkeypatch)
@@ -375,11 +379,12 @@ def test_eager_scan_recomputes_the_low_rank_delta(monkeypatch, shared_u, sum_gro
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = library._EagerScan2d.apply(*args, inputs["delta_proj"],
-                                       (True, codes, False, sum_groups, DEFAULT_TUNING, False))
+                                       (True, codes, False, sum_groups, channels_last, DEFAULT_TUNING, False))
     inputs_at = {(t.data_ptr(), t.shape) for t in inputs.values()}
     assert len(saved) == len(inputs) and all((t.data_ptr(), t.shape) in inputs_at for t in saved)
     want = selective_scan_2d_ref(**inputs, direction=directions, sum_groups=sum_groups)
     assert y.shape == (2, 3 if sum_groups else 12, 5, 7)
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
     torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype)
     got = torch.autograd.grad(y, list(inputs.values()), dy)

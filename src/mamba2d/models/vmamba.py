@@ -252,11 +252,10 @@ class SS2D(nn.Module):
             # The four 2D routes read one NCHW copy of x (the scan's shared u), not four: a quarter of the copy's
             # traffic and of what the scan keeps for its backward, which returns the routes' summed gradient. The op
             # sums the routes too, so its backward reads one gradient map per channel for all four (summed outside,
-            # autograd would expand the gradient to four copies). The sum, 4x smaller, then goes channels_last: on
-            # an H100 this beat summing straight into channels_last, a reduction whose reads and writes cannot both
-            # be contiguous.
-            y = self._scan_routes(u, dts, B, C, self._route_parameters(), SCAN_DIRECTIONS["2d"])
-            return _Relayout.apply(y, cuda_layout.to_channels_last, cuda_layout.to_nchw)
+            # autograd would expand the gradient to four copies), and writes the sum channels_last in the same pass
+            # (through shared-memory tiles, so that reads and writes are both whole lines).
+            return self._scan_routes(u, dts, B, C, self._route_parameters(), SCAN_DIRECTIONS["2d"],
+                                     channels_last=True)
         # VMamba's cross-scan as two scans of two routes each, one per flattening of the map, each pair sharing one
         # copy of x (row-major: routes 0 and 2, column-major: 1 and 3, the second of each running backwards) and
         # summed in the op; the two sums meet in one pass that writes channels_last.
@@ -282,7 +281,8 @@ class SS2D(nn.Module):
                 self.dt_projs_bias.float(), self.dt_projs_weight)
 
     def _scan_routes(self, u: torch.Tensor, dts: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                     parameters: tuple[torch.Tensor, ...], directions: tuple[str, ...]) -> torch.Tensor:
+                     parameters: tuple[torch.Tensor, ...], directions: tuple[str, ...],
+                     channels_last: bool = False) -> torch.Tensor:
         """The scans of some routes, summed over those routes in the op.
 
         Args:
@@ -292,6 +292,7 @@ class SS2D(nn.Module):
             C: (b, routes, N, H, W).
             parameters: Those routes' A, D, delta_bias and dt projections, as `_route_parameters` gives them.
             directions: Those routes' scan directions.
+            channels_last: Return the sum channels_last.
         """
         A, D, delta_bias, delta_proj = parameters
         dtype = u.dtype
@@ -308,6 +309,7 @@ class SS2D(nn.Module):
             backend=self.scan_backend,
             delta_proj=delta_proj,
             sum_groups=True,
+            channels_last=channels_last,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

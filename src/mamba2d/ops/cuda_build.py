@@ -414,6 +414,20 @@ def layout_kernel_name(itemsize: int) -> str:
     return f"mamba2d_layout_swap<{LAYOUT_ELEMENT_TYPES[itemsize]}>"
 
 
+#: Group counts the groups' sum written channels_last (float32 maps) is instantiated for: the 2D mixer's four
+#: routes, and pairs.
+GROUP_SUM_GROUPS = (2, 4)
+
+
+def group_sum_kernel_name(groups: int) -> str:
+    """Name expression (NVRTC) of the groups' sum written channels_last.
+
+    Args:
+        groups: G, one of GROUP_SUM_GROUPS.
+    """
+    return f"mamba2d_group_sum_cl<{groups}>"
+
+
 def silu_kernel_names(tag: str) -> tuple[str, str]:
     """Name expressions (NVRTC) of the SiLU written in both layouts, (forward, backward), on maps of `tag`.
 
@@ -424,8 +438,10 @@ def silu_kernel_names(tag: str) -> tuple[str, str]:
 
 
 def nvcc_layout_translation_unit() -> str:
-    """The layout copy and the SiLU in both layouts with each of their instantiations."""
+    """The layout copy, the groups' sum written channels_last and the SiLU in both layouts with each of their
+    instantiations."""
     names = [layout_kernel_name(size) for size in LAYOUT_ELEMENT_TYPES]
+    names += [group_sum_kernel_name(g) for g in GROUP_SUM_GROUPS]
     names += [name for tag in DTYPE_TAGS.values() for name in silu_kernel_names(tag)]
     return _with_instantiations(LAYOUT_SOURCE, names)
 

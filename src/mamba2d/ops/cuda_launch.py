@@ -153,6 +153,15 @@ class SwapParams(ctypes.Structure):
     ]
 
 
+class GroupSumParams(ctypes.Structure):
+    """`M2DGroupSumParams`: the parameters of the groups' sum written channels_last (see scan2d_params.cuh)."""
+
+    _fields_ = [
+        *((name, _PTR) for name in ("src", "dst")),
+        *((name, _I64) for name in ("batch", "channels", "pixels")),
+    ]
+
+
 class SiluParams(ctypes.Structure):
     """`M2DSiluParams`: the parameters of the SiLU in both layouts, forward and backward (see scan2d_params.cuh)."""
 
@@ -165,7 +174,7 @@ class SiluParams(ctypes.Structure):
 #: The C struct each ctypes mirror stands for.
 PARAM_STRUCTS = {"M2DScanParams": ScanParams, "M2DLayerNormParams": LayerNormParams,
                  "M2DLayerNormBwdParams": LayerNormBwdParams, "M2DSwapParams": SwapParams,
-                 "M2DSiluParams": SiluParams}
+                 "M2DGroupSumParams": GroupSumParams, "M2DSiluParams": SiluParams}
 
 _STRUCT_CODES = {_PTR: "P", _I64: "q", _I32: "i", _F32: "f"}
 _layouts: dict[type, tuple] = {}

@@ -1,6 +1,7 @@
 """Layout copies of (batch, channels, H, W) feature maps between channels_last and NCHW, and to and from the
 column-major NCHW order VMamba's cross-scan reads, on the tiled CUDA kernel of cuda_ops/layout.cu (NVRTC through
-CuPy, like the scan kernels); and the 2D mixer's SiLU written in both layouts (`silu_both_layouts`).
+CuPy, like the scan kernels); a 2D mixer's routes summed into channels_last (`group_sum_channels_last`); and its
+SiLU written in both layouts (`silu_both_layouts`).
 
 Each function returns what the PyTorch expression in its docstring returns, bit for bit; that expression is also
 what runs wherever the kernel does not apply (a CPU tensor, a dtype other than float32 / float16 / bfloat16, an
@@ -16,6 +17,7 @@ import torch
 
 from . import cuda_build
 from .cuda_launch import (
+    GroupSumParams,
     SiluParams,
     SwapParams,
     compiled_kernels,
@@ -87,6 +89,36 @@ def from_transposed_nchw(x: torch.Tensor) -> torch.Tensor:
         if out is not None:
             return out.view(b, h, w, c).permute(0, 3, 1, 2)
     return t.contiguous(memory_format=torch.channels_last)
+
+
+def group_sum_channels_last(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """`x.unflatten(1, (groups, -1)).sum(dim=1, dtype=x.dtype).contiguous(memory_format=torch.channels_last)`: the
+    maps of a channel's G groups summed (in group order; 16-bit maps in float32, rounded once) and laid out
+    channels_last, a 2D mixer's four routes as the layout its next layers read. A float32 map is summed and written
+    channels_last in one pass (2 or 4 groups); a 16-bit one is summed by PyTorch and copied by `to_channels_last`
+    (a 16-bit twin of the one-pass kernel moved a third of the bandwidth on an H100). Not differentiable (the
+    scan's autograd calls it).
+
+    Args:
+        x: An NCHW (batch, groups * channels, H, W) map, group-major channels.
+        groups: G.
+    """
+    if groups == 1:
+        return to_channels_last(x)
+    b, c, h, w = x.shape
+    channels = c // groups
+    if x.dtype == torch.float32 and groups in cuda_build.GROUP_SUM_GROUPS and _applies(x, torch.contiguous_format,
+                                                                                      False):
+        blocks = _grid(x, b, channels, 1, h * w)
+        if blocks is not None:
+            out = torch.empty((b, channels, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+            index = device_index(x.device)
+            name = cuda_build.group_sum_kernel_name(groups)
+            fn = compiled_kernels(_kernels, (index, name), index, cuda_build.LAYOUT_SOURCE, lambda: [name])[0]
+            params = make_params(GroupSumParams, src=x, dst=out, batch=b, channels=channels, pixels=h * w)
+            launch_kernel(fn, x.device, (blocks, 1), cuda_build.LAYOUT_THREADS, 0, params)
+            return out
+    return to_channels_last(x.unflatten(1, (groups, channels)).sum(dim=1, dtype=x.dtype))
 
 
 def silu_usable(x: torch.Tensor) -> bool:

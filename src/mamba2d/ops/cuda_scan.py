@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import torch
 
-from . import cuda_build
+from . import cuda_build, cuda_layout
 from .contract import ScanShape
 from .cuda_build import DEFAULT_TUNING, LaunchPlan, ScanTuning
 from .cuda_launch import (  # noqa: F401  (INSTALL_HINT, cupy_importable: the public face of the CUDA backend)
@@ -170,15 +170,18 @@ def _checkpoints(ckv_n: int, ckh_n: int, like: torch.Tensor) -> tuple[torch.Tens
     return ckv, ckh
 
 
-def group_sum(t: torch.Tensor, channels: int) -> torch.Tensor:
+def group_sum(t: torch.Tensor, channels: int, channels_last: bool = False) -> torch.Tensor:
     """Channel maps (batch, G * channels, H, W) summed over the G groups, in a fixed order, in t's dtype (accumulated
-    in float32 by PyTorch's reduction): a shared u's gradient from the kernels' one du map per channel, or y summed
-    over the groups (`sum_groups`).
+    in float32): a shared u's gradient from the kernels' one du map per channel, or y summed over the groups
+    (`sum_groups`).
 
     Args:
         t: (batch, G * channels, H, W), group-major channels.
         channels: Channels per group.
+        channels_last: Return the sum channels_last, written so in the same pass (`cuda_layout`).
     """
+    if channels_last:
+        return cuda_layout.group_sum_channels_last(t, t.shape[1] // channels)
     if t.shape[1] == channels:
         return t
     # the dtype said: CUDA autocast runs a sum without one in float32, which would make y (and all that follows it)
@@ -272,7 +275,8 @@ def _parameter_sums(rows, dAp: torch.Tensor, dDp: torch.Tensor, dbp: torch.Tenso
 
 
 def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt, y_needed=True,
-             rebuild=False, *, sum_groups: bool = False, tuning: ScanTuning = DEFAULT_TUNING, poison: bool = False):
+             rebuild=False, *, sum_groups: bool = False, channels_last: bool = False,
+             tuning: ScanTuning = DEFAULT_TUNING, poison: bool = False):
     """Launch the forward kernel. Returns (y, ckv, ckh): what the backward restarts from, if `save_ckpt` asks for it
     and the plan keeps it, or `rebuild` (the backward's recomputation): ckv the vertical states at each band start
     and ckh the row states at each tile start (None where the map is one tile) of the per-band kernels, or ckv the
@@ -298,6 +302,7 @@ def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, ou
         y_needed: Allocate and write y (False: a rebuild of the checkpoints only).
         rebuild: Always return the checkpoints (the backward's recomputation).
         sum_groups: Return y summed over the G groups, (batch, dim / G, H, W), in y's dtype.
+        channels_last: Return y channels_last (summed and laid out in one pass with `sum_groups`).
         tuning: The kernels' knobs.
         poison: Fill every output and scratch buffer with NaN first (tests).
 
@@ -306,8 +311,8 @@ def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, ou
     """
     y, ckv, ckh = _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt,
                        y_needed, rebuild, tuning, poison)
-    if sum_groups and y is not None:
-        y = group_sum(y, delta.shape[1] // B.shape[1])
+    if y is not None and (sum_groups or channels_last):
+        y = group_sum(y, delta.shape[1] // B.shape[1] if sum_groups else delta.shape[1], channels_last)
     return y, ckv, ckh
 
 
@@ -419,7 +424,7 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
 
     Args:
         dout: Gradient of y, like delta, or (batch, dim / G, H, W) for y summed over the groups (read by every
-            group), in float32 or u's dtype.
+            group), in float32 or u's dtype; a channels_last one is copied to NCHW first.
         u: Input, (batch, dim, H, W) or (batch, dim / G, H, W) shared by the groups, contiguous or strided.
         delta: Step sizes, (batch, dim, H, W).
         A: State matrix, (dim, N) float32.
@@ -446,6 +451,10 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
     """
     if dout.dtype not in (torch.float32, u.dtype):
         raise TypeError(f"selective_scan_2d backward: gradient dtype {dout.dtype} is neither float32 nor {u.dtype}")
+    if dout.is_contiguous(memory_format=torch.channels_last) and not dout.is_contiguous():
+        # the gradient of a channels_last y: the kernels read it one map at a time, which in this layout would take
+        # a memory line per element
+        dout = cuda_layout.to_nchw(dout)
     plan = plan_for(delta, B, backward=True, has_z=z is not None, out_fp32=dout.dtype == torch.float32,
                     tuning=tuning)
     _check_sizes(delta, B, plan)

@@ -110,8 +110,14 @@ def _shape_only_op(
     out_dtype: Optional[torch.dtype],
     delta_proj: Optional[torch.Tensor] = None,
     sum_groups: bool = False,
+    channels_last: bool = False,
 ) -> torch.Tensor:
-    return torch.zeros(_output_shape(A, B, sum_groups), dtype=out_dtype or u.dtype, device=u.device)
+    return torch.empty(_output_shape(A, B, sum_groups), dtype=out_dtype or u.dtype, device=u.device,
+                       memory_format=_memory_format(channels_last)).zero_()
+
+
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def _output_shape(A: torch.Tensor, B: torch.Tensor, sum_groups: bool) -> tuple[int, ...]:
@@ -121,8 +127,10 @@ def _output_shape(A: torch.Tensor, B: torch.Tensor, sum_groups: bool) -> tuple[i
 
 
 @_shape_only_op.register_fake
-def _shape_only_fake(u, delta, A, B, C, D, z, delta_bias, out_dtype, delta_proj=None, sum_groups=False):
-    return u.new_empty(_output_shape(A, B, sum_groups), dtype=out_dtype or u.dtype)
+def _shape_only_fake(u, delta, A, B, C, D, z, delta_bias, out_dtype, delta_proj=None, sum_groups=False,
+                     channels_last=False):
+    return torch.empty(_output_shape(A, B, sum_groups), dtype=out_dtype or u.dtype, device=u.device,
+                       memory_format=_memory_format(channels_last))
 
 
 def _shape_only_setup(ctx, inputs, output) -> None:
@@ -154,6 +162,7 @@ def shape_only_scan(
     *,
     delta_proj: torch.Tensor | None = None,
     sum_groups: bool = False,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """Zeros of the scan's output shape and dtype, through the one counted op `mamba2d_flops::selective_scan_2d`.
 
@@ -176,11 +185,12 @@ def shape_only_scan(
         out_dtype: Output dtype (default: u's).
         delta_proj: (G, dim / G, R) of a low-rank delta, or None (counted: the product that expands delta).
         sum_groups: The output is summed over the G groups, (batch, dim / G, H, W).
+        channels_last: The output is channels_last.
     """
     shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, out_dtype, delta_proj)
     parse_directions(direction, shape.groups)
     return torch.ops.mamba2d_flops.selective_scan_2d(u, delta, A, B, C, D, z, delta_bias, out_dtype, delta_proj,
-                                                     bool(sum_groups))
+                                                     bool(sum_groups), bool(channels_last))
 
 
 @register_flop_formula([torch.ops.mamba2d_flops.selective_scan_2d, torch.ops.mamba2d.scan2d_fwd])

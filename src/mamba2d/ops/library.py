@@ -47,6 +47,7 @@ def scan2d_fwd(
     save_ckpt: bool,
     delta_proj: Optional[Tensor] = None,
     sum_groups: bool = False,
+    channels_last: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The scan's forward as a custom op (`mamba2d::scan2d_fwd`) on checked inputs (`selective_scan_2d_cuda`).
 
@@ -65,12 +66,13 @@ def scan2d_fwd(
         save_ckpt: Keep the checkpoints for the backward.
         delta_proj: (G, dim / G, R) projecting a low-rank delta (`contract.full_delta`), or None.
         sum_groups: y is summed over the G groups, (batch, dim / G, H, W).
+        channels_last: y is channels_last.
 
     Returns:
         (y, ckv, ckh); an absent checkpoint is an empty float32 tensor.
     """
     y, ckv, ckh = fwd_impl(u, full_delta(delta, delta_proj), A, B, C, D, z, delta_bias, delta_softplus, directions,
-                           out_fp32, save_ckpt, sum_groups=sum_groups)
+                           out_fp32, save_ckpt, sum_groups=sum_groups, channels_last=channels_last)
     return y, _tensor(ckv, u, torch.float32), _tensor(ckh, u, torch.float32)
 
 
@@ -88,14 +90,15 @@ def _maps_like(delta: Tensor, delta_proj: Optional[Tensor]) -> Tensor:
 
 @scan2d_fwd.register_fake
 def _scan2d_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt,
-                     delta_proj=None, sum_groups=False):
+                     delta_proj=None, sum_groups=False, channels_last=False):
     maps = _maps_like(delta, delta_proj)
     plan = plan_for(maps, B, backward=False, has_z=z is not None, out_fp32=out_fp32)
     ckv_n = plan.ckv_numel if save_ckpt and plan.keeps_checkpoint else 0
     ckh_n = plan.ckh_numel
     batch, dim, height, width = maps.shape
     y_shape = (batch, dim // B.shape[1], height, width) if sum_groups else (batch, dim, height, width)
-    y = u.new_empty(y_shape, dtype=torch.float32 if out_fp32 else u.dtype)
+    y = torch.empty(y_shape, dtype=torch.float32 if out_fp32 else u.dtype, device=u.device,
+                    memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return y, u.new_empty((ckv_n,), dtype=torch.float32), u.new_empty((ckh_n,), dtype=torch.float32)
 
 
@@ -212,7 +215,7 @@ def scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt, delta_proj, _ = inputs
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt, delta_proj, _, _ = inputs
     _, ckv, ckh = output
     ctx.mark_non_differentiable(ckv, ckh)
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_proj)
@@ -221,7 +224,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def input_grads(saved: tuple, dy: Tensor, delta_softplus: bool, directions: list[int], bwd) -> tuple:
-    """Gradients of scan2d_fwd's fourteen inputs from its saved tensors.
+    """Gradients of scan2d_fwd's fifteen inputs from its saved tensors.
 
     Args:
         saved: The forward's saved (u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_proj): a low-rank delta
@@ -252,6 +255,7 @@ def input_grads(saved: tuple, dy: Tensor, delta_softplus: bool, directions: list
         None,
         dproj if delta_proj is not None else None,
         None,
+        None,
     )
 
 
@@ -279,6 +283,7 @@ def selective_scan_2d_cuda(
     poison_outputs: bool = False,
     delta_proj: torch.Tensor | None = None,
     sum_groups: bool = False,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """The 2D selective scan (docs/scan.md) on the CUDA kernels (same signature and errors as the reference).
 
@@ -308,6 +313,7 @@ def selective_scan_2d_cuda(
             delta and the weight for its backward, not the full delta.
         sum_groups: Return y summed over the G groups, (batch, dim / G, H, W): the backward kernels then read
             its gradient's one map per channel of a group for every group, instead of a copy per group.
+        channels_last: Return y channels_last (with `sum_groups`, summed and laid out in one pass).
 
     Returns:
         y, (batch, dim, H, W), or (batch, dim / G, H, W) with `sum_groups`.
@@ -353,25 +359,28 @@ def selective_scan_2d_cuda(
             raise ValueError("selective_scan_2d_cuda: tuning and poison_outputs apply to eager calls only; under "
                              "torch.compile the custom ops run the default tuning")
         return torch.ops.mamba2d.scan2d_fwd(u, delta, A32, B, C, D32, z, bias32, bool(delta_softplus), codes, out_fp32,
-                                            needs_grad, delta_proj, bool(sum_groups))[0]
+                                            needs_grad, delta_proj, bool(sum_groups), bool(channels_last))[0]
     if not needs_grad:  # nothing to record: the launcher alone (an autograd.Function costs host time)
         return fwd_impl(u, full_delta(delta, delta_proj), A32, B, C, D32, z, bias32, bool(delta_softplus), codes,
-                        out_fp32, False, sum_groups=bool(sum_groups), tuning=tuning, poison=poison_outputs)[0]
+                        out_fp32, False, sum_groups=bool(sum_groups), channels_last=bool(channels_last), tuning=tuning,
+                        poison=poison_outputs)[0]
     return _EagerScan2d.apply(u, delta, A32, B, C, D32, z, bias32, delta_proj,
-                              (bool(delta_softplus), codes, out_fp32, bool(sum_groups), tuning, poison_outputs))
+                              (bool(delta_softplus), codes, out_fp32, bool(sum_groups), bool(channels_last), tuning,
+                               poison_outputs))
 
 
 class _EagerScan2d(torch.autograd.Function):
     """Eager-mode twin of the mamba2d::scan2d_fwd/bwd custom ops: the same launchers without the custom-op dispatch
     and its per-call checks (host time per call). torch.compile traces the custom ops instead. The flags travel as
-    one argument (`options`: delta_softplus, direction codes, out_fp32, sum_groups, tuning, poison_outputs): each
-    argument of `apply` costs host time."""
+    one argument (`options`: delta_softplus, direction codes, out_fp32, sum_groups, channels_last, tuning,
+    poison_outputs): each argument of `apply` costs host time."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_proj, options):
-        delta_softplus, directions, out_fp32, summed, tuning, poison = options
+        delta_softplus, directions, out_fp32, summed, channels_last, tuning, poison = options
         y, ckv, ckh = fwd_impl(u, full_delta(delta, delta_proj), A, B, C, D, z, delta_bias, delta_softplus,
-                               directions, out_fp32, True, sum_groups=summed, tuning=tuning, poison=poison)
+                               directions, out_fp32, True, sum_groups=summed, channels_last=channels_last,
+                               tuning=tuning, poison=poison)
         # a low-rank delta is kept as it came (with its weight), never the full delta: the backward recomputes it
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_proj)
         ctx.delta_softplus, ctx.directions, ctx.tuning, ctx.poison = delta_softplus, directions, tuning, poison

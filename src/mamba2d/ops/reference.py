@@ -76,6 +76,7 @@ def selective_scan_2d_ref(
     *,
     delta_proj: torch.Tensor | None = None,
     sum_groups: bool = False,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """2D selective scan in pure PyTorch (the contract: docs/scan.md), differentiable by autograd.
 
@@ -102,6 +103,7 @@ def selective_scan_2d_ref(
             `einsum("gdr,bgrhw->bgdhw", delta_proj, delta)` in delta's dtype (`contract.full_delta`), and autograd
             differentiates through it.
         sum_groups: Return y summed over the G groups (channel c of the sum adds channel c of each group).
+        channels_last: Return y channels_last.
 
     Returns:
         y, (batch, dim, H, W) in `out_dtype`, or (batch, dim / G, H, W) with `sum_groups`.
@@ -153,4 +155,5 @@ def selective_scan_2d_ref(
         y = y * F.silu(z.to(compute))
     if sum_groups:
         y = y.reshape(batch, groups, per_group, height, width).sum(dim=1)
-    return y.to(out_dtype or u.dtype)
+    y = y.to(out_dtype or u.dtype)
+    return y.contiguous(memory_format=torch.channels_last) if channels_last else y

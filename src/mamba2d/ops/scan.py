@@ -44,6 +44,7 @@ def selective_scan_2d(
     *,
     delta_proj: torch.Tensor | None = None,
     sum_groups: bool = False,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """2D selective scan (the contract: docs/scan.md), on the CUDA kernels or the PyTorch reference.
 
@@ -80,6 +81,9 @@ def selective_scan_2d(
             group, as a 2D mixer sums its four routes. The CUDA backend sums in y's dtype, in a fixed order, and
             its backward reads the one gradient map per channel of a group for every group instead of expanding
             it to G copies.
+        channels_last: Return y in channels_last memory format (same shape), the layout of a 2D mixer's next
+            layers: the CUDA backend writes the groups' sum so in the same pass (`sum_groups`), instead of a sum
+            and a layout copy, and its backward takes the gradient in that layout.
 
     Returns:
         y, (batch, dim, H, W) (delta's shape), or (batch, dim / G, H, W) with `sum_groups`, in `out_dtype`.
@@ -94,11 +98,11 @@ def selective_scan_2d(
                           "delta_proj": delta_proj}, out_dtype)
     if backend == SHAPE_ONLY:
         return shape_only_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, out_dtype,
-                               delta_proj=delta_proj, sum_groups=sum_groups)
+                               delta_proj=delta_proj, sum_groups=sum_groups, channels_last=channels_last)
     if backend == "cuda" or (backend == "auto" and cuda_backend_available(u, B)):
         return library.selective_scan_2d_cuda(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, out_dtype, delta_proj=delta_proj,
-            sum_groups=sum_groups,
+            sum_groups=sum_groups, channels_last=channels_last,
         )
     return selective_scan_2d_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, out_dtype,
-                                 delta_proj=delta_proj, sum_groups=sum_groups)
+                                 delta_proj=delta_proj, sum_groups=sum_groups, channels_last=channels_last)
