@@ -118,3 +118,15 @@ def test_2d_scan_costs_more_than_cross_1d(arch):
     assert r2d.params == r1d.params
     assert r2d.flops - r2d.by_operator["scan"] == r1d.flops - r1d.by_operator["scan"]
     assert r2d.by_operator["scan"] > r1d.by_operator["scan"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_model_counts_as_its_cpu_twin():
+    """On a GPU the layer norms and the depthwise convolution run on the package's kernels, which the counter does
+    not see: the count runs on a CPU copy, so a CUDA model counts what the same model counts on the CPU."""
+    model = timm.create_model("vmamba2d_nano")
+    on_cpu = flops_tool.count_flops(model, (2, 3, 64, 64))
+    on_gpu = flops_tool.count_flops(model.cuda(), (2, 3, 64, 64))
+    assert on_gpu.by_operator == on_cpu.by_operator and on_gpu.flops == on_cpu.flops
+    assert next(model.parameters()).is_cuda

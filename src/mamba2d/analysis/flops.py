@@ -10,10 +10,16 @@ torch's own formulas (convolutions, matmuls, linears, attention), layer norms an
 and means) are counted as fvcore counts them, which is how VMamba's figures were made. Element-wise ops (GELU,
 SiLU, additions) are not counted, as in those tables. fvcore, when installed (`pip install 'mamba2d[fvcore]'`),
 gives an independent cross-check (`fvcore=True`); the two agree exactly on the VMamba models.
+
+The count runs on a CPU copy of the model with zero weights (FLOPs depend on shapes alone): there the layer norms,
+layout copies and convolutions run as PyTorch's operators, which the counter sees, where on a GPU the package's own
+kernels would run outside its view.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -150,8 +156,8 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 224, 224
                 fvcore: bool = False) -> FlopReport:
     """Count params and forward FLOPs of `model` on a zero input of `input_shape` (batch, C, H, W).
 
-    The model is counted in eval mode on its own device, with shape-only scans (`shape_only_scans`), and left as
-    it was.
+    The model is counted in eval mode, as a CPU copy with zero weights, with shape-only scans
+    (`shape_only_scans`), and left as it was (fvcore's cross-check runs on the model itself, on its device).
 
     Args:
         model: The model.
@@ -161,14 +167,13 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 224, 224
     """
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    x = torch.zeros(input_shape, device=device)
     was_training = model.training
     model.eval()
     try:
         with shape_only_scans(model), torch.no_grad():
             with FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS) as counter:
-                model(x)
-            fvcore_total = _fvcore_total(model, x) if fvcore else None
+                _cpu_copy(model)(torch.zeros(input_shape))
+            fvcore_total = _fvcore_total(model, torch.zeros(input_shape, device=device)) if fvcore else None
     finally:
         model.train(was_training)
     by_operator: dict[str, int] = {}
@@ -183,6 +188,16 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 224, 224
         by_operator=by_operator,
         fvcore_flops=fvcore_total,
     )
+
+
+def _cpu_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` on the CPU whose parameters and buffers are zeros of the same shapes and dtypes (the
+    weights themselves are not copied off the GPU)."""
+    memo = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        zeros = torch.zeros(t.shape, dtype=t.dtype)
+        memo[id(t)] = nn.Parameter(zeros, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else zeros
+    return copy.deepcopy(model, memo)
 
 
 def build_for_counting(name: str, num_classes: int | None = None) -> nn.Module:
