@@ -123,8 +123,8 @@ def test_2d_scan_costs_more_than_cross_1d(arch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_model_counts_as_its_cpu_twin():
-    """On a GPU the layer norms and the depthwise convolution run on the package's kernels, which the counter does
-    not see: the count runs on a CPU copy, so a CUDA model counts what the same model counts on the CPU."""
+    """On a GPU the layer norms run on the package's kernels, which the counter does not see: the count runs on a
+    CPU copy, so a CUDA model counts what the same model counts on the CPU."""
     model = timm.create_model("vmamba2d_nano")
     on_cpu = flops_tool.count_flops(model, (2, 3, 64, 64))
     on_gpu = flops_tool.count_flops(model.cuda(), (2, 3, 64, 64))

@@ -11,9 +11,9 @@ and means) are counted as fvcore counts them, which is how VMamba's figures were
 SiLU, additions) are not counted, as in those tables. fvcore, when installed (`pip install 'mamba2d[fvcore]'`),
 gives an independent cross-check (`fvcore=True`); the two agree exactly on the VMamba models.
 
-The count runs on a CPU copy of the model with zero weights (FLOPs depend on shapes alone): there the layer norms,
-layout copies and convolutions run as PyTorch's operators, which the counter sees, where on a GPU the package's own
-kernels would run outside its view.
+The count runs on a CPU copy of the model with zero weights (FLOPs depend on shapes alone): there the layer norms
+run as PyTorch's operators, which the counter sees, where on a GPU the package's own kernels would run outside its
+view.
 """
 
 from __future__ import annotations
