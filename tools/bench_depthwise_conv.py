@@ -14,24 +14,11 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from bench_mil_scan import gpu_ms
 
 #: (batch, channels, side, blocks of vmamba2d_tiny with that map).
 SHAPES = ((128, 96, 56, 2), (128, 192, 28, 2), (128, 384, 14, 8), (128, 768, 7, 2))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def call_ms(fn, iters: int) -> float:
-    """Mean time of one call of `fn` in ms between CUDA events (after 3 warm-up calls)."""
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def main(argv=None) -> int:
@@ -57,10 +44,10 @@ def main(argv=None) -> int:
                     return torch.ops.aten.convolution_backward(dy, x, weight, None, [1, 1], [1, 1], [1, 1], False,
                                                                [0, 0], channels, grads)
 
-                times = (call_ms(lambda x=x, weight=weight, c=channels: F.conv2d(x, weight, padding=1, groups=c),
+                times = (gpu_ms(lambda x=x, weight=weight, c=channels: F.conv2d(x, weight, padding=1, groups=c),
                                  args.iters),
-                         call_ms(lambda: backward([True, False, False]), args.iters),
-                         call_ms(lambda: backward([False, True, False]), args.iters))
+                         gpu_ms(lambda: backward([True, False, False]), args.iters),
+                         gpu_ms(lambda: backward([False, True, False]), args.iters))
                 for i, ms in enumerate(times):
                     step[i] += ms * blocks
                 floor = 2 * x.numel() * x.element_size() / 3e12 * 1e3
