@@ -2,7 +2,9 @@
 """Where the GPU time of one training step goes: CUDA kernel time per step of a timm model (forward +
 cross-entropy + backward, no optimiser step, as the throughput protocol), grouped into kinds (scan kernels, GEMMs,
 layer norms, our layout copies, PyTorch's copies and element-wise ops, reductions), then the top kernels. With
---inference: one forward in eval mode under torch.inference_mode (the throughput protocol's inference).
+--inference: one forward in eval mode under torch.inference_mode (the throughput protocol's inference). With
+--compile: the model under `torch.compile` (compiled in the warm-up steps), whose fused Triton kernels are grouped
+apart from PyTorch's.
 
     python tools/profile_train_step.py vmamba2d_tiny --precision bf16 [--batch 128] [--size 224] [--steps 3]
 
@@ -31,6 +33,8 @@ import mamba2d  # noqa: E402,F401  (registers the backbones with timm)
 GROUPS = (
     ("scan forward", r"scan2d_fwd"),
     ("scan backward", r"scan2d_bwd"),
+    ("triton reduction", r"triton_(red|per)_"),
+    ("triton pointwise", r"triton_poi_"),
     ("gemm", r"gemm|sm90|cutlass|nvjet|xmma"),
     ("convolution", r"conv|cudnn|implicit"),
     ("layer norm", r"layer_norm|LayerNorm"),
@@ -56,6 +60,7 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=3, help="profiled steps (after 5 warm-up steps)")
     parser.add_argument("--inference", action="store_true", help="profile the eval-mode forward instead")
+    parser.add_argument("--compile", action="store_true", help="profile torch.compile(model)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_train_step: needs a CUDA GPU", file=sys.stderr)
@@ -65,6 +70,7 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     model = timm.create_model(args.model).cuda().train(not args.inference)
+    runner = torch.compile(model) if args.compile else model
     x = torch.randn(args.batch, 3, args.size, args.size, device="cuda")
     target = torch.randint(0, model.num_classes, (args.batch,), device="cuda")
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
@@ -72,10 +78,10 @@ def main(argv=None) -> int:
     def step() -> None:
         if args.inference:
             with torch.inference_mode(), torch.autocast("cuda", dtype=low) if low else nullcontext():
-                model(x)
+                runner(x)
             return
         with torch.autocast("cuda", dtype=low) if low else nullcontext():
-            loss = F.cross_entropy(model(x).float(), target)
+            loss = F.cross_entropy(runner(x).float(), target)
         loss.backward()
         model.zero_grad(set_to_none=True)
 
@@ -93,8 +99,9 @@ def main(argv=None) -> int:
     total = sum(per_step.values())
     launches = sum(e.count for e in events) / args.steps
     what = "inference forward" if args.inference else "training step"
-    print(f"{torch.cuda.get_device_name()}: {args.model}, batch {args.batch}, {args.size} px, {args.precision}; "
-          f"GPU time per {what} {total:.2f} ms in {launches:.0f} kernels, copies and memsets")
+    compiled = ", torch.compile" if args.compile else ""
+    print(f"{torch.cuda.get_device_name()}: {args.model}{compiled}, batch {args.batch}, {args.size} px, "
+          f"{args.precision}; GPU time per {what} {total:.2f} ms in {launches:.0f} kernels, copies and memsets")
     for group, ms in per_step.most_common():
         print(f"  {group:<18}{ms:8.2f} ms {100 * ms / total:5.1f} %")
     # what no group names, largest first: where a new kind of kernel (a library's layout transform, say) shows

@@ -402,13 +402,15 @@ class VSSBlock(nn.Module):
                 summed. Emptied here: a caller's reference would otherwise keep the old stream and branch alive for
                 the whole block after they are summed.
         """
-        x, *pending = stream
-        stream.clear()
-        if pending:
-            x, y = self._add_norm(x, *pending, self.norm)
-            pending.clear()
-        else:
+        # No starred unpacking: older TorchDynamo (torch 2.11 among them) traces its starred part as a tuple.
+        if len(stream) == 1:
+            x = stream.pop()
             y = self.norm(x)
+        else:
+            x, branch, scale = stream
+            stream.clear()
+            x, y = self._add_norm(x, branch, scale, self.norm)
+            del branch, scale
         branch = self.op(y)
         x, y = self._add_norm(x, branch, self._drop_scale(branch), self.norm2)
         branch = self.mlp(y)
