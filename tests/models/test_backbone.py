@@ -526,3 +526,21 @@ def test_whole_model_traces_as_one_graph():
     with torch.no_grad():
         traced = torch.compile(model, fullgraph=True, backend="eager")(x)
         assert torch.allclose(traced, model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_whole_model_trains_as_one_graph():
+    """The same in training mode with the backward: the stages' deferred residual sums (the stream each block hands
+    the next) trace without a break, and the traced step gives eager's logits and gradients."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = timm.create_model("vmamba2d_nano", num_classes=5, scan_backend="reference", drop_path_rate=0.0).train()
+    x = torch.randn(2, 3, 32, 32)
+    eager = model(x)
+    eager.square().sum().backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    traced = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    traced.square().sum().backward()
+    assert torch.allclose(traced, eager, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(torch.cat([p.grad.flatten() for p in model.parameters()]), grads, rtol=1e-4, atol=1e-6)
