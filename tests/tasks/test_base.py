@@ -7,11 +7,12 @@ import pytest
 import timm
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, TensorDataset
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from mamba2d.tasks.checkpointing import BestCheckpoint
 from mamba2d.tasks.classification import ImageClassifier
+from mamba2d.tasks.optim import warmup_then_decay
 
 
 def test_load_from_checkpoint_never_reloads_the_start_weights(tmp_path, monkeypatch):
@@ -76,3 +77,50 @@ def test_best_checkpoint_takes_monitor_and_mode_from_the_task(tmp_path):
     assert (best.monitor, best.mode) == ("val/acc1", "max")
     assert set(task.metric_stages) == {"train", "val", "test"}
     assert list(task.train_metrics.keys()) == ["train/acc1", "train/acc5"]
+
+
+class LearningRates(Callback):
+    """The first parameter group's learning rate at every training step."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_warmup_in_epochs_under_max_steps(tmp_path):
+    """With only max_steps given, Lightning's step estimate loads no data; the warm-up in epochs still counts the
+    epoch's batches (3 here): the schedule is warmup_then_decay's over 5 steps with 3 of warm-up."""
+    loader = DataLoader(TensorDataset(torch.rand(12, 3, 32, 32), torch.randint(0, 10, (12,))), batch_size=4)
+    task = ImageClassifier(backbone="vmamba2d_nano", num_classes=10, warmup_epochs=1.0, lr=1e-3,
+                           backbone_kwargs={"dims": 16, "depths": (1, 1, 1, 1)})
+    recorder = LearningRates()
+    Trainer(max_steps=5, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+            enable_checkpointing=False, limit_val_batches=0, default_root_dir=str(tmp_path),
+            callbacks=[recorder]).fit(task, loader)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    schedule = warmup_then_decay(optimizer, 5, warmup_steps=3)
+    want = []
+    for _ in range(5):
+        want.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert recorder.lrs == pytest.approx(want, rel=1e-12)
+
+
+class Endless(IterableDataset):
+    def __iter__(self):
+        while True:
+            yield torch.rand(3, 32, 32), torch.tensor(0)
+
+
+def test_warmup_in_epochs_needs_sized_data(tmp_path):
+    task = ImageClassifier(backbone="vmamba2d_nano", num_classes=10, warmup_epochs=1.0,
+                           backbone_kwargs={"dims": 16, "depths": (1, 1, 1, 1)})
+    trainer = Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                      default_root_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="ImageClassifier: the training data has no length.*warmup_epochs"):
+        trainer.fit(task, DataLoader(Endless(), batch_size=4))
+

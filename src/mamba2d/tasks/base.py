@@ -9,6 +9,7 @@ Lightning's `LearningRateMonitor`), never returned from `configure_callbacks`, s
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -157,8 +158,22 @@ class BaseTask(LightningModule):
         return path
 
     def steps_per_epoch(self) -> int:
-        """Optimiser steps in one training epoch (at least 1)."""
-        return max(self.trainer.num_training_batches // self.trainer.accumulate_grad_batches, 1)
+        """Optimiser steps in one training epoch (at least 1).
+
+        Raises:
+            ValueError: The training data has no length (an iterable dataset), so an epoch has no known number of
+                steps.
+        """
+        trainer = self.trainer
+        if math.isinf(trainer.num_training_batches):
+            # not loaded yet where the trainer stops at max_steps: `estimated_stepping_batches` needs no data then
+            trainer.fit_loop.setup_data()
+        batches = trainer.num_training_batches
+        if math.isinf(batches):
+            raise ValueError(f"{type(self).__name__}: the training data has no length, so its epochs cannot be "
+                             "counted in optimiser steps; give the schedule's epoch-valued options (warmup_epochs, "
+                             "lr_milestones) as 0 or use a dataset with a length")
+        return max(int(batches) // trainer.accumulate_grad_batches, 1)
 
     def schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         """The per-step learning-rate schedule: linear warm-up over `warmup_epochs`, then cosine decay to
@@ -167,8 +182,8 @@ class BaseTask(LightningModule):
         Args:
             optimizer: The optimiser built by `configure_optimizers`.
         """
-        total = self.trainer.estimated_stepping_batches  # also sets up the training data
-        warmup = int(self.hparams.warmup_epochs * self.steps_per_epoch())
+        total = self.trainer.estimated_stepping_batches
+        warmup = int(self.hparams.warmup_epochs * self.steps_per_epoch()) if self.hparams.warmup_epochs else 0
         return warmup_then_decay(optimizer, total, warmup_steps=warmup, min_lr_ratio=self.hparams.min_lr_ratio)
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -154,8 +154,8 @@ class InstanceDetector(BaseTask):
             optimizer: The optimiser built by `configure_optimizers`.
         """
         hp = self.hparams
-        total = self.trainer.estimated_stepping_batches  # also sets up the training data
-        steps_per_epoch = self.steps_per_epoch()
+        total = self.trainer.estimated_stepping_batches
+        steps_per_epoch = self.steps_per_epoch() if hp.lr_milestones else 0
         return warmup_then_decay(
             optimizer, total, warmup_steps=hp.warmup_steps, decay="step", gamma=hp.gamma,
             milestones=[int(epoch * steps_per_epoch) for epoch in hp.lr_milestones],
