@@ -124,3 +124,41 @@ def test_warmup_in_epochs_needs_sized_data(tmp_path):
     with pytest.raises(ValueError, match="ImageClassifier: the training data has no length.*warmup_epochs"):
         trainer.fit(task, DataLoader(Endless(), batch_size=4))
 
+
+class LossRecorder(Callback):
+    """The training loss of every step."""
+
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_as_eager(tmp_path):
+    """`torch_compile=True` runs the network compiled (a hook inside it sees `torch.compiler.is_compiling()`), gives
+    eager's training losses over three optimiser steps (drop path on) and leaves the checkpoint's keys as they are."""
+    images, labels = torch.rand(12, 3, 32, 32), torch.randint(0, 10, (12,))
+    loader = DataLoader(TensorDataset(images, labels), batch_size=4)
+
+    def fit(torch_compile: bool) -> tuple[ImageClassifier, list[float], list[bool]]:
+        lightning.seed_everything(0)
+        task = ImageClassifier(backbone="vmamba2d_nano", num_classes=10, torch_compile=torch_compile,
+                               backbone_kwargs={"dims": 16, "depths": (1, 1, 1, 1)})
+        traced = []
+        task.model.get_classifier().register_forward_pre_hook(
+            lambda module, args: traced.append(torch.compiler.is_compiling()))
+        recorder = LossRecorder()
+        trainer = Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                          default_root_dir=str(tmp_path), callbacks=[recorder])
+        trainer.fit(task, loader)
+        return task, recorder.losses, traced
+
+    eager, eager_losses, eager_traced = fit(False)
+    compiled, compiled_losses, compiled_traced = fit(True)
+    assert not any(eager_traced) and len(compiled_traced) == 3 and all(compiled_traced)
+    assert len(eager_losses) == 3
+    torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), rtol=1e-4, atol=0)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
