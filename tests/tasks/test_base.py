@@ -79,26 +79,42 @@ def test_best_checkpoint_takes_monitor_and_mode_from_the_task(tmp_path):
     assert list(task.train_metrics.keys()) == ["train/acc1", "train/acc5"]
 
 
-class LearningRates(Callback):
-    """The first parameter group's learning rate at every training step."""
+class StepRecorder(Callback):
+    """The first parameter group's learning rate and the training loss of every step."""
 
     def __init__(self):
-        self.lrs = []
+        self.lrs, self.losses = [], []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+def tiny_classifier(**kwargs) -> ImageClassifier:
+    return ImageClassifier(backbone="vmamba2d_nano", num_classes=10,
+                           backbone_kwargs={"dims": 16, "depths": (1, 1, 1, 1)}, **kwargs)
+
+
+def fit_steps(task: ImageClassifier, loader: DataLoader, steps: int, tmp_path) -> StepRecorder:
+    """`steps` optimiser steps on CPU, no validation, logging or checkpoints."""
+    recorder = StepRecorder()
+    Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+            enable_checkpointing=False, limit_val_batches=0, default_root_dir=str(tmp_path),
+            callbacks=[recorder]).fit(task, loader)
+    return recorder
+
+
+def random_digits() -> DataLoader:
+    """12 random 32x32 images in 3 batches."""
+    return DataLoader(TensorDataset(torch.rand(12, 3, 32, 32), torch.randint(0, 10, (12,))), batch_size=4)
 
 
 def test_warmup_in_epochs_under_max_steps(tmp_path):
     """With only max_steps given, Lightning's step estimate loads no data; the warm-up in epochs still counts the
     epoch's batches (3 here): the schedule is warmup_then_decay's over 5 steps with 3 of warm-up."""
-    loader = DataLoader(TensorDataset(torch.rand(12, 3, 32, 32), torch.randint(0, 10, (12,))), batch_size=4)
-    task = ImageClassifier(backbone="vmamba2d_nano", num_classes=10, warmup_epochs=1.0, lr=1e-3,
-                           backbone_kwargs={"dims": 16, "depths": (1, 1, 1, 1)})
-    recorder = LearningRates()
-    Trainer(max_steps=5, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-            enable_checkpointing=False, limit_val_batches=0, default_root_dir=str(tmp_path),
-            callbacks=[recorder]).fit(task, loader)
+    recorder = fit_steps(tiny_classifier(warmup_epochs=1.0, lr=1e-3), random_digits(), 5, tmp_path)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     schedule = warmup_then_decay(optimizer, 5, warmup_steps=3)
     want = []
@@ -116,45 +132,23 @@ class Endless(IterableDataset):
 
 
 def test_warmup_in_epochs_needs_sized_data(tmp_path):
-    task = ImageClassifier(backbone="vmamba2d_nano", num_classes=10, warmup_epochs=1.0,
-                           backbone_kwargs={"dims": 16, "depths": (1, 1, 1, 1)})
-    trainer = Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
-                      default_root_dir=str(tmp_path))
     with pytest.raises(ValueError, match="ImageClassifier: the training data has no length.*warmup_epochs"):
-        trainer.fit(task, DataLoader(Endless(), batch_size=4))
-
-
-class LossRecorder(Callback):
-    """The training loss of every step."""
-
-    def __init__(self):
-        self.losses = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(outputs["loss"].item())
+        fit_steps(tiny_classifier(warmup_epochs=1.0), DataLoader(Endless(), batch_size=4), 2, tmp_path)
 
 
 @pytest.mark.slow
 def test_torch_compile_trains_as_eager(tmp_path):
     """`torch_compile=True` runs the network compiled (a hook inside it sees `torch.compiler.is_compiling()`), gives
     eager's training losses over three optimiser steps (drop path on) and leaves the checkpoint's keys as they are."""
-    images, labels = torch.rand(12, 3, 32, 32), torch.randint(0, 10, (12,))
-    loader = DataLoader(TensorDataset(images, labels), batch_size=4)
+    loader = random_digits()
 
     def fit(torch_compile: bool) -> tuple[ImageClassifier, list[float], list[bool]]:
         lightning.seed_everything(0)
-        task = ImageClassifier(backbone="vmamba2d_nano", num_classes=10, torch_compile=torch_compile,
-                               backbone_kwargs={"dims": 16, "depths": (1, 1, 1, 1)})
+        task = tiny_classifier(torch_compile=torch_compile)
         traced = []
         task.model.get_classifier().register_forward_pre_hook(
             lambda module, args: traced.append(torch.compiler.is_compiling()))
-        recorder = LossRecorder()
-        trainer = Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
-                          enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
-                          default_root_dir=str(tmp_path), callbacks=[recorder])
-        trainer.fit(task, loader)
-        return task, recorder.losses, traced
+        return task, fit_steps(task, loader, 3, tmp_path).losses, traced
 
     eager, eager_losses, eager_traced = fit(False)
     compiled, compiled_losses, compiled_traced = fit(True)
