@@ -32,7 +32,6 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
     const float* __restrict__ A = prm.A;
     const float* __restrict__ Dv = prm.Dv;
     const float* __restrict__ dbias = prm.dbias;
-    const int* __restrict__ dirs = prm.dirs;
     TO* __restrict__ y = static_cast<TO*>(prm.y);
     float* __restrict__ ckv = prm.ckv;
     float* __restrict__ ckh = prm.ckh;
@@ -63,7 +62,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
     float* cinb = aggV + CH * WPM * R;
 
     const int d = c.g * c.dg + (c.slot_ok ? c.chunk * CH + c.slot : 0);
-    const int code = dirs[c.g];
+    const int code = m2d_direction(prm, c.g);
     const bool fr = code & 1, fc = (code >> 1) & 1, vh = (code >> 2) & 1;
     const m2d_i64 map = (m2d_i64)c.b * dim + d;
     const float Dd = (Dv != nullptr && c.slot_ok && blockIdx.y == 0) ? Dv[d] : 0.f;  // D u: in one part only
@@ -212,7 +211,6 @@ __global__ void __launch_bounds__(LAYOUT == M2D_NARROW ? M2D_NARROW_BWD_MAX_THRE
     const float* __restrict__ A = prm.A;
     const float* __restrict__ Dv = prm.Dv;
     const float* __restrict__ dbias = prm.dbias;
-    const int* __restrict__ dirs = prm.dirs;
     const float* __restrict__ ckv = prm.ckv;
     float* __restrict__ ckh = prm.ckh;
     float* __restrict__ dck = prm.dck;
@@ -257,7 +255,7 @@ __global__ void __launch_bounds__(LAYOUT == M2D_NARROW ? M2D_NARROW_BWD_MAX_THRE
     int rbuf = 0;
 
     const int d = c.g * c.dg + (c.slot_ok ? c.chunk * CH + c.slot : 0);
-    const int code = dirs[c.g];
+    const int code = m2d_direction(prm, c.g);
     const bool fr = code & 1, fc = (code >> 1) & 1, vh = (code >> 2) & 1;
     const m2d_i64 map = (m2d_i64)c.b * dim + d;
     const float Dd = (Dv != nullptr && c.slot_ok && blockIdx.y == 0) ? Dv[d] : 0.f;  // D u: in one part only

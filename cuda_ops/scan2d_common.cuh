@@ -332,6 +332,13 @@ __device__ __forceinline__ void m2d_store_row(float* row, int q, int nk, bool ve
 #define M2D_WARP_ROW 1
 #define M2D_WIDE 2
 
+// Group g's direction code (cuda_build.direction_code): from the codes passed by value, or from dirs where the
+// launcher could not pack them.
+__device__ __forceinline__ int m2d_direction(const M2DScanParams& prm, int g) {
+    if (prm.dirs != nullptr) return prm.dirs[g];
+    return (int)((prm.dir_codes >> (3 * (g % prm.dir_period))) & 7);
+}
+
 // Everything a thread needs to know about its place in the block (see cuda_build.launch_config).
 //   A block owns CH channel slots of one (batch, group); a slot owns TWs = S * WPM * K consecutive columns of a
 //   tile, K consecutive columns per thread (tps = S * WPM threads per slot). S < 32 packs 32 / S slots into a warp

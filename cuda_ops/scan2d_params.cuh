@@ -22,7 +22,7 @@ struct M2DScanParams {
     const float* A;     // [dim][N]
     const float* Dv;    // [dim] or null
     const float* dbias;  // [dim] or null
-    const int* dirs;     // [G] direction codes (mamba2d.ops.cuda_build.direction_code)
+    const int* dirs;     // [G] direction codes (mamba2d.ops.cuda_build.direction_code), or null: dir_codes
     // outputs and checkpoints (float32 unless typed by the kernel)
     void* y;       // TO [parts][batch][dim][H][W] (forward)
     float* ckv;    // per-band: vertical state at each band start (written forward, read backward)
@@ -48,6 +48,9 @@ struct M2DScanParams {
     // the groups (one gradient map per channel of a group, read by all G groups)
     m2d_i64 so_g;
     m2d_i64 nmaps;
+    // the direction codes by value, 3 bits each: group g's is bits 3 * (g % dir_period) and up (used where dirs is
+    // null; by value, the launch reads no device tensor that a caller would have to keep alive, as CUDA graphs need)
+    m2d_i64 dir_codes;
     // sizes and flags
     int dim, H, W, G, N, softplus;
     // 32-bit in-map strides
@@ -56,6 +59,7 @@ struct M2DScanParams {
     int S, WPM, CH, ntiles, nbands, NP, vec;
     // wavefront: keep every band's top (forward), staged chunks of the longest band (backward)
     int keep_tops, ck_chunks;
+    int dir_period;  // codes in dir_codes, repeated over the groups
 };
 
 // The layer-norm backward (layer_norm.cu).

@@ -45,7 +45,7 @@ struct M2DWave {
     m2d_i64 map;
     bool fr, fc, vh;
 };
-__device__ __forceinline__ M2DWave m2d_wave_block(int dim, int G, const int* dirs) {
+__device__ __forceinline__ M2DWave m2d_wave_block(const M2DScanParams& prm, int dim, int G) {
     M2DWave w;
     w.tid = threadIdx.x;
     w.nthr = blockDim.x;
@@ -56,7 +56,7 @@ __device__ __forceinline__ M2DWave m2d_wave_block(int dim, int G, const int* dir
     w.b = (int)(w.map / dim);
     w.d = (int)(w.map - (m2d_i64)w.b * dim);
     w.g = w.d / (dim / G);
-    const int code = dirs[w.g];
+    const int code = m2d_direction(prm, w.g);
     w.fr = code & 1;
     w.fc = (code >> 1) & 1;
     w.vh = (code >> 2) & 1;
@@ -113,7 +113,6 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, 2)
     const float* __restrict__ A = prm.A;
     const float* __restrict__ Dv = prm.Dv;
     const float* __restrict__ dbias = prm.dbias;
-    const int* __restrict__ dirs = prm.dirs;
     TO* __restrict__ y = static_cast<TO*>(prm.y);
     float* __restrict__ tops = prm.tops;
     const int dim = prm.dim, H = prm.H, W = prm.W, G = prm.G, N = prm.N, softplus = prm.softplus;
@@ -131,7 +130,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, 2)
     constexpr int TQ = M2D_WAVE_T, TP = M2D_WAVE_TP, TILE = 32 * TP;
     static_assert(32 % TQ == 0, "M2D_WAVE_T must divide 32");
     extern __shared__ float m2d_smem[];
-    const M2DWave wb = m2d_wave_block(dim, G, dirs);
+    const M2DWave wb = m2d_wave_block(prm, dim, G);
     const int tid = wb.tid, nthr = wb.nthr, lane = wb.lane, warp = wb.warp, nwarps = wb.nwarps, d = wb.d;
     const m2d_i64 map = wb.map;
     const bool fr = wb.fr, fc = wb.fc, vh = wb.vh;
@@ -369,7 +368,6 @@ __global__ void M2D_CLUSTER_DIMS(CL) __launch_bounds__(M2D_MAX_THREADS, 2)
     const float* __restrict__ A = prm.A;
     const float* __restrict__ Dv = prm.Dv;
     const float* __restrict__ dbias = prm.dbias;
-    const int* __restrict__ dirs = prm.dirs;
     const float* __restrict__ tops = prm.tops;
     float* __restrict__ ck = prm.ck;
     float* __restrict__ bot = prm.bot;
@@ -397,7 +395,7 @@ __global__ void M2D_CLUSTER_DIMS(CL) __launch_bounds__(M2D_MAX_THREADS, 2)
     const int ck_chunks = prm.ck_chunks;
     constexpr int TQ = M2D_WAVE_T, TP = M2D_WAVE_TP, TILE = 32 * TP;
     extern __shared__ float m2d_smem[];
-    const M2DWave wb = m2d_wave_block(dim, G, dirs);
+    const M2DWave wb = m2d_wave_block(prm, dim, G);
     const int tid = wb.tid, nthr = wb.nthr, lane = wb.lane, warp = wb.warp, nwarps = wb.nwarps, d = wb.d;
     const m2d_i64 map = wb.map;
     const bool fr = wb.fr, fc = wb.fc, vh = wb.vh;

@@ -80,6 +80,22 @@ def test_pad_cells_hold_the_learnable_token():
                                int(positions[:, 1].max() - positions[:, 1].min()) + 1)
 
 
+def test_grid_gradients_reach_patches_and_pad_token():
+    """float64 gradcheck of the grid's scatter: a patch gets the gradient of its own cell, the pad token the sum over
+    the empty cells."""
+    features, positions = bag(n=7, side=4)
+    flat, height, width = grid_layout(positions)
+    h = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    pad = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, pad: scatter_to_grid(h, flat, height, width, pad), (h, pad))
+    grad = torch.randn(1, 3, height, width, dtype=torch.float64)
+    scatter_to_grid(h, flat, height, width, pad).backward(grad)
+    cells = grad[0].flatten(1).t()
+    empty = torch.ones(height * width, dtype=torch.bool)
+    empty[flat] = False
+    assert torch.equal(h.grad, cells[flat]) and torch.allclose(pad.grad, cells[empty].sum(0))
+
+
 @pytest.mark.parametrize("n", [1, 2, 37])
 def test_grid_layout_is_the_bounding_box(n):
     """The flat cell of each patch is row * width + column within the bounding box of the bag's cells (offset

@@ -811,3 +811,42 @@ def test_torch_compile_fullgraph_low_rank_delta():
     model = Block().cuda()
     x = torch.randn(2, dim // G, H, W, device="cuda", requires_grad=True)
     assert_compiled_matches_eager(model, x, [x, model.dt_proj])
+
+
+@pytest.mark.parametrize("tuning", [DEFAULT_TUNING, wavefront()], ids=["band", "wave"])
+def test_directions_beyond_packed_codes(tuning):
+    """22 groups whose directions do not repeat within 21 groups (more than the parameter struct packs by value)
+    reach the kernels as a device tensor of codes, and every group still scans in its own direction."""
+    G = 22
+    names = [DIRECTIONS[(g * g + g // 3) % 8] for g in range(21)] + ["tl_vh"]  # the first 21 repeat no shorter
+    codes = [cuda_build.direction_code(n) for n in names]
+    assert cuda_scan.direction_fields(codes, torch.device("cuda"))["dirs"] is not None
+    check_against_reference(make_inputs(1, 2 * G, 9, 11, G, 2), names, tuning=tuning)
+
+
+@pytest.mark.parametrize("H,W,G,N", [(13, 10, 4, 1), (64, 80, 1, 16)], ids=["band", "wave"])
+def test_reduce_overhead_compile_replays_eager(H, W, G, N):
+    """torch.compile(mode="reduce-overhead") captures the scan in CUDA graphs (the launch reads no tensor cached by
+    the op, which the graphs' memory pool forbids) and its replays give the eager output and gradients on fresh
+    inputs copied in, step after step."""
+    torch._dynamo.reset()
+    dim = 8 if G > 1 else 16
+    directions = group_directions(G, offset=5)
+    assert cuda_build.uses_wave(1, dim, H, W, G, N) == (N == 16)
+
+    def scan(u, delta, A, B, C, D, z, delta_bias):
+        return selective_scan_2d(u, delta, A, B, C, D, z, delta_bias, direction=directions, backend="cuda")
+
+    compiled = torch.compile(scan, mode="reduce-overhead", fullgraph=True)
+    for _ in range(4):  # warm-up, capture, replays
+        inputs = make_inputs(1, dim, H, W, G, N)
+        dy = torch.randn(1, dim, H, W, device="cuda")
+        results = []
+        for fn in (scan, compiled):
+            torch.compiler.cudagraph_mark_step_begin()
+            leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
+            y = fn(**leaves)
+            y.backward(dy)
+            results.append([y.detach().clone()] + [leaves[n].grad.clone() for n in GRAD_NAMES])
+        for got, want in zip(*reversed(results)):
+            assert rel_err(got, want) <= 1e-6

@@ -13,6 +13,7 @@ import torch
 from mamba2d.ops import DIRECTIONS, cuda_build, cuda_scan, selective_scan_2d
 from mamba2d.ops.contract import ScanShape, direction_transform
 from mamba2d.ops.cuda_build import DEFAULT_TUNING, ScanTuning
+from mamba2d.ops.cuda_launch import ScanParams, make_params
 
 T = DEFAULT_TUNING
 
@@ -392,3 +393,18 @@ def test_eager_scan_recomputes_the_low_rank_delta(monkeypatch, shared_u, sum_gro
     for name, g, e in zip(inputs, got, expected):
         assert g.shape == inputs[name].shape and g.dtype == inputs[name].dtype, name
         torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-11, msg=f"d{name} differs")
+
+
+@pytest.mark.parametrize("names", [["tl_hv"], ["br_vh"] * 6, ["tl_hv", "tl_vh", "br_hv", "br_vh"],
+                                   ["tl_hv", "br_vh"] * 5, [DIRECTIONS[(g * g + g // 3) % 8] for g in range(21)]])
+def test_direction_codes_travel_by_value(names):
+    """Directions that repeat within 21 groups are packed into the parameter struct (no device tensor, which CUDA
+    graphs' memory pool would not let the op cache); the kernels' decoding gives each group its own code."""
+    codes = [cuda_build.direction_code(n) for n in names]
+    fields = cuda_scan.direction_fields(codes, torch.device("cuda"))  # by value: the device is never touched
+    assert fields["dirs"] is None and 1 <= fields["dir_period"] <= cuda_scan.MAX_PACKED_DIRECTIONS
+    decoded = [(fields["dir_codes"] >> (3 * (g % fields["dir_period"]))) & 7 for g in range(len(codes))]
+    assert decoded == codes
+    assert fields["dir_period"] == (21 if len(codes) == 21 else len(set(codes)))
+    params = make_params(ScanParams, **fields)
+    assert (params.dir_codes, params.dir_period) == (fields["dir_codes"], fields["dir_period"])

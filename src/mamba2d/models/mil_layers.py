@@ -145,7 +145,13 @@ def scatter_to_grid(h: torch.Tensor, flat: torch.Tensor, height: int, width: int
         width: Columns of the grid.
         pad: (C,) token for the empty cells.
     """
-    canvas = pad.to(h.dtype).expand(height * width, -1).index_copy(0, flat, h)
+    cells = height * width
+    # the real patches on zeros, then the pad token where none landed: the backward is an index_select and a
+    # where, never index_fill, which torch.compile mis-traced on a strided gradient before torch 2.12
+    # (pytorch/pytorch#144846) as index_copy's own backward on pad's expansion would be
+    canvas = h.new_zeros(cells, h.shape[1]).index_copy(0, flat, h)
+    occupied = torch.zeros(cells, 1, dtype=torch.bool, device=h.device).index_fill_(0, flat, True)
+    canvas = torch.where(occupied, canvas, pad.to(h.dtype))
     return canvas.t().reshape(1, -1, height, width)
 
 

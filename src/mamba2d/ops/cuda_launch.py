@@ -111,11 +111,11 @@ class ScanParams(ctypes.Structure):
             "y", "ckv", "ckh", "dck", "tops", "ck", "bot", "du", "ddelta", "dz", "dBp", "dCp", "dAp", "dDp", "dbp")),
         *((name, _I64) for name in (
             "su_b", "su_d", "sd_b", "sd_d", "sz_b", "sz_d", "so_b", "so_d", "sB_b", "sB_g", "sC_b", "sC_g", "su_g",
-            "so_g", "nmaps")),
+            "so_g", "nmaps", "dir_codes")),
         *((name, _I32) for name in (
             "dim", "H", "W", "G", "N", "softplus",
             "su_h", "su_w", "sd_h", "sd_w", "sz_h", "sz_w", "so_h", "so_w", "sB_n", "sB_h", "sB_w", "sC_n", "sC_h",
-            "sC_w", "S", "WPM", "CH", "ntiles", "nbands", "NP", "vec", "keep_tops", "ck_chunks")),
+            "sC_w", "S", "WPM", "CH", "ntiles", "nbands", "NP", "vec", "keep_tops", "ck_chunks", "dir_period")),
     ]
 
 

@@ -153,14 +153,32 @@ def _check_sizes(u: torch.Tensor, B: torch.Tensor, plan: LaunchPlan) -> None:
         )
 
 
-def _dirs_tensor(codes: Sequence[int], device: torch.device) -> torch.Tensor:
-    index = device_index(device)
-    key = (index, tuple(codes))
+#: Direction codes that fit the parameter struct's 64-bit `dir_codes`, 3 bits each.
+MAX_PACKED_DIRECTIONS = 21
+
+
+def direction_fields(codes: Sequence[int], device: torch.device) -> dict:
+    """The parameter fields that give each group its direction code: by value (`dir_codes`, `dir_period`) when the
+    codes repeat with a period of at most MAX_PACKED_DIRECTIONS groups (one code for all, or one per group for up
+    to 21 groups), else a device tensor of G codes (`dirs`, cached per device).
+
+    By value, a launch reads no tensor of ours that outlives the call: CUDA-graph capture (torch.compile's
+    "reduce-overhead" mode) checks that every tensor allocated in its memory pool is one of the graph's outputs.
+
+    Args:
+        codes: One `cuda_build.direction_code` (0-7) per group.
+        device: The launch's CUDA device (for the tensor).
+    """
+    codes = tuple(codes)
+    for period in range(1, min(len(codes), MAX_PACKED_DIRECTIONS) + 1):
+        if all(code == codes[g % period] for g, code in enumerate(codes)):
+            return dict(dirs=None, dir_codes=sum(code << (3 * g) for g, code in enumerate(codes[:period])),
+                        dir_period=period)
+    key = (device_index(device), codes)
     t = _dirs_cache.get(key)
     if t is None:
-        t = torch.tensor(key[1], dtype=torch.int32, device=device)
-        _dirs_cache[key] = t
-    return t
+        t = _dirs_cache[key] = torch.tensor(codes, dtype=torch.int32, device=device)
+    return dict(dirs=t, dir_codes=0, dir_period=0)
 
 
 def _checkpoints(ckv_n: int, ckh_n: int, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -216,7 +234,7 @@ def _common_fields(u, delta, z, B, C, A, D, delta_bias, directions, delta_softpl
     groups = B.shape[1]
     return dict(
         u=u, delta=delta, z=z, dout=dout, Bm=B, Cm=C, A=A, Dv=D, dbias=delta_bias,
-        dirs=_dirs_tensor(directions, u.device), dim=dim, H=height, W=width, G=groups, N=B.shape[2],
+        **direction_fields(directions, u.device), dim=dim, H=height, W=width, G=groups, N=B.shape[2],
         softplus=int(bool(delta_softplus)), su_g=0 if u.shape[1] == dim else -(dim // groups) * u.stride(1),
         so_g=0 if dout is None or dout.shape[1] == dim else -(dim // groups) * dout.stride(1),
         **stride_fields(("su", u, "bdhw"), ("sd", delta, "bdhw"), ("sz", z, "bdhw"), ("so", dout, "bdhw"),
@@ -402,14 +420,11 @@ def _wave_bwd(plan, dout, u, delta, A, B, C, D, z, delta_bias, tops, delta_softp
 
 
 def _wave_tile_index(shape, directions: Sequence[int], device: torch.device, steps: int) -> torch.Tensor:
-    """(1, G, N * H * W) positions of each group's map pixels in the wavefront backward's dB / dC tiles."""
+    """(1, G, N * H * W) positions of each group's map pixels in the wavefront backward's dB / dC tiles.
+
+    Built on the GPU at every call, not cached: a cached tensor would outlive the call, which CUDA-graph capture
+    (torch.compile's "reduce-overhead" mode) does not allow of a tensor allocated in its memory pool."""
     _, _, d_state, height, width = shape
-    return _wave_tile_index_on(device_index(device), height, width, d_state, tuple(directions), steps)
-
-
-@lru_cache(maxsize=16)  # a few shapes at a time (a slide's grid changes from slide to slide: computed on the GPU)
-def _wave_tile_index_on(index: int, height: int, width: int, d_state: int, directions: tuple[int, ...], steps: int):
-    device = torch.device("cuda", index)
     return torch.stack([cuda_build.wave_tile_index(height, width, d_state, code, device, steps)
                         for code in directions]).unsqueeze(0)
 
