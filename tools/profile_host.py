@@ -35,9 +35,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_latency import AUTOCAST  # noqa: E402  (precision name -> autocast dtype)
+
 #: torch.profiler's name of the event for one backward node's run (its host time, launches included).
 BACKWARD_NODE = "autograd::engine::evaluate_function: "
-AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: (group, test on a cProfile entry's (file, function name)); the first that holds wins.
 GROUPS = (
     ("mamba2d (our Python)", lambda file, name: "mamba2d" in file),

@@ -170,15 +170,23 @@ def direction_fields(codes: Sequence[int], device: torch.device) -> dict:
         device: The launch's CUDA device (for the tensor).
     """
     codes = tuple(codes)
-    for period in range(1, min(len(codes), MAX_PACKED_DIRECTIONS) + 1):
-        if all(code == codes[g % period] for g, code in enumerate(codes)):
-            return dict(dirs=None, dir_codes=sum(code << (3 * g) for g, code in enumerate(codes[:period])),
-                        dir_period=period)
+    packed = _packed_directions(codes)
+    if packed is not None:
+        return dict(dirs=None, dir_codes=packed[0], dir_period=packed[1])
     key = (device_index(device), codes)
     t = _dirs_cache.get(key)
     if t is None:
         t = _dirs_cache[key] = torch.tensor(codes, dtype=torch.int32, device=device)
     return dict(dirs=t, dir_codes=0, dir_period=0)
+
+
+@lru_cache(maxsize=None)  # a model has a few direction patterns; every launch asks again
+def _packed_directions(codes: tuple[int, ...]) -> tuple[int, int] | None:
+    """(dir_codes, dir_period) of codes that repeat within MAX_PACKED_DIRECTIONS groups, else None."""
+    for period in range(1, min(len(codes), MAX_PACKED_DIRECTIONS) + 1):
+        if all(code == codes[g % period] for g, code in enumerate(codes)):
+            return sum(code << (3 * g) for g, code in enumerate(codes[:period])), period
+    return None
 
 
 def _checkpoints(ckv_n: int, ckh_n: int, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
