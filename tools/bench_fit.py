@@ -1,18 +1,22 @@
 #!/usr/bin/env python
 """Training steps through the fit path itself (`mamba2d fit`'s Lightning Trainer and `ImageClassifier`: forward,
-loss, backward, AdamW step, gradient zeroing and Lightning's own bookkeeping), eager and with `torch_compile=True`.
+loss, backward, AdamW step, gradient zeroing and Lightning's own bookkeeping): *eager*, *compiled*
+(`torch_compile=True`) and *compiled+graph* (`compile_mode="reduce-overhead"`: torch.compile's CUDA graphs).
 
 One random batch, already on the GPU, is served `--steps` times (no data loading, no logger, no checkpoints); a
 callback synchronises at the start of every training batch, and the median of the step times after the first
-`--skip` (which include the compilation) is reported as milliseconds per step and images/s. TF32 on (VMamba's
+`--skip` (which include the compilation) is reported as milliseconds per step and images/s, with the run's peak
+memory (`torch.cuda.max_memory_allocated`, GB = 10^9 bytes). TF32 on (VMamba's
 protocol); `--precision` is the Trainer's (`16-mixed` = float16 autocast with a gradient scaler).
 
     python tools/bench_fit.py [--model vmamba2d_tiny] [--batch 128] [--precision 16-mixed] [--steps 40] [--skip 15]
+        [--variants eager compiled compiled+graph]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -38,8 +42,17 @@ class StepTimer(L.Callback):
         self.starts.append(time.perf_counter())
 
 
-def step_ms(model: str, batch: int, size: int, precision: str, steps: int, skip: int, compiled: bool) -> float:
-    """Median milliseconds of a training step after the first `skip`.
+#: `ImageClassifier`'s compile arguments of each variant.
+VARIANTS = {
+    "eager": {},
+    "compiled": {"torch_compile": True},
+    "compiled+graph": {"torch_compile": True, "compile_mode": "reduce-overhead"},
+}
+
+
+def step_ms(model: str, batch: int, size: int, precision: str, steps: int, skip: int,
+            variant: str) -> tuple[float, float]:
+    """(median milliseconds of a training step after the first `skip`, peak GB allocated in the run).
 
     Args:
         model: timm name of the backbone.
@@ -48,10 +61,13 @@ def step_ms(model: str, batch: int, size: int, precision: str, steps: int, skip:
         precision: The Trainer's precision.
         steps: Training steps run.
         skip: Steps left out of the median (warm-up and compilation).
-        compiled: `ImageClassifier(torch_compile=True)`.
+        variant: A key of VARIANTS.
     """
     torch._dynamo.reset()
     torch.manual_seed(0)
+    gc.collect()  # the previous variant's model and graphs, before the peak is reset
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
     x = torch.randn(batch, 3, size, size, device="cuda")
     y = torch.randint(0, 1000, (batch,), device="cuda")
     loader = torch.utils.data.DataLoader([(x, y)] * steps, batch_size=None)
@@ -59,10 +75,11 @@ def step_ms(model: str, batch: int, size: int, precision: str, steps: int, skip:
     trainer = L.Trainer(accelerator="gpu", devices=1, precision=precision, max_steps=steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[timer])
-    trainer.fit(ImageClassifier(backbone=model, num_classes=1000, torch_compile=compiled), loader)
+    trainer.fit(ImageClassifier(backbone=model, num_classes=1000, **VARIANTS[variant]), loader)
     torch.cuda.synchronize()
     starts = [*timer.starts, time.perf_counter()]
-    return 1e3 * statistics.median(b - a for a, b in zip(starts[skip:-1], starts[skip + 1:]))
+    ms = 1e3 * statistics.median(b - a for a, b in zip(starts[skip:-1], starts[skip + 1:]))
+    return ms, torch.cuda.max_memory_allocated() / 1e9
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="16-mixed")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--skip", type=int, default=15)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -87,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.allow_tf32 = True
     print(f"{torch.cuda.get_device_name()}: {args.model}, batch {args.batch} at {args.size}², {args.precision}, "
           f"fit path with AdamW; median of steps {args.skip + 1}-{args.steps}", flush=True)
-    for compiled in (False, True):
-        ms = step_ms(args.model, args.batch, args.size, args.precision, args.steps, args.skip, compiled)
-        print(f"{'torch_compile' if compiled else 'eager':<14} {ms:7.1f} ms a step, {args.batch / ms * 1e3:6.0f} "
-              "images/s", flush=True)
+    for variant in args.variants:
+        ms, peak = step_ms(args.model, args.batch, args.size, args.precision, args.steps, args.skip, variant)
+        print(f"{variant:<15} {ms:7.1f} ms a step, {args.batch / ms * 1e3:6.0f} images/s, peak {peak:.2f} GB",
+              flush=True)
     return 0
 
 

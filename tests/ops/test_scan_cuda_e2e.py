@@ -208,7 +208,15 @@ def test_compiled_mil_training_step_matches_eager():
         results.append((logits.detach(), [p.grad for p in model.parameters()]))
     (logits_eager, grads_eager), (logits_compiled, grads_compiled) = results
     assert _rel(logits_compiled, logits_eager) <= 1e-4
-    bad = [i for i, (g, e) in enumerate(zip(grads_compiled, grads_eager)) if not _rel(g, e) <= 1e-3]
+    # The attention score's bias shifts every score alike, which the softmax cancels: its gradient is zero in exact
+    # arithmetic, so both runs hold rounding noise there and a relative comparison would compare noise with noise.
+    names = [name for name, _ in compiled_model.named_parameters()]
+    scale = max(g.double().norm().item() for g in grads_eager)
+    for name, g, e in zip(names, grads_compiled, grads_eager):
+        if name == "pool.score.bias":
+            assert max(g.double().norm().item(), e.double().norm().item()) <= 1e-6 * scale
+    compared = [(n, g, e) for n, g, e in zip(names, grads_compiled, grads_eager) if n != "pool.score.bias"]
+    bad = [n for n, g, e in compared if not _rel(g, e) <= 1e-3]
     assert not bad, f"parameters {bad} get other gradients when compiled"
 
 

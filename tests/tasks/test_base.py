@@ -97,12 +97,15 @@ def tiny_classifier(**kwargs) -> ImageClassifier:
                            backbone_kwargs={"dims": 16, "depths": (1, 1, 1, 1)}, **kwargs)
 
 
-def fit_steps(task: ImageClassifier, loader: DataLoader, steps: int, tmp_path) -> StepRecorder:
-    """`steps` optimiser steps on CPU, no validation, logging or checkpoints."""
+def fit_steps(task: ImageClassifier, loader: DataLoader, steps: int, tmp_path, accelerator: str = "cpu",
+              val_loader: DataLoader | None = None) -> StepRecorder:
+    """`steps` optimiser steps on `accelerator`, no logging or checkpoints; validation only on `val_loader`."""
     recorder = StepRecorder()
-    Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-            enable_checkpointing=False, limit_val_batches=0, default_root_dir=str(tmp_path),
-            callbacks=[recorder]).fit(task, loader)
+    recorder.trainer = Trainer(max_steps=steps, accelerator=accelerator, devices=1, logger=False,
+                               enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                               limit_val_batches=0 if val_loader is None else None, num_sanity_val_steps=0,
+                               default_root_dir=str(tmp_path), callbacks=[recorder])
+    recorder.trainer.fit(task, loader, val_loader)
     return recorder
 
 
@@ -156,3 +159,38 @@ def test_torch_compile_trains_as_eager(tmp_path):
     assert len(eager_losses) == 3
     torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), rtol=1e-4, atol=0)
     assert list(compiled.state_dict()) == list(eager.state_dict())
+
+
+def test_compile_mode_is_checked_by_name():
+    with pytest.raises(ValueError, match="ImageClassifier: compile_mode='reduce-overhead' needs torch_compile=True"):
+        tiny_classifier(compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="ImageClassifier: compile_mode='reduce-overhed': .*reduce-overhead"):
+        tiny_classifier(torch_compile=True, compile_mode="reduce-overhed")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_reduce_overhead_fit_trains_and_validates_as_eager(tmp_path):
+    """`compile_mode="reduce-overhead"` (torch.compile's CUDA graphs) through Lightning's fit on a GPU: the training
+    losses of four optimiser steps (the graphs recorded, then replayed) and the validation loss and accuracy (the
+    eval network's graphs) are eager's. Drop path off: Inductor's random numbers are not eager's."""
+    images, labels = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    train = DataLoader(TensorDataset(images, labels), batch_size=4, drop_last=True)
+    val = DataLoader(TensorDataset(images[:8], labels[:8]), batch_size=4)
+
+    def fit(**compile_args) -> tuple[list[float], dict[str, float]]:
+        lightning.seed_everything(0)
+        task = ImageClassifier(backbone="vmamba2d_nano", num_classes=10, **compile_args,
+                               backbone_kwargs={"dims": 16, "depths": (1, 1, 1, 1), "drop_path_rate": 0.0})
+        recorder = fit_steps(task, train, 4, tmp_path, accelerator="gpu", val_loader=val)
+        metrics = {k: v.item() for k, v in recorder.trainer.callback_metrics.items() if k.startswith("val/")}
+        return recorder.losses, metrics
+
+    torch._dynamo.reset()
+    eager_losses, eager_metrics = fit()
+    graph_losses, graph_metrics = fit(torch_compile=True, compile_mode="reduce-overhead")
+    torch._dynamo.reset()
+    assert len(graph_losses) == 4 and set(graph_metrics) == set(eager_metrics) >= {"val/loss", "val/acc1"}
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-4, atol=0)
+    for name, value in eager_metrics.items():
+        assert graph_metrics[name] == pytest.approx(value, rel=1e-4), name

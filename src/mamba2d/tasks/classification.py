@@ -54,6 +54,13 @@ class ImageClassifier(BaseTask):
             checkpoints keep their keys). The first batches of training and of evaluation compile; after that a
             step runs fewer, fused kernels, which matters where the host cannot launch an eager step as fast as the
             GPU runs it (docs/performance.md).
+        compile_mode: `torch.compile`'s mode with `torch_compile`: "default", "reduce-overhead" (its CUDA graphs
+            replay each step's kernels without the host's launches; one graph per input shape, so keep the batch
+            shape fixed, e.g. with the loader's `drop_last`), "max-autotune", "max-autotune-no-cudagraphs", or
+            another mode the installed torch knows.
+
+    Raises:
+        ValueError: A `compile_mode` other than "default" without `torch_compile`.
     """
 
     monitor = "val/acc1"
@@ -80,7 +87,10 @@ class ImageClassifier(BaseTask):
         ema_decay: float | None = None,
         ema_eval: bool = True,
         torch_compile: bool = False,
+        compile_mode: str = "default",
     ):
+        if compile_mode != "default" and not torch_compile:
+            raise ValueError(f"ImageClassifier: compile_mode={compile_mode!r} needs torch_compile=True")
         self.pretrained = pretrained
         super().__init__()
 
@@ -108,9 +118,11 @@ class ImageClassifier(BaseTask):
         )
         self.eval_loss = nn.CrossEntropyLoss()
         if hp.torch_compile:
-            self.model.compile()
-            if self.ema is not None:
-                self.ema.module.compile()
+            for network in [self.model] + ([] if self.ema is None else [self.ema.module]):
+                try:
+                    network.compile(mode=hp.compile_mode)  # in place: the checkpoint keeps its keys
+                except RuntimeError as error:  # torch checks the mode here, before tracing anything
+                    raise ValueError(f"ImageClassifier: compile_mode={hp.compile_mode!r}: {error}") from error
 
     def metrics(self) -> MetricCollection:
         """Top-1 (and top-5 with at least 5 classes) accuracy."""
