@@ -140,7 +140,7 @@ class Mlp(nn.Module):
         self.fc1 = Linear2d(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = Linear2d(hidden, dim)
-        self.drop = nn.Dropout(drop)
+        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
@@ -263,7 +263,9 @@ class SS2D(nn.Module):
         # Routes 0 and 2 apart from 1 and 3, each tensor unbound once into the two: the gradients of the halves meet
         # in one stack, where two slices would each zero a full-size gradient, copy into it, and then be added.
         rows_maps, cols_maps = zip(*(t.unflatten(1, (2, 2)).unbind(2) for t in (dts, B, C)))
-        rows_parameters, cols_parameters = zip(*(t.unflatten(0, (2, 2)).unbind(1) for t in self._route_parameters()))
+        halves = zip(*(t.unflatten(0, (2, 2)).unbind(1) for t in self._route_parameters(per_route=True)))
+        rows_parameters, cols_parameters = ((A.flatten(0, 1), D.flatten(), bias.flatten(), proj)
+                                            for A, D, bias, proj in halves)
         along_rows = self._scan_routes(
             u.view(b, d, 1, pixels), *(t.flatten(-2).unsqueeze(-2) for t in rows_maps),
             rows_parameters, SCAN_DIRECTIONS["cross1d"][0::2])
@@ -273,12 +275,17 @@ class SS2D(nn.Module):
             cols_parameters, SCAN_DIRECTIONS["cross1d"][1::2])
         return _CrossMerge.apply(along_rows.view(b, d, h, w), along_cols.view(b, d, w, h))
 
-    def _route_parameters(self) -> tuple[torch.Tensor, ...]:
-        """The scan's parameters of the four routes, route-major: A = -exp(A_log) (routes, d_inner, N), D and
-        delta_bias (routes, d_inner), all float32, and the dt projections (routes, d_inner, R)."""
-        per_route = (self.n_routes, self.d_inner)
-        return (-torch.exp(self.A_logs.float()).view(*per_route, -1), self.Ds.float().view(per_route),
-                self.dt_projs_bias.float(), self.dt_projs_weight)
+    def _route_parameters(self, per_route: bool = False) -> tuple[torch.Tensor, ...]:
+        """The scan's parameters of the four routes, route-major: A = -exp(A_log) (routes * d_inner, N), D and
+        delta_bias (routes * d_inner,), all float32, and the dt projections (routes, d_inner, R); with `per_route`,
+        A, D and delta_bias are (routes, d_inner, ...). A model step calls this once per block: no view or cast
+        that would leave the values as they are (each is an operator for the host to dispatch, in both passes)."""
+        A, D = -torch.exp(_to(self.A_logs, torch.float32)), _to(self.Ds, torch.float32)
+        delta_bias = _to(self.dt_projs_bias, torch.float32)
+        if per_route:
+            routes = (self.n_routes, self.d_inner)
+            return A.view(*routes, -1), D.view(routes), delta_bias, self.dt_projs_weight
+        return A, D, delta_bias.flatten(), self.dt_projs_weight
 
     def _scan_routes(self, u: torch.Tensor, dts: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                      parameters: tuple[torch.Tensor, ...], directions: tuple[str, ...],
@@ -290,7 +297,8 @@ class SS2D(nn.Module):
             dts: (b, routes, r, H, W), the low-rank delta.
             B: (b, routes, N, H, W).
             C: (b, routes, N, H, W).
-            parameters: Those routes' A, D, delta_bias and dt projections, as `_route_parameters` gives them.
+            parameters: Those routes' A (routes * d, N), D and delta_bias (routes * d,) and dt projections
+                (routes, d, r).
             directions: Those routes' scan directions.
             channels_last: Return the sum channels_last.
         """
@@ -298,12 +306,12 @@ class SS2D(nn.Module):
         dtype = u.dtype
         return selective_scan_2d(
             u,
-            dts.to(dtype),
-            A.flatten(0, 1),
-            B.to(dtype),
-            C.to(dtype),
-            D=D.flatten(),
-            delta_bias=delta_bias.flatten(),
+            _to(dts, dtype),
+            A,
+            _to(B, dtype),
+            _to(C, dtype),
+            D=D,
+            delta_bias=delta_bias,
             delta_softplus=True,
             direction=directions,
             backend=self.scan_backend,
@@ -353,6 +361,12 @@ class _CrossMerge(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return cuda_layout.to_nchw(grad), cuda_layout.to_transposed_nchw(grad)
+
+
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`: t itself when it has that dtype already, without dispatching the `to` operator (as `t.to`
+    would, to return t)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _add_scaled(x: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -443,7 +457,7 @@ class VSSBlock(nn.Module):
         factor = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(keep)
         if keep > 0.0 and drop.scale_by_keep:
             factor.div_(keep)
-        return factor.view(-1).float()
+        return _to(factor.view(-1), torch.float32)
 
 
 class VSSM(nn.Module):
