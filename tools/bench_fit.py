@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import lightning as L  # noqa: E402
 
+from mamba2d.analysis.throughput import allow_tf32  # noqa: E402
 from mamba2d.tasks.classification import ImageClassifier  # noqa: E402
 
 
@@ -97,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("needs a CUDA GPU")
     if not 0 <= args.skip < args.steps - 1:
         parser.error(f"--skip must leave at least two steps of --steps {args.steps}, got {args.skip}")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    allow_tf32()
     if len(args.variants) == 1:
         print(f"{torch.cuda.get_device_name()}: {args.model}, batch {args.batch} at {args.size}², {args.precision}, "
               f"fit path with AdamW; median of steps {args.skip + 1}-{args.steps}", flush=True)

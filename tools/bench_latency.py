@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from mamba2d.analysis.throughput import allow_tf32  # noqa: E402
+
 AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -72,8 +74,7 @@ def main(argv=None) -> int:
 
     import mamba2d  # noqa: F401  (registers the backbones with timm)
 
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    allow_tf32()
     model = timm.create_model(args.model).cuda().train(args.training)
     what = "training step (forward + cross-entropy + backward)" if args.training else "forward (inference)"
     print(f"card: {torch.cuda.get_device_name()}; {args.model}, {args.size} px, {what}; milliseconds")

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mamba2d.analysis.throughput import PRECISIONS, Measurement, measure  # noqa: E402
+from mamba2d.analysis.throughput import PRECISIONS, Measurement, allow_tf32, measure  # noqa: E402
 
 #: (model, mode, precision) -> (upstream name, images/s, peak training GB or None), upstream on an H100 80GB HBM3.
 UPSTREAM = {
@@ -149,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write every row here")
     args = parser.parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    allow_tf32()
     rows = []
     for name in args.models:
         for variant in args.variants:

@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_latency import AUTOCAST  # noqa: E402  (precision name -> autocast dtype)
 
+from mamba2d.analysis.throughput import allow_tf32  # noqa: E402
+
 #: torch.profiler's name of the event for one backward node's run (its host time, launches included).
 BACKWARD_NODE = "autograd::engine::evaluate_function: "
 #: (group, test on a cProfile entry's (file, function name)); the first that holds wins.
@@ -112,8 +114,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("profile_host: needs a CUDA GPU", file=sys.stderr)
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    allow_tf32()
     step = scan_step(args) if args.scan else model_step(args)
     for _ in range(5):
         step()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import mamba2d  # noqa: E402,F401  (registers the backbones with timm)
+from mamba2d.analysis.throughput import allow_tf32  # noqa: E402
 
 #: First match wins; cuDNN's implicit-GEMM convolution kernels (sm90_xmma_*grad*) count as GEMMs.
 GROUPS = (
@@ -67,8 +68,7 @@ def main(argv=None) -> int:
         return 2
     import timm
 
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    allow_tf32()
     model = timm.create_model(args.model).cuda().train(not args.inference)
     runner = torch.compile(model) if args.compile else model
     x = torch.randn(args.batch, 3, args.size, args.size, device="cuda")

@@ -182,6 +182,13 @@ def run(names: Sequence[str], batch: int, size: int, device: torch.device, modes
     return results
 
 
+def allow_tf32() -> None:
+    """Let float32 matmuls and convolutions run on TF32 tensor cores, process-wide, as VMamba's throughput protocol
+    does (its fp32 figures, and so every fp32 figure compared with them)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def throughput(models: list[str], batch: int = 128, size: int = 224, device: str = "auto",
                modes: Sequence[str] = MODES, precisions: Sequence[str] = DEFAULT_PRECISIONS, tf32: bool = False,
                warmup: int = 50, iters: int = 30, cuda_graph: bool = False) -> list[Measurement]:
@@ -206,8 +213,7 @@ def throughput(models: list[str], batch: int = 128, size: int = 224, device: str
         raise ValueError(f"throughput: unknown mode/precision {unknown}; modes {MODES}, precisions {tuple(PRECISIONS)}")
     resolved = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        allow_tf32()
     if cuda_graph and resolved.type != "cuda":
         raise ValueError(f"throughput: cuda_graph needs a CUDA device, got {resolved}")
     results = run(models, batch, size, resolved, modes, precisions, warmup, iters, cuda_graph)
