@@ -342,6 +342,7 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+@lru_cache(maxsize=None)  # asked at every norm's launch, forward and backward
 def layer_norm_lanes(channels: int) -> tuple[int, int]:
     """(lanes per row, values per lane) of the layer-norm kernel for rows of `channels` values: about 8 values per
     lane, lanes a power of two up to 32 (several rows per warp for short rows), values a power of two from 4.

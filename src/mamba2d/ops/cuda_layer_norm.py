@@ -30,6 +30,7 @@ from .cuda_launch import (
 )
 
 _kernels: dict[tuple[int, str], tuple[object]] = {}
+_by_call: dict[tuple, object] = {}  # `_kernel`'s arguments -> the kernel
 
 
 def usable(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
@@ -105,7 +106,7 @@ def _forward(rows, weight, bias, eps, out_dtype, for_backward, branch=None, scal
     lower = for_backward and out_dtype.itemsize < rows.dtype.itemsize
     deviations = torch.empty(rows.shape, dtype=out_dtype, device=rows.device) if lower else None
     fn = _kernel(rows.device, rows.dtype, out_dtype, channels, branch_dtype=None if branch is None else branch.dtype)
-    w32, b32 = (None if t is None else t.detach().to(torch.float32).contiguous() for t in (weight, bias))
+    w32, b32 = _float32(weight), _float32(bias)
     count = rows.numel() // channels
     lanes, _ = cuda_build.layer_norm_lanes(channels)
     threads = cuda_build.LAYER_NORM_THREADS
@@ -133,12 +134,12 @@ def _backward(grad_out, rows, weight, mean, rstd, input_dtype, grad_total=None, 
     blocks = max(1, min(cuda_build.LAYER_NORM_BWD_MAX_BLOCKS, -(-count * lanes // threads)))
     d_rows = torch.empty(rows.shape, dtype=input_dtype, device=rows.device)
     parts = torch.empty((2, blocks, channels), dtype=torch.float32, device=rows.device)
-    w32 = None if weight is None else weight.detach().to(torch.float32).contiguous()
+    w32 = _float32(weight)
     separate = branch_dtype is not None and (scale is not None or branch_dtype != input_dtype)
     d_branch = torch.empty(rows.shape, dtype=branch_dtype, device=rows.device) if separate else None
-    params = make_params(LayerNormBwdParams, x=rows, dy=grad_out.to(rows.dtype).contiguous(), weight=w32, mean=mean,
+    params = make_params(LayerNormBwdParams, x=rows, dy=_dense(grad_out, rows.dtype), weight=w32, mean=mean,
                          rstd=rstd, dx=d_rows, dw_part=parts[0], db_part=parts[1],
-                         dres=None if grad_total is None else grad_total.to(input_dtype).contiguous(),
+                         dres=None if grad_total is None else _dense(grad_total, input_dtype),
                          dbranch=d_branch, scale=scale, rows=count, rows_per_sample=rows_per_sample, C=channels)
     fn = _kernel(rows.device, input_dtype, rows.dtype, channels, backward=True,
                  branch_dtype=branch_dtype if separate else None)
@@ -147,6 +148,25 @@ def _backward(grad_out, rows, weight, mean, rstd, input_dtype, grad_total=None, 
     if branch_dtype is not None and d_branch is None:
         d_branch = d_rows
     return d_rows, d_weight, d_bias, d_branch
+
+
+def _float32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A weight or bias as the kernels read it, float32 and contiguous: the tensor itself where it is so already
+    (the kernel takes its address; a detach or a cast that leaves it as it is would be one more operator for the host
+    to dispatch, twice per norm and step)."""
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _dense(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype`, contiguous: `t` itself where it is both already."""
+    return t.contiguous() if t.dtype == dtype else t.to(dtype).contiguous()
+
+
+def _as_dtype_of(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A float32 parameter gradient in its parameter's dtype, cast only where they differ."""
+    return grad if grad.dtype == param.dtype else grad.to(param.dtype)
 
 
 class _LayerNorm(torch.autograd.Function):
@@ -162,8 +182,8 @@ class _LayerNorm(torch.autograd.Function):
     def backward(ctx, grad_out):
         rows, weight, bias, mean, rstd = ctx.saved_tensors
         d_rows, d_weight, d_bias, _ = _backward(grad_out, rows, weight, mean, rstd, ctx.input_dtype)
-        d_weight = d_weight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        d_bias = d_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        d_weight = _as_dtype_of(d_weight, weight) if weight is not None and ctx.needs_input_grad[1] else None
+        d_bias = _as_dtype_of(d_bias, bias) if bias is not None and ctx.needs_input_grad[2] else None
         return d_rows if ctx.needs_input_grad[0] else None, d_weight, d_bias, None, None
 
 
@@ -186,8 +206,8 @@ class _AddLayerNorm(torch.autograd.Function):
             grad_out = torch.zeros(kept.shape, dtype=kept.dtype, device=kept.device)
         d_rows, d_weight, d_bias, d_branch = _backward(grad_out, kept, weight, mean, rstd, ctx.input_dtype,
                                                        grad_total, ctx.branch_dtype, scale, ctx.rows_per_sample)
-        d_weight = d_weight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[4] else None
-        d_bias = d_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[5] else None
+        d_weight = _as_dtype_of(d_weight, weight) if weight is not None and ctx.needs_input_grad[4] else None
+        d_bias = _as_dtype_of(d_bias, bias) if bias is not None and ctx.needs_input_grad[5] else None
         return (d_rows if ctx.needs_input_grad[0] else None, d_branch if ctx.needs_input_grad[1] else None, None,
                 None, d_weight, d_bias, None, None)
 
@@ -196,10 +216,15 @@ def _kernel(device: torch.device, dtype: torch.dtype, out_dtype: torch.dtype, ch
             branch_dtype: torch.dtype | None = None):
     """The forward of an input of `dtype` with an output of `out_dtype`, or (`backward`) the backward of an input
     of `dtype` kept in `out_dtype`, for rows of `channels` values; with `branch_dtype`, the variant of a residual
-    sum's norm whose branch has that dtype."""
+    sum's norm whose branch has that dtype. Looked up by these arguments (every norm of a step asks, twice)."""
     index = device_index(device)
-    in_tag, out_tag = cuda_build.DTYPE_TAGS[dtype], cuda_build.DTYPE_TAGS[out_dtype]
-    branch_tag = None if branch_dtype is None else cuda_build.DTYPE_TAGS[branch_dtype]
-    name = (cuda_build.layer_norm_bwd_kernel_name(out_tag, in_tag, channels, branch_tag) if backward
-            else cuda_build.layer_norm_kernel_name(in_tag, out_tag, channels, branch_tag))
-    return compiled_kernels(_kernels, (index, name), index, cuda_build.LAYER_NORM_SOURCE, lambda: [name])[0]
+    key = (index, dtype, out_dtype, channels, backward, branch_dtype)
+    fn = _by_call.get(key)
+    if fn is None:
+        in_tag, out_tag = cuda_build.DTYPE_TAGS[dtype], cuda_build.DTYPE_TAGS[out_dtype]
+        branch_tag = None if branch_dtype is None else cuda_build.DTYPE_TAGS[branch_dtype]
+        name = (cuda_build.layer_norm_bwd_kernel_name(out_tag, in_tag, channels, branch_tag) if backward
+                else cuda_build.layer_norm_kernel_name(in_tag, out_tag, channels, branch_tag))
+        fn = _by_call[key] = compiled_kernels(_kernels, (index, name), index, cuda_build.LAYER_NORM_SOURCE,
+                                              lambda: [name])[0]
+    return fn
