@@ -2,7 +2,7 @@
 """Token-mixer scaling: latency and peak memory of one mixer over square maps from 32² to 2048² pixels.
 
 Three mixers over the same tokens (batch `--batch`, C = `--dim` channels, side s): *2d*, 2DVMamba's mixer
-(`mamba2d.models.vmamba.SS2D` with `scan="2d"`, on an NCHW map stored channels_last as VSSM feeds its blocks);
+(`mamba2d.models.vmamba.SS2D` with `scan="2d"`, on the (batch, s, s, C) rows of a map, as VSSM's blocks feed it);
 *1d*, VMamba's mixer (the same SS2D with `scan="cross1d"`); *sdpa*, attention over the s*s tokens (qkv Linear,
 `torch.nn.functional.scaled_dot_product_attention` with `--heads` heads and PyTorch's choice of backend, out Linear)
 on a (batch, s*s, C) sequence. SS2D's scan backend is "auto": the CUDA kernels on a GPU, the reference on CPU.
@@ -108,7 +108,8 @@ def build_mixer(name: str, dim: int, heads: int) -> nn.Module:
 
 
 def make_input(name: str, batch: int, dim: int, side: int, device: torch.device) -> torch.Tensor:
-    """The float32 tokens mixer `name` reads: a channels_last NCHW map for SS2D, a sequence for attention.
+    """The float32 tokens mixer `name` reads: a map's (batch, side, side, dim) rows for SS2D, a sequence for
+    attention.
 
     Args:
         name: One of MIXERS.
@@ -119,8 +120,8 @@ def make_input(name: str, batch: int, dim: int, side: int, device: torch.device)
     """
     if name == "sdpa":
         return torch.randn(batch, side * side, dim, device=device)
-    # VSSM keeps its residual stream channels_last, so its blocks' mixers always see this layout.
-    return torch.randn(batch, dim, side, side, device=device).contiguous(memory_format=torch.channels_last)
+    # VSSM keeps its residual stream channels_last, so its blocks' mixers always see contiguous rows.
+    return torch.randn(batch, side, side, dim, device=device)
 
 
 def time_calls(fn, device: torch.device, warmup: int, reps: int, max_seconds: float) -> list[float]:

@@ -100,7 +100,7 @@ def test_ss2d_matches_the_equations_with_upstream_eps(scan):
     var = norm_input.var(1, unbiased=False)
     assert var.median() < 1e-4, "the out_norm input must be small enough for eps to matter"
     with torch.no_grad():
-        got = op(x)
+        got = op(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # SS2D works on (B, H, W, C) rows
     assert op.out_norm.eps == UPSTREAM_EPS
     assert _rel(got, expected) < 1e-9
     # The test has teeth: timm LayerNorm2d's eps (1e-6) gives another model at this scale.

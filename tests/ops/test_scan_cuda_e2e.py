@@ -84,8 +84,7 @@ def test_compiled_ss2d_block_has_no_graph_break():
     torch._dynamo.reset()
     model = timm.create_model("vmamba2d_tiny", scan_backend="cuda").cuda()
     ss2d = next(m for m in model.modules() if type(m).__name__ == "SS2D")
-    channels = ss2d.in_proj.weight.shape[1] if hasattr(ss2d.in_proj, "weight") else 96
-    x = torch.randn(2, channels, 28, 28, device="cuda", requires_grad=True)
+    x = torch.randn(2, 28, 28, ss2d.in_proj.in_features, device="cuda", requires_grad=True)  # (B, H, W, C) rows
     eager = ss2d(x)
     eager.square().sum().backward()
     grad = x.grad.clone()
@@ -233,7 +232,7 @@ def test_route_sum_keeps_the_autocast_dtype(dtype, scan):
         mixer = SS2D(48, scan=scan, scan_backend=backend).cuda()
         dtypes = []
         mixer.out_norm.register_forward_hook(lambda module, args, out: dtypes.append(args[0].dtype))
-        x = torch.randn(2, 48, 20, 28, device="cuda").contiguous(memory_format=torch.channels_last)
+        x = torch.randn(2, 20, 28, 48, device="cuda")  # (B, H, W, C) rows
         with torch.autocast("cuda", dtype=dtype):
             mixer(x.requires_grad_()).float().square().sum().backward()
         seen[backend] = dtypes

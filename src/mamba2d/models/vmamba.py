@@ -63,25 +63,21 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-class Linear2d(nn.Linear):
-    """A 1x1 convolution on NCHW maps that keeps nn.Linear's (out, in) weight, as VMamba's checkpoints store it.
-
-    A channels_last map is one (pixels, channels) matrix, so it runs as `F.linear` on that view (one GEMM with the
-    bias in its epilogue, where cuDNN's 1x1 convolution adds the bias in a pass of its own) and stays channels_last;
-    other layouts run the convolution.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
-        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+def _normalize_rows(norm: nn.LayerNorm, rows: torch.Tensor, out_dtype: torch.dtype, gemm_input: bool) -> torch.Tensor:
+    """`norm` over the last dimension of `rows`, output in `out_dtype`: on the short-row CUDA kernels where they can
+    run (`mamba2d.ops.cuda_layer_norm`; PyTorch's kernels idle most of their threads on rows of 48-768 channels),
+    else PyTorch's norm, under autocast in the autocast dtype for a `gemm_input` norm (timm's `fast_layer_norm`) and
+    in float32 for the others (autocast's rule for layer norms)."""
+    if norm.kernel and cuda_layer_norm.usable(rows, norm.weight, norm.bias):
+        return cuda_layer_norm.layer_norm(rows, norm.weight, norm.bias, norm.eps, out_dtype)
+    layer_norm = fast_layer_norm if gemm_input else F.layer_norm
+    return layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 class ChannelsLastLayerNorm2d(LayerNorm2d):
     """Layer norm over the channels of an NCHW map: timm's LayerNorm2d (same parameters, checkpoints and output
     dtype: float32 under autocast) with VMamba's eps. On a CUDA channels_last map it normalises on the short-row
-    layer-norm kernels, forward and backward (`mamba2d.ops.cuda_layer_norm`; PyTorch's kernels idle most of their
-    threads on rows of 48-768 channels).
+    layer-norm kernels, forward and backward. The stem's, the downsampling steps' and the head's norms.
 
     Args:
         num_channels: Channels normalised per pixel.
@@ -97,37 +93,45 @@ class ChannelsLastLayerNorm2d(LayerNorm2d):
         self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.permute(0, 2, 3, 1)
-        if self.kernel and cuda_layer_norm.usable(rows, self.weight, self.bias):
-            out = cuda_layer_norm.layer_norm(rows, self.weight, self.bias, self.eps, self._out_dtype(x))
-            return out.permute(0, 3, 1, 2)
-        return self._pytorch_norm(rows).permute(0, 3, 1, 2)
-
-    def _out_dtype(self, x: torch.Tensor) -> torch.dtype:
-        return torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
-
-    def _pytorch_norm(self, rows: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(rows, self.normalized_shape, self.weight, self.bias, self.eps)
+        out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return _normalize_rows(self, x.permute(0, 2, 3, 1), out_dtype, gemm_input=False).permute(0, 3, 1, 2)
 
 
-class GemmInputLayerNorm2d(ChannelsLastLayerNorm2d):
-    """The layer norm of a block whose output only feeds a GEMM (a block's norm, norm2 and out_norm): under
-    autocast it normalises in the autocast dtype (timm's `fast_layer_norm`, as Apex does) instead of returning
-    float32, which the GEMM would cast down anyway; the statistics stay float32. The norms that start a residual
-    stream (stem, downsampling) return float32, so the stream keeps float32 under autocast. Without autocast this
-    is LayerNorm2d; same parameters and checkpoints."""
+class GemmInputLayerNorm(nn.LayerNorm):
+    """The layer norm of a block, over the channels of its (B, H, W, C) rows, whose output only feeds a GEMM (a
+    block's norm, norm2 and out_norm): under autocast it normalises in the autocast dtype (as Apex does) instead of
+    returning float32, which the GEMM would cast down anyway; the statistics stay float32. The norms that start a
+    residual stream (stem, downsampling: `ChannelsLastLayerNorm2d`) return float32, so the stream keeps float32
+    under autocast. Without autocast this is nn.LayerNorm; same parameters and checkpoints. On CUDA rows it runs the
+    short-row layer-norm kernels, forward and backward.
 
-    def _out_dtype(self, x: torch.Tensor) -> torch.dtype:
+    Args:
+        num_channels: Channels normalised per pixel (the rows' last dimension).
+        eps: Added to the variance (upstream's 1e-5 by default; see `ChannelsLastLayerNorm2d`).
+        kernel: Normalise on the CUDA kernel where it can run; False keeps PyTorch's norm everywhere (also as an
+            attribute of a built model).
+    """
+
+    def __init__(self, num_channels: int, eps: float = DEFAULT_NORM_EPS, kernel: bool = True):
+        super().__init__(num_channels, eps=eps)
+        self.kernel = kernel
+
+    def out_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The output's dtype for input `x`: the autocast dtype under autocast, else x's.
+
+        Args:
+            x: The input rows.
+        """
         device = x.device.type
         return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
-    def _pytorch_norm(self, rows: torch.Tensor) -> torch.Tensor:
-        return fast_layer_norm(rows, self.normalized_shape, self.weight, self.bias, self.eps)
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return _normalize_rows(self, rows, self.out_dtype(rows), gemm_input=True)
 
 
 class Mlp(nn.Module):
-    """VMamba's channel-first MLP: 1x1 conv -> GELU -> dropout -> 1x1 conv -> dropout (`Linear2d` layers, so
-    VMamba's checkpoint keys fc1 / fc2 load as they are).
+    """VMamba's MLP on (B, H, W, C) rows: fc1 -> GELU -> dropout -> fc2 -> dropout (nn.Linear layers, whose
+    (out, in) weights are what VMamba's checkpoints store for its 1x1-convolution Linear2d fc1 / fc2).
 
     Args:
         dim: Channels in and out.
@@ -137,9 +141,9 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = Linear2d(dim, hidden)
+        self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
-        self.fc2 = Linear2d(hidden, dim)
+        self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,10 +151,11 @@ class Mlp(nn.Module):
 
 
 class SS2D(nn.Module):
-    """VMamba's SS2D (v05_noz: no z gate, depthwise conv before the scan), channel-first, with four scan routes.
+    """VMamba's SS2D (v05_noz: no z gate, depthwise conv before the scan) with four scan routes, on (B, H, W, C)
+    rows: the pixels of a channels_last map, so that its projections and its norm are plain GEMMs and row norms.
 
     in_proj -> depthwise conv -> SiLU -> per route: x_proj (dt, B, C), dt_proj, selective scan with D skip and
-    softplus(dt + bias) -> routes summed -> out_norm -> out_proj.
+    softplus(dt + bias) -> routes summed -> out_norm -> out_proj. The parameters and their names are VMamba's.
 
     Args:
         d_model: Channels in and out.
@@ -197,7 +202,7 @@ class SS2D(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         k = self.n_routes
 
-        self.in_proj = Linear2d(d_model, d_inner, bias=False)
+        self.in_proj = nn.Linear(d_model, d_inner, bias=False)
         self.act = nn.SiLU()
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=conv_bias)
         self.x_proj_weight = nn.Parameter(torch.empty(k, self.dt_rank + 2 * d_state, d_inner))
@@ -205,8 +210,8 @@ class SS2D(nn.Module):
         self.dt_projs_bias = nn.Parameter(torch.empty(k, d_inner))
         self.A_logs = nn.Parameter(torch.empty(k * d_inner, d_state))
         self.Ds = nn.Parameter(torch.empty(k * d_inner))
-        self.out_norm = GemmInputLayerNorm2d(d_inner, norm_eps)
-        self.out_proj = Linear2d(d_inner, d_model, bias=False)
+        self.out_norm = GemmInputLayerNorm(d_inner, norm_eps)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._dt_init = (dt_min, dt_max, dt_init_floor)
         self.reset_ssm_parameters()
@@ -321,7 +326,13 @@ class SS2D(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv2d(self.in_proj(x))
+        """The mixer of `x`, (B, H, W, d_model) rows (contiguous: a channels_last map's pixels), as rows.
+
+        Args:
+            x: (B, H, W, d_model).
+        """
+        # the projection's rows seen as an NCHW map are channels_last, which the depthwise convolution keeps
+        x = self.conv2d(self.in_proj(x).permute(0, 3, 1, 2))
         if cuda_layout.silu_usable(x):
             # the activation writes its output in both layouts at once: channels_last for the projections, NCHW for
             # the scan (one pass instead of the activation's and the copy's; its backward adds the two gradients)
@@ -329,7 +340,7 @@ class SS2D(nn.Module):
         else:
             x = self.act(x)
             u = None
-        y = self.out_norm(self._scan(x, u))
+        y = self.out_norm(self._scan(x, u).permute(0, 2, 3, 1))
         return self.dropout(self.out_proj(y))
 
 
@@ -384,7 +395,9 @@ def _add_scaled(x: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | Non
 
 
 class VSSBlock(nn.Module):
-    """VMamba's block: x + SS2D(norm(x)), then x + MLP(norm2(x)), each branch with drop path.
+    """VMamba's block: x + SS2D(norm(x)), then x + MLP(norm2(x)), each branch with drop path. It takes and returns
+    an NCHW map (stored channels_last, as VSSM's stream is) and works on its (B, H, W, C) rows inside, as timm's
+    ConvNeXt block does, so that its norms and projections need no permute each.
 
     Args:
         dim: Channels.
@@ -397,14 +410,14 @@ class VSSBlock(nn.Module):
     def __init__(self, dim: int, drop_path: float = 0.0, mlp_ratio: float = 4.0,
                  norm_eps: float = DEFAULT_NORM_EPS, **ssm_kwargs):
         super().__init__()
-        self.norm = GemmInputLayerNorm2d(dim, norm_eps)
+        self.norm = GemmInputLayerNorm(dim, norm_eps)
         self.op = SS2D(dim, norm_eps=norm_eps, **ssm_kwargs)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = GemmInputLayerNorm2d(dim, norm_eps)
+        self.norm2 = GemmInputLayerNorm(dim, norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _add_scaled(*self.forward_deferred([x]))
+        return _add_scaled(*self.forward_deferred([x.permute(0, 2, 3, 1)])).permute(0, 3, 1, 2)
 
     def forward_deferred(self, stream: list) -> list:
         """The block with its last residual sum left to the caller: returns [x, branch, scale], whose `_add_scaled`
@@ -412,9 +425,9 @@ class VSSBlock(nn.Module):
         same kernel (`_add_norm`) instead of an add and a drop-path multiply before it.
 
         Args:
-            stream: [x], the (B, dim, H, W) residual stream, or the previous block's [x, branch, scale] still to be
-                summed. Emptied here: a caller's reference would otherwise keep the old stream and branch alive for
-                the whole block after they are summed.
+            stream: [x], the residual stream as (B, H, W, dim) rows, or the previous block's [x, branch, scale] still
+                to be summed. Emptied here: a caller's reference would otherwise keep the old stream and branch alive
+                for the whole block after they are summed.
         """
         # No starred unpacking: older TorchDynamo (torch 2.11 among them) traces its starred part as a tuple.
         if len(stream) == 1:
@@ -432,19 +445,17 @@ class VSSBlock(nn.Module):
 
     @staticmethod
     def _add_norm(x: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | None,
-                  norm: GemmInputLayerNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + scale * branch, norm of that sum). On CUDA channels_last maps one kernel computes both (and, in the
+                  norm: GemmInputLayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + scale * branch, norm of that sum) of (B, H, W, C) rows. On CUDA one kernel computes both (and, in the
         backward, adds the sum's two gradients and scales the branch's) instead of an add, a drop-path multiply and
         the norm, each a pass over the map; elsewhere `_add_scaled` and the norm module, the same drop-path draws
         either way."""
-        rows, branch_rows = x.permute(0, 2, 3, 1), branch.permute(0, 2, 3, 1)
-        if not (norm.kernel and x.shape == branch.shape and branch_rows.is_contiguous()
-                and cuda_layer_norm.usable(rows, norm.weight, norm.bias)):
+        if not (norm.kernel and x.shape == branch.shape and branch.is_contiguous()
+                and cuda_layer_norm.usable(x, norm.weight, norm.bias)):
             x = _add_scaled(x, branch, scale)
             return x, norm(x)
-        total, y = cuda_layer_norm.add_layer_norm(rows, branch_rows, scale, x.shape[2] * x.shape[3], norm.weight,
-                                                  norm.bias, norm.eps, norm._out_dtype(x))
-        return total.permute(0, 3, 1, 2), y.permute(0, 3, 1, 2)
+        return cuda_layer_norm.add_layer_norm(x, branch, scale, x.shape[1] * x.shape[2], norm.weight, norm.bias,
+                                              norm.eps, norm.out_dtype(x))
 
     def _drop_scale(self, branch: torch.Tensor) -> torch.Tensor | None:
         """The drop path's per-sample factor of `branch` as float32 (samples,), drawn and rounded as timm's
@@ -673,11 +684,12 @@ class VSSM(nn.Module):
             for block in blocks:  # hooked, compiled or wrapped blocks are called as modules
                 x = block(x)
             return x
-        # each block's last residual sum is taken by the next block's first norm, in one kernel on CUDA
-        stream = [x]
+        # each block's last residual sum is taken by the next block's first norm, in one kernel on CUDA; the blocks
+        # work on the map's (B, H, W, C) rows, a view of the channels_last stream
+        stream = [x.permute(0, 2, 3, 1)]
         for block in blocks:
             stream = block.forward_deferred(stream)
-        return stream[0] if len(stream) == 1 else _add_scaled(*stream)
+        return (stream[0] if len(stream) == 1 else _add_scaled(*stream)).permute(0, 3, 1, 2)
 
     def forward_intermediates(
         self,
