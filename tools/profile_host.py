@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="images per step (the host's work hardly depends on it)")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=5, help="profiled steps (after 5 warm-up steps)")
-    parser.add_argument("--top", type=int, default=30, help="functions listed by own time")
+    parser.add_argument("--top", type=int, default=30, help="entries listed per view (backward nodes, ops, functions)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_host: needs a CUDA GPU", file=sys.stderr)
@@ -138,8 +138,9 @@ def main(argv=None) -> int:
     torch.cuda.synchronize()
     events = prof.events()
     # top-level aten calls: those no other aten op called
-    ops = sum(1 for e in events if e.name.startswith("aten::")
-              and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))) / args.steps
+    top_level = Counter(e.name for e in events if e.name.startswith("aten::")
+                        and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
+    ops = sum(top_level.values()) / args.steps
     backward = Counter()
     for e in events:
         if e.name.startswith(BACKWARD_NODE):
@@ -165,6 +166,9 @@ def main(argv=None) -> int:
     print(f"backward nodes' host time per step (torch.profiler), {sum(backward.values()):.2f} ms in all:")
     for node, ms in backward.most_common(args.top):
         print(f"  {ms:8.3f} ms  {node}")
+    print("top-level PyTorch ops dispatched per step, by name:")
+    for name, count in top_level.most_common(args.top):
+        print(f"  {count / args.steps:8.1f}  {name}")
     total = sum(own.values())
     print(f"calling thread's own time per step under cProfile, {total:.2f} ms:")
     for group, ms in own.most_common():
