@@ -10,7 +10,9 @@ mode="reduce-overhead")`: torch.compile's own CUDA graphs, judged against the co
 (activation checkpointing per block, training only) and *eager+graph* (the eager model's forward and backward
 replayed as CUDA graphs, `torch.cuda.make_graphed_callables`; training only, no target of its own: it shows the
 GPU's pace where the host falls behind, as eager fp16 training does on some hosts). Peak memory is
-`torch.cuda.max_memory_allocated` in GB (10^9 bytes).
+`torch.cuda.max_memory_allocated` in GB (10^9 bytes). Each (model, variant, mode, precision) runs in a process of its
+own: on an H100 a fit step timed after another configuration in the same process took 24-34 % longer
+(`tools/bench_fit.py`), so an in-process table would depend on its order.
 
 Upstream anchors (2DVMamba-T and VMamba-T, rebuilt from upstream's code and measured on an H100 80GB HBM3 when the
 targets were set; that code is not part of this repository, so the figures are quoted) are compared at the same
@@ -26,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -130,6 +134,45 @@ def markdown(rows: list[dict], device: str) -> str:
     return "\n".join(lines)
 
 
+def measure_config(name: str, variant: str, mode: str, precision: str, args: argparse.Namespace,
+                   device: torch.device) -> dict:
+    """Our table row of one configuration, measured in this process.
+
+    Args:
+        name: timm model name.
+        variant: One of VARIANTS.
+        mode: "training" or "inference".
+        precision: One of PRECISIONS.
+        args: The parsed command line (batch, size, warmup, iters).
+        device: Where to run.
+    """
+    allow_tf32()
+    model = build(name, variant)
+    runner = torch.compile(model, mode=COMPILE_MODES[variant]) if variant in COMPILE_MODES else model
+    m = measure(runner, name, mode, precision, args.batch, args.size, device, args.warmup, args.iters,
+                cuda_graph=variant == "eager+graph")
+    print(f"{name} {variant} {mode} {precision}: {m.images_per_s:.1f} images/s, peak {m.peak_memory_gb:.2f} GB "
+          f"({m.memory_kind})", flush=True)
+    return row(m, variant)
+
+
+def measure_apart(config: tuple[str, str, str, str], args: argparse.Namespace) -> dict:
+    """The row of one configuration measured by this script in a fresh process (see the module's docstring).
+
+    Args:
+        config: (model, variant, mode, precision).
+        args: The parsed command line, passed on.
+    """
+    name, variant, mode, precision = config
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "row.json"
+        subprocess.run([sys.executable, __file__, "--models", name, "--variants", variant, "--modes", mode,
+                        "--precisions", precision, *(f"--{key}={getattr(args, key)}" for key in
+                                                     ("batch", "size", "warmup", "iters", "device")),
+                        "--json", str(out), "--row-only"], check=True)
+        return json.loads(out.read_text())["rows"][0]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure every (model, variant, mode, precision), print the table and optionally write it as JSON.
 
@@ -147,27 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, help="write every row here")
+    parser.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)  # a child of measure_apart
     args = parser.parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    allow_tf32()
-    rows = []
-    for name in args.models:
-        for variant in args.variants:
-            model = build(name, variant)
-            runner = torch.compile(model, mode=COMPILE_MODES[variant]) if variant in COMPILE_MODES else model
-            graphed = variant == "eager+graph"
-            for mode in args.modes:
-                if variant in ("eager+ckpt", "eager+graph") and mode == "inference":
-                    continue
-                for precision in args.precisions:
-                    # a graphed model is captured for one precision: a fresh one each time
-                    m = measure(build(name, variant) if graphed else runner, name, mode, precision, args.batch,
-                                args.size, device, args.warmup, args.iters, cuda_graph=graphed)
-                    rows.append(row(m, variant))
-                    print(f"{name} {variant} {mode} {precision}: {m.images_per_s:.1f} images/s, "
-                          f"peak {m.peak_memory_gb:.2f} GB ({m.memory_kind})", flush=True)
+    configs = [(name, variant, mode, precision) for name in args.models for variant in args.variants
+               for mode in args.modes for precision in args.precisions
+               if not (variant in ("eager+ckpt", "eager+graph") and mode == "inference")]
+    if len(configs) == 1:
+        rows = [measure_config(*configs[0], args, device)]
+    else:
+        rows = [measure_apart(config, args) for config in configs]
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(markdown(rows, label))
+    if not args.row_only:
+        print(markdown(rows, label))
     if args.json:
         args.json.write_text(json.dumps({"device": label, "rows": rows}, indent=1))
     return 0

@@ -2,6 +2,7 @@
 graphed measurements in a row free each other."""
 
 import gc
+import json
 import weakref
 
 import pytest
@@ -75,6 +76,24 @@ def test_model_benchmark_compares_at_the_same_precision_and_judges_targets():
     assert "2.00x (meets ≥2.0x)" in table[4] and "0.80x (meets ≤0.8x)" in table[4]
     assert "1.99x (misses ≥2.0x)" in table[5] and "0.81x (misses ≤0.8x)" in table[5]
     assert "| — | — |" in table[6]
+
+
+@pytest.mark.slow
+def test_model_benchmark_measures_each_configuration_in_a_process_of_its_own(tmp_path, capfd):
+    """tools/bench_models.py runs every (model, variant, mode, precision) in a fresh process and gathers their rows
+    in order into one table and one JSON file."""
+    out = tmp_path / "rows.json"
+    tool = load_tool("bench_models")
+    assert tool.main(["--models", "vmamba2d_nano", "--modes", "training", "inference", "--precisions", "fp32",
+                      "--batch", "1", "--size", "32", "--warmup", "1", "--iters", "1", "--device", "cpu",
+                      "--json", str(out)]) == 0
+    printed = capfd.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["mode"], r["precision"]) for r in rows] == [
+        ("vmamba2d_nano", "training", "fp32"), ("vmamba2d_nano", "inference", "fp32")]
+    # each child printed its measurement and left the table to the parent, which printed it once
+    assert printed.count("vmamba2d_nano eager training fp32:") == 1 and printed.count("| model | mode |") == 1
+    assert printed.count("| vmamba2d_nano |") == 2
 
 
 def test_cuda_graph_needs_training_on_cuda():
