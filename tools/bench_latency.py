@@ -3,8 +3,10 @@
 milliseconds of one synchronised call (TF32 on), fp32 and 16-bit autocast, and the host's part of it: the time until
 the call returns, before the synchronise (Python, dispatch, autograd and launches; where it is close to the wall
 time, the host sets the pace). Inference: one forward under torch.inference_mode. With --training: one step of the
-throughput protocol (train mode, forward + cross-entropy + backward, no optimiser step); at batch 128 a host slower
-than the GPU's step time is what separates eager from CUDA-graph throughput.
+throughput protocol (train mode, forward + cross-entropy + backward, gradients set to None, no optimiser step); at
+batch 128 a host slower than the GPU's step time is what separates eager from CUDA-graph throughput. Each (batch,
+precision) runs in a process of its own, as tools/bench_models.py's configurations do (on an H100 a fit step timed
+after another configuration in the same process took 24-34 % longer).
 
     python tools/bench_latency.py vmamba2d_tiny --batches 1 16 [--training] [--precisions fp32 fp16 bf16]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -37,8 +40,9 @@ def latency_ms(model, x, precision: str, training: bool, warmup: int, iters: int
     def call():
         if training:
             with autocast:
-                loss = F.cross_entropy(model(x), target)
+                loss = F.cross_entropy(model(x).float(), target)
             loss.backward()
+            model.zero_grad(set_to_none=True)  # as the throughput protocol: no gradient accumulated into the last
         else:
             with torch.inference_mode(), autocast:
                 model(x)
@@ -66,23 +70,32 @@ def main(argv=None) -> int:
     parser.add_argument("--precisions", nargs="+", choices=tuple(AUTOCAST), default=["fp32", "bf16"])
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--iters", type=int, default=40)
+    parser.add_argument("--no-header", action="store_true", help=argparse.SUPPRESS)  # a child process of main
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_latency: needs a CUDA GPU", file=sys.stderr)
         return 2
+    what = "training step (forward + cross-entropy + backward)" if args.training else "forward (inference)"
+    if not args.no_header:
+        print(f"card: {torch.cuda.get_device_name()}; {args.model}, {args.size} px, {what}; milliseconds", flush=True)
+    configs = [(batch, precision) for batch in args.batches for precision in args.precisions]
+    if len(configs) > 1:
+        common = [args.model, f"--size={args.size}", f"--warmup={args.warmup}", f"--iters={args.iters}", "--no-header",
+                  *(["--training"] if args.training else [])]
+        for batch, precision in configs:
+            subprocess.run([sys.executable, __file__, *common, "--batches", str(batch), "--precisions", precision],
+                           check=True)
+        return 0
     import timm
 
     import mamba2d  # noqa: F401  (registers the backbones with timm)
 
     allow_tf32()
     model = timm.create_model(args.model).cuda().train(args.training)
-    what = "training step (forward + cross-entropy + backward)" if args.training else "forward (inference)"
-    print(f"card: {torch.cuda.get_device_name()}; {args.model}, {args.size} px, {what}; milliseconds")
-    for batch in args.batches:
-        x = torch.randn(batch, 3, args.size, args.size, device="cuda")
-        for precision in args.precisions:
-            wall, host = latency_ms(model, x, precision, args.training, args.warmup, args.iters)
-            print(f"batch {batch:>4} {precision}: wall {wall:8.2f} ms, host {host:8.2f} ms", flush=True)
+    batch, precision = configs[0]
+    x = torch.randn(batch, 3, args.size, args.size, device="cuda")
+    wall, host = latency_ms(model, x, precision, args.training, args.warmup, args.iters)
+    print(f"batch {batch:>4} {precision}: wall {wall:8.2f} ms, host {host:8.2f} ms", flush=True)
     return 0
 
 

@@ -1,5 +1,5 @@
-"""tools/profile_host.py: its groups sort real cProfile entries by where they live, and it refuses to run off a
-GPU."""
+"""The host-time tools: tools/profile_host.py's groups sort real cProfile entries by where they live, and it refuses
+to run off a GPU; tools/bench_latency.py times each configuration in a process of its own."""
 
 from __future__ import annotations
 
@@ -34,3 +34,20 @@ def test_groups_of_a_profiled_scan():
 def test_refuses_without_a_gpu():
     if not torch.cuda.is_available():
         assert load_tool("profile_host").main(["--scan", "b"]) == 2
+
+
+def test_bench_latency_runs_each_configuration_in_a_process_of_its_own(monkeypatch, capsys):
+    """tools/bench_latency.py hands every (batch, precision) to a fresh process of itself, with the shared settings,
+    and prints the card's header once (the children print their line only)."""
+    tool = load_tool("bench_latency")
+    calls = []
+    monkeypatch.setattr(tool.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tool.torch.cuda, "get_device_name", lambda *args: "a card")
+    monkeypatch.setattr(tool.subprocess, "run", lambda command, check: calls.append(command))
+    assert tool.main(["vmamba2d_tiny", "--training", "--batches", "4", "128", "--precisions", "fp32", "fp16",
+                      "--iters", "7"]) == 0
+    assert [(c[c.index("--batches") + 1], c[c.index("--precisions") + 1]) for c in calls] == [
+        ("4", "fp32"), ("4", "fp16"), ("128", "fp32"), ("128", "fp16")]
+    assert all(c[1].endswith("bench_latency.py") and c[2] == "vmamba2d_tiny" and "--no-header" in c
+               and "--training" in c and "--iters=7" in c for c in calls)
+    assert capsys.readouterr().out.count("card: a card") == 1
