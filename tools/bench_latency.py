@@ -6,7 +6,10 @@ time, the host sets the pace). Inference: one forward under torch.inference_mode
 throughput protocol (train mode, forward + cross-entropy + backward, gradients set to None, no optimiser step); at
 batch 128 a host slower than the GPU's step time is what separates eager from CUDA-graph throughput. Each (batch,
 precision) runs in a process of its own, as tools/bench_models.py's configurations do (on an H100 a fit step timed
-after another configuration in the same process took 24-34 % longer).
+after another configuration in the same process took 24-34 % longer). A second pair of figures times the same calls
+back to back, synchronised only at the end, as the throughput protocol runs them: the host's time per call until the
+last returns, and the wall time per call; where the synchronised host time exceeds the back-to-back one, the
+synchronise itself (an idle GPU at each call's start) costs host time.
 
     python tools/bench_latency.py vmamba2d_tiny --batches 1 16 [--training] [--precisions fp32 fp16 bf16]
 """
@@ -31,11 +34,12 @@ from mamba2d.analysis.throughput import allow_tf32  # noqa: E402
 AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def latency_ms(model, x, precision: str, training: bool, warmup: int, iters: int) -> tuple[float, float]:
-    """(median wall ms, median host ms) of one call of `model` on `x`."""
+def latency_ms(model, x, precision: str, training: bool, warmup: int, iters: int) -> tuple[float, ...]:
+    """(median wall ms, median host ms) of one synchronised call of `model` on `x`, then (host ms, wall ms) per call of
+    `iters` calls back to back."""
     dtype = AUTOCAST[precision]
     autocast = torch.autocast("cuda", dtype=dtype) if dtype else nullcontext()
-    target = torch.randint(0, 1000, (x.shape[0],), device=x.device)
+    target = torch.randint(0, max(getattr(model, "num_classes", 0), 1), (x.shape[0],), device=x.device)
 
     def call():
         if training:
@@ -58,7 +62,14 @@ def latency_ms(model, x, precision: str, training: bool, warmup: int, iters: int
         torch.cuda.synchronize()
         walls.append(time.perf_counter() - start)
         hosts.append(returned - start)
-    return statistics.median(walls) * 1e3, statistics.median(hosts) * 1e3
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        call()
+    returned = time.perf_counter()
+    torch.cuda.synchronize()
+    back_to_back = ((returned - start) / iters, (time.perf_counter() - start) / iters)
+    return tuple(t * 1e3 for t in (statistics.median(walls), statistics.median(hosts), *back_to_back))
 
 
 def main(argv=None) -> int:
@@ -94,8 +105,9 @@ def main(argv=None) -> int:
     model = timm.create_model(args.model).cuda().train(args.training)
     batch, precision = configs[0]
     x = torch.randn(batch, 3, args.size, args.size, device="cuda")
-    wall, host = latency_ms(model, x, precision, args.training, args.warmup, args.iters)
-    print(f"batch {batch:>4} {precision}: wall {wall:8.2f} ms, host {host:8.2f} ms", flush=True)
+    wall, host, host_b2b, wall_b2b = latency_ms(model, x, precision, args.training, args.warmup, args.iters)
+    print(f"batch {batch:>4} {precision}: wall {wall:8.2f} ms, host {host:8.2f} ms; back to back: host {host_b2b:8.2f} "
+          f"ms, wall {wall_b2b:8.2f} ms a call", flush=True)
     return 0
 
 

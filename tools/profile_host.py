@@ -9,7 +9,7 @@ threads, which cProfile does not see); cProfile of the calling thread (the forwa
 function's own time summed by where it lives (our Python in mamba2d, torch's Python, torch's C++ entry points: one
 per PyTorch op, dispatch and launch included, CuPy, the rest), then the functions with the most own time.
 
-    python tools/profile_host.py vmamba2d_tiny [--precision fp16] [--batch 32] [--steps 5]
+    python tools/profile_host.py vmamba2d_tiny [--precision fp16] [--batch 32] [--warmup 10] [--timed 20] [--steps 5]
     python tools/profile_host.py --scan b [--precision fp16]
 
 A model step at the default batch takes the GPU a fraction of the host's time, so no call waits for the GPU; a scan
@@ -108,7 +108,9 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=tuple(AUTOCAST), default="fp16")
     parser.add_argument("--batch", type=int, default=32, help="images per step (the host's work hardly depends on it)")
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=5, help="profiled steps (after 5 warm-up steps)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    parser.add_argument("--timed", type=int, default=20, help="steps of the unprofiled host time")
+    parser.add_argument("--steps", type=int, default=5, help="steps of each profiled view")
     parser.add_argument("--top", type=int, default=30, help="entries listed per view (backward nodes, ops, functions)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
         return 2
     allow_tf32()
     step = scan_step(args) if args.scan else model_step(args)
-    for _ in range(5):
+    for _ in range(args.warmup):
         step()
     torch.cuda.synchronize()
 
@@ -126,9 +128,9 @@ def main(argv=None) -> int:
 
     busy_gpu()
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(args.timed):
         step()
-    host_ms = (time.perf_counter() - start) / args.steps * 1e3
+    host_ms = (time.perf_counter() - start) / args.timed * 1e3
     torch.cuda.synchronize()
 
     busy_gpu()
@@ -161,8 +163,9 @@ def main(argv=None) -> int:
         own[entry_group(file, name)] += tottime / args.steps * 1e3
         rows.append((tottime / args.steps * 1e3, f"{Path(file).name}:{name}" if file != "~" else name))
     what = f"scan fwd+bwd, shape {args.scan}" if args.scan else f"{args.model} training step, batch {args.batch}"
-    print(f"{torch.cuda.get_device_name()}: {what}, {args.precision}; host {host_ms:.2f} ms per step unprofiled, "
-          f"{ops:.0f} PyTorch ops dispatched per step (top-level aten calls)")
+    print(f"{torch.cuda.get_device_name()}: {what}, {args.precision}; host {host_ms:.2f} ms per step unprofiled "
+          f"(mean of {args.timed} after {args.warmup}), {ops:.0f} PyTorch ops dispatched per step "
+          "(top-level aten calls)")
     print(f"backward nodes' host time per step (torch.profiler), {sum(backward.values()):.2f} ms in all:")
     for node, ms in backward.most_common(args.top):
         print(f"  {ms:8.3f} ms  {node}")

@@ -51,3 +51,20 @@ def test_bench_latency_runs_each_configuration_in_a_process_of_its_own(monkeypat
     assert all(c[1].endswith("bench_latency.py") and c[2] == "vmamba2d_tiny" and "--no-header" in c
                and "--training" in c and "--iters=7" in c for c in calls)
     assert capsys.readouterr().out.count("card: a card") == 1
+
+
+def test_bench_latency_times_synchronised_and_back_to_back_calls(monkeypatch):
+    """latency_ms gives (wall, host) of a synchronised call and (host, wall) per call back to back, run here on the
+    CPU (the synchronise a no-op): a training step leaves no gradient behind, as the throughput protocol."""
+    import timm
+
+    import mamba2d  # noqa: F401  (registers the models)
+
+    tool = load_tool("bench_latency")
+    monkeypatch.setattr(tool.torch.cuda, "synchronize", lambda: None)
+    model = timm.create_model("vmamba2d_nano", scan_backend="reference").train()
+    times = tool.latency_ms(model, torch.randn(1, 3, 32, 32), "fp32", True, 1, 2)
+    assert len(times) == 4 and all(t > 0 for t in times)
+    wall, host, host_b2b, wall_b2b = times
+    assert host <= wall and host_b2b <= wall_b2b
+    assert all(p.grad is None for p in model.parameters())
