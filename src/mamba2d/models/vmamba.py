@@ -326,10 +326,11 @@ class SS2D(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The mixer of `x`, (B, H, W, d_model) rows (contiguous: a channels_last map's pixels), as rows.
+        """The mixer of `x`'s rows, returned as rows.
 
         Args:
-            x: (B, H, W, d_model).
+            x: (B, H, W, d_model), contiguous where it is a channels_last map's pixels (the layout the GEMMs and the
+                kernels take without a copy).
         """
         # the projection's rows seen as an NCHW map are channels_last, which the depthwise convolution keeps
         x = self.conv2d(self.in_proj(x).permute(0, 3, 1, 2))
