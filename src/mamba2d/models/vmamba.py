@@ -63,13 +63,21 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-def _normalize_rows(norm: nn.LayerNorm, rows: torch.Tensor, out_dtype: torch.dtype, gemm_input: bool) -> torch.Tensor:
-    """`norm` over the last dimension of `rows`, output in `out_dtype`: on the short-row CUDA kernels where they can
+def _norm_out_dtype(x: torch.Tensor, gemm_input: bool) -> torch.dtype:
+    """A layer norm's output dtype for input `x`: x's own outside autocast; under autocast the autocast dtype for a
+    norm whose output only feeds a GEMM, float32 (autocast's rule for layer norms) for the others."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x.dtype
+    return torch.get_autocast_dtype(device) if gemm_input else torch.float32
+
+
+def _normalize_rows(norm: nn.LayerNorm, rows: torch.Tensor, gemm_input: bool) -> torch.Tensor:
+    """`norm` over the last dimension of `rows`, in `_norm_out_dtype`: on the short-row CUDA kernels where they can
     run (`mamba2d.ops.cuda_layer_norm`; PyTorch's kernels idle most of their threads on rows of 48-768 channels),
-    else PyTorch's norm, under autocast in the autocast dtype for a `gemm_input` norm (timm's `fast_layer_norm`) and
-    in float32 for the others (autocast's rule for layer norms)."""
+    else PyTorch's norm (timm's `fast_layer_norm` for a `gemm_input` norm, which keeps the autocast dtype)."""
     if norm.kernel and cuda_layer_norm.usable(rows, norm.weight, norm.bias):
-        return cuda_layer_norm.layer_norm(rows, norm.weight, norm.bias, norm.eps, out_dtype)
+        return cuda_layer_norm.layer_norm(rows, norm.weight, norm.bias, norm.eps, _norm_out_dtype(rows, gemm_input))
     layer_norm = fast_layer_norm if gemm_input else F.layer_norm
     return layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
@@ -93,8 +101,7 @@ class ChannelsLastLayerNorm2d(LayerNorm2d):
         self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return _normalize_rows(self, x.permute(0, 2, 3, 1), out_dtype, gemm_input=False).permute(0, 3, 1, 2)
+        return _normalize_rows(self, x.permute(0, 2, 3, 1), gemm_input=False).permute(0, 3, 1, 2)
 
 
 class GemmInputLayerNorm(nn.LayerNorm):
@@ -122,11 +129,10 @@ class GemmInputLayerNorm(nn.LayerNorm):
         Args:
             x: The input rows.
         """
-        device = x.device.type
-        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return _norm_out_dtype(x, gemm_input=True)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return _normalize_rows(self, rows, self.out_dtype(rows), gemm_input=True)
+        return _normalize_rows(self, rows, gemm_input=True)
 
 
 class Mlp(nn.Module):
