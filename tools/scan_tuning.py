@@ -8,7 +8,7 @@ turn a spec such as ``MAMBA2D_SCAN_TUNE="R=4,FWD=3,BWD=2,KMAX=2"`` into one.
 Keys (each ``KEY=VALUE``, comma-separated; see `ScanTuning` for what each knob does):
   R (rows_per_band), KMAX (max_cols_per_thread), LANES (row_lanes), FWD (fwd_min_blocks), BTHR (bwd_max_threads),
   FTHR (fwd_max_threads), SPLIT (split_target_blocks; 0: never split the states), WIDEK (wide_cols_per_thread),
-  PAIRS (narrow_pairs: 0 off, else on), VEC (vector_access: 0 off, else on), BWD (bwd_min_blocks), DBUF
+  TW (tile_warps), PAIRS (narrow_pairs: 0 off, else on), VEC (vector_access: 0 off, else on), BWD (bwd_min_blocks), DBUF
   (reduction_buffers), BWDN (narrow_bwd_min_blocks), PF (prefetch_rows), LEAN (lean_pointers), WAVE (0: never the
   wavefront kernels, 1: on every shape whose tiles fit), WNS (wave_states_per_lane), WT (wave_steps), WCL
   (wave_cluster).
@@ -37,7 +37,7 @@ INT_KEYS = {
     "BTHR": "bwd_max_threads", "FTHR": "fwd_max_threads", "SPLIT": "split_target_blocks",
     "WIDEK": "wide_cols_per_thread", "BWD": "bwd_min_blocks", "DBUF": "reduction_buffers",
     "BWDN": "narrow_bwd_min_blocks", "PF": "prefetch_rows", "LEAN": "lean_pointers", "WNS": "wave_states_per_lane",
-    "WT": "wave_steps", "WCL": "wave_cluster",
+    "WT": "wave_steps", "WCL": "wave_cluster", "TW": "tile_warps",
 }
 #: Spec key -> ScanTuning field of the on/off knobs ("0": off, any other value: on).
 FLAG_KEYS = {"PAIRS": "narrow_pairs", "VEC": "vector_access"}

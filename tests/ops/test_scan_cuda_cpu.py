@@ -115,6 +115,33 @@ def test_launch_config_invariants(H, W, N, dim, G):
         assert bwd.threads <= cuda_build.NARROW_BWD_MAX_THREADS
 
 
+@pytest.mark.parametrize("tile_warps", [1, 2, 3, 8, 64])
+@pytest.mark.parametrize("H,W,N,dim,G", [(1, 3136, 1, 192, 2), (1, 49, 1, 1536, 2), (56, 56, 1, 384, 4),
+                                         (1024, 1024, 1, 512, 4), (3, 1000, 8, 8, 2), (1, 4_000_000, 1, 4, 1)])
+def test_tile_warps_split_wide_rows(tile_warps, H, W, N, dim, G):
+    """A row wider than a warp's columns spreads over at most `tile_warps` warps per tile (never more than a block
+    holds), its tiles still cover it, the backward walks the forward's tiles, and rows one warp covers are left as
+    they are."""
+    tuning = ScanTuning(tile_warps=tile_warps)
+    fwd = cuda_build.launch_config(2, dim, H, W, G, N, tuning=tuning)
+    bwd = cuda_build.launch_config(2, dim, H, W, G, N, backward=True, tuning=tuning)
+    default = cuda_build.launch_config(2, dim, H, W, G, N)
+    for cfg in (fwd, bwd):
+        assert cfg.WPM <= tile_warps and cfg.threads <= cuda_build.MAX_THREADS
+        assert cfg.tile_width * cfg.ntiles >= W > cfg.tile_width * (cfg.ntiles - 1)
+        assert cfg.CH * cfg.cpg >= dim // G
+    assert (bwd.WPM, bwd.ntiles, bwd.K, bwd.R) == (fwd.WPM, fwd.ntiles, fwd.K, fwd.R)
+    if default.WPM <= tile_warps:
+        assert fwd == default
+    else:  # fewer warps per map: more channels per block, fewer partial sums of dB and dC
+        assert fwd.ntiles > default.ntiles and bwd.cpg <= default.cpg
+
+
+def test_tile_warps_below_one_is_an_error():
+    with pytest.raises(ValueError, match="tile_warps must be at least 1, got 0"):
+        ScanTuning(tile_warps=0)
+
+
 @pytest.mark.parametrize("bwd_threads", [64, 128, 256])
 @pytest.mark.parametrize("H,W,N,dim,G", [(56, 56, 1, 384, 4), (14, 14, 1, 1536, 4), (200, 300, 16, 256, 1),
                                          (5, 2048, 4, 8, 2), (1, 4_000_000, 1, 4, 1), (7, 3, 64, 6, 3)])

@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_default_tuning_is_the_library_default():
     assert dataclasses.asdict(DEFAULT_TUNING) == dict(
         rows_per_band=4, max_cols_per_thread=4, row_lanes=32, fwd_min_blocks=3, bwd_max_threads=256,
-        fwd_max_threads=128, split_target_blocks=1024, wide_cols_per_thread=4, narrow_pairs=True, vector_access=True,
-        bwd_min_blocks=None, reduction_buffers=None, narrow_bwd_min_blocks=None, prefetch_rows=None,
+        fwd_max_threads=128, split_target_blocks=1024, wide_cols_per_thread=4, narrow_pairs=True, tile_warps=8,
+        vector_access=True, bwd_min_blocks=None, reduction_buffers=None, narrow_bwd_min_blocks=None, prefetch_rows=None,
         lean_pointers=None, wave_min_states=8, force_wavefront=False, wave_states_per_lane=2, wave_steps=8,
         wave_cluster=2)
     assert DEFAULT_TUNING.defines == () and DEFAULT_TUNING.compile_options == cuda_build.COMPILE_OPTIONS
@@ -72,12 +72,12 @@ def test_benchmark_tuning_parses_the_environment_spec():
     tool = load_tool("scan_tuning")
     assert tool.from_env({}) == DEFAULT_TUNING and tool.from_env({tool.ENV: ""}) == DEFAULT_TUNING
     tuning = tool.from_env({tool.ENV: "R=2,FWD=4,BWD=2,KMAX=2,LANES=16,BTHR=128,FTHR=256,SPLIT=0,WIDEK=1,PAIRS=0,"
-                                      "VEC=0,DBUF=0,BWDN=4,PF=4,LEAN=0,WNS=4,WT=4,WCL=1"})
+                                      "VEC=0,DBUF=0,BWDN=4,PF=4,LEAN=0,WNS=4,WT=4,WCL=1,TW=2"})
     assert tuning == ScanTuning(
         rows_per_band=2, fwd_min_blocks=4, bwd_min_blocks=2, max_cols_per_thread=2, row_lanes=16,
         bwd_max_threads=128, fwd_max_threads=256, split_target_blocks=0, wide_cols_per_thread=1, narrow_pairs=False,
         vector_access=False, reduction_buffers=0, narrow_bwd_min_blocks=4, prefetch_rows=4, lean_pointers=0,
-        wave_states_per_lane=4, wave_steps=4, wave_cluster=1)
+        wave_states_per_lane=4, wave_steps=4, wave_cluster=1, tile_warps=2)
     assert tuning.defines == ("-DM2D_R=2", "-DM2D_BWD_MIN_BLOCKS=2", "-DM2D_RED_DBUF=0",
                               "-DM2D_NARROW_BWD_MIN_BLOCKS=4", "-DM2D_PREFETCH=4", "-DM2D_LEAN=0", "-DM2D_WAVE_T=4")
     assert tool.parse("WAVE=1").force_wavefront

@@ -89,6 +89,9 @@ class ScanTuning:
             mean fewer lane-scan steps per pixel and fewer tiles (one tile up to 1024 columns with four), fewer rows
             per band. Maps lower than a band take max_cols_per_thread and one row per band.
         narrow_pairs: maps 9-16 wide take two columns per thread (8 lanes per map, four maps per warp) (PAIRS).
+        tile_warps: most warps across one tile of a row wider than a warp's columns (TW); a wider row takes several
+            tiles one after another. Fewer warps per map leave room in a block for more channels, whose dB and dC the
+            backward sums in the block before it writes one partial sum per block.
         vector_access: a thread's K columns move as one 8/16-byte access where the map rows allow it (VEC).
         bwd_min_blocks: `-DM2D_BWD_MIN_BLOCKS`, the backward's occupancy target (BWD; None: the header's).
         reduction_buffers: `-DM2D_RED_DBUF`, 1 for two dB/dC reduction buffers (one barrier per band and state),
@@ -115,6 +118,7 @@ class ScanTuning:
     split_target_blocks: int = 1024
     wide_cols_per_thread: int = 4
     narrow_pairs: bool = True
+    tile_warps: int = MAX_THREADS // 32
     vector_access: bool = True
     bwd_min_blocks: int | None = None
     reduction_buffers: int | None = None
@@ -128,7 +132,9 @@ class ScanTuning:
     wave_cluster: int = 2
 
     def __post_init__(self) -> None:
-        # every launch looks its plan up by tuning: hash the twenty fields once
+        if self.tile_warps < 1:
+            raise ValueError(f"ScanTuning: tile_warps must be at least 1, got {self.tile_warps}")
+        # every launch looks its plan up by tuning: hash the fields once
         object.__setattr__(self, "_hash", hash(dataclasses.astuple(self)))
 
     def __hash__(self) -> int:
@@ -579,7 +585,7 @@ def _launch_config(batch: int, dim: int, height: int, width: int, groups: int, d
     else:
         S = 32
         warps = _ceil_div(cols, 32)
-        ntiles = _ceil_div(warps, max_threads // 32)
+        ntiles = _ceil_div(warps, min(max_threads // 32, t.tile_warps))
         WPM = _ceil_div(warps, ntiles)  # balanced tiles
         CH = max(1, min(slot_threads // (32 * WPM), dg))
     tps = S * WPM  # threads per slot
