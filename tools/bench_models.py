@@ -22,21 +22,30 @@ precision only; bf16 rows stand alone. The target column is the ratio to upstrea
     python tools/bench_models.py [--models vmamba2d_tiny vmamba_tiny]
         [--variants eager compiled compiled+graph eager+ckpt eager+graph] [--precisions fp32 fp16 bf16]
         [--batch 128] [--warmup 20] [--iters 30] [--json out.json]
+
+`MAMBA2D_SCAN_TUNE` (`tools/scan_tuning.py`) runs the models' CUDA scans with other launch parameters, for A/B runs
+of whole models (e.g. `MAMBA2D_SCAN_TUNE=TW=8`: the 1D twin's rows in tiles as wide as a block, as before one-warp
+tiles became the default); unset, the models call the public op.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import scan_tuning  # noqa: E402
 
 from mamba2d.analysis.throughput import PRECISIONS, Measurement, allow_tf32, measure  # noqa: E402
 
@@ -149,8 +158,10 @@ def measure_config(name: str, variant: str, mode: str, precision: str, args: arg
     allow_tf32()
     model = build(name, variant)
     runner = torch.compile(model, mode=COMPILE_MODES[variant]) if variant in COMPILE_MODES else model
-    m = measure(runner, name, mode, precision, args.batch, args.size, device, args.warmup, args.iters,
-                cuda_graph=variant == "eager+graph")
+    tuned = bool(os.environ.get(scan_tuning.ENV))
+    with scan_tuning.models_use(scan_tuning.from_env()) if tuned else nullcontext():
+        m = measure(runner, name, mode, precision, args.batch, args.size, device, args.warmup, args.iters,
+                    cuda_graph=variant == "eager+graph")
     print(f"{name} {variant} {mode} {precision}: {m.images_per_s:.1f} images/s, peak {m.peak_memory_gb:.2f} GB "
           f"({m.memory_kind})", flush=True)
     return row(m, variant)

@@ -116,25 +116,41 @@ def test_launch_config_invariants(H, W, N, dim, G):
 
 
 @pytest.mark.parametrize("tile_warps", [1, 2, 3, 8, 64])
-@pytest.mark.parametrize("H,W,N,dim,G", [(1, 3136, 1, 192, 2), (1, 49, 1, 1536, 2), (56, 56, 1, 384, 4),
-                                         (1024, 1024, 1, 512, 4), (3, 1000, 8, 8, 2), (1, 4_000_000, 1, 4, 1)])
-def test_tile_warps_split_wide_rows(tile_warps, H, W, N, dim, G):
-    """A row wider than a warp's columns spreads over at most `tile_warps` warps per tile (never more than a block
-    holds), its tiles still cover it, the backward walks the forward's tiles, and rows one warp covers are left as
-    they are."""
+@pytest.mark.parametrize("batch,H,W,N,dim,G", [(128, 1, 3136, 1, 192, 2), (128, 1, 49, 1, 1536, 2),
+                                               (16, 1, 1000, 8, 64, 2), (1, 1, 4_000_000, 1, 4, 1),
+                                               (1, 1, 40_000, 16, 512, 1), (128, 56, 56, 1, 384, 4),
+                                               (1, 1024, 1024, 1, 512, 4), (128, 3, 1000, 8, 8, 2)])
+def test_tile_warps_split_one_band_rows(tile_warps, batch, H, W, N, dim, G):
+    """In a launch of many maps, the row of a one-band map wider than a warp's columns spreads over at most
+    `tile_warps` warps per tile, its tiles still cover it and the backward walks the forward's tiles; rows one warp
+    covers, maps of several bands and launches of few maps (a batch-1 bag's long row) keep block-wide tiles."""
     tuning = ScanTuning(tile_warps=tile_warps)
-    fwd = cuda_build.launch_config(2, dim, H, W, G, N, tuning=tuning)
-    bwd = cuda_build.launch_config(2, dim, H, W, G, N, backward=True, tuning=tuning)
-    default = cuda_build.launch_config(2, dim, H, W, G, N)
+    fwd = cuda_build.launch_config(batch, dim, H, W, G, N, tuning=tuning)
+    bwd = cuda_build.launch_config(batch, dim, H, W, G, N, backward=True, tuning=tuning)
+    widest = ScanTuning(tile_warps=64)
+    wide_fwd = cuda_build.launch_config(batch, dim, H, W, G, N, tuning=widest)
     for cfg in (fwd, bwd):
-        assert cfg.WPM <= tile_warps and cfg.threads <= cuda_build.MAX_THREADS
+        assert cfg.threads <= cuda_build.MAX_THREADS and cfg.CH * cfg.cpg >= dim // G
         assert cfg.tile_width * cfg.ntiles >= W > cfg.tile_width * (cfg.ntiles - 1)
-        assert cfg.CH * cfg.cpg >= dim // G
-    assert (bwd.WPM, bwd.ntiles, bwd.K, bwd.R) == (fwd.WPM, fwd.ntiles, fwd.K, fwd.R)
-    if default.WPM <= tile_warps:
-        assert fwd == default
+    assert (bwd.WPM, bwd.ntiles, bwd.K, bwd.R, bwd.parts) == (fwd.WPM, fwd.ntiles, fwd.K, fwd.R, fwd.parts)
+    many_maps = batch * dim // max(1, wide_fwd.WPM // tile_warps) >= T.split_target_blocks
+    if fwd.nbands > 1 or wide_fwd.WPM <= tile_warps or not many_maps:
+        assert fwd == wide_fwd
     else:  # fewer warps per map: more channels per block, fewer partial sums of dB and dC
-        assert fwd.ntiles > default.ntiles and bwd.cpg <= default.cpg
+        assert fwd.WPM <= tile_warps and fwd.ntiles > wide_fwd.ntiles
+        assert bwd.cpg < cuda_build.launch_config(batch, dim, H, W, G, N, backward=True, tuning=widest).cpg
+
+
+def test_one_band_maps_take_one_warp_tiles():
+    """By default the 1D twin's (1, L) maps walk one-warp tiles with several channels a block (its first stage at
+    batch 128: 8 channels a backward block instead of 1); a 2D map and a batch-1 bag's long 1D row take block-wide
+    tiles."""
+    one_band = cuda_build.launch_config(128, 192, 1, 3136, 2, 1, backward=True)
+    assert (one_band.WPM, one_band.ntiles, one_band.CH) == (1, 25, 8)
+    tall = cuda_build.launch_config(1, 512, 1024, 1024, 4, 1)
+    assert (tall.WPM, tall.ntiles) == (8, 1)
+    bag = cuda_build.launch_config(1, 512, 1, 40_000, 1, 16)
+    assert (bag.WPM, bag.ntiles) == (8, 40)
 
 
 def test_tile_warps_below_one_is_an_error():

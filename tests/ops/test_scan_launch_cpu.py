@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_default_tuning_is_the_library_default():
     assert dataclasses.asdict(DEFAULT_TUNING) == dict(
         rows_per_band=4, max_cols_per_thread=4, row_lanes=32, fwd_min_blocks=3, bwd_max_threads=256,
-        fwd_max_threads=128, split_target_blocks=1024, wide_cols_per_thread=4, narrow_pairs=True, tile_warps=8,
+        fwd_max_threads=128, split_target_blocks=1024, wide_cols_per_thread=4, narrow_pairs=True, tile_warps=1,
         vector_access=True, bwd_min_blocks=None, reduction_buffers=None, narrow_bwd_min_blocks=None, prefetch_rows=None,
         lean_pointers=None, wave_min_states=8, force_wavefront=False, wave_states_per_lane=2, wave_steps=8,
         wave_cluster=2)

@@ -89,9 +89,13 @@ class ScanTuning:
             mean fewer lane-scan steps per pixel and fewer tiles (one tile up to 1024 columns with four), fewer rows
             per band. Maps lower than a band take max_cols_per_thread and one row per band.
         narrow_pairs: maps 9-16 wide take two columns per thread (8 lanes per map, four maps per warp) (PAIRS).
-        tile_warps: most warps across one tile of a row wider than a warp's columns (TW); a wider row takes several
-            tiles one after another. Fewer warps per map leave room in a block for more channels, whose dB and dC the
-            backward sums in the block before it writes one partial sum per block.
+        tile_warps: most warps across one tile of a map of one band (a 1D scan's (1, L) map) whose row is wider
+            than a warp's columns, in a launch of many maps (TW); the row takes several tiles, one after another.
+            Narrow tiles leave room in a block for more channels, whose dB and dC the backward sums in the block
+            before it writes one partial sum per block, instead of one per channel. Maps of several bands take
+            tiles as wide as a block holds (each band walks its tiles: narrow ones would multiply the serial steps),
+            and so do launches that would then have fewer than `split_target_blocks` blocks (a batch-1 bag's long
+            1D scan needs its parallelism across the row).
         vector_access: a thread's K columns move as one 8/16-byte access where the map rows allow it (VEC).
         bwd_min_blocks: `-DM2D_BWD_MIN_BLOCKS`, the backward's occupancy target (BWD; None: the header's).
         reduction_buffers: `-DM2D_RED_DBUF`, 1 for two dB/dC reduction buffers (one barrier per band and state),
@@ -118,7 +122,7 @@ class ScanTuning:
     split_target_blocks: int = 1024
     wide_cols_per_thread: int = 4
     narrow_pairs: bool = True
-    tile_warps: int = MAX_THREADS // 32
+    tile_warps: int = 1
     vector_access: bool = True
     bwd_min_blocks: int | None = None
     reduction_buffers: int | None = None
@@ -585,7 +589,11 @@ def _launch_config(batch: int, dim: int, height: int, width: int, groups: int, d
     else:
         S = 32
         warps = _ceil_div(cols, 32)
-        ntiles = _ceil_div(warps, min(max_threads // 32, t.tile_warps))
+        tile_warps = max_threads // 32
+        # narrow tiles only on a one-band map, and only where the launch keeps enough blocks (see tile_warps)
+        if height <= R and batch * dim // max(1, tile_warps // t.tile_warps) >= t.split_target_blocks:
+            tile_warps = min(tile_warps, t.tile_warps)
+        ntiles = _ceil_div(warps, tile_warps)
         WPM = _ceil_div(warps, ntiles)  # balanced tiles
         CH = max(1, min(slot_threads // (32 * WPM), dg))
     tps = S * WPM  # threads per slot
