@@ -36,7 +36,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -158,8 +157,7 @@ def measure_config(name: str, variant: str, mode: str, precision: str, args: arg
     allow_tf32()
     model = build(name, variant)
     runner = torch.compile(model, mode=COMPILE_MODES[variant]) if variant in COMPILE_MODES else model
-    tuned = bool(os.environ.get(scan_tuning.ENV))
-    with scan_tuning.models_use(scan_tuning.from_env()) if tuned else nullcontext():
+    with scan_tuning.models_use_env():
         m = measure(runner, name, mode, precision, args.batch, args.size, device, args.warmup, args.iters,
                     cuda_graph=variant == "eager+graph")
     print(f"{name} {variant} {mode} {precision}: {m.images_per_s:.1f} images/s, peak {m.peak_memory_gb:.2f} GB "
@@ -212,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows = [measure_apart(config, args) for config in configs]
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    if os.environ.get(scan_tuning.ENV):
+        label += f"; scan tuning {scan_tuning.ENV}={os.environ[scan_tuning.ENV]}"
     if not args.row_only:
         print(markdown(rows, label))
     if args.json:

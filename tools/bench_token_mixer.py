@@ -390,7 +390,7 @@ def main(argv=None) -> int:
 
     records = []
     tuned = os.environ.get(scan_tuning.ENV)
-    with scan_tuning.models_use(scan_tuning.from_env()) if tuned else nullcontext():
+    with scan_tuning.models_use_env():
         for name in args.mixers:
             torch.manual_seed(0)
             module = build_mixer(name, args.dim, args.heads).to(device)

@@ -118,3 +118,9 @@ def models_use(tuning: ScanTuning) -> Iterator[None]:
     finally:
         for module, original in saved:
             module.selective_scan_2d = original
+
+
+def models_use_env(environ: Mapping[str, str] = os.environ) -> contextlib.AbstractContextManager:
+    """`models_use(from_env(environ))` where MAMBA2D_SCAN_TUNE is set; where it is not, a block in which the models
+    call the public op as they always do."""
+    return models_use(from_env(environ)) if environ.get(ENV) else contextlib.nullcontext()

@@ -85,6 +85,18 @@ def test_benchmark_tuning_parses_the_environment_spec():
     assert tool.parse("PAIRS=1,VEC=1") == DEFAULT_TUNING
 
 
+def test_benchmark_models_use_the_environment_tuning_only_where_set():
+    from mamba2d.models import vmamba
+
+    tool = load_tool("scan_tuning")
+    public = vmamba.selective_scan_2d
+    with tool.models_use_env({}):
+        assert vmamba.selective_scan_2d is public
+    with tool.models_use_env({tool.ENV: "TW=8"}):
+        assert vmamba.selective_scan_2d is not public
+    assert vmamba.selective_scan_2d is public
+
+
 @pytest.mark.parametrize("spec,message", [
     ("RR=4", r"unknown key 'RR'; known keys: R, KMAX"),
     ("R=four", r"R must be an integer, got 'four'"),
