@@ -2,14 +2,18 @@
 """2DMambaMIL on one slide with the CUDA scan's wavefront kernels on (the default) and off (WAVE=0: the per-band
 kernels), interleaved in one process: GPU ms of an inference forward and of a training step (forward,
 cross-entropy, backward), fp32 and bf16 autocast. The model has the paper's defaults (dim 128, expand 2: 256 scan
-channels, 16 states); the slide is `--patches` random 1024-dim features on random cells of an H x W grid.
+channels, 16 states); the slide is `--patches` random 1024-dim features on random cells of an H x W grid. With
+`--compile`, `torch.compile(model)` (wavefront kernels, the public op) is timed beside them: the layers between the
+grid's scatter and gather trace as one graph, whose element-wise kernels Inductor fuses (the grid's size reaches the
+host first, a graph break of its own).
 
-    python tools/bench_mil_scan.py --grid 200 300 --patches 40000
+    python tools/bench_mil_scan.py --grid 200 300 --patches 40000 [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import sys
@@ -47,6 +51,7 @@ def main(argv=None) -> int:
     parser.add_argument("--patches", type=int, default=40_000)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
     args = parser.parse_args(argv)
     height, width = args.grid
     if not 0 < args.patches <= height * width:
@@ -60,26 +65,30 @@ def main(argv=None) -> int:
     label = torch.tensor([1], device="cuda")
     model = create_mil_model("mamba_mil_2d", 1024, 2).cuda()
 
-    def train_step(amp: bool) -> None:
+    def train_step(net, amp: bool) -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            logits = model(features, positions).logits
+            logits = net(features, positions).logits
         torch.nn.functional.cross_entropy(logits.float().reshape(1, -1), label).backward()
 
-    def inference(amp: bool) -> None:
+    def inference(net, amp: bool) -> None:
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            model(features, positions)
+            net(features, positions)
 
     default = scan_tuning.from_env()
     per_band = dataclasses.replace(default, wave_min_states=cuda_build.MAX_D_STATE + 1, force_wavefront=False)
+    variants = [("wavefront", model, lambda: scan_tuning.models_use(default)),
+                ("per-band", model, lambda: scan_tuning.models_use(per_band))]
+    if args.compile:  # torch.compile traces the public op, which runs the default launch parameters
+        variants.append(("compiled", torch.compile(model), contextlib.nullcontext))
     times: dict[tuple[str, str, str], list[float]] = {}
     for _ in range(args.rounds):
-        for kernels, tuning in (("wavefront", default), ("per-band", per_band)):
-            with scan_tuning.models_use(tuning):
+        for kernels, net, context in variants:
+            with context():
                 for precision, amp in (("fp32", False), ("bf16 autocast", True)):
                     times.setdefault((kernels, precision, "inference"), []).append(
-                        gpu_ms(lambda: inference(amp), args.reps))
+                        gpu_ms(lambda: inference(net, amp), args.reps))
                     times.setdefault((kernels, precision, "training step"), []).append(
-                        gpu_ms(lambda: train_step(amp), args.reps))
+                        gpu_ms(lambda: train_step(net, amp), args.reps))
     print(f"{torch.cuda.get_device_name()}: 2DMambaMIL, {height} x {width} grid, {args.patches} patches "
           f"(wavefront kernels used: {cuda_build.uses_wave(1, 256, height, width, 1, 16, default)})")
     for (kernels, precision, mode), values in sorted(times.items()):
