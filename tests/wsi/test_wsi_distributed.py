@@ -12,7 +12,7 @@ import pytest
 import torch
 from mil_helpers import classification_folder
 
-from mamba2d.wsi.extract import bag_is_complete, extract_features, throughput_per_device
+from mamba2d.wsi.extract import _end_process_group, bag_is_complete, extract_features, throughput_per_device
 
 SMALL = {"backbone": "resnet18", "patch_size": 32, "mpp": 1.0, "batch_size": 32, "progress": False}
 
@@ -30,6 +30,19 @@ def test_two_cpu_processes_share_the_slides_and_resume(make_test_slide, tmp_path
     table = throughput_per_device(summaries)
     assert set(table) == {0, 1} and sum(row["patches"] for row in table.values()) == 3 * done["patches"]
     assert all(row["patches_per_s"] > 0 and row["device"] == "cpu" for row in table.values())
+
+
+def test_the_exit_handler_ends_the_default_process_group(tmp_path):
+    """What a spawned extraction process runs at exit (registered where the launch made the group): the default
+    group destroyed while the interpreter is whole; nothing to do without one."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        _end_process_group()
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    _end_process_group()
 
 
 @pytest.mark.gpu

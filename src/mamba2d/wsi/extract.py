@@ -12,6 +12,7 @@ writes a preview PNG per slide (`previews/<slide_id>.png`: thumbnail, tissue con
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 from dataclasses import dataclass
@@ -356,6 +357,7 @@ class _Job:
     overwrite: bool
     preview: bool
     progress: bool
+    own_group: bool  # no process group existed before the call: the launch makes one, and the share ends it
 
 
 def _pending(job: _Job) -> list[str]:
@@ -369,6 +371,16 @@ def _pending(job: _Job) -> list[str]:
         else:
             _check_same_settings(target, job.backbone, job.patch_size)
     return sorted(todo, key=lambda s: -Path(s).stat().st_size)
+
+
+def _end_process_group() -> None:
+    """Destroy the default process group, if any, while the interpreter is whole. A process that exits with a gloo
+    group alive can abort as it shuts down ("terminate called without an active exception", SIGABRT: the group's
+    worker threads outlive it), which fails a spawned extraction whose work is done. Lightning registers the same
+    for NCCL groups only. At exit, not at the end of the run: a caller may go on to use distributed PyTorch, and a
+    group made again under torchrun after a destroy failed or hung when tried."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _run_share(fabric, job: _Job) -> list[dict]:
@@ -394,6 +406,9 @@ def _run_share(fabric, job: _Job) -> list[dict]:
         gathered: list[list[dict]] = [[] for _ in range(fabric.world_size)]
         torch.distributed.all_gather_object(gathered, summaries)
         summaries = [s for part in gathered for s in part]
+        if job.own_group:
+            atexit.unregister(_end_process_group)  # once per process, however many runs
+            atexit.register(_end_process_group)
     done = {s["slide"] for s in summaries}
     summaries += [{"slide": s, "h5": str(Path(job.out_dir) / f"{Path(s).stem}.h5"), "skipped": True}
                   for s in job.slides if s not in done]
@@ -424,7 +439,9 @@ def extract_features(slides: list[str | Path], out_dir: str | Path, backbone: st
     Each process (one per device and node, launched by Lightning Fabric; under `torchrun` or SLURM the launcher's
     processes are used) takes its own share of the slides still to do and writes one bag per slide. A slide whose
     bag is complete is skipped (`overwrite` to redo it); a damaged or truncated bag is extracted again. A slide that
-    fails (unreadable, no tissue) does not stop the others: all failures are raised together at the end.
+    fails (unreadable, no tissue) does not stop the others: all failures are raised together at the end. A process
+    group the launch creates is destroyed when its process exits (one that existed before the call is left as it
+    was).
 
     Args:
         slides: Slide files, or folders searched one level deep by slide suffix.
@@ -462,7 +479,7 @@ def extract_features(slides: list[str | Path], out_dir: str | Path, backbone: st
     paths = find_slides(slides)
     job = _Job(tuple(str(p) for p in paths), str(out_dir), backbone, pretrained, checkpoint, patch_size, mpp,
                magnification, assume_mpp, override_mpp, tissue_threshold, batch_size, num_workers, overwrite, preview,
-               progress)
+               progress, own_group=not (torch.distributed.is_available() and torch.distributed.is_initialized()))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
     return fabric.launch(_run_share, job)
