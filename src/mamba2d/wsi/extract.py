@@ -357,7 +357,7 @@ class _Job:
     overwrite: bool
     preview: bool
     progress: bool
-    own_group: bool  # no process group existed before the call: the launch makes one, and the share ends it
+    own_group: bool  # no process group existed before the call: the launch makes one, destroyed at exit
 
 
 def _pending(job: _Job) -> list[str]:
