@@ -379,8 +379,12 @@ def _end_process_group() -> None:
     worker threads outlive it), which fails a spawned extraction whose work is done. Lightning registers the same
     for NCCL groups only. At exit, not at the end of the run: a caller may go on to use distributed PyTorch, and a
     group made again under torchrun after a destroy failed or hung when tried."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _has_process_group():
         torch.distributed.destroy_process_group()
+
+
+def _has_process_group() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _run_share(fabric, job: _Job) -> list[dict]:
@@ -479,7 +483,7 @@ def extract_features(slides: list[str | Path], out_dir: str | Path, backbone: st
     paths = find_slides(slides)
     job = _Job(tuple(str(p) for p in paths), str(out_dir), backbone, pretrained, checkpoint, patch_size, mpp,
                magnification, assume_mpp, override_mpp, tissue_threshold, batch_size, num_workers, overwrite, preview,
-               progress, own_group=not (torch.distributed.is_available() and torch.distributed.is_initialized()))
+               progress, own_group=not _has_process_group())
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
     return fabric.launch(_run_share, job)
