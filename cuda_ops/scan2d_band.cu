@@ -39,7 +39,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
     // kernel parameters were: copied into registers at entry, they crowded out the scan's own values, and the
     // kernels spilled or recomputed their clamped indices (forward and backward up to a third slower).
     const int &dim = prm.dim, &H = prm.H, &W = prm.W, &G = prm.G, &N = prm.N, &softplus = prm.softplus;
-    const m2d_i64 &su_b = prm.su_b, &su_d = prm.su_d, &su_g = prm.su_g;
+    const m2d_i64 &su_b = prm.su_b, &su_d = prm.su_d;
     const int &su_h = prm.su_h, &su_w = prm.su_w;
     const m2d_i64 &sd_b = prm.sd_b, &sd_d = prm.sd_d;
     const int &sd_h = prm.sd_h, &sd_w = prm.sd_w;
@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, MINB)
     const m2d_i64 map = (m2d_i64)c.b * dim + d;
     const float Dd = (Dv != nullptr && c.slot_ok && blockIdx.y == 0) ? Dv[d] : 0.f;  // D u: in one part only
     const float bias = (dbias != nullptr && c.slot_ok) ? dbias[d] : 0.f;
-    const T* ubp = m2d_base(u + (c.b * su_b + d * su_d + c.g * su_g));
+    const T* ubp = m2d_base(u + (c.b * su_b + d * su_d + m2d_u_offset(prm, c.g)));
     const T* dbp_ = m2d_base(delta + (c.b * sd_b + d * sd_d));
     const T* zbp = HAS_Z ? m2d_base(z + (c.b * sz_b + d * sz_d)) : nullptr;
     const T* Bbp = m2d_base(Bm + (c.b * sB_b + c.g * sB_g + (m2d_i64)n0 * sB_n));  // at state n0
@@ -223,13 +223,13 @@ __global__ void __launch_bounds__(LAYOUT == M2D_NARROW ? M2D_NARROW_BWD_MAX_THRE
     float* __restrict__ dDp = prm.dDp;
     float* __restrict__ dbp = prm.dbp;
     const int &dim = prm.dim, &H = prm.H, &W = prm.W, &G = prm.G, &N = prm.N, &softplus = prm.softplus;
-    const m2d_i64 &su_b = prm.su_b, &su_d = prm.su_d, &su_g = prm.su_g;
+    const m2d_i64 &su_b = prm.su_b, &su_d = prm.su_d;
     const int &su_h = prm.su_h, &su_w = prm.su_w;
     const m2d_i64 &sd_b = prm.sd_b, &sd_d = prm.sd_d;
     const int &sd_h = prm.sd_h, &sd_w = prm.sd_w;
     const m2d_i64 &sz_b = prm.sz_b, &sz_d = prm.sz_d;
     const int &sz_h = prm.sz_h, &sz_w = prm.sz_w;
-    const m2d_i64 &so_b = prm.so_b, &so_d = prm.so_d, &so_g = prm.so_g;
+    const m2d_i64 &so_b = prm.so_b, &so_d = prm.so_d;
     const int &so_h = prm.so_h, &so_w = prm.so_w;
     const m2d_i64 &sB_b = prm.sB_b, &sB_g = prm.sB_g;
     const int &sB_n = prm.sB_n, &sB_h = prm.sB_h, &sB_w = prm.sB_w;
@@ -260,10 +260,10 @@ __global__ void __launch_bounds__(LAYOUT == M2D_NARROW ? M2D_NARROW_BWD_MAX_THRE
     const m2d_i64 map = (m2d_i64)c.b * dim + d;
     const float Dd = (Dv != nullptr && c.slot_ok && blockIdx.y == 0) ? Dv[d] : 0.f;  // D u: in one part only
     const float bias = (dbias != nullptr && c.slot_ok) ? dbias[d] : 0.f;
-    const T* ubp = m2d_base(u + (c.b * su_b + d * su_d + c.g * su_g));
+    const T* ubp = m2d_base(u + (c.b * su_b + d * su_d + m2d_u_offset(prm, c.g)));
     const T* dbp_ = m2d_base(delta + (c.b * sd_b + d * sd_d));
     const T* zbp = HAS_Z ? m2d_base(z + (c.b * sz_b + d * sz_d)) : nullptr;
-    const TO* obp = m2d_base(dout + (c.b * so_b + d * so_d + c.g * so_g));
+    const TO* obp = m2d_base(dout + (c.b * so_b + d * so_d + m2d_dout_offset(prm, c.g)));
     const T* Bbp = m2d_base(Bm + (c.b * sB_b + c.g * sB_g));
     const T* Cbp = m2d_base(Cm + (c.b * sC_b + c.g * sC_g));
     const m2d_i64 HW = (m2d_i64)H * W;

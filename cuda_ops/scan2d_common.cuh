@@ -339,6 +339,14 @@ __device__ __forceinline__ int m2d_direction(const M2DScanParams& prm, int g) {
     return (int)((prm.dir_codes >> (3 * (g % prm.dir_period))) & 7);
 }
 
+// The offsets of group g's u and dout maps (M2DScanParams.su_g, so_g): whole periods of groups sharing maps.
+__device__ __forceinline__ m2d_i64 m2d_u_offset(const M2DScanParams& prm, int g) {
+    return (m2d_i64)(g - g % prm.u_period) * prm.su_g;
+}
+__device__ __forceinline__ m2d_i64 m2d_dout_offset(const M2DScanParams& prm, int g) {
+    return (m2d_i64)(g - g % prm.o_period) * prm.so_g;
+}
+
 // Everything a thread needs to know about its place in the block (see cuda_build.launch_config).
 //   A block owns CH channel slots of one (batch, group); a slot owns TWs = S * WPM * K consecutive columns of a
 //   tile, K consecutive columns per thread (tps = S * WPM threads per slot). S < 32 packs 32 / S slots into a warp

@@ -41,11 +41,12 @@ struct M2DScanParams {
     float* dbp;    // [parts][batch][dim]
     // 64-bit strides of u, delta, z, dout, B, C and the number of (batch, channel) maps
     m2d_i64 su_b, su_d, sd_b, sd_d, sz_b, sz_d, so_b, so_d, sB_b, sB_g, sC_b, sC_g;
-    // u's offset per group on top of su_d: 0 when u has dim channels, -(dim / G) * su_d when the G groups share one
-    // u of dim / G channels (channel d of group g reads u's channel d - g * dim / G)
+    // u's offset per group on top of su_d: 0 when u has dim channels, -(dim / G) * su_d when groups share u's maps:
+    // a u of u_period * dim / G channels, group g reading block g % u_period of them (channel d of group g reads u's
+    // channel d - (g - g % u_period) * dim / G; one u of dim / G channels shared by all G groups: u_period 1)
     m2d_i64 su_g;
-    // dout's offset per group on top of so_d: 0 when dout has dim channels, -(dim / G) * so_d when y is summed over
-    // the groups (one gradient map per channel of a group, read by all G groups)
+    // dout's offset per group on top of so_d, in the same way: 0 when dout has dim channels, -(dim / G) * so_d when y
+    // is summed over the groups that share u's maps (o_period blocks of one gradient map per channel of a group)
     m2d_i64 so_g;
     m2d_i64 nmaps;
     // the direction codes by value, 3 bits each: group g's is bits 3 * (g % dir_period) and up (used where dirs is
@@ -60,6 +61,7 @@ struct M2DScanParams {
     // wavefront: keep every band's top (forward), staged chunks of the longest band (backward)
     int keep_tops, ck_chunks;
     int dir_period;  // codes in dir_codes, repeated over the groups
+    int u_period, o_period;  // see su_g and so_g
 };
 
 // The layer-norm backward (layer_norm.cu).

@@ -74,11 +74,11 @@ template <typename T>
 __device__ __forceinline__ M2DWaveInputs<T> m2d_wave_inputs(const M2DWave& w, const T* u, const T* delta, const T* z,
                                                            const T* Bm, const T* Cm, const float* Dv,
                                                            const float* dbias, m2d_i64 su_b, m2d_i64 su_d,
-                                                           m2d_i64 su_g, m2d_i64 sd_b, m2d_i64 sd_d, m2d_i64 sz_b,
+                                                           m2d_i64 u_off, m2d_i64 sd_b, m2d_i64 sd_d, m2d_i64 sz_b,
                                                            m2d_i64 sz_d, m2d_i64 sB_b, m2d_i64 sB_g, m2d_i64 sC_b,
                                                            m2d_i64 sC_g) {
     M2DWaveInputs<T> in;
-    in.u = m2d_base(u + (w.b * su_b + w.d * su_d + w.g * su_g));
+    in.u = m2d_base(u + (w.b * su_b + w.d * su_d + u_off));
     in.delta = m2d_base(delta + (w.b * sd_b + w.d * sd_d));
     in.z = z != nullptr ? m2d_base(z + (w.b * sz_b + w.d * sz_d)) : nullptr;
     in.B = m2d_base(Bm + (w.b * sB_b + w.g * sB_g));
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, 2)
     TO* __restrict__ y = static_cast<TO*>(prm.y);
     float* __restrict__ tops = prm.tops;
     const int dim = prm.dim, H = prm.H, W = prm.W, G = prm.G, N = prm.N, softplus = prm.softplus;
-    const m2d_i64 su_b = prm.su_b, su_d = prm.su_d, su_g = prm.su_g;
+    const m2d_i64 su_b = prm.su_b, su_d = prm.su_d;
     const int su_h = prm.su_h, su_w = prm.su_w;
     const m2d_i64 sd_b = prm.sd_b, sd_d = prm.sd_d;
     const int sd_h = prm.sd_h, sd_w = prm.sd_w;
@@ -148,7 +148,8 @@ __global__ void __launch_bounds__(M2D_MAX_THREADS, 2)
     for (int e = tid; e < TP; e += nthr) sup[N * TP + e] = 0.f;  // (a NaN left there would reach y through 0 * NaN)
 
     const M2DWaveInputs<T> in = m2d_wave_inputs(wb, u, delta, HAS_Z ? z : nullptr, Bm, Cm, Dv, dbias, su_b, su_d,
-                                                su_g, sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sC_b, sC_g);
+                                                m2d_u_offset(prm, wb.g), sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sC_b,
+                                                sC_g);
     const float Dd = in.D, bias = in.bias;
     const T *ubp = in.u, *dbp_ = in.delta, *Bbp = in.B, *Cbp = in.C, *zbp = in.z;
     TO* ybp = y != nullptr ? m2d_base(y + map * ((m2d_i64)H * W)) : nullptr;
@@ -380,13 +381,13 @@ __global__ void M2D_CLUSTER_DIMS(CL) __launch_bounds__(M2D_MAX_THREADS, 2)
     float* __restrict__ dDp = prm.dDp;
     float* __restrict__ dbp = prm.dbp;
     const int dim = prm.dim, H = prm.H, W = prm.W, G = prm.G, N = prm.N, softplus = prm.softplus;
-    const m2d_i64 su_b = prm.su_b, su_d = prm.su_d, su_g = prm.su_g;
+    const m2d_i64 su_b = prm.su_b, su_d = prm.su_d;
     const int su_h = prm.su_h, su_w = prm.su_w;
     const m2d_i64 sd_b = prm.sd_b, sd_d = prm.sd_d;
     const int sd_h = prm.sd_h, sd_w = prm.sd_w;
     const m2d_i64 sz_b = prm.sz_b, sz_d = prm.sz_d;
     const int sz_h = prm.sz_h, sz_w = prm.sz_w;
-    const m2d_i64 so_b = prm.so_b, so_d = prm.so_d, so_g = prm.so_g;
+    const m2d_i64 so_b = prm.so_b, so_d = prm.so_d;
     const int so_h = prm.so_h, so_w = prm.so_w;
     const m2d_i64 sB_b = prm.sB_b, sB_g = prm.sB_g;
     const int sB_n = prm.sB_n, sB_h = prm.sB_h, sB_w = prm.sB_w;
@@ -419,10 +420,11 @@ __global__ void M2D_CLUSTER_DIMS(CL) __launch_bounds__(M2D_MAX_THREADS, 2)
     for (int e = tid; e < TP; e += nthr) sup[N * TP + e] = sbot[N * TP + e] = 0.f;
 
     const M2DWaveInputs<T> in = m2d_wave_inputs(wb, u, delta, HAS_Z ? z : nullptr, Bm, Cm, Dv, dbias, su_b, su_d,
-                                                su_g, sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sC_b, sC_g);
+                                                m2d_u_offset(prm, wb.g), sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sC_b,
+                                                sC_g);
     const float Dd = in.D, bias = in.bias;
     const T *ubp = in.u, *dbp_ = in.delta, *Bbp = in.B, *Cbp = in.C, *zbp = in.z;
-    const TO* obp = m2d_base(dout + (wb.b * so_b + d * so_d + wb.g * so_g));
+    const TO* obp = m2d_base(dout + (wb.b * so_b + d * so_d + m2d_dout_offset(prm, wb.g)));
     const int HW = H * W;  // N * H * W fits an int (the launcher checks)
     T* dup = m2d_base(du + map * HW);
     T* ddp = m2d_base(ddelta + map * HW);

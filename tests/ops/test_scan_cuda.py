@@ -619,18 +619,21 @@ def test_backward_shared_outputs(tuning, dtype, H, W, N):
                          ids=["band", "wave", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("H,W,N,z", [(56, 56, 1, False), (37, 70, 16, True), (1, 33, 2, False), (14, 14, 4, True)])
-def test_groups_share_u(tuning, dtype, H, W, N, z):
-    """u of dim / G channels read by all G = 4 groups (the 2D mixer's routes): against the reference, and bitwise
-    equal to the same kernels on u tiled for every group, whose du summed over the groups is the shared u's."""
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_groups_share_u(tuning, dtype, H, W, N, z, blocks):
+    """u of blocks * dim / G channels read by the G = 4 groups, group g reading block g % blocks (one block: the
+    2D mixer's routes; two: the 1D cross-scan's row-major and column-major copies): against the reference, and
+    bitwise equal to the same kernels on u tiled to one map per channel, whose du summed over the groups of each
+    block is the shared u's."""
     G, per_group = 4, 6
     inputs = make_inputs(1, G * per_group, H, W, G, N, dtype=dtype, z=z)
-    inputs["u"] = inputs["u"][:, :per_group].contiguous()
+    inputs["u"] = inputs["u"][:, :blocks * per_group].contiguous()
     directions = group_directions(G)
     check_against_reference(inputs, directions, tuning=tuning)
     y, grads, dy = run(inputs, "cuda", direction=directions, tuning=tuning)
-    tiled = {**inputs, "u": inputs["u"].repeat(1, G, 1, 1)}
+    tiled = {**inputs, "u": inputs["u"].repeat(1, G // blocks, 1, 1)}
     y_tiled, grads_tiled, _ = run(tiled, "cuda", dy=dy, direction=directions, tuning=tuning)
-    grads_tiled["u"] = grads_tiled["u"].unflatten(1, (G, per_group)).sum(dim=1)
+    grads_tiled["u"] = grads_tiled["u"].unflatten(1, (G // blocks, blocks * per_group)).sum(dim=1)
     assert torch.equal(y, y_tiled)
     for name, g in grads.items():
         assert torch.equal(g, grads_tiled[name]), f"d{name} differs from the tiled u's"
@@ -639,24 +642,27 @@ def test_groups_share_u(tuning, dtype, H, W, N, z):
 @pytest.mark.parametrize("tuning", [DEFAULT_TUNING, wavefront(), ScanTuning(split_target_blocks=10**9)],
                          ids=["band", "wave", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("H,W,N,z,shared_u", [(56, 56, 1, False, True), (37, 70, 16, True, False),
-                                              (1, 33, 2, False, True), (14, 14, 4, True, True),
-                                              (9, 300, 1, False, True)])
-def test_sum_groups(tuning, dtype, H, W, N, z, shared_u):
-    """y summed over G = 4 groups in the op (the 2D mixer's route sum): against the reference, y bitwise equal to
-    the groups' outputs summed after the call, and every gradient bitwise equal to the kernels' on the gradient
-    copied to every group (the backward reads the one map per channel of a group for all groups). Asked for
+@pytest.mark.parametrize("H,W,N,z,blocks", [(56, 56, 1, False, 1), (37, 70, 16, True, 0), (1, 33, 2, False, 2),
+                                            (14, 14, 4, True, 1), (9, 300, 1, False, 1), (1, 70, 1, False, 2),
+                                            (20, 28, 2, True, 2)])
+def test_sum_groups(tuning, dtype, H, W, N, z, blocks):
+    """y summed over G = 4 groups in the op (the 2D mixer's route sum), or over the groups of each block of a u
+    that holds `blocks` of them (0: one map per channel): against the reference, y bitwise equal to the groups'
+    outputs summed after the call, and every gradient bitwise equal to the kernels' on the gradient copied to
+    every group (the backward reads the one map per channel of a block's group for all its groups). Asked for
     channels_last, y is so laid out with the same values, and a channels_last gradient gives the same gradients."""
     G, per_group = 4, 6
+    summed = max(blocks, 1) * per_group
     inputs = make_inputs(1, G * per_group, H, W, G, N, dtype=dtype, z=z)
-    if shared_u:
-        inputs["u"] = inputs["u"][:, :per_group].contiguous()
+    if blocks:
+        inputs["u"] = inputs["u"][:, :summed].contiguous()
     directions = group_directions(G)
     check_against_reference(inputs, directions, tuning=tuning, sum_groups=True)
     y, grads, dy = run(inputs, "cuda", direction=directions, tuning=tuning, sum_groups=True)
-    assert y.shape == (1, per_group, H, W)
-    y_full, grads_full, _ = run(inputs, "cuda", dy=dy.repeat(1, G, 1, 1), direction=directions, tuning=tuning)
-    assert torch.equal(y, y_full.unflatten(1, (G, per_group)).sum(dim=1))
+    assert y.shape == (1, summed, H, W)
+    copies = G * per_group // summed
+    y_full, grads_full, _ = run(inputs, "cuda", dy=dy.repeat(1, copies, 1, 1), direction=directions, tuning=tuning)
+    assert torch.equal(y, y_full.unflatten(1, (copies, summed)).sum(dim=1))
     for name, g in grads.items():
         assert torch.equal(g, grads_full[name]), f"d{name} differs from the kernels' on the copied gradient"
     y_cl, grads_cl, _ = run(inputs, "cuda", dy=dy.contiguous(memory_format=torch.channels_last),

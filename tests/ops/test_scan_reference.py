@@ -202,15 +202,18 @@ def test_bad_direction_and_backend_are_named():
         selective_scan_2d(**inputs, backend="triton")
 
 
+@pytest.mark.parametrize("blocks", [1, 2])
 @pytest.mark.parametrize("shape", [(5, 7), (1, 6), (4, 1)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("backend", ["reference", "shape_only"])
-def test_groups_share_u(shape, backend):
-    """u of dim / G channels is read by every group: channel d reads u's channel d % (dim / G). The output and every
-    gradient equal the loop oracle's on u tiled G times along the channels, with u's gradient the sum of the tiles';
-    the shape-only op gives the output's and the gradients' shapes."""
+def test_groups_share_u(shape, backend, blocks):
+    """u of blocks * dim / G channels holds `blocks` blocks that the groups share: group g reads block g % blocks
+    (one block: every group reads it). The output and every gradient equal the loop oracle's on u tiled along the
+    channels to one map per channel, with u's gradient the sum of the tiles'; the shape-only op gives the output's
+    and the gradients' shapes."""
     groups, per_group = 4, 3
     inputs = make_inputs(dim=groups * per_group, groups=groups, height=shape[0], width=shape[1], seed=7)
-    shared = torch.randn(2, per_group, *shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    shared = torch.randn(2, blocks * per_group, *shape, generator=torch.Generator().manual_seed(8),
+                         dtype=torch.float64)
     inputs["u"] = shared.requires_grad_()
     directions = ("tl_hv", "tl_vh", "br_hv", "br_vh")
     ours = selective_scan_2d(**inputs, direction=directions, backend=backend)
@@ -219,47 +222,52 @@ def test_groups_share_u(shape, backend):
     assert all(got[name].shape == inputs[name].shape for name in inputs)
     if backend == "shape_only":
         return
-    tiled = {**inputs, "u": shared.detach().repeat(1, groups, 1, 1).requires_grad_()}
+    tiled = {**inputs, "u": shared.detach().repeat(1, groups // blocks, 1, 1).requires_grad_()}
     oracle = loop_scan(**tiled, direction=directions)
     torch.testing.assert_close(ours, oracle, rtol=1e-10, atol=1e-10)
     want = grads(oracle, tiled)
-    want["u"] = want["u"].unflatten(1, (groups, per_group)).sum(dim=1)
+    want["u"] = want["u"].unflatten(1, (groups // blocks, blocks * per_group)).sum(dim=1)
     for name in inputs:
         torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-9, msg=f"d{name} differs")
 
 
-@pytest.mark.parametrize("shared_u", [False, True])
+@pytest.mark.parametrize("blocks", [0, 1, 2], ids=["u", "shared_u", "two_blocks"])
 @pytest.mark.parametrize("backend", ["reference", "shape_only"])
-def test_sum_groups_is_the_sum_of_the_groups_outputs(backend, shared_u):
-    """`sum_groups=True` returns channel c of every group added up, (batch, dim / G, H, W), with the gradients of
-    that sum (the shape-only op: the shape and the gradients' shapes)."""
+def test_sum_groups_is_the_sum_of_the_groups_outputs(backend, blocks):
+    """`sum_groups=True` returns channel c of every group added up, (batch, dim / G, H, W), or where the groups
+    share u's blocks the groups of each block added up, u's shape; the gradients of that sum (the shape-only op:
+    the shape and the gradients' shapes)."""
     groups, per_group = 4, 3
     inputs = make_inputs(dim=groups * per_group, groups=groups, height=5, width=6, seed=9)
-    if shared_u:
-        inputs["u"] = inputs["u"][:, :per_group].detach().clone().requires_grad_()
+    if blocks:
+        inputs["u"] = inputs["u"][:, :blocks * per_group].detach().clone().requires_grad_()
+    summed_channels = max(blocks, 1) * per_group
     directions = ("tl_hv", "tl_vh", "br_hv", "br_vh")
     summed = selective_scan_2d(**inputs, direction=directions, backend=backend, sum_groups=True)
-    assert summed.shape == (2, per_group, 5, 6)
+    assert summed.shape == (2, summed_channels, 5, 6)
     if backend == "shape_only":
         got = grads(summed, inputs)
         assert all(got[name].shape == inputs[name].shape for name in inputs)
         return
     full = selective_scan_2d(**inputs, direction=directions, backend=backend)
-    want_y = full.unflatten(1, (groups, per_group)).sum(dim=1)
+    copies = groups * per_group // summed_channels
+    want_y = full.unflatten(1, (copies, summed_channels)).sum(dim=1)
     torch.testing.assert_close(summed, want_y, rtol=1e-12, atol=1e-12)
     dy = torch.randn(summed.shape, generator=torch.Generator().manual_seed(4), dtype=summed.dtype)
     got = torch.autograd.grad(summed, list(inputs.values()), dy)
-    want = torch.autograd.grad(full, list(inputs.values()), dy.repeat(1, groups, 1, 1))
+    want = torch.autograd.grad(full, list(inputs.values()), dy.repeat(1, copies, 1, 1))
     for name, g, w in zip(inputs, got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=f"d{name} differs")
 
 
-def test_u_channels_must_be_dim_or_dim_over_groups():
-    """A u that is neither one map per channel nor one per channel of a group is named, with both accepted shapes."""
-    inputs = make_inputs(dim=8, groups=4, grad=False)
-    with pytest.raises(ValueError, match=r"delta must have shape \(batch, dim, H, W\) like u, or \(batch, G \* "
-                                         r"u.shape\[1\], H, W\) when the G groups share u"):
-        selective_scan_2d(**{**inputs, "u": inputs["u"][:, :4]})
+def test_u_channels_must_be_dim_or_blocks_of_dim_over_groups():
+    """A u that is neither one map per channel nor blocks of one map per channel of a group, as many as divide G,
+    is named, with the accepted shapes."""
+    inputs = make_inputs(dim=8, groups=4, grad=False)  # blocks of 2 channels: 1, 2 or 4 of them
+    for channels in (3, 6):
+        with pytest.raises(ValueError, match=rf"u has {channels} channels \(u.shape\[1\]\), neither delta's dim=8 "
+                                             r"nor P \* dim / G = P \* 2 for groups sharing u's P blocks"):
+            selective_scan_2d(**{**inputs, "u": inputs["u"][:, :channels]})
 
 
 def make_low_rank(batch=2, groups=4, per_group=3, rank=2, height=5, width=7, shared_u=False, seed=11):
@@ -332,8 +340,8 @@ BAD_LOW_RANK = [
                                                                                  .flatten(0, 1)}),
     (r"delta must be 5-D \(batch, G, R, H, W\) when delta_proj is given, got shape \(2, 8, 5, 7\)",
      lambda t: {**t, "delta": t["delta"].flatten(1, 2)}),
-    (r"delta_proj must have shape \(G, dim / G, R\) with G = B.shape\[1\] and dim = u.shape\[1\], or G \* "
-     r"u.shape\[1\] when the G groups share u, = \(4, 3, 2\), got \(2, 6, 2\)",
+    (r"delta_proj must have shape \(G, dim / G, R\) with G = B.shape\[1\] and dim = u.shape\[1\], or G / P \* "
+     r"u.shape\[1\] when the G groups share u's P blocks, = \(4, 3, 2\), got \(2, 6, 2\)",
      lambda t: {**t, "delta_proj": t["delta_proj"].reshape(2, 6, 2)}),
     (r"delta_proj must have shape .* = \(4, 3, 2\), got \(4, 2, 2\)",
      lambda t: {**t, "delta_proj": t["delta_proj"][:, :2]}),

@@ -239,81 +239,54 @@ class SS2D(nn.Module):
 
     def _scan(self, x: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
         """The four routes' scans of `x` (b, d, h, w), summed; returned channels_last, like the residual stream. `u`
-        is x's NCHW copy where the caller made it (with the activation), else it is made here.
+        is x's NCHW copy where the caller made it (with the activation; the 2D routes only), else it is made here.
 
-        Layouts are chosen so that a training step moves as little memory as it can (`test_block_layout_copies`
-        counts the copies): x is channels_last, so its pixel rows are a view, the projections are GEMMs that write
-        their outputs where the scan reads them, and every gradient comes back in its tensor's own layout.
+        Layouts are chosen so that a training step moves little memory (`test_block_layout_copies` and
+        `test_cross1d_block_layout_copies` count the copies): x is channels_last, the projections are GEMMs that
+        write their outputs where the scan reads them, and every gradient comes back in its tensor's own layout.
         """
         b, d, h, w = x.shape
         k, n, r = self.n_routes, self.d_state, self.dt_rank
-        u = _Relayout.apply(x, cuda_layout.to_nchw, cuda_layout.to_channels_last) if u is None else u
         rows = x.permute(0, 2, 3, 1).flatten(1, 2)  # (b, h*w, d)
         # x_proj as one GEMM with the pixels as columns: x_dbl is (route, channel, batch, pixel), so B and C are
-        # views with w innermost, as the scan reads them; as the pixels enter transposed, autograd returns their
+        # views with w innermost, as the 2D scan reads them; as the pixels enter transposed, autograd returns their
         # gradient channels_last.
         x_dbl = torch.mm(self.x_proj_weight.flatten(0, 1), rows.flatten(0, 1).t()).view(k, -1, b, h, w)
+        if self.scan == "cross1d":
+            # VMamba's cross-scan as one scan of its four routes on two copies of x, the row-major flattening (read
+            # by routes 0 and 2) and the column-major one (routes 1 and 3): u holds both, each route reading its
+            # own (the scan's groups share u's blocks), and the op sums each copy's pair of routes; the two sums
+            # meet in one cross-merge. The routes' dts, B and C (r + 2N channels, not d) are copied into their
+            # routes' order.
+            dts, B, C = torch.split(_RouteOrder.apply(x_dbl).unsqueeze(-2), [r, n, n], dim=2)
+            y = self._scan_routes(_CrossScan.apply(x).view(b, 2 * d, 1, h * w), dts, B, C, channels_last=False)
+            return _CrossMerge.apply(y.view(b, 2, d, h * w), h, w)
+        u = _Relayout.apply(x, cuda_layout.to_nchw, cuda_layout.to_channels_last) if u is None else u
         dts, B, C = torch.split(x_dbl, [r, n, n], dim=1)
-        # dt_proj (rank r -> d, one weight per route) runs inside the scan op (delta_proj, a GEMM batched over
-        # (image, route)), which keeps the r-channel dts for its backward and recomputes delta there, instead of
-        # keeping the d-channel delta (d / r = 16 times larger in the tiny model). The dts it keeps are a view of
-        # x_dbl, which B and C keep anyway.
-        dts, B, C = (t.permute(2, 0, 1, 3, 4) for t in (dts, B, C))  # (b, k, c, h, w) views
-        if self.scan == "2d":
-            # The four 2D routes read one NCHW copy of x (the scan's shared u), not four: a quarter of the copy's
-            # traffic and of what the scan keeps for its backward, which returns the routes' summed gradient. The op
-            # sums the routes too, so its backward reads one gradient map per channel for all four (summed outside,
-            # autograd would expand the gradient to four copies), and writes the sum channels_last in the same pass
-            # (through shared-memory tiles, so that reads and writes are both whole lines).
-            return self._scan_routes(u, dts, B, C, self._route_parameters(), SCAN_DIRECTIONS["2d"],
-                                     channels_last=True)
-        # VMamba's cross-scan as two scans of two routes each, one per flattening of the map, each pair sharing one
-        # copy of x (row-major: routes 0 and 2, column-major: 1 and 3, the second of each running backwards) and
-        # summed in the op; the two sums meet in one pass that writes channels_last.
-        pixels = h * w
-        # Routes 0 and 2 apart from 1 and 3, each tensor unbound once into the two: the gradients of the halves meet
-        # in one stack, where two slices would each zero a full-size gradient, copy into it, and then be added.
-        rows_maps, cols_maps = zip(*(t.unflatten(1, (2, 2)).unbind(2) for t in (dts, B, C)))
-        halves = zip(*(t.unflatten(0, (2, 2)).unbind(1) for t in self._route_parameters(per_route=True)))
-        rows_parameters, cols_parameters = ((A.flatten(0, 1), D.flatten(), bias.flatten(), proj)
-                                            for A, D, bias, proj in halves)
-        along_rows = self._scan_routes(
-            u.view(b, d, 1, pixels), *(t.flatten(-2).unsqueeze(-2) for t in rows_maps),
-            rows_parameters, SCAN_DIRECTIONS["cross1d"][0::2])
-        along_cols = self._scan_routes(
-            _Relayout.apply(x, cuda_layout.to_transposed_nchw, cuda_layout.from_transposed_nchw).view(b, d, 1, pixels),
-            *(t.transpose(-1, -2).reshape(b, 2, -1, 1, pixels) for t in cols_maps),
-            cols_parameters, SCAN_DIRECTIONS["cross1d"][1::2])
-        return _CrossMerge.apply(along_rows.view(b, d, h, w), along_cols.view(b, d, w, h))
-
-    def _route_parameters(self, per_route: bool = False) -> tuple[torch.Tensor, ...]:
-        """The scan's parameters of the four routes, route-major: A = -exp(A_log) (routes * d_inner, N), D and
-        delta_bias (routes * d_inner,), all float32, and the dt projections (routes, d_inner, R); with `per_route`,
-        A, D and delta_bias are (routes, d_inner, ...). A model step calls this once per block: no view or cast
-        that would leave the values as they are (each is an operator for the host to dispatch, in both passes)."""
-        A, D = -torch.exp(_to(self.A_logs, torch.float32)), _to(self.Ds, torch.float32)
-        delta_bias = _to(self.dt_projs_bias, torch.float32)
-        if per_route:
-            routes = (self.n_routes, self.d_inner)
-            return A.view(*routes, -1), D.view(routes), delta_bias, self.dt_projs_weight
-        return A, D, delta_bias.flatten(), self.dt_projs_weight
+        # The four 2D routes read one NCHW copy of x (the scan's shared u), not four: a quarter of the copy's traffic
+        # and of what the scan keeps for its backward, which returns the routes' summed gradient. The op sums the
+        # routes too, so its backward reads one gradient map per channel for all four (summed outside, autograd
+        # would expand the gradient to four copies), and writes the sum channels_last in the same pass (through
+        # shared-memory tiles, so that reads and writes are both whole lines).
+        return self._scan_routes(u, *(t.permute(2, 0, 1, 3, 4) for t in (dts, B, C)), channels_last=True)
 
     def _scan_routes(self, u: torch.Tensor, dts: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                     parameters: tuple[torch.Tensor, ...], directions: tuple[str, ...],
-                     channels_last: bool = False) -> torch.Tensor:
-        """The scans of some routes, summed over those routes in the op.
+                     channels_last: bool) -> torch.Tensor:
+        """The four routes' scans in one call, summed over the routes that read the same maps of u. dt_proj (rank
+        r -> d, one weight per route) runs inside the scan op (delta_proj, a GEMM batched over (image, route)), which
+        keeps the r-channel dts for its backward and recomputes delta there, instead of keeping the d-channel delta
+        (d / r = 16 times larger in the tiny model).
 
         Args:
-            u: (b, d, H, W), shared by the routes.
+            u: (b, d, H, W), shared by the four routes, or (b, 2 d, H, W): two copies, route i reading copy i % 2.
             dts: (b, routes, r, H, W), the low-rank delta.
             B: (b, routes, N, H, W).
             C: (b, routes, N, H, W).
-            parameters: Those routes' A (routes * d, N), D and delta_bias (routes * d,) and dt projections
-                (routes, d, r).
-            directions: Those routes' scan directions.
             channels_last: Return the sum channels_last.
         """
-        A, D, delta_bias, delta_proj = parameters
+        # A = -exp(A_log), D and delta_bias in float32; no view or cast that would leave the values as they are
+        # (each is an operator for the host to dispatch, in both passes)
+        A, D = -torch.exp(_to(self.A_logs, torch.float32)), _to(self.Ds, torch.float32)
         dtype = u.dtype
         return selective_scan_2d(
             u,
@@ -322,11 +295,11 @@ class SS2D(nn.Module):
             _to(B, dtype),
             _to(C, dtype),
             D=D,
-            delta_bias=delta_bias,
+            delta_bias=_to(self.dt_projs_bias, torch.float32).flatten(),
             delta_softplus=True,
-            direction=directions,
+            direction=SCAN_DIRECTIONS[self.scan],
             backend=self.scan_backend,
-            delta_proj=delta_proj,
+            delta_proj=self.dt_projs_weight,
             sum_groups=True,
             channels_last=channels_last,
         )
@@ -340,9 +313,9 @@ class SS2D(nn.Module):
         """
         # the projection's rows seen as an NCHW map are channels_last, which the depthwise convolution keeps
         x = self.conv2d(self.in_proj(x).permute(0, 3, 1, 2))
-        if cuda_layout.silu_usable(x):
+        if self.scan == "2d" and cuda_layout.silu_usable(x):
             # the activation writes its output in both layouts at once: channels_last for the projections, NCHW for
-            # the scan (one pass instead of the activation's and the copy's; its backward adds the two gradients)
+            # the 2D scan (one pass instead of the activation's and the copy's; its backward adds the two gradients)
             x, u = cuda_layout.silu_both_layouts(x)
         else:
             x = self.act(x)
@@ -353,8 +326,8 @@ class SS2D(nn.Module):
 
 class _Relayout(torch.autograd.Function):
     """A map copied into another layout by `there`, whose gradient `back` copies into the map's own layout: the scan
-    reads NCHW (and the column-major routes transposed NCHW) while the projections and the residual stream are
-    channels_last, and a gradient added to another in a different layout would be read strided."""
+    reads NCHW while the projections and the residual stream are channels_last, and a gradient added to another in
+    a different layout would be read strided."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, there, back) -> torch.Tensor:
@@ -366,19 +339,70 @@ class _Relayout(torch.autograd.Function):
         return ctx.back(grad), None, None
 
 
+def _cross_scan(x: torch.Tensor) -> torch.Tensor:
+    """VMamba's cross-scan of a channels_last map x (b, d, H, W): its row-major and column-major flattenings as
+    (b, 2, d, H * W)."""
+    b, d, h, w = x.shape
+    rows = cuda_layout.to_nchw(x).view(b, 1, d, h * w)
+    cols = cuda_layout.to_transposed_nchw(x).view(b, 1, d, h * w)
+    return torch.cat((rows, cols), dim=1)
+
+
+def _cross_merge(y: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """VMamba's cross-merge of the row-major and the column-major maps y (b, 2, d, H * W): their sum as a
+    channels_last (b, d, H, W) map, the column-major one transposed in the pass that adds it."""
+    b, _, d, _ = y.shape
+    out = torch.empty((b, d, h, w), dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
+    return torch.add(y[:, 0].view(b, d, h, w), y[:, 1].view(b, d, w, h).transpose(-1, -2), out=out)
+
+
+class _CrossScan(torch.autograd.Function):
+    """`_cross_scan`, whose gradient is the cross-merge of the copies' gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.map_size = x.shape[-2:]
+        return _cross_scan(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _cross_merge(grad, *ctx.map_size)
+
+
 class _CrossMerge(torch.autograd.Function):
-    """VMamba's cross-merge of the two route sums: the row-major routes' (b, d, H, W) plus the column-major routes'
-    (b, d, W, H) transposed, written channels_last in one pass; each gradient goes back in its input's layout."""
+    """`_cross_merge`, whose gradient is the cross-scan of the sum's gradient."""
 
     @staticmethod
-    def forward(ctx, along_rows: torch.Tensor, along_cols: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(along_rows.shape, dtype=along_rows.dtype, device=along_rows.device,
-                          memory_format=torch.channels_last)
-        return torch.add(along_rows, along_cols.transpose(-1, -2), out=out)
+    def forward(ctx, y: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return _cross_merge(y, h, w)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return cuda_layout.to_nchw(grad), cuda_layout.to_transposed_nchw(grad)
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _cross_scan(grad), None, None
+
+
+class _RouteOrder(torch.autograd.Function):
+    """x_proj's output (routes, c, b, H, W) as each of VMamba's four 1D routes reads it, (b, routes, c, H * W):
+    routes 0 and 2 in row-major order, 1 and 3 in column-major order; the gradient goes back the same way."""
+
+    @staticmethod
+    def forward(ctx, x_dbl: torch.Tensor) -> torch.Tensor:
+        k, c, b, h, w = x_dbl.shape
+        ctx.map_size = (h, w)
+        out = x_dbl.new_empty((b, k, c, h * w))
+        out[:, 0::2].view(b, k // 2, c, h, w).copy_(x_dbl[0::2].permute(2, 0, 1, 3, 4))
+        out[:, 1::2].view(b, k // 2, c, w, h).copy_(x_dbl[1::2].permute(2, 0, 1, 4, 3))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        b, k, c, _ = grad.shape
+        h, w = ctx.map_size
+        out = grad.new_empty((k, c, b, h, w))
+        out[0::2].permute(2, 0, 1, 3, 4).copy_(grad[:, 0::2].view(b, k // 2, c, h, w))
+        out[1::2].permute(2, 0, 1, 4, 3).copy_(grad[:, 1::2].view(b, k // 2, c, w, h))
+        return out
 
 
 def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

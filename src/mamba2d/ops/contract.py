@@ -26,7 +26,8 @@ class ScanShape:
         width: Columns W of the map.
         groups: B/C groups G (channel d uses group `d // (dim // G)`).
         d_state: States N per channel.
-        shared_u: `u` has dim / G channels that every group reads (channel d reads u's channel `d % (dim // G)`).
+        u_blocks: Blocks of dim / G maps in `u` that the groups share, group g reading block `g % u_blocks` (1: one
+            u of dim / G channels read by every group); 0 where u has one map per channel (dim channels).
         delta_rank: R of a low-rank `delta` (batch, G, R, H, W) given with `delta_proj`; 0 for a full delta.
     """
 
@@ -36,8 +37,20 @@ class ScanShape:
     width: int
     groups: int
     d_state: int
-    shared_u: bool = False
+    u_blocks: int = 0
     delta_rank: int = 0
+
+
+def summed_channels(u_channels: int, dim: int, groups: int) -> int:
+    """The channels of y summed over its groups (`sum_groups`): u's where the groups share u's maps (each block's
+    groups summed), else dim / G (all G groups summed).
+
+    Args:
+        u_channels: u.shape[1].
+        dim: Channels of delta and of the unsummed y.
+        groups: B/C groups G.
+    """
+    return u_channels if u_channels < dim else dim // groups
 
 
 def direction_transform(direction: str) -> tuple[bool, bool, bool]:
@@ -125,9 +138,9 @@ def check_scan_inputs(
     Errors name the argument, the expected and the actual value.
 
     Args:
-        u: Input, (batch, dim, H, W) in float32, float16, bfloat16 or float64, or (batch, dim / G, H, W): one map
-            per channel of a group, read by all G groups (channel d reads u's channel `d % (dim / G)`; the
-            gradient is summed over the groups).
+        u: Input, (batch, dim, H, W) in float32, float16, bfloat16 or float64, or (batch, P * dim / G, H, W) with
+            P dividing G: P blocks of one map per channel of a group, group g reading block `g % P` (P = 1: one
+            block read by all G groups); the gradient of a block is summed over the groups that read it.
         delta: Step sizes before softplus, (batch, dim, H, W) in u's dtype, or (batch, G, R, H, W) in u's dtype
             with `delta_proj` (the low-rank form, `full_delta`).
         A: State matrix, (dim, N) in float32 or float64.
@@ -171,23 +184,29 @@ def check_scan_inputs(
                              f"got shape {tuple(delta.shape)}")
         rank = delta_proj.shape[2]
         maps = (delta.shape[0], delta_proj.shape[0] * delta_proj.shape[1], *delta.shape[3:])
-    shared_u = groups > 1 and maps == (batch, dim * groups, height, width)
-    if shared_u:
-        dim *= groups
+    u_blocks = 0
+    per_group = maps[1] // groups if len(maps) == 4 and groups > 0 else 0
+    if (groups > 1 and per_group > 0 and maps[0] == batch and tuple(maps[2:]) == (height, width) and maps[1] != dim
+            and per_group * groups == maps[1] and dim % per_group == 0 and groups % (dim // per_group) == 0):
+        u_blocks, dim = dim // per_group, maps[1]
     if A.dim() != 2:
         raise ValueError(f"selective_scan_2d: A must be 2-D (dim, N), got shape {tuple(A.shape)}")
     if groups < 1 or dim % groups != 0:
+        if len(maps) == 4 and maps[1] != dim and groups > 0 and maps[1] % groups == 0:
+            raise ValueError(f"selective_scan_2d: u has {dim} channels (u.shape[1]), neither delta's dim={maps[1]} nor "
+                             f"P * dim / G = P * {maps[1] // groups} for groups sharing u's P blocks (P dividing "
+                             f"G={groups}, B.shape[1])")
         raise ValueError(f"selective_scan_2d: dim={dim} (u.shape[1]) must be divisible by G={groups} (B.shape[1])")
     if min(batch, dim, height, width, d_state) < 1 or (delta_proj is not None and rank < 1):
         raise ValueError(f"selective_scan_2d: empty input: u {tuple(u.shape)}, B {tuple(B.shape)}"
                          + ("" if delta_proj is None else f", delta_proj {tuple(delta_proj.shape)}"))
     full = (batch, dim, height, width)
     if delta_proj is None:
-        _expect_shape("delta", delta, full, "(batch, dim, H, W) like u, or (batch, G * u.shape[1], H, W) when the G "
-                      "groups share u")
+        _expect_shape("delta", delta, full, "(batch, dim, H, W) like u, or (batch, G / P * u.shape[1], H, W) when the "
+                      "G groups share u's P blocks (P dividing G)")
     else:
         _expect_shape("delta_proj", delta_proj, (groups, dim // groups, rank), "(G, dim / G, R) with G = B.shape[1] "
-                      "and dim = u.shape[1], or G * u.shape[1] when the G groups share u,")
+                      "and dim = u.shape[1], or G / P * u.shape[1] when the G groups share u's P blocks,")
         _expect_shape("delta", delta, (batch, groups, rank, height, width), "(batch, G, R, H, W) with R = "
                       "delta_proj.shape[2]")
     _expect_shape("A", A, (dim, d_state), "(dim, N)")
@@ -217,21 +236,21 @@ def check_scan_inputs(
         if tensor is not None and tensor.device != u.device:
             raise ValueError(
                 f"selective_scan_2d: {name} is on {tensor.device} but u is on {u.device}; move them together")
-    return ScanShape(batch, dim, height, width, groups, d_state, shared_u, rank)
+    return ScanShape(batch, dim, height, width, groups, d_state, u_blocks, rank)
 
 
 def share_u(u: torch.Tensor, shape: ScanShape) -> torch.Tensor:
-    """u with one map per channel: a shared u (`ScanShape.shared_u`) repeated for every group, as a
-    differentiable copy (its gradient is the sum over the groups); any other u unchanged.
+    """u with one map per channel: a shared u's blocks (`ScanShape.u_blocks`) repeated for every group, as a
+    differentiable copy (a block's gradient is the sum over the groups that read it); any other u unchanged.
 
     Args:
         u: The scan's input.
         shape: The call's sizes (`check_scan_inputs`).
     """
-    if not shape.shared_u:
+    if not shape.u_blocks:
         return u
-    return u.unsqueeze(1).expand(-1, shape.groups, -1, -1, -1).reshape(shape.batch, shape.dim, shape.height,
-                                                                       shape.width)
+    repeats = shape.groups // shape.u_blocks
+    return u.unsqueeze(1).expand(-1, repeats, -1, -1, -1).reshape(shape.batch, shape.dim, shape.height, shape.width)
 
 
 def full_delta(delta: torch.Tensor, delta_proj: torch.Tensor | None) -> torch.Tensor:

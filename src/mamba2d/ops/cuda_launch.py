@@ -115,7 +115,8 @@ class ScanParams(ctypes.Structure):
         *((name, _I32) for name in (
             "dim", "H", "W", "G", "N", "softplus",
             "su_h", "su_w", "sd_h", "sd_w", "sz_h", "sz_w", "so_h", "so_w", "sB_n", "sB_h", "sB_w", "sC_n", "sC_h",
-            "sC_w", "S", "WPM", "CH", "ntiles", "nbands", "NP", "vec", "keep_tops", "ck_chunks", "dir_period")),
+            "sC_w", "S", "WPM", "CH", "ntiles", "nbands", "NP", "vec", "keep_tops", "ck_chunks", "dir_period",
+            "u_period", "o_period")),
     ]
 
 

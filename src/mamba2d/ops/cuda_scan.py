@@ -17,7 +17,7 @@ from functools import lru_cache
 import torch
 
 from . import cuda_build, cuda_layout
-from .contract import ScanShape
+from .contract import ScanShape, summed_channels
 from .cuda_build import DEFAULT_TUNING, LaunchPlan, ScanTuning
 from .cuda_launch import (  # noqa: F401  (INSTALL_HINT, cupy_importable: the public face of the CUDA backend)
     INSTALL_HINT,
@@ -235,19 +235,29 @@ def _poison(enabled: bool, *tensors) -> None:
 
 
 def _common_fields(u, delta, z, B, C, A, D, delta_bias, directions, delta_softplus, dout=None) -> dict:
-    """Parameter fields every scan kernel takes: inputs, sizes and strides. A u shared by the groups (dim / G
-    channels) is read at channel d - g * dim / G by group g (`su_g`), and so is a dout of dim / G channels, the
-    gradient of y summed over the groups (`so_g`)."""
+    """Parameter fields every scan kernel takes: inputs, sizes and strides. A u of fewer than dim channels holds
+    blocks of dim / G maps that the groups share, group g reading block g % blocks (`su_g`, `u_period`), and so
+    does a dout of fewer than dim channels, the gradient of y summed over the groups of each block (`so_g`,
+    `o_period`)."""
     _, dim, height, width = delta.shape
     groups = B.shape[1]
     return dict(
         u=u, delta=delta, z=z, dout=dout, Bm=B, Cm=C, A=A, Dv=D, dbias=delta_bias,
         **direction_fields(directions, u.device), dim=dim, H=height, W=width, G=groups, N=B.shape[2],
-        softplus=int(bool(delta_softplus)), su_g=0 if u.shape[1] == dim else -(dim // groups) * u.stride(1),
-        so_g=0 if dout is None or dout.shape[1] == dim else -(dim // groups) * dout.stride(1),
+        softplus=int(bool(delta_softplus)), **_block_fields("su_g", "u_period", u, dim, groups),
+        **_block_fields("so_g", "o_period", dout, dim, groups),
         **stride_fields(("su", u, "bdhw"), ("sd", delta, "bdhw"), ("sz", z, "bdhw"), ("so", dout, "bdhw"),
                         ("sB", B, "bgnhw"), ("sC", C, "bgnhw")),
     )
+
+
+def _block_fields(offset: str, period: str, t: torch.Tensor | None, dim: int, groups: int) -> dict:
+    """The per-group offset and period fields of u or dout (`t`): blocks of dim / G maps shared by the groups where
+    t has fewer than dim channels, one map per channel otherwise (or where t is None)."""
+    if t is None or t.shape[1] == dim:
+        return {offset: 0, period: 1}
+    per_group = dim // groups
+    return {offset: -per_group * t.stride(1), period: t.shape[1] // per_group}
 
 
 def _band_fields(plan: LaunchPlan, nmaps: int, vector_inputs) -> dict:
@@ -313,7 +323,8 @@ def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, ou
     (`contract.check_scan_inputs`) and cast A, D and delta_bias to contiguous float32.
 
     Args:
-        u: Input, (batch, dim, H, W) or (batch, dim / G, H, W) shared by the groups, contiguous or strided.
+        u: Input, (batch, dim, H, W) or (batch, P * dim / G, H, W): P blocks shared by the groups, group g
+            reading block g % P; contiguous or strided.
         delta: Step sizes, (batch, dim, H, W).
         A: State matrix, (dim, N) float32.
         B: Input projection, (batch, G, N, H, W) in u's dtype.
@@ -327,7 +338,8 @@ def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, ou
         save_ckpt: Keep the checkpoints for a backward (when the plan keeps them).
         y_needed: Allocate and write y (False: a rebuild of the checkpoints only).
         rebuild: Always return the checkpoints (the backward's recomputation).
-        sum_groups: Return y summed over the G groups, (batch, dim / G, H, W), in y's dtype.
+        sum_groups: Return y summed over the G groups, (batch, dim / G, H, W), in y's dtype (over the groups of
+            each block of a shared u: u's shape).
         channels_last: Return y channels_last (summed and laid out in one pass with `sum_groups`).
         tuning: The kernels' knobs.
         poison: Fill every output and scratch buffer with NaN first (tests).
@@ -338,7 +350,8 @@ def fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, ou
     y, ckv, ckh = _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, directions, out_fp32, save_ckpt,
                        y_needed, rebuild, tuning, poison)
     if y is not None and (sum_groups or channels_last):
-        y = group_sum(y, delta.shape[1] // B.shape[1] if sum_groups else delta.shape[1], channels_last)
+        dim = delta.shape[1]
+        y = group_sum(y, summed_channels(u.shape[1], dim, B.shape[1]) if sum_groups else dim, channels_last)
     return y, ckv, ckh
 
 
@@ -446,9 +459,10 @@ def bwd_impl(dout, u, delta, A, B, C, D, z, delta_bias, ckv, ckh, delta_softplus
     the checkpoints), outside the kernel.
 
     Args:
-        dout: Gradient of y, like delta, or (batch, dim / G, H, W) for y summed over the groups (read by every
-            group), in float32 or u's dtype; a channels_last one is copied to NCHW first.
-        u: Input, (batch, dim, H, W) or (batch, dim / G, H, W) shared by the groups, contiguous or strided.
+        dout: Gradient of y, like delta, or of y summed over the groups (`fwd_impl`'s sum_groups; read by every
+            group that shares its block), in float32 or u's dtype; a channels_last one is copied to NCHW first.
+        u: Input, (batch, dim, H, W) or (batch, P * dim / G, H, W): P blocks shared by the groups, group g
+            reading block g % P; contiguous or strided.
         delta: Step sizes, (batch, dim, H, W).
         A: State matrix, (dim, N) float32.
         B: Input projection, (batch, G, N, H, W) in u's dtype.

@@ -31,7 +31,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from . import library  # noqa: F401  (registers mamba2d::scan2d_fwd, whose formula is set below)
-from .contract import check_scan_inputs, parse_directions
+from .contract import check_scan_inputs, parse_directions, summed_channels
 
 COUNTED_OP_NAME = "mamba2d_flops::selective_scan_2d"
 SHAPE_ONLY = "shape_only"
@@ -112,7 +112,7 @@ def _shape_only_op(
     sum_groups: bool = False,
     channels_last: bool = False,
 ) -> torch.Tensor:
-    return torch.empty(_output_shape(A, B, sum_groups), dtype=out_dtype or u.dtype, device=u.device,
+    return torch.empty(_output_shape(u, A, B, sum_groups), dtype=out_dtype or u.dtype, device=u.device,
                        memory_format=_memory_format(channels_last)).zero_()
 
 
@@ -120,16 +120,17 @@ def _memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _output_shape(A: torch.Tensor, B: torch.Tensor, sum_groups: bool) -> tuple[int, ...]:
-    """(batch, dim, H, W) from A (dim, N) and B (batch, G, N, H, W): delta may be low-rank and u shared; dim / G
-    channels when the groups' outputs are summed."""
-    return (B.shape[0], A.shape[0] // B.shape[1] if sum_groups else A.shape[0], B.shape[3], B.shape[4])
+def _output_shape(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sum_groups: bool) -> tuple[int, ...]:
+    """(batch, dim, H, W) from A (dim, N) and B (batch, G, N, H, W): delta may be low-rank and u shared; when the
+    groups' outputs are summed, `contract.summed_channels`."""
+    dim = A.shape[0]
+    return (B.shape[0], summed_channels(u.shape[1], dim, B.shape[1]) if sum_groups else dim, B.shape[3], B.shape[4])
 
 
 @_shape_only_op.register_fake
 def _shape_only_fake(u, delta, A, B, C, D, z, delta_bias, out_dtype, delta_proj=None, sum_groups=False,
                      channels_last=False):
-    return torch.empty(_output_shape(A, B, sum_groups), dtype=out_dtype or u.dtype, device=u.device,
+    return torch.empty(_output_shape(u, A, B, sum_groups), dtype=out_dtype or u.dtype, device=u.device,
                        memory_format=_memory_format(channels_last))
 
 
@@ -184,7 +185,8 @@ def shape_only_scan(
         direction: One direction name or one per group (checked, unused by the count).
         out_dtype: Output dtype (default: u's).
         delta_proj: (G, dim / G, R) of a low-rank delta, or None (counted: the product that expands delta).
-        sum_groups: The output is summed over the G groups, (batch, dim / G, H, W).
+        sum_groups: The output is summed over the G groups, (batch, dim / G, H, W), or over each block's where the
+            groups share u's blocks (u's shape).
         channels_last: The output is channels_last.
     """
     shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, out_dtype, delta_proj)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import cuda_build
-from .contract import batched_delta_factors, check_scan_inputs, full_delta, parse_directions
+from .contract import batched_delta_factors, check_scan_inputs, full_delta, parse_directions, summed_channels
 from .cuda_build import DEFAULT_TUNING, ScanTuning
 from .cuda_scan import (
     MAX_D_STATE,
@@ -52,7 +52,8 @@ def scan2d_fwd(
     """The scan's forward as a custom op (`mamba2d::scan2d_fwd`) on checked inputs (`selective_scan_2d_cuda`).
 
     Args:
-        u: Input, (batch, dim, H, W) or (batch, dim / G, H, W) shared by the groups, contiguous or strided.
+        u: Input, (batch, dim, H, W) or (batch, P * dim / G, H, W): P blocks shared by the groups, group g
+            reading block g % P; contiguous or strided.
         delta: Step sizes, (batch, dim, H, W), or (batch, G, R, H, W) with `delta_proj`.
         A: State matrix, (dim, N) float32.
         B: Input projection, (batch, G, N, H, W) in u's dtype.
@@ -65,7 +66,8 @@ def scan2d_fwd(
         out_fp32: y is float32 (else u's dtype).
         save_ckpt: Keep the checkpoints for the backward.
         delta_proj: (G, dim / G, R) projecting a low-rank delta (`contract.full_delta`), or None.
-        sum_groups: y is summed over the G groups, (batch, dim / G, H, W).
+        sum_groups: y is summed over the G groups, (batch, dim / G, H, W) (over each block's groups where the
+            groups share u's blocks: u's shape).
         channels_last: y is channels_last.
 
     Returns:
@@ -96,7 +98,7 @@ def _scan2d_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, direct
     ckv_n = plan.ckv_numel if save_ckpt and plan.keeps_checkpoint else 0
     ckh_n = plan.ckh_numel
     batch, dim, height, width = maps.shape
-    y_shape = (batch, dim // B.shape[1], height, width) if sum_groups else (batch, dim, height, width)
+    y_shape = (batch, summed_channels(u.shape[1], dim, B.shape[1]) if sum_groups else dim, height, width)
     y = torch.empty(y_shape, dtype=torch.float32 if out_fp32 else u.dtype, device=u.device,
                     memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return y, u.new_empty((ckv_n,), dtype=torch.float32), u.new_empty((ckh_n,), dtype=torch.float32)
@@ -122,9 +124,10 @@ def scan2d_bwd(
     """The scan's backward as a custom op (`mamba2d::scan2d_bwd`).
 
     Args:
-        dout: Gradient of y, (batch, dim, H, W), or (batch, dim / G, H, W) for y summed over the groups, in float32
-            or u's dtype.
-        u: Input, (batch, dim, H, W) or (batch, dim / G, H, W) shared by the groups, contiguous or strided.
+        dout: Gradient of y, (batch, dim, H, W), or y's summed shape for y summed over the groups, in float32 or
+            u's dtype.
+        u: Input, (batch, dim, H, W) or (batch, P * dim / G, H, W): P blocks shared by the groups, group g
+            reading block g % P; contiguous or strided.
         delta: Step sizes, (batch, dim, H, W), or (batch, G, R, H, W) with `delta_proj`.
         A: State matrix, (dim, N) float32.
         B: Input projection, (batch, G, N, H, W) in u's dtype.
@@ -293,8 +296,8 @@ def selective_scan_2d_cuda(
     weight's dtype.
 
     Args:
-        u: Input, (batch, dim, H, W) in float32, float16 or bfloat16, on a CUDA device, or (batch, dim / G, H, W)
-            read by every group.
+        u: Input, (batch, dim, H, W) in float32, float16 or bfloat16, on a CUDA device, or (batch, P * dim / G,
+            H, W): P blocks shared by the groups, group g reading block g % P.
         delta: Step sizes, (batch, dim, H, W) in u's dtype, or (batch, G, R, H, W) with `delta_proj`.
         A: State matrix, (dim, N) in float32, N up to MAX_D_STATE.
         B: Input projection, (batch, G, N, H, W) in u's dtype.
@@ -311,12 +314,13 @@ def selective_scan_2d_cuda(
             that an element a kernel fails to write shows (tests). Eager calls only.
         delta_proj: Per-group projection (G, dim / G, R) of a low-rank delta, or None. The op keeps the low-rank
             delta and the weight for its backward, not the full delta.
-        sum_groups: Return y summed over the G groups, (batch, dim / G, H, W): the backward kernels then read
-            its gradient's one map per channel of a group for every group, instead of a copy per group.
+        sum_groups: Return y summed over the G groups, (batch, dim / G, H, W) (over each block's groups where
+            the groups share u's blocks: u's shape): the backward kernels then read its gradient's one map per
+            channel of a group for every group, instead of a copy per group.
         channels_last: Return y channels_last (with `sum_groups`, summed and laid out in one pass).
 
     Returns:
-        y, (batch, dim, H, W), or (batch, dim / G, H, W) with `sum_groups`.
+        y, (batch, dim, H, W), or y summed with `sum_groups`.
 
     Raises:
         ValueError: Inputs off the GPU, N above MAX_D_STATE, or tuning/poisoning under torch.compile.

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .contract import check_scan_inputs, direction_transform, full_delta, parse_directions, share_u
+from .contract import check_scan_inputs, direction_transform, full_delta, parse_directions, share_u, summed_channels
 
 
 def linear_recurrence(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -86,8 +86,8 @@ def selective_scan_2d_ref(
     inputs). It materialises (batch, dim, N, H, W) tensors, so it suits CPUs, tests and small maps.
 
     Args:
-        u: Input, (batch, dim, H, W) in float32, float16, bfloat16 or float64, or (batch, dim / G, H, W) read by
-            every group (channel d reads u's channel `d % (dim / G)`).
+        u: Input, (batch, dim, H, W) in float32, float16, bfloat16 or float64, or (batch, P * dim / G, H, W): P
+            blocks (P dividing G) of one map per channel of a group, group g reading block `g % P`.
         delta: Step sizes, (batch, dim, H, W) in u's dtype, or (batch, G, R, H, W) with `delta_proj`.
         A: State matrix, (dim, N) in float32 (float64 allowed), negative for a decaying state.
         B: Input projection, (batch, G, N, H, W) in u's dtype; dim must be divisible by G.
@@ -102,11 +102,13 @@ def selective_scan_2d_ref(
         delta_proj: Per-group projection (G, dim / G, R) of a low-rank delta, or None: the full delta is
             `einsum("gdr,bgrhw->bgdhw", delta_proj, delta)` in delta's dtype (`contract.full_delta`), and autograd
             differentiates through it.
-        sum_groups: Return y summed over the G groups (channel c of the sum adds channel c of each group).
+        sum_groups: Return y summed over the G groups (channel c of the sum adds channel c of each group); where
+            u holds P blocks that the groups share, over the groups of each block: (batch, P * dim / G, H, W).
         channels_last: Return y channels_last.
 
     Returns:
-        y, (batch, dim, H, W) in `out_dtype`, or (batch, dim / G, H, W) with `sum_groups`.
+        y, (batch, dim, H, W) in `out_dtype`, or with `sum_groups` (batch, dim / G, H, W) (u's shape where the
+        groups share u's blocks).
 
     Raises:
         TypeError: An argument of the wrong type or dtype (`contract.check_scan_inputs`).
@@ -154,6 +156,7 @@ def selective_scan_2d_ref(
     if z is not None:
         y = y * F.silu(z.to(compute))
     if sum_groups:
-        y = y.reshape(batch, groups, per_group, height, width).sum(dim=1)
+        summed = summed_channels(shape.u_blocks * per_group or dim, dim, groups)
+        y = y.reshape(batch, dim // summed, summed, height, width).sum(dim=1)
     y = y.to(out_dtype or u.dtype)
     return y.contiguous(memory_format=torch.channels_last) if channels_last else y

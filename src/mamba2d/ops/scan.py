@@ -54,9 +54,10 @@ def selective_scan_2d(
 
     Args:
         u: Input, (batch, dim, H, W) in float32, float16 or bfloat16 (float64: reference only), or
-            (batch, dim / G, H, W): one map per channel of a group, read by all G groups (channel d reads u's
-            channel `d % (dim / G)`; its gradient sums the groups'). The four routes of a 2D mixer share one u so,
-            instead of four copies.
+            (batch, P * dim / G, H, W) with P dividing G: P blocks of one map per channel of a group, group g
+            reading block `g % P` (a block's gradient sums its groups'). The four routes of a 2D mixer share one u
+            so (P = 1), instead of four copies; VMamba's four 1D routes share two, the map's row-major and
+            column-major flattenings (P = 2).
         delta: Step sizes, (batch, dim, H, W) in u's dtype, or, with `delta_proj`, their low-rank factor
             (batch, G, R, H, W) in u's dtype (may be a strided view).
         A: State matrix, (dim, N) in float32, negative for a decaying state.
@@ -78,7 +79,8 @@ def selective_scan_2d(
             keeps only the low-rank delta and the weight for its backward and recomputes the full delta there (as
             Mamba's fused mixer does); delta_proj's gradient is accumulated in float32 and has its dtype.
         sum_groups: Return y summed over the G groups, (batch, dim / G, H, W): channel c adds channel c of every
-            group, as a 2D mixer sums its four routes. The CUDA backend sums in y's dtype, in a fixed order, and
+            group, as a 2D mixer sums its four routes; where the groups share u's P blocks, over each block's
+            groups, (batch, P * dim / G, H, W). The CUDA backend sums in y's dtype, in a fixed order, and
             its backward reads the one gradient map per channel of a group for every group instead of expanding
             it to G copies.
         channels_last: Return y in channels_last memory format (same shape), the layout of a 2D mixer's next
@@ -86,7 +88,8 @@ def selective_scan_2d(
             and a layout copy, and its backward takes the gradient in that layout.
 
     Returns:
-        y, (batch, dim, H, W) (delta's shape), or (batch, dim / G, H, W) with `sum_groups`, in `out_dtype`.
+        y, (batch, dim, H, W) (delta's shape), or with `sum_groups` (batch, dim / G, H, W) (u's shape where the
+        groups share u's blocks), in `out_dtype`.
 
     Raises:
         ValueError: An unknown `backend`, or a shape, direction or device outside the contract.
