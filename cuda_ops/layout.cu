@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(256)
     const m2d_i64 r0 = pos.r0, c0 = pos.c0;
     const int cx = pos.cx;
     const T* s = src + (pos.b * rows * mid + pos.m) * cols;  // element (r, c) at s[r * mid * cols + c]
-    T* d = dst + (pos.b * cols * mid + pos.m) * rows;        // element (c, r) at d[c * mid * rows + r]
+    T* d = dst + pos.b * prm.dst_batch + pos.m * rows;       // element (c, r) at d[c * mid * rows + r]
     const int n_load = m2d_run_len<T>(c0 + cx, cols), n_store = m2d_run_len<T>(r0 + cx, rows);
     if (n_load > 0) {
 #pragma unroll

@@ -105,11 +105,12 @@ struct M2DLayerNormParams {
 // The layout copy (layout.cu): dst[b][c][m][r] = src[b][r][m][c], both contiguous.
 struct M2DSwapParams {
     const void* src;  // T [batch][rows][mid][cols]
-    void* dst;        // T [batch][cols][mid][rows]
+    void* dst;        // T [batch][cols][mid][rows], each batch item contiguous
     m2d_i64 batch;
     m2d_i64 rows;
     m2d_i64 mid;
     m2d_i64 cols;
+    m2d_i64 dst_batch;  // elements from one batch item of dst to the next (cols * mid * rows where dst is contiguous)
 };
 
 // The groups' sum written channels_last (layout.cu): dst[b][p][c] = sum over g of src[b][g][c][p], G a template

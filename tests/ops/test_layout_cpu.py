@@ -33,3 +33,14 @@ def test_cpu_group_sum_channels_last_is_pytorch_sum():
     out = cuda_layout.group_sum_channels_last(x, 4)
     expected = x.unflatten(1, (4, 5)).sum(dim=1).contiguous(memory_format=CL)
     assert torch.equal(out, expected) and out.stride() == expected.stride()
+
+
+def _cross_copies_expression(x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    return torch.stack((x.contiguous().view(b, c, h * w), x.transpose(-1, -2).contiguous().view(b, c, h * w)), 1)
+
+
+def test_cpu_cross_copies_are_pytorch_copies():
+    x = torch.randn(2, 5, 7, 3).contiguous(memory_format=CL)
+    out = cuda_layout.cross_copies(x)
+    assert out.shape == (2, 2, 5, 21) and out.is_contiguous() and torch.equal(out, _cross_copies_expression(x))

@@ -65,6 +65,26 @@ def test_copy_equals_pytorch_bit_for_bit(index, shape, dtype, offset):
     assert torch.equal(out, expected) and out.data_ptr() != x.data_ptr()
 
 
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cross_copies_equal_pytorch_bit_for_bit(shape, dtype, offset):
+    """`cross_copies`: the row-major and column-major copies of a channels_last map in the halves of one tensor,
+    each written by the kernel into its half (batch items 2 * C * H * W apart) where the map's sides fill a quarter
+    of a tile, by PyTorch's copy elsewhere: bit for bit the two copies stacked."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = _at_offset(torch.randn(shape, generator=gen).to(dtype).cuda().contiguous(memory_format=CL), offset)
+    b, c, h, w = shape
+    expected = torch.stack((x.contiguous().view(b, c, h * w), x.transpose(-1, -2).contiguous().view(b, c, h * w)), 1)
+    out = cuda_layout.cross_copies(x)
+    assert out.shape == expected.shape and out.is_contiguous() and out.dtype == dtype
+    assert torch.equal(out, expected)
+    if min(h, w) >= 16 and c >= 16:
+        with _Copies() as audit:
+            cuda_layout.cross_copies(x)
+        assert audit.copies == []
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("index,shape", [(i, s) for i in range(len(FUNCTIONS)) for s in ((2, 17, 23, 33),
                                                                                         (3, 96, 56, 56))]

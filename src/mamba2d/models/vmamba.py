@@ -341,11 +341,8 @@ class _Relayout(torch.autograd.Function):
 
 def _cross_scan(x: torch.Tensor) -> torch.Tensor:
     """VMamba's cross-scan of a channels_last map x (b, d, H, W): its row-major and column-major flattenings as
-    (b, 2, d, H * W)."""
-    b, d, h, w = x.shape
-    rows = cuda_layout.to_nchw(x).view(b, 1, d, h * w)
-    cols = cuda_layout.to_transposed_nchw(x).view(b, 1, d, h * w)
-    return torch.cat((rows, cols), dim=1)
+    (b, 2, d, H * W), each written once into its half (`cuda_layout.cross_copies`)."""
+    return cuda_layout.cross_copies(x)
 
 
 def _cross_merge(y: torch.Tensor, h: int, w: int) -> torch.Tensor:

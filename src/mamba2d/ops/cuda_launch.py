@@ -150,7 +150,7 @@ class SwapParams(ctypes.Structure):
 
     _fields_ = [
         *((name, _PTR) for name in ("src", "dst")),
-        *((name, _I64) for name in ("batch", "rows", "mid", "cols")),
+        *((name, _I64) for name in ("batch", "rows", "mid", "cols", "dst_batch")),
     ]
 
 

@@ -91,6 +91,27 @@ def from_transposed_nchw(x: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
+def cross_copies(x: torch.Tensor) -> torch.Tensor:
+    """`torch.stack((x.contiguous(), x.transpose(-1, -2).contiguous()), 1)` flattened to pixels: a channels_last
+    map's row-major and column-major flattenings in one (batch, 2, channels, H * W) tensor (VMamba's cross-scan,
+    each copy read by two of its routes), written by the layout kernel straight into their halves where it takes
+    the map.
+
+    Args:
+        x: A (batch, channels, H, W) map.
+    """
+    b, c, h, w = x.shape
+    out = torch.empty((b, 2, c, h * w), dtype=x.dtype, device=x.device)
+    if _applies(x, torch.channels_last, False):
+        rows = _swap(x, b, h * w, 1, c, out=out[:, 0])
+        cols = _swap(x, b, h, w, c, out=out[:, 1]) if rows is not None else None
+        if cols is not None:
+            return out
+    out[:, 0].view(b, c, h, w).copy_(x)
+    out[:, 1].view(b, c, w, h).copy_(x.transpose(-1, -2))
+    return out
+
+
 def group_sum_channels_last(x: torch.Tensor, groups: int) -> torch.Tensor:
     """`x.unflatten(1, (groups, -1)).sum(dim=1, dtype=x.dtype).contiguous(memory_format=torch.channels_last)`: the
     maps of a channel's G groups summed (in group order; 16-bit maps in float32, rounded once) and laid out
@@ -185,17 +206,23 @@ def _applies(x: torch.Tensor, layout: torch.memory_format, already: bool) -> boo
             and x.is_contiguous(memory_format=layout) and not torch.compiler.is_compiling() and cupy_importable())
 
 
-def _swap(x: torch.Tensor, batch: int, rows: int, mid: int, cols: int) -> torch.Tensor | None:
-    """x's storage as contiguous (batch, rows, mid, cols) copied to a new contiguous (batch, cols, mid, rows), or
-    None where the tiles do not pay (`_grid`)."""
+def _swap(x: torch.Tensor, batch: int, rows: int, mid: int, cols: int,
+          out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x's storage as contiguous (batch, rows, mid, cols) copied to (batch, cols, mid, rows): a new contiguous
+    tensor, or `out`, whose batch items are contiguous and `out.stride(0)` apart; None (nothing written) where the
+    tiles do not pay (`_grid`)."""
     blocks = _grid(x, batch, rows, mid, cols)
     if blocks is None:
         return None
-    out = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+        dst_batch = rows * mid * cols
+    else:
+        dst_batch = out.stride(0)
     index = device_index(x.device)
     name = cuda_build.layout_kernel_name(x.element_size())
     fn = compiled_kernels(_kernels, (index, name), index, cuda_build.LAYOUT_SOURCE, lambda: [name])[0]
-    params = make_params(SwapParams, src=x, dst=out, batch=batch, rows=rows, mid=mid, cols=cols)
+    params = make_params(SwapParams, src=x, dst=out, batch=batch, rows=rows, mid=mid, cols=cols, dst_batch=dst_batch)
     launch_kernel(fn, x.device, (blocks, 1), cuda_build.LAYOUT_THREADS, 0, params)
     return out
 
