@@ -339,12 +339,6 @@ class _Relayout(torch.autograd.Function):
         return ctx.back(grad), None, None
 
 
-def _cross_scan(x: torch.Tensor) -> torch.Tensor:
-    """VMamba's cross-scan of a channels_last map x (b, d, H, W): its row-major and column-major flattenings as
-    (b, 2, d, H * W), each written once into its half (`cuda_layout.cross_copies`)."""
-    return cuda_layout.cross_copies(x)
-
-
 def _cross_merge(y: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """VMamba's cross-merge of the row-major and the column-major maps y (b, 2, d, H * W): their sum as a
     channels_last (b, d, H, W) map, the column-major one transposed in the pass that adds it."""
@@ -354,12 +348,14 @@ def _cross_merge(y: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 class _CrossScan(torch.autograd.Function):
-    """`_cross_scan`, whose gradient is the cross-merge of the copies' gradients."""
+    """VMamba's cross-scan of a channels_last map x (b, d, H, W): its row-major and column-major flattenings as
+    (b, 2, d, H * W), each written once into its half (`cuda_layout.cross_copies`); the gradient is the
+    cross-merge of the copies' gradients."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.map_size = x.shape[-2:]
-        return _cross_scan(x)
+        return cuda_layout.cross_copies(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -367,7 +363,7 @@ class _CrossScan(torch.autograd.Function):
 
 
 class _CrossMerge(torch.autograd.Function):
-    """`_cross_merge`, whose gradient is the cross-scan of the sum's gradient."""
+    """`_cross_merge`, whose gradient is the cross-scan of the sum's gradient (`cuda_layout.cross_copies`)."""
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -375,7 +371,7 @@ class _CrossMerge(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return _cross_scan(grad), None, None
+        return cuda_layout.cross_copies(grad), None, None
 
 
 class _RouteOrder(torch.autograd.Function):
