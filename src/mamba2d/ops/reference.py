@@ -116,6 +116,7 @@ def selective_scan_2d_ref(
     """
     shape = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, out_dtype, delta_proj)
     directions = parse_directions(direction, shape.groups)
+    u_channels = u.shape[1]  # before share_u: the channels y is summed to
     u = share_u(u, shape)
     delta = full_delta(delta, delta_proj)
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -156,7 +157,7 @@ def selective_scan_2d_ref(
     if z is not None:
         y = y * F.silu(z.to(compute))
     if sum_groups:
-        summed = summed_channels(shape.u_blocks * per_group or dim, dim, groups)
+        summed = summed_channels(u_channels, dim, groups)
         y = y.reshape(batch, dim // summed, summed, height, width).sum(dim=1)
     y = y.to(out_dtype or u.dtype)
     return y.contiguous(memory_format=torch.channels_last) if channels_last else y
