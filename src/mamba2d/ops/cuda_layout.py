@@ -103,9 +103,9 @@ def cross_copies(x: torch.Tensor) -> torch.Tensor:
     b, c, h, w = x.shape
     out = torch.empty((b, 2, c, h * w), dtype=x.dtype, device=x.device)
     tiled = _applies(x, torch.channels_last, False)
-    if not (tiled and _swap(x, b, h * w, 1, c, out=out[:, 0]) is not None):
+    if not tiled or _swap(x, b, h * w, 1, c, out=out[:, 0]) is None:
         out[:, 0].view(b, c, h, w).copy_(x)
-    if not (tiled and _swap(x, b, h, w, c, out=out[:, 1]) is not None):
+    if not tiled or _swap(x, b, h, w, c, out=out[:, 1]) is None:
         out[:, 1].view(b, c, w, h).copy_(x.transpose(-1, -2))
     return out
 
