@@ -13,14 +13,15 @@ predicates and unrolled copies all count once; Nsight Compute (tools/profile_sca
     python tools/inspect_sass.py --shape a --dtype fp16 [--backward] [--arch 90] [--waves 12]
     python tools/inspect_sass.py --kernel 'mamba2d_scan2d_fwd<float, float, 2, 2, 1, false, 3>' --source scan2d_band.cu
 
-Needs nvcc and cuobjdump on PATH (or --cuobjdump): cuobjdump comes with the CUDA toolkit, or as the pip wheel
-nvidia-cuda-cuobjdump (`python -m pip install nvidia-cuda-cuobjdump`, found in its nvidia/cu13/bin).
+Needs nvcc, and cuobjdump with the nvdisasm it runs: from the CUDA toolkit (on PATH, or --cuobjdump), or the pip
+wheels nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm (in the dev extra on Linux; found in their nvidia/cu*/bin).
 `MAMBA2D_SCAN_TUNE` (tools/scan_tuning.py) inspects the kernels of other launch parameters.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -187,7 +188,7 @@ def compile_kernel(source: str, kernel: str, arch: int, options: tuple[str, ...]
         cuobjdump: The disassembler's path.
 
     Raises:
-        RuntimeError: When nvcc fails (its message included).
+        RuntimeError: When nvcc fails or cuobjdump gives no SASS (their messages included).
     """
     unit = workdir / "kernel.cu"
     unit.write_text(cuda_build.kernel_source(source) + f"\n\nvoid* inspected_kernel[] = {{(void*)&{kernel}}};\n")
@@ -196,8 +197,12 @@ def compile_kernel(source: str, kernel: str, arch: int, options: tuple[str, ...]
                            str(unit)], capture_output=True, text=True)
     if nvcc.returncode:
         raise RuntimeError(f"nvcc failed on {kernel}:\n{nvcc.stderr[-4000:]}")
-    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-    return nvcc.stderr, sass
+    # cuobjdump runs nvdisasm, which the toolkit and the wheels keep beside it
+    env = {**os.environ, "PATH": os.pathsep.join((str(Path(cuobjdump).parent), os.environ.get("PATH", "")))}
+    dump = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, env=env)
+    if dump.returncode or "Function :" not in dump.stdout:
+        raise RuntimeError(f"cuobjdump gave no SASS for {kernel}:\n{dump.stderr[-4000:]}")
+    return nvcc.stderr, dump.stdout
 
 
 def ptxas_usage(report: str) -> dict[str, int]:

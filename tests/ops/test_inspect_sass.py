@@ -1,9 +1,11 @@
 """tools/inspect_sass.py: SASS parsed into instructions, the global loads' waves and the instruction kinds, and (where
-nvcc and cuobjdump are installed) a scan kernel inspected end to end, without a GPU."""
+nvcc, cuobjdump and nvdisasm are installed: CI has nvcc, the dev extra brings the other two) a scan kernel inspected
+end to end, without a GPU."""
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 from repo_tools import load_tool
@@ -58,15 +60,17 @@ def test_ptxas_report_gives_registers_and_spills():
     assert tool.ptxas_usage(report) == {"registers": 78, "spill stores (bytes)": 4, "spill loads (bytes)": 4}
 
 
-def _cuobjdump() -> str | None:
+def _disassemblers() -> bool:
+    """Whether cuobjdump is found as the tool finds it, with nvdisasm beside it or on PATH."""
     try:
-        return tool.find_cuobjdump(None)
+        cuobjdump = Path(tool.find_cuobjdump(None))
     except FileNotFoundError:
-        return None
+        return False
+    return (cuobjdump.parent / "nvdisasm").exists() or shutil.which("nvdisasm") is not None
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("nvcc") is None or _cuobjdump() is None, reason="needs nvcc and cuobjdump")
+@pytest.mark.skipif(shutil.which("nvcc") is None or not _disassemblers(), reason="needs nvcc, cuobjdump, nvdisasm")
 def test_the_shape_b_forward_is_inspected_end_to_end(capsys):
     """The forward kernel that shape b's launch plan names, compiled for sm_90: a report of its registers, kinds and
     load waves, whose loads add up."""
