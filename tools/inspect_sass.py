@@ -108,18 +108,6 @@ def _loaded(ins: Instruction) -> set[int]:
     return {r + i for r in _registers(dest) for i in range(width)}
 
 
-def _read(ins: Instruction) -> set[int]:
-    """The registers an instruction reads: every operand of a store, else all but the first (the destination)."""
-    if re.match(_kind_pattern("global store"), ins.op) or ins.op in ("STS", "ATOMS"):
-        return _registers(ins.args)
-    parts = ins.args.split(",", 1)
-    return _registers(parts[1]) if len(parts) > 1 else set()
-
-
-def _kind_pattern(kind: str) -> str:
-    return dict(KINDS)[kind]
-
-
 def load_waves(instructions: list[Instruction]) -> list[int]:
     """Sizes of the kernel's waves of global loads, in static order: loads issued one after another until an
     instruction reads a register one of them loads (or overwrites it), which ends the wave.
@@ -128,13 +116,14 @@ def load_waves(instructions: list[Instruction]) -> list[int]:
         instructions: One function's instructions (`parse_sass`).
     """
     waves, pending, count = [], set(), 0
-    loads = re.compile(_kind_pattern("global load"))
+    loads = re.compile(dict(KINDS)["global load"])
     for ins in instructions:
         if loads.match(ins.op):
             pending |= _loaded(ins)
             count += 1
             continue
-        if count and (_read(ins) & pending or _registers(ins.args.split(",", 1)[0]) & pending):
+        # any operand: a source (read) or the destination (overwritten); a store's are all read
+        if count and _registers(ins.args) & pending:
             waves.append(count)
             pending, count = set(), 0
     if count:
